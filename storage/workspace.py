@@ -1,0 +1,99 @@
+"""Where every artifact lives, how its fingerprint is computed, and how it appears atomically.
+
+Layout (see README "Artifacts"):
+
+    <root>/<stage>/<fingerprint>/...
+
+A fingerprint is a short hash of a stage's significant settings and of the fingerprints of everything
+upstream of it, so changing a setting moves exactly the artifacts that depend on it to new directories.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+FINGERPRINT_LENGTH = 12
+TEMP_PREFIX = ".tmp-"
+
+
+def workspace_root(configured: str = "") -> Path:
+    """The workspace directory: `configured` when non-empty, else $CAPTIONER_WORKDIR, else ./work."""
+    root = configured or os.environ.get("CAPTIONER_WORKDIR") or "work"
+    return Path(root).expanduser().resolve()
+
+
+def fingerprint(stage: str, settings: dict, upstream: list[str] = ()) -> str:
+    """Short stable hash of `stage`, its `settings` (JSON-serialisable) and its upstream fingerprints.
+
+    Upstream order does not matter; settings key order does not matter."""
+    payload = json.dumps({"stage": stage, "settings": settings, "upstream": sorted(upstream)},
+                         sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:FINGERPRINT_LENGTH]
+
+
+_file_hash_cache: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, cached per (path, size, mtime) within the process."""
+    stat = os.stat(path)
+    key = (os.fspath(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_hash_cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _file_hash_cache[key] = digest.hexdigest()
+    return _file_hash_cache[key]
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike):
+    """Yield a temporary path beside `final`; rename it to `final` only if the block succeeds.
+
+    The temporary name starts with TEMP_PREFIX so a crash leaves nothing that looks complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike):
+    """Yield an empty temporary directory beside `final`; rename it to `final` only if the block succeeds.
+
+    Used for stage outputs made of several files: the stage directory appears whole or not at all."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
+    """Write `obj` as UTF-8 JSON atomically."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, ensure_ascii=False)
+            f.write("\n")
+
+
+def leftover_temporaries(root: str | os.PathLike) -> list[Path]:
+    """Every temporary file or directory under `root` (what a crash leaves behind)."""
+    return sorted(p for p in Path(root).rglob(f"{TEMP_PREFIX}*"))

@@ -1,0 +1,300 @@
+"""Luigi wiring only: configuration sections, and tasks made of requires / output / run.
+
+    luigi --module tasks BuildVocabulary                              # demo (configs/luigi.cfg)
+    LUIGI_CONFIG_PATH=configs/coco2014.cfg luigi --module tasks BuildVocabulary
+
+Each task's output is `<workspace>/<stage>/<fingerprint>`, where the fingerprint hashes the task's significant
+settings and every upstream fingerprint (storage/workspace.py). Each run() calls one pipeline function inside
+an atomic directory, so an output directory that exists is complete.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import luigi
+import luigi.configuration
+
+from pipeline import annotations, demo as demo_lib, vocabulary as vocab_lib
+from pipeline.errors import InputError
+from storage import manifests, workspace as ws
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_CONFIG = REPO / "configs" / "luigi.cfg"
+
+# With LUIGI_CONFIG_PATH unset, `luigi --module tasks ...` uses the demo config (local scheduler, retcodes).
+# The module is imported while luigi parses the command line, before it reads [core] and [retcode].
+if "LUIGI_CONFIG_PATH" not in os.environ:
+    luigi.configuration.add_config_path(str(DEFAULT_CONFIG))
+
+# luigi exits 0 on failures unless [retcode] says otherwise; a config without that section still fails loudly.
+RETCODES = {"already_running": 10, "missing_data": 20, "not_run": 25, "task_failed": 30, "scheduling_error": 35,
+            "unhandled_exception": 40}
+for _key, _code in RETCODES.items():
+    if not luigi.configuration.get_config().has_option("retcode", _key):
+        luigi.configuration.get_config().set("retcode", _key, str(_code))
+
+log = logging.getLogger("captioner")
+if not log.handlers:   # luigi configures only its own loggers; ours reports progress, rates and problems
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s: [captioner] %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+# ------------------------------------------------------------------------------------------ configuration
+
+def config_files() -> str:
+    """The config files in effect, for error messages."""
+    paths = [p for p in luigi.configuration.get_config()._config_paths if os.path.isfile(p)]
+    return ", ".join(paths) or "(no config file)"
+
+
+class Section(luigi.Config):
+    """A config section whose values are checked when it is read: a bad value stops the run with a message
+    naming the config file, the section, the key and the fix."""
+
+    @classmethod
+    def read(cls):
+        """The section's values, checked: use `dataset.read()`, not `dataset()`."""
+        section = cls.get_task_family()
+        for name, param in cls.get_params():
+            try:
+                param.task_value(section, name)
+            except Exception as e:   # luigi's own parse error does not say which key
+                kind = type(param).__name__.replace("Parameter", "").lower() or "string"
+                raise InputError(f"[{section}] {name}: not a valid {kind} ({e}). Fix: {cls._where(name)}.") from e
+        instance = cls()
+        problems = instance.problems()
+        if problems:
+            raise InputError("; ".join(problems))
+        return instance
+
+    @classmethod
+    def _where(cls, key: str) -> str:
+        section = cls.get_task_family()
+        return (f"set [{section}] {key} in {config_files()} "
+                f"(or --{section}-{key.replace('_', '-')} on the command line)")
+
+    def problems(self) -> list[str]:
+        """Range checks; each problem is '[section] key = value rule. Fix: ...'."""
+        return []
+
+    def require(self, condition: bool, key: str, rule: str) -> list[str]:
+        if condition:
+            return []
+        return [f"[{self.get_task_family()}] {key} = {getattr(self, key)!r} {rule}. Fix: {self._where(key)}."]
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class workspace(Section):
+    """[workspace]"""
+    root = luigi.Parameter(default="", description="Workspace directory; empty: $CAPTIONER_WORKDIR or ./work")
+
+
+class dataset(Section):
+    """[dataset] which captions and images, and how they are split."""
+    source = luigi.ChoiceParameter(choices=["demo", "coco"], default="demo")
+    annotations = luigi.Parameter(default="", description="Comma-separated COCO caption files (source=coco)")
+    images = luigi.Parameter(default="", description="Comma-separated image roots, same order as annotations")
+    karpathy_split = luigi.Parameter(default="", description="Karpathy dataset_coco.json; empty: fractions")
+    val_fraction = luigi.FloatParameter(default=0.05)
+    test_fraction = luigi.FloatParameter(default=0.05)
+    seed = luigi.IntParameter(default=0)
+
+    def problems(self):
+        out = self.require(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+        out += self.require(0 <= self.test_fraction < 1, "test_fraction", "must be in [0, 1)")
+        out += self.require(self.val_fraction + self.test_fraction < 1, "test_fraction",
+                            "plus val_fraction must be below 1")
+        if self.source == "coco":
+            files, roots = _csv(self.annotations), _csv(self.images)
+            out += self.require(bool(files), "annotations", "is empty but source = coco needs caption files")
+            out += self.require(len(files) == len(roots), "images",
+                                f"lists {len(roots)} image roots for {len(files)} annotation files; "
+                                "give one root per file, same order")
+        return out
+
+
+class demo(Section):
+    """[demo] the built-in handwritten-digits dataset."""
+    train_images = luigi.IntParameter(default=800)
+    val_images = luigi.IntParameter(default=100)
+    test_images = luigi.IntParameter(default=100)
+    seed = luigi.IntParameter(default=1797)
+
+    def problems(self):
+        out = []
+        for key in ("train_images", "val_images", "test_images"):
+            out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
+        return out
+
+
+class vocabulary(Section):
+    """[vocabulary]"""
+    min_count = luigi.IntParameter(default=5)
+    max_size = luigi.IntParameter(default=0, description="0: no cap")
+    max_length = luigi.IntParameter(default=20, description="words per caption, <start>/<end> excluded")
+    length_policy = luigi.ChoiceParameter(choices=list(vocab_lib.LENGTH_POLICIES), default="truncate")
+
+    def problems(self):
+        return (self.require(self.min_count >= 1, "min_count", "must be at least 1")
+                + self.require(self.max_size == 0 or self.max_size > len(vocab_lib.SPECIALS), "max_size",
+                               "must be 0 (no cap) or larger than the 4 special tokens")
+                + self.require(self.max_length >= 1, "max_length", "must be at least 1"))
+
+
+# ------------------------------------------------------------------------------------------------- tasks
+
+class Stage(luigi.Task):
+    """A task whose output is the directory <workspace>/<stage>/<fingerprint>."""
+    stage = ""
+    version = 1   # bump when a stage's code changes what it writes
+
+    def settings(self) -> dict:
+        """The significant settings of this stage (upstream ones enter through upstream fingerprints)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        if not hasattr(self, "_fingerprint"):
+            upstream = [t.fingerprint() for t in luigi.task.flatten(self.requires())]
+            self._fingerprint = ws.fingerprint(self.stage, {"version": self.version, **self.settings()},
+                                                      upstream)
+        return self._fingerprint
+
+    def complete(self):
+        # luigi logs errors raised here (bad config values surface in fingerprint()) only as warnings
+        try:
+            return super().complete()
+        except Exception as e:
+            _remember_failure(self, e)
+            raise
+
+    def output(self):
+        root = ws.workspace_root(workspace.read().root)
+        return luigi.LocalTarget(str(root / self.stage / self.fingerprint()))
+
+    def report_progress(self, percent: int, message: str) -> None:
+        self.set_progress_percentage(percent)
+        self.set_status_message(message)
+
+    @contextlib.contextmanager
+    def atomic_output(self):
+        """A temporary directory that becomes output() when the block succeeds, with provenance.json added."""
+        with ws.atomic_dir(self.output().path) as tmp:
+            yield tmp
+            upstream = {t.stage: t.fingerprint() for t in luigi.task.flatten(self.requires())}
+            manifests.write_json(tmp / "provenance.json", {
+                "stage": self.stage, "fingerprint": self.fingerprint(), "version": self.version,
+                "settings": self.settings(), "upstream": upstream})
+
+
+class MakeDemoDataset(Stage):
+    """The built-in digits dataset in COCO captions format (see pipeline/demo.py)."""
+    stage = "demo"
+
+    def settings(self):
+        c = demo.read()
+        return {"train_images": c.train_images, "val_images": c.val_images, "test_images": c.test_images,
+                "seed": c.seed}
+
+    def run(self):
+        with self.atomic_output() as tmp:
+            demo_lib.write_demo_dataset(tmp, **self.settings(), progress=self.demo_progress())
+
+    def demo_progress(self):
+        from pipeline.progress import Progress
+        s = self.settings()
+        progress = Progress(s["train_images"] + s["val_images"] + s["test_images"], "demo dataset", "images",
+                            self.report_progress)
+        return lambda done, total: progress.update()
+
+
+class ExtractAnnotations(Stage):
+    """Stage 1: caption files → annotations/<fp>/{train,val,test}.jsonl + report.json."""
+    stage = "annotations"
+
+    def requires(self):
+        return [MakeDemoDataset()] if dataset.read().source == "demo" else []
+
+    def inputs(self) -> tuple[list[str], list[str], str]:
+        """(annotation files, image roots, karpathy split file or '')."""
+        if dataset.read().source == "demo":
+            root = Path(self.requires()[0].output().path)
+            splits = manifests.SPLITS
+            return ([str(root / f"captions_{s}.json") for s in splits], [str(root / s) for s in splits],
+                    str(root / "karpathy_split.json"))
+        d = dataset.read()
+        return _csv(d.annotations), _csv(d.images), d.karpathy_split
+
+    def settings(self):
+        d = dataset.read()
+        s = {"source": d.source, "seed": d.seed, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction}
+        if d.source == "coco":   # the demo's files are identified by its upstream fingerprint
+            files, roots, karpathy = self.inputs()
+            s["annotations"] = [[f, _identify(f, "annotations")] for f in files]
+            s["images"] = [str(Path(r).expanduser().resolve()) for r in roots]
+            s["karpathy_split"] = _identify(karpathy, "karpathy_split") if karpathy else ""
+        if s.get("karpathy_split") or d.source == "demo":
+            for key in ("seed", "val_fraction", "test_fraction"):   # unused with a split file
+                s.pop(key)
+        return s
+
+    def run(self):
+        d = dataset.read()
+        files, roots, karpathy = self.inputs()
+        with self.atomic_output() as tmp:
+            annotations.make_annotations(tmp, files, roots, karpathy or None, d.val_fraction, d.test_fraction,
+                                         d.seed, progress_callback=self.report_progress)
+
+
+def _identify(path: str, key: str) -> str:
+    """sha256 of an input file, or an InputError naming the [dataset] key when it cannot be read."""
+    try:
+        return ws.file_sha256(path)
+    except OSError as e:
+        raise InputError(f"{config_files()}: [dataset] {key}: cannot read {path}: {e.strerror}. "
+                         "Fix: correct the path in the config.") from e
+
+
+class BuildVocabulary(Stage):
+    """Stage 2: train split → vocabulary/<fp>/vocab.json."""
+    stage = "vocabulary"
+
+    def requires(self):
+        return ExtractAnnotations()
+
+    def settings(self):
+        v = vocabulary.read()
+        return {"min_count": v.min_count, "max_size": v.max_size, "max_length": v.max_length,
+                "length_policy": v.length_policy}
+
+    def run(self):
+        with self.atomic_output() as tmp:
+            vocab_lib.make_vocabulary(self.input().path, tmp, **self.settings())
+
+
+# ------------------------------------------------------------------------------------ failures, last lines
+
+_failures: list[str] = []
+
+
+@luigi.Task.event_handler(luigi.Event.FAILURE)
+@luigi.Task.event_handler(luigi.Event.BROKEN_TASK)
+def _remember_failure(task, exception):
+    _failures.append(f"{task.task_family} failed: {exception}")
+
+
+@atexit.register
+def _print_failures():
+    """Luigi prints its summary last; repeat why we failed after it, where a cron mail shows it."""
+    for line in dict.fromkeys(_failures):
+        print(f"captioner: ERROR: {line}", file=sys.stderr)

@@ -1,0 +1,34 @@
+"""Shared test fixtures. Tests use configs/test.cfg (a tiny demo) and a temporary workspace per test."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_CONFIG = REPO / "configs" / "test.cfg"
+# Set before luigi or tasks is imported anywhere in the test process.
+os.environ["LUIGI_CONFIG_PATH"] = str(TEST_CONFIG)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """An empty workspace, selected through $CAPTIONER_WORKDIR."""
+    root = tmp_path / "work"
+    monkeypatch.setenv("CAPTIONER_WORKDIR", str(root))
+    return root
+
+
+def run_luigi(task, *args, config=TEST_CONFIG, workdir=None, timeout=600):
+    """Run `luigi --module tasks TASK ARGS...` from the repo root as a user would. Returns CompletedProcess
+    with .output (stdout + stderr)."""
+    env = dict(os.environ, LUIGI_CONFIG_PATH=str(config))
+    if workdir is not None:
+        env["CAPTIONER_WORKDIR"] = str(workdir)
+    luigi_bin = Path(sys.executable).with_name("luigi")
+    proc = subprocess.run([str(luigi_bin), "--module", "tasks", task, "--no-lock", *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    proc.output = proc.stdout
+    return proc

@@ -1,0 +1,141 @@
+"""Stage 1: caption normalisation, COCO parsing (2014 and 2017 naming), problems, splits."""
+import json
+
+import pytest
+
+from pipeline.annotations import (PROBLEM_KINDS, extract_annotations, load_coco_captions, make_annotations,
+                                  normalize_caption, split_by_fraction)
+from pipeline.errors import InputError
+from storage import manifests
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("A man riding a horse.", "a man riding a horse"),
+    ("  Three handwritten digits: seven, two and nine. ", "three handwritten digits seven two and nine"),
+    ("a seven, a two and a nine from left-to-right", "a seven a two and a nine from left to right"),
+    ("The man's hat\tand the dogs' bowls", "the man's hat and the dogs bowls"),
+    ("It\u2019s a CAFÉ!!", "it's a café"),
+    ("ﬁsh  &  chips", "fish chips"),                 # NFKC ligature
+    ("'quoted' words_with_underscores", "quoted words with underscores"),
+    ("...", ""),
+])
+def test_normalize_caption(raw, expected):
+    assert normalize_caption(raw) == expected
+
+
+def write_coco(path, images, annotations):
+    path.write_text(json.dumps({"info": {}, "licenses": [], "images": images, "annotations": annotations}))
+    return path
+
+
+def make_images(root, names):
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (root / name).write_bytes(b"not decoded at this stage")
+
+
+def test_coco_2014_and_2017_naming_uses_file_name(tmp_path):
+    """Paths come from images[].file_name, never from ids: 2014 and 2017 style names both work."""
+    names14 = {391895: "COCO_val2014_000000391895.jpg", 522418: "COCO_val2014_000000522418.jpg"}
+    names17 = {139: "000000000139.jpg", 285: "000000000285.jpg"}
+    make_images(tmp_path / "val2014", names14.values())
+    make_images(tmp_path / "val2017", names17.values())
+    f14 = write_coco(tmp_path / "captions_val2014.json",
+                     [{"id": i, "file_name": n, "width": 640, "height": 480} for i, n in names14.items()],
+                     [{"id": k, "image_id": i, "caption": f"Caption {k}."} for k, i in enumerate(names14)])
+    f17 = write_coco(tmp_path / "captions_val2017.json",
+                     [{"id": i, "file_name": n} for i, n in names17.items()],
+                     [{"id": 100 + k, "image_id": i, "caption": "A cat."} for k, i in enumerate(names17)])
+    splits, report = extract_annotations([f14, f17], [tmp_path / "val2014", tmp_path / "val2017"],
+                                         val_fraction=0.0, test_fraction=0.0, seed=0)
+    records = {r["image_id"]: r for r in splits["train"]}
+    assert set(records) == set(names14) | set(names17)
+    assert records[391895]["path"] == names14[391895]
+    assert records[391895]["root"] == str((tmp_path / "val2014").resolve())
+    assert records[139]["path"] == "000000000139.jpg"
+    assert records[139]["root"] == str((tmp_path / "val2017").resolve())
+    assert records[391895]["captions"] == ["caption 0"]
+    assert records[391895]["raw_captions"] == ["Caption 0."]
+    assert report["problem_counts"] == {kind: 0 for kind in PROBLEM_KINDS}
+
+
+def test_every_problem_kind_is_counted_listed_and_skipped(tmp_path):
+    make_images(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg", "e.jpg", "f.jpg"])   # d.jpg is missing
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}, {"id": 3, "file_name": "c.jpg"},
+              {"id": 4, "file_name": "d.jpg"}, {"id": 5, "file_name": "e.jpg"},
+              {"id": 1, "file_name": "f.jpg"}]                                       # duplicate image id
+    anns = [{"id": 10, "image_id": 1, "caption": "A dog."},
+            {"id": 11, "image_id": 1, "caption": " ?! "},                           # empty after normalising
+            {"id": 12, "image_id": 99, "caption": "Unknown image."},                # unknown image id
+            {"id": 13, "image_id": 2, "caption": "A bird."},
+            {"id": 13, "image_id": 2, "caption": "Duplicate caption id."},          # duplicate caption id
+            {"id": 14, "image_id": 4, "caption": "Missing file."},
+            {"id": 15, "image_id": 5, "caption": "Not in the split."}]
+    # image 3 has no caption at all
+    f = write_coco(tmp_path / "captions.json", images, anns)
+    split = tmp_path / "dataset_coco.json"
+    split.write_text(json.dumps({"images": [{"cocoid": 1, "split": "train"}, {"cocoid": 2, "split": "restval"},
+                                            {"cocoid": 3, "split": "val"}, {"cocoid": 4, "split": "test"}]}))
+    splits, report = extract_annotations([f], [tmp_path / "imgs"], karpathy_split=split)
+    assert report["problem_counts"] == {
+        "caption_for_unknown_image": 1, "image_without_captions": 1, "missing_image_file": 1,
+        "empty_caption": 1, "duplicate_image_id": 1, "duplicate_caption_id": 1, "image_not_in_split": 1}
+    assert report["problems"]["missing_image_file"][0]["path"] == "d.jpg"
+    assert report["problems"]["caption_for_unknown_image"][0]["image_id"] == 99
+    assert report["problems"]["image_without_captions"][0]["image_id"] == 3
+    assert report["problems"]["image_not_in_split"][0]["image_id"] == 5
+    # what is left is exactly the good data: restval counts as train
+    assert [(r["image_id"], r["path"], r["captions"]) for r in splits["train"]] == \
+        [(1, "a.jpg", ["a dog"]), (2, "b.jpg", ["a bird"])]
+    assert splits["val"] == [] and splits["test"] == []
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"{not json", "not valid JSON"),
+    (b'{"images": [], "annotations": [\xff]}', "not UTF-8"),
+    (b'{"images": []}', "missing key 'annotations'"),
+    (b'{"images": {}, "annotations": []}', "images: expected a list"),
+    (b'{"images": [{"id": "7", "file_name": "a.jpg"}], "annotations": []}', "images[0].id: expected an integer"),
+    (b'{"images": [{"id": 7}], "annotations": []}', "images[0] has no 'file_name'"),
+    (b'{"images": [], "annotations": [{"image_id": 1, "caption": 5}]}', "annotations[0].caption: expected a string"),
+    (b'{"images": [], "annotations": [{"image_id": true, "caption": "x"}]}', "annotations[0].image_id"),
+    (b'[1, 2]', "top level"),
+])
+def test_malformed_file_names_file_and_field(tmp_path, content, needle):
+    path = tmp_path / "captions_bad.json"
+    path.write_bytes(content)
+    with pytest.raises(InputError) as e:
+        load_coco_captions(path)
+    assert str(path) in str(e.value) and needle in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(InputError, match="cannot read"):
+        load_coco_captions(tmp_path / "nope.json")
+
+
+def test_fraction_split_is_deterministic_disjoint_and_order_free():
+    ids = list(range(1000, 1200))
+    a = split_by_fraction(ids, 0.1, 0.2, seed=3)
+    b = split_by_fraction(list(reversed(ids)), 0.1, 0.2, seed=3)
+    c = split_by_fraction(ids, 0.1, 0.2, seed=4)
+    assert a == b and a != c
+    assert set(a) == set(ids)                                   # every image in exactly one split
+    counts = {s: sum(v == s for v in a.values()) for s in ("train", "val", "test")}
+    assert counts == {"train": 140, "val": 20, "test": 40}
+
+
+def test_make_annotations_writes_manifests_by_image(tmp_path):
+    names = [f"{i:012d}.jpg" for i in range(1, 41)]
+    make_images(tmp_path / "imgs", names)
+    f = write_coco(tmp_path / "c.json", [{"id": i, "file_name": n} for i, n in enumerate(names, 1)],
+                   [{"id": k, "image_id": 1 + k % 40, "caption": f"word{k % 7} here"} for k in range(200)])
+    out = tmp_path / "out"
+    out.mkdir()
+    report = make_annotations(out, [f], [tmp_path / "imgs"], None, 0.25, 0.25, seed=1)
+    loaded = {s: manifests.read_manifest(manifests.manifest_path(out, s)) for s in ("train", "val", "test")}
+    ids = [r["image_id"] for recs in loaded.values() for r in recs]
+    assert sorted(ids) == list(range(1, 41))                    # no image in two splits, none lost
+    assert all(len(r["captions"]) == 5 for recs in loaded.values() for r in recs)   # captions stay with image
+    assert report["splits"]["val"] == {"images": 10, "captions": 50}
+    assert json.loads((out / "report.json").read_text()) == report

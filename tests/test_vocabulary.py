@@ -1,0 +1,67 @@
+"""Stage 2: vocabulary order, thresholds, train-only counting, caption ⇄ ids."""
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.vocabulary import SPECIALS, Vocabulary, build_vocabulary, make_vocabulary
+from storage import manifests
+
+
+def records(*caption_lists):
+    return [{"image_id": i, "root": "/r", "path": f"{i}.jpg", "captions": caps, "raw_captions": caps}
+            for i, caps in enumerate(caption_lists)]
+
+
+TRAIN = records(["a dog runs", "a dog sits"], ["the cat sits", "a cat"], ["zebra zebra"])
+
+
+def test_order_specials_and_counts():
+    v = build_vocabulary(TRAIN, min_count=1)
+    assert v["tokens"][:4] == list(SPECIALS) == ["<pad>", "<start>", "<end>", "<unk>"]
+    # count descending, ties alphabetical
+    assert v["tokens"][4:] == ["a", "cat", "dog", "sits", "zebra", "runs", "the"]
+    assert v["counts"] == {"a": 3, "cat": 2, "dog": 2, "sits": 2, "zebra": 2, "runs": 1, "the": 1}
+
+
+def test_deterministic_regardless_of_record_order():
+    assert build_vocabulary(TRAIN, 1) == build_vocabulary(list(reversed(TRAIN)), 1)
+
+
+def test_min_count_and_max_size():
+    assert build_vocabulary(TRAIN, min_count=2)["tokens"][4:] == ["a", "cat", "dog", "sits", "zebra"]
+    assert build_vocabulary(TRAIN, min_count=1, max_size=6)["tokens"] == list(SPECIALS) + ["a", "cat"]
+    stats = build_vocabulary(TRAIN, min_count=2)["stats"]
+    assert stats["token_coverage"] == pytest.approx(11 / 13, abs=1e-6)
+
+
+def test_counts_only_the_training_split(tmp_path):
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    manifests.write_manifest(manifests.manifest_path(ann, "train"), TRAIN)
+    manifests.write_manifest(manifests.manifest_path(ann, "val"), records(["validation only words"] * 9))
+    manifests.write_manifest(manifests.manifest_path(ann, "test"), records(["test words"] * 9))
+    out = tmp_path / "vocab"
+    out.mkdir()
+    artifact = make_vocabulary(ann, out, min_count=1, max_size=0, max_length=20, length_policy="truncate")
+    assert "validation" not in artifact["tokens"] and "words" not in artifact["tokens"]
+    assert json.loads((out / "vocab.json").read_text()) == artifact
+
+
+def test_encode_decode_and_padding():
+    vocab = Vocabulary(build_vocabulary(TRAIN, min_count=1, max_length=3))
+    ids = vocab.encode("a dog flies")
+    assert ids == [1, vocab.index["a"], vocab.index["dog"], 3, 2]          # unknown word → <unk>
+    assert vocab.decode(ids) == "a dog <unk>"
+    batch = vocab.encode_batch(["a dog", "the cat sits"])
+    assert batch.dtype == np.int32 and batch.shape == (2, 5)               # padded to the longest, not a global max
+    assert batch[0].tolist() == [1, vocab.index["a"], vocab.index["dog"], 2, 0]
+    assert vocab.decode(batch[0]) == "a dog"
+
+
+def test_length_policy_truncate_or_drop():
+    truncate = Vocabulary(build_vocabulary(TRAIN, min_count=1, max_length=2, length_policy="truncate"))
+    drop = Vocabulary(build_vocabulary(TRAIN, min_count=1, max_length=2, length_policy="drop"))
+    assert truncate.decode(truncate.encode("a dog runs")) == "a dog"
+    assert drop.encode("a dog runs") is None
+    assert drop.encode_batch(["a dog runs", "a cat"]).shape == (1, 4)

@@ -1,0 +1,55 @@
+"""Fingerprints and atomic outputs (storage/workspace.py)."""
+import os
+
+import pytest
+
+from storage import workspace as ws
+
+
+def test_fingerprint_stable_and_sensitive():
+    base = ws.fingerprint("vocabulary", {"min_count": 5, "max_length": 20}, ["abc"])
+    assert base == ws.fingerprint("vocabulary", {"max_length": 20, "min_count": 5}, ["abc"])   # key order
+    assert len(base) == ws.FINGERPRINT_LENGTH
+    assert base != ws.fingerprint("vocabulary", {"min_count": 4, "max_length": 20}, ["abc"])
+    assert base != ws.fingerprint("vocabulary", {"min_count": 5, "max_length": 20}, ["abd"])   # upstream
+    assert base != ws.fingerprint("features", {"min_count": 5, "max_length": 20}, ["abc"])
+    assert ws.fingerprint("s", {}, ["a", "b"]) == ws.fingerprint("s", {}, ["b", "a"])
+
+
+def test_workspace_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("CAPTIONER_WORKDIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert ws.workspace_root() == tmp_path / "work"
+    monkeypatch.setenv("CAPTIONER_WORKDIR", str(tmp_path / "env"))
+    assert ws.workspace_root() == tmp_path / "env"
+    assert ws.workspace_root(str(tmp_path / "cfg")) == tmp_path / "cfg"
+
+
+def test_atomic_file_and_dir_leave_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ws.atomic_file(tmp_path / "a.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError):
+        with ws.atomic_dir(tmp_path / "stage" / "fp") as tmp:
+            (tmp / "x").write_text("half")
+            raise RuntimeError("crash")
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "stage" / "fp").exists()
+    assert ws.leftover_temporaries(tmp_path) == []
+
+
+def test_atomic_success_renames_and_cleans(tmp_path):
+    with ws.atomic_dir(tmp_path / "stage" / "fp") as tmp:
+        ws.write_json(tmp / "r.json", {"a": 1})
+        assert not (tmp_path / "stage" / "fp").exists()       # invisible until complete
+    assert (tmp_path / "stage" / "fp" / "r.json").read_text().startswith("{")
+    assert ws.leftover_temporaries(tmp_path) == []
+
+
+def test_file_sha256_follows_content(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"one")
+    first = ws.file_sha256(p)
+    p.write_bytes(b"two!")
+    os.utime(p, ns=(1, 1))
+    assert ws.file_sha256(p) != first
