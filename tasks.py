@@ -19,9 +19,10 @@ from pathlib import Path
 import luigi
 import luigi.configuration
 
-from pipeline import annotations, demo as demo_lib, vocabulary as vocab_lib
+from pipeline import annotations, demo as demo_lib, encoder as encoder_lib, features as features_lib
+from pipeline import vocabulary as vocab_lib
 from pipeline.errors import InputError
-from storage import manifests, workspace as ws
+from storage import manifests, shards, workspace as ws
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "luigi.cfg"
@@ -152,6 +153,28 @@ class vocabulary(Section):
                 + self.require(self.max_length >= 1, "max_length", "must be at least 1"))
 
 
+class encoder(Section):
+    """[encoder] InceptionV3 feature extractor."""
+    weights = luigi.Parameter(default="imagenet", description="imagenet | path to a weights .h5 | random:<seed>")
+    image_size = luigi.IntParameter(default=299, description="input side in pixels; 299 gives 8x8 positions")
+    batch_size = luigi.IntParameter(default=32, description="images per forward pass")
+    decode_workers = luigi.IntParameter(default=0, description="image decoding threads; 0: one per CPU core")
+
+    def problems(self):
+        return (self.require(self.image_size >= 75, "image_size", "must be at least 75 (InceptionV3's minimum)")
+                + self.require(self.batch_size >= 1, "batch_size", "must be at least 1")
+                + self.require(self.decode_workers >= 0, "decode_workers", "must be 0 (auto) or more"))
+
+
+class features(Section):
+    """[features] the HDF5 shard store."""
+    shard_size = luigi.IntParameter(default=1000, description="images per shard")
+    compression = luigi.ChoiceParameter(choices=["none", "gzip", "lzf"], default="none")
+
+    def problems(self):
+        return self.require(self.shard_size >= 1, "shard_size", "must be at least 1")
+
+
 # ------------------------------------------------------------------------------------------------- tasks
 
 class Stage(luigi.Task):
@@ -280,6 +303,121 @@ class BuildVocabulary(Stage):
     def run(self):
         with self.atomic_output() as tmp:
             vocab_lib.make_vocabulary(self.input().path, tmp, **self.settings())
+
+
+def encoder_identity() -> dict:
+    """The configured weights, resolved (file hashed, imagenet located) once per process."""
+    spec = encoder.read().weights
+    if spec not in _identities:
+        _identities[spec] = encoder_lib.resolve_weights(spec)
+    return _identities[spec]
+
+
+_identities: dict = {}
+
+
+def store_settings() -> dict:
+    """Everything that determines feature values: the encoder fingerprint covers exactly this."""
+    identity = {k: v for k, v in encoder_identity().items() if k != "path"}   # a moved file is the same file
+    return {"encoder": encoder_lib.ENCODER_NAME, **identity, "image_size": encoder.read().image_size,
+            "preprocess": encoder_lib.PREPROCESS, "dtype": "float16", "schema_version": shards.SCHEMA_VERSION}
+
+
+def store_dir() -> Path:
+    """features/<encoder-fp>: shared by every annotation version, never mixes two encoders."""
+    root = ws.workspace_root(workspace.read().root)
+    return root / "features" / ws.fingerprint("features", store_settings())
+
+
+class PlanShards(Stage):
+    """Which images of this annotation version the store lacks, grouped into shards:
+    features/<encoder-fp>/plans/<fp>.json."""
+    stage = "plan"
+
+    def requires(self):
+        return ExtractAnnotations()
+
+    def settings(self):
+        return {"store": store_dir().name, "shard_size": features.read().shard_size}
+
+    def output(self):
+        return luigi.LocalTarget(str(store_dir() / "plans" / f"{self.fingerprint()}.json"))
+
+    def run(self):
+        plan = features_lib.plan_store(self.input().path, store_dir(), features.read().shard_size,
+                                       self.fingerprint())
+        manifests.write_json(self.output().path, plan, indent=None)
+
+
+class ShardTarget(luigi.LocalTarget):
+    """A shard exists when its file is there and passes the quick check (opens, schema, row counts), so a
+    truncated or overwritten shard is extracted again."""
+
+    def exists(self):
+        return super().exists() and not shards.check_shard(self.path)
+
+
+class ExtractShard(luigi.Task):
+    """One shard of a plan: features/<encoder-fp>/<shard>.h5. One GPU task at a time per host."""
+    plan = luigi.Parameter()
+    shard = luigi.Parameter()
+    resources = {"gpu": 1}
+
+    def output(self):
+        return ShardTarget(str(store_dir() / f"{self.shard}.h5"))
+
+    def run(self):
+        plan = manifests.read_json(store_dir() / "plans" / f"{self.plan}.json")
+        entry = next(s for s in plan["shards"] if s["name"] == self.shard)
+        e, f = encoder.read(), features.read()
+        attrs = {"fingerprint": store_dir().name, "split": entry["split"], "plan": self.plan}
+        features_lib.extract_shard(self.output().path, entry["images"], encoder_identity(), e.image_size,
+                                   e.batch_size, attrs, None if f.compression == "none" else f.compression,
+                                   e.decode_workers or None, progress_callback=self.report_progress)
+
+    def report_progress(self, percent: int, message: str) -> None:
+        self.set_progress_percentage(percent)
+        self.set_status_message(message)
+
+
+class SplitIndexTarget(luigi.LocalTarget):
+    """A split index exists when its file is there and every shard it points to passes the quick check."""
+
+    def exists(self):
+        if not super().exists():
+            return False
+        index = manifests.read_json(self.path)
+        return all(ShardTarget(str(Path(self.path).parents[2] / f"{name}.h5")).exists() for name in index["shards"])
+
+
+class ExtractFeatures(Stage):
+    """InceptionV3 features of one split: extracts the plan's shards of that split, then writes
+    features/<encoder-fp>/splits/<plan-fp>/<split>.json (image id → [shard, row], skipped images)."""
+    stage = "features"
+    split = luigi.ChoiceParameter(choices=list(manifests.SPLITS), default="train")
+
+    def requires(self):
+        return PlanShards()
+
+    def settings(self):
+        return {"split": self.split}
+
+    def output(self):
+        return SplitIndexTarget(str(store_dir() / "splits" / self.requires().fingerprint() / f"{self.split}.json"))
+
+    def run(self):
+        plan = manifests.read_json(self.input().path)
+        yield [ExtractShard(plan=plan["plan"], shard=s["name"]) for s in plan["shards"] if s["split"] == self.split]
+        annotations_dir = self.requires().input().path
+        todo, _ = features_lib.images_to_extract(annotations_dir, store_dir(), self.split)
+        if todo:   # a shard written by an earlier plan was damaged or deleted since: plan its images again
+            name = "repair-" + ws.fingerprint("repair", {"images": [i for i, _, _ in todo]})
+            repair = features_lib.plan_shards(name, {self.split: todo}, features.read().shard_size)
+            manifests.write_json(store_dir() / "plans" / f"{name}.json", repair, indent=None)
+            yield [ExtractShard(plan=name, shard=s["name"]) for s in repair["shards"]]
+        index = features_lib.index_split(annotations_dir, store_dir(), self.split)
+        manifests.write_json(self.output().path, {**index, "encoder": store_settings(), "plan": plan["plan"],
+                                                  "annotations": Path(annotations_dir).name})
 
 
 # ------------------------------------------------------------------------------------ failures, last lines

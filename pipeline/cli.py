@@ -43,6 +43,79 @@ def demo_data(outdir: Path, train_images: int, val_images: int, test_images: int
     click.echo(f"wrote {outdir}: captions_{{train,val,test}}.json, karpathy_split.json, images under train/ val/ test/")
 
 
+def _shard_paths(paths) -> list[Path]:
+    from storage import shards
+
+    out = []
+    for path in map(Path, paths):
+        out += shards.list_shards(path) if path.is_dir() else [path]
+    return out
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--stats", is_flag=True, help="Add per-shard mean/std/zero fraction and a NaN/Inf check.")
+@click.option("--image-id", type=int, help="Only report where this image id is stored.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(paths, stats: bool, image_id: int | None, as_json: bool) -> None:
+    """Describe HDF5 feature shards (files, or store directories holding them)."""
+    from storage import shards
+
+    found = _shard_paths(paths)
+    if image_id is not None:
+        hits = [{"shard": str(p), "row": row} for p in found if (row := shards.find_image(p, image_id)) is not None]
+        click.echo(json.dumps({"image_id": image_id, "found": hits}, indent=1) if as_json else
+                   "\n".join(f"image {image_id}: {h['shard']} row {h['row']}" for h in hits)
+                   or f"image {image_id}: not in {len(found)} shards")
+        sys.exit(0 if hits else 1)
+    infos = [shards.describe_shard(p, stats=stats) for p in found]
+    if as_json:
+        click.echo(json.dumps(infos, indent=1, default=str))
+        return
+    for info in infos:
+        click.echo(f"{info['path']}\n  rows {info['rows']}  {info['dtype']} {tuple(info['shape'])}  chunks "
+                   f"{tuple(info['chunks'])}  compression {info['compression']}  {info['bytes']:,} bytes "
+                   f"({info['bytes_per_image'] / 1024:.0f} KiB/image)")
+        for key, value in sorted(info["attrs"].items()):
+            click.echo(f"  {key}: {value}")
+        if "stats" in info:
+            s = info["stats"]
+            click.echo(f"  stats: mean {s['mean']:.4g}  std {s['std']:.4g}  zero fraction {s['zero_fraction']:.3f}"
+                       f"  NaN/Inf {s['nonfinite']}")
+        click.echo(f"  skipped: {len(info['skipped'])}")
+        for item in info["skipped"]:
+            click.echo(f"    {item['image_id']} {item['path']}: {item['reason']}")
+
+
+@main.command()
+@click.argument("directory", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify(directory: Path | None) -> None:
+    """Check every feature store under DIRECTORY (a workspace, its features/ folder, or one store; default:
+    $CAPTIONER_WORKDIR or ./work): shards open, are complete, finite, match their checksums, index and
+    manifests. Exits 1 and names each problem otherwise."""
+    from pipeline.features import verify_store
+    from storage import workspace
+
+    directory = directory or workspace.workspace_root()
+    if (directory / "features").is_dir():
+        directory = directory / "features"
+    stores = [directory] if (directory / "plans").is_dir() or any(directory.glob("shard-*.h5")) else \
+        sorted(p for p in directory.iterdir() if p.is_dir())
+    if not stores:
+        raise click.ClickException(f"no feature store under {directory}")
+    failed = False
+    for store in stores:
+        problems, counts = verify_store(store)
+        leftovers = workspace.leftover_temporaries(store)
+        status = "FAILED" if problems else "ok"
+        click.echo(f"{store}: {status} — {counts['shards']} shards, {counts['rows']} rows, {counts['indexes']} "
+                   f"split indexes" + (f", {len(leftovers)} temporary files from interrupted runs" if leftovers else ""))
+        for problem in problems:
+            click.echo(f"  {problem}", err=True)
+        failed |= bool(problems)
+    sys.exit(1 if failed else 0)
+
+
 def run() -> None:
     """Entry point that turns InputError into a one-line message and exit code 2."""
     try:

@@ -11,7 +11,6 @@ import re
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COUNT_WORDS = (None, "one", "two", "three", "four")  # indexed by number of digits (1..4)
@@ -130,6 +129,8 @@ def write_demo_dataset(outdir, train_images: int, val_images: int, test_images: 
     if os.listdir(outdir):
         raise ValueError(f"{outdir} is not empty; refusing to mix demo datasets")
     rng = np.random.default_rng(seed)
+    from sklearn.datasets import load_digits   # lazily: scikit-learn takes a second to import
+
     digits = load_digits()
     templates = caption_templates()
 

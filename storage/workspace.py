@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -52,14 +53,49 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _file_hash_cache[key]
 
 
+def _temp_prefix(final: Path) -> str:
+    """`.tmp-<final name>.<host>-<pid>.`: whoever finds it later can tell whether its writer still lives."""
+    return f"{TEMP_PREFIX}{final.name}.{_host()}-{os.getpid()}."
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Delete temporaries of `final` left by dead processes of this host (a kill -9, a power cut).
+    Temporaries of live processes and of other hosts (shared filesystems) are left alone."""
+    removed = []
+    host = _host()
+    for tmp in final.parent.glob(f"{TEMP_PREFIX}{final.name}.*"):
+        owner = tmp.name[len(f"{TEMP_PREFIX}{final.name}."):].split(".")[0]
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")   # dots separate the parts of a temporary's name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_file(final: str | os.PathLike):
     """Yield a temporary path beside `final`; rename it to `final` only if the block succeeds.
 
-    The temporary name starts with TEMP_PREFIX so a crash leaves nothing that looks complete."""
+    The temporary name starts with TEMP_PREFIX so a crash leaves nothing that looks complete; stale
+    temporaries of the same file from dead processes are removed first."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent)
+    remove_stale_temporaries(final)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final), dir=final.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -77,7 +113,8 @@ def atomic_dir(final: str | os.PathLike):
     Used for stage outputs made of several files: the stage directory appears whole or not at all."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent))
+    remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
     try:
         yield tmp
         os.rename(tmp, final)

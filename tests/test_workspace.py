@@ -53,3 +53,19 @@ def test_file_sha256_follows_content(tmp_path):
     p.write_bytes(b"two!")
     os.utime(p, ns=(1, 1))
     assert ws.file_sha256(p) != first
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    final = tmp_path / "shard.h5"
+    stale = tmp_path / f"{ws.TEMP_PREFIX}shard.h5.{ws._host()}-{dead.pid}.abc"
+    alive = tmp_path / f"{ws.TEMP_PREFIX}shard.h5.{ws._host()}-{os.getpid()}.def"
+    other_host = tmp_path / f"{ws.TEMP_PREFIX}shard.h5.elsewhere-{dead.pid}.ghi"
+    for p in (stale, alive, other_host):
+        p.write_text("partial")
+    with ws.atomic_file(final) as tmp:
+        tmp.write_text("whole")
+    assert final.read_text() == "whole"
+    assert not stale.exists() and alive.exists() and other_host.exists()

@@ -1,0 +1,121 @@
+"""InceptionV3 image encoder: weights resolution (imagenet | weights file | random:<seed>) and model building.
+
+    uint8 images (B, S, S, 3) → inception_v3.preprocess_input (x / 127.5 − 1) → InceptionV3(include_top=False)
+    → mixed10 (B, S', S', 2048) → features (B, S'·S', 2048), positions row-major; S = 299 gives 8×8 = 64.
+
+Weights:
+  imagenet       Keras' cached file ~/.keras/models/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5
+                 ($KERAS_HOME/models when set), downloaded by Keras when missing and online.
+  /path/file.h5  a weights file for InceptionV3(include_top=False): a Keras `.weights.h5` or legacy `.h5`.
+  random:<seed>  no pretrained weights, for offline demos and tests: the InceptionV3 architecture with every
+                 convolution kernel drawn He-normal (std √(2 / fan_in)) from numpy's generator seeded with
+                 <seed>, batch norms at identity. He scaling keeps activations O(1) through the 94 ReLU
+                 layers (Keras' default Glorot init shrinks mixed10 to ~1e-4, useless in float16).
+The weights identity (sha256 of the file, or the seed) is part of the encoder fingerprint and every shard.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import InputError
+from storage.workspace import file_sha256
+
+IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+CHANNELS = 2048
+PREPROCESS = "pillow bilinear resize to SxS (no crop), x/127.5-1 (inception_v3.preprocess_input)"
+ENCODER_NAME = "keras.applications.InceptionV3(include_top=False)/mixed10"
+
+
+def keras_cache_file() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser() / "models" / IMAGENET_FILE
+
+
+def grid_size(image_size: int) -> int:
+    """Side of InceptionV3's mixed10 grid for an S×S input: 8 at 299 (its strided layers are all 'valid')."""
+    s = (image_size - 3) // 2 + 1       # conv 3×3 stride 2
+    s = s - 2                           # conv 3×3
+    s = (s - 3) // 2 + 1                # max-pool 3×3 stride 2
+    s = s - 2                           # conv 3×3
+    s = (s - 3) // 2 + 1                # max-pool 3×3 stride 2
+    s = (s - 3) // 2 + 1                # mixed3 reduction
+    return (s - 3) // 2 + 1             # mixed8 reduction
+
+
+def resolve_weights(spec: str) -> dict:
+    """Config value → weights identity: {"weights": "imagenet"|"file"|"random", "path"?, "sha256"?, "seed"?}.
+    Raises InputError naming the missing file and the alternatives."""
+    spec = spec.strip()
+    if spec.startswith("random:"):
+        try:
+            return {"weights": "random", "seed": int(spec.split(":", 1)[1]), "init": "he_normal"}
+        except ValueError:
+            raise InputError(f"[encoder] weights = {spec!r}: the seed after 'random:' must be an integer, "
+                             "e.g. random:0.") from None
+    if spec == "imagenet":
+        path = keras_cache_file()
+        if not path.is_file():
+            _download_imagenet(path)
+        return {"weights": "imagenet", "path": str(path), "sha256": file_sha256(path)}
+    path = Path(spec).expanduser().resolve()
+    if not path.is_file():
+        raise InputError(f"[encoder] weights = {spec!r}: no such file {path}. Fix: give the path of an "
+                         "InceptionV3 (include_top=False) weights .h5 file, 'imagenet', or 'random:<seed>'.")
+    return {"weights": "file", "path": str(path), "sha256": file_sha256(path)}
+
+
+def _download_imagenet(path: Path) -> None:
+    import keras
+    from keras.src.applications import inception_v3
+
+    try:
+        keras.utils.get_file(IMAGENET_FILE, inception_v3.WEIGHTS_PATH_NO_TOP, cache_subdir="models",
+                             cache_dir=str(path.parent.parent), file_hash="bcbd6486424b2319ff4ef7d526e38f63")
+    except Exception as e:
+        raise InputError(
+            f"[encoder] weights = imagenet: the ImageNet weights file {path} is missing and could not be "
+            f"downloaded ({type(e).__name__}). Fix: copy {IMAGENET_FILE} (Keras' InceptionV3 no-top weights, "
+            f"md5 bcbd6486424b2319ff4ef7d526e38f63) to {path} (or under $KERAS_HOME/models), or set [encoder] "
+            "weights to the path of a weights .h5 file, or to random:<seed> for an offline run without "
+            "pretrained weights.") from e
+
+
+def weights_attrs(identity: dict) -> dict:
+    """The weights identity as flat HDF5 attrs."""
+    out = {"weights": identity["weights"]}
+    if "sha256" in identity:
+        out.update(weights_sha256=identity["sha256"], weights_path=identity["path"])
+    if "seed" in identity:
+        out.update(seed=identity["seed"], weights_init=identity["init"])
+    return out
+
+
+def build_inception(identity: dict, image_size: int):
+    """keras.applications.InceptionV3(include_top=False) at S×S with the weights of `identity`."""
+    import keras
+
+    path = identity.get("path") if identity["weights"] != "random" else None
+    model = keras.applications.InceptionV3(include_top=False, weights=path,
+                                           input_shape=(image_size, image_size, 3))
+    if identity["weights"] == "random":
+        rng = np.random.default_rng(identity["seed"])
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.Conv2D):
+                shape = tuple(layer.kernel.shape)
+                fan_in = int(np.prod(shape[:3]))
+                layer.kernel.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32))
+    return model
+
+
+def build_encoder(identity: dict, image_size: int):
+    """uint8 (B, S, S, 3) → float32 (B, P, 2048) Keras model (P = grid_size(S)²)."""
+    import keras
+
+    inception = build_inception(identity, image_size)
+    images = keras.Input((image_size, image_size, 3), dtype="uint8", name="images")
+    x = keras.applications.inception_v3.preprocess_input(keras.ops.cast(images, "float32"))
+    grid = inception(x, training=False)
+    features = keras.layers.Reshape((-1, CHANNELS), name="positions")(grid)
+    return keras.Model(images, features, name="encoder")

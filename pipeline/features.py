@@ -1,0 +1,190 @@
+"""Feature extraction into the HDF5 store: plan shards for images not yet stored, extract one shard, index a split.
+
+The store `features/<encoder-fp>/` is keyed by image, not by annotation version:
+  plan_shards      reads the split manifests and the store, assigns every image not yet stored (nor recorded as
+                   undecodable) to new shards of at most `shard_size` images, one split per shard;
+  extract_shard    decodes images in threads ahead of a compiled InceptionV3 forward pass, writes one shard;
+  index_split      maps every image of a split to (shard, row), lists skipped images, and fails loudly if an
+                   image has no features (so training never silently loses data).
+A nightly rerun with grown annotations plans only the new images; an unchanged rerun plans nothing.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import encoder as encoder_lib, images
+from pipeline.errors import InputError
+from pipeline.progress import Progress
+from storage import manifests, shards
+
+log = logging.getLogger("captioner")
+
+_encoders: dict = {}   # (weights identity, image size) → compiled forward function, one per worker process
+
+
+def images_to_extract(annotations_dir, store_dir, split: str) -> tuple[list, dict]:
+    """Images of `split` that the store neither holds nor records as undecodable: ([[id, root, path]], counts).
+    Images of shards that fail their check count as absent, so they are extracted again."""
+    rows, skipped, bad = shards.store_contents(store_dir)
+    for path in bad:
+        log.warning("store: %s fails its check and is not used; its images are extracted again", path.name)
+    todo, counts = [], {"stored": 0, "undecodable": 0}
+    for r in manifests.read_manifest(manifests.manifest_path(annotations_dir, split)):
+        if r["image_id"] in rows:
+            counts["stored"] += 1
+        elif r["image_id"] in skipped:
+            counts["undecodable"] += 1
+        else:
+            todo.append([r["image_id"], r["root"], r["path"]])
+    return todo, counts
+
+
+def plan_shards(plan_name: str, todo_by_split: dict, shard_size: int) -> dict:
+    """Group images into shards of at most `shard_size`, one split per shard, in the order given:
+    {"plan", "shard_size", "shards": [{"name", "split", "images": [[image_id, root, path], ...]}]}."""
+    plan = {"plan": plan_name, "shard_size": shard_size, "shards": []}
+    for split, todo in todo_by_split.items():
+        for k, start in enumerate(range(0, len(todo), shard_size)):
+            plan["shards"].append({"name": f"shard-{plan_name}-{split}-{k:05d}", "split": split,
+                                   "images": todo[start:start + shard_size]})
+    n_new = sum(len(s["images"]) for s in plan["shards"])
+    log.info("feature plan %s: %d images to extract in %d shards", plan_name, n_new, len(plan["shards"]))
+    return plan
+
+
+def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str) -> dict:
+    """The extraction plan for every split of an annotation version: only images the store lacks."""
+    todo, counts = {}, {}
+    for split in manifests.SPLITS:
+        todo[split], counts[split] = images_to_extract(annotations_dir, store_dir, split)
+    log.info("store already holds: %s", ", ".join(f"{s} {c['stored']} (+{c['undecodable']} undecodable)"
+                                                 for s, c in counts.items()))
+    return {**plan_shards(plan_name, todo, shard_size), "already": counts}
+
+
+def software_versions() -> dict:
+    import h5py
+    import keras
+    import PIL
+    import tensorflow as tf
+    return {"python": sys.version.split()[0], "tensorflow": tf.__version__, "keras": keras.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def encoder_forward(identity: dict, image_size: int):
+    """A compiled uint8 (B, S, S, 3) → float16 (B, P, 2048) function, built once per process and setting."""
+    key = (tuple(sorted(identity.items())), image_size)
+    if key not in _encoders:
+        import tensorflow as tf
+        model = encoder_lib.build_encoder(identity, image_size)
+
+        @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.uint8)])
+        def forward(batch):
+            return tf.cast(model(batch, training=False), tf.float16)
+
+        _encoders[key] = forward
+    return _encoders[key]
+
+
+def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_size: int, attrs: dict,
+                  compression: str | None = None, workers: int | None = None, progress_callback=None) -> dict:
+    """Extract features of `image_list` ([[image_id, root, path], ...]) into the shard `out_path`.
+    Undecodable images are recorded in the shard's `skipped` dataset, never stored as zeros. The encoder's
+    provenance (weights identity, image size, preprocessing, software versions) goes into the attrs, plus
+    `attrs` given by the caller (store fingerprint, split, plan)."""
+    forward = encoder_forward(identity, image_size)
+    positions = encoder_lib.grid_size(image_size) ** 2
+    name = Path(out_path).stem
+    progress = Progress(len(image_list), name, "images", progress_callback)
+    items = [((image_id, rel), str(Path(root) / rel)) for image_id, root, rel in image_list]
+    attrs = {**encoder_lib.weights_attrs(identity), "encoder": encoder_lib.ENCODER_NAME, "image_size": image_size,
+             "preprocess": encoder_lib.PREPROCESS, "software": software_versions(), **attrs}
+    start = time.monotonic()
+    with shards.ShardWriter(out_path, positions, encoder_lib.CHANNELS, attrs, compression) as writer:
+        for keys, batch, failures in images.iter_batches(items, image_size, batch_size, workers=workers):
+            if len(keys):
+                features = forward(batch).numpy()
+                writer.append([k[0] for k in keys], [k[1] for k in keys], features)
+            for (image_id, rel), path, reason in failures:
+                log.warning("skipped image %d %s: %s", image_id, path, reason)
+                writer.skip(image_id, rel, reason)
+            progress.update(len(keys) + len(failures))
+        summary = {"rows": writer.n_rows, "skipped": writer.n_skipped}
+    summary["seconds"] = round(time.monotonic() - start, 3)
+    summary["images_per_second"] = round(len(image_list) / max(summary["seconds"], 1e-9), 2)
+    log.info("%s: %d rows, %d skipped, %.1f images/s", name, summary["rows"], summary["skipped"],
+             summary["images_per_second"])
+    return summary
+
+
+def index_split(annotations_dir, store_dir, split: str) -> dict:
+    """{image_id: [shard, row]} for every image of `split`, plus its skipped images with reasons.
+    Raises InputError when an image is neither stored nor skipped (a shard is missing or damaged)."""
+    rows, skipped, bad = shards.store_contents(store_dir)
+    index, skipped_here, missing = {}, {}, []
+    for r in manifests.read_manifest(manifests.manifest_path(annotations_dir, split)):
+        image_id = r["image_id"]
+        if image_id in rows:
+            index[str(image_id)] = list(rows[image_id])
+        elif image_id in skipped:
+            skipped_here[str(image_id)] = {"path": r["path"], "shard": skipped[image_id][0],
+                                           "reason": skipped[image_id][1]}
+        else:
+            missing.append(image_id)
+    if missing:
+        raise InputError(f"{store_dir}: {len(missing)} images of split {split} have no features "
+                         f"(first: {missing[:5]}; damaged shards: {[p.name for p in bad]}). "
+                         "Fix: rerun the pipeline; it re-extracts missing or damaged shards.")
+    if skipped_here:
+        log.warning("split %s: %d images could not be decoded and are left out (reasons in the index and "
+                    "the shards' 'skipped' datasets)", split, len(skipped_here))
+    log.info("split %s: %d images with features in %d shards", split, len(index),
+             len({shard for shard, _ in index.values()}))
+    return {"split": split, "images": index, "skipped": skipped_here,
+            "shards": sorted({shard for shard, _ in index.values()})}
+
+
+def verify_store(store_dir) -> tuple[list[str], dict]:
+    """Deep check of one store: every shard opens, is complete, finite, matches its checksum and encoder;
+    every split index points at the right rows and covers its manifest. Returns (problems, counts)."""
+    store_dir = Path(store_dir)
+    problems, counts = [], {"shards": 0, "rows": 0, "indexes": 0}
+    ids_of = {}
+    for path in shards.list_shards(store_dir):
+        counts["shards"] += 1
+        found = shards.check_shard(path, deep=True)
+        if not found and shards.read_attrs(path).get("fingerprint") != store_dir.name:
+            found = [f"encoder fingerprint {shards.read_attrs(path).get('fingerprint')} != store {store_dir.name}"]
+        problems += [f"{path}: {p}" for p in found]
+        if not found:
+            ids_of[path.stem], _ = shards.read_ids(path)
+            counts["rows"] += len(ids_of[path.stem])
+    workspace_dir = store_dir.parent.parent
+    for index_path in sorted(store_dir.glob("splits/*/*.json")):
+        counts["indexes"] += 1
+        index = manifests.read_json(index_path)
+        unusable, wrong_rows = {}, []
+        for image_id, (shard, row) in index["images"].items():
+            if shard not in ids_of:
+                unusable[shard] = unusable.get(shard, 0) + 1
+            elif row >= len(ids_of[shard]) or int(ids_of[shard][row]) != int(image_id):
+                wrong_rows.append(f"{image_id} → {shard}[{row}]")
+        problems += [f"{index_path}: {n} images point at {shard}, which is missing or damaged"
+                     for shard, n in unusable.items()]
+        if wrong_rows:
+            problems.append(f"{index_path}: {len(wrong_rows)} images point at rows holding another image "
+                            f"(first: {wrong_rows[:3]})")
+        manifest = manifests.manifest_path(workspace_dir / "annotations" / index.get("annotations", "?"),
+                                           index["split"])
+        if manifest.is_file():
+            listed = set(index["images"]) | set(index["skipped"])
+            absent = [r["image_id"] for r in manifests.read_manifest(manifest) if str(r["image_id"]) not in listed]
+            if absent:
+                problems.append(f"{index_path}: {len(absent)} images of {manifest} are not indexed "
+                                f"(first: {absent[:5]})")
+    return problems, counts

@@ -1,0 +1,233 @@
+"""HDF5 feature shards (schema version 1): the atomic writer, the checks, the readers.
+
+One shard = one HDF5 file `shard-<plan>-<split>-<k>.h5` in the store directory `features/<encoder-fp>/`:
+
+    features    float16 (n, P, D)   encoder output per image, P = positions (64 = 8×8 at 299 px, row-major),
+                                    D = channels (2048); chunks (1, P, D): one image per chunk, each with a
+                                    fletcher32 checksum (HDF5 refuses to return a damaged chunk)
+    image_ids   int64 (n,)          COCO image ids, row order
+    paths       utf-8 str (n,)      image path relative to its image root
+    skipped     utf-8 str (k, 2)    (path, reason) of images that could not be decoded
+    skipped_ids int64 (k,)          their image ids
+    attrs       schema_version, encoder, weights, weights_sha256 | seed, image_size, preprocess, dtype,
+                fingerprint (encoder), created_at, software, split, plan, n_rows, n_skipped,
+                features_sha256 (of the float16 bytes in row order), complete
+
+A shard is written under a `.tmp-` name in the store directory and renamed when closed, so a shard that exists
+under its final name was written whole. `check_shard` catches what can still go wrong afterwards (truncation,
+overwritten bytes): quick checks on open, and the full features checksum with deep=True.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from storage.workspace import TEMP_PREFIX, atomic_file
+
+SCHEMA_VERSION = 1
+SHARD_GLOB = "shard-*.h5"
+STRING = h5py.string_dtype("utf-8")
+REQUIRED_DATASETS = ("features", "image_ids", "paths", "skipped", "skipped_ids")
+
+
+class ShardWriter:
+    """Append rows to a new shard; the file appears under its final name only on close() without error.
+
+        with ShardWriter(path, positions=64, channels=2048, attrs={...}) as shard:
+            shard.append(ids, paths, features)        # features float16-convertible (k, P, D)
+            shard.skip(image_id, path, reason)
+    """
+
+    def __init__(self, path, positions: int, channels: int, attrs: dict, compression: str | None = None):
+        self.path = Path(path)
+        self.attrs = attrs
+        self._atomic = atomic_file(self.path)
+        self._tmp = self._atomic.__enter__()
+        self._file = h5py.File(self._tmp, "w")
+        options = {"compression": compression} if compression else {}
+        self._features = self._file.create_dataset(
+            "features", shape=(0, positions, channels), maxshape=(None, positions, channels),
+            dtype=np.float16, chunks=(1, positions, channels), fletcher32=True, **options)
+        self._ids, self._paths, self._skipped = [], [], []
+        self._digest = hashlib.sha256()
+
+    def append(self, image_ids, paths, features) -> None:
+        features = np.ascontiguousarray(features, dtype=np.float16)
+        n, start = len(image_ids), self._features.shape[0]
+        if features.shape[0] != n or features.shape[1:] != self._features.shape[1:]:
+            raise ValueError(f"features {features.shape} do not match {n} rows of {self._features.shape[1:]}")
+        self._features.resize(start + n, axis=0)
+        self._features[start:start + n] = features
+        self._digest.update(features.tobytes())
+        self._ids.extend(int(i) for i in image_ids)
+        self._paths.extend(paths)
+
+    def skip(self, image_id: int, path: str, reason: str) -> None:
+        self._skipped.append((int(image_id), path, reason))
+
+    @property
+    def n_rows(self) -> int:
+        return len(self._ids)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self._skipped)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self._finish()
+            self._file.close()
+        except BaseException as e:
+            self._file.close()
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
+        return self._atomic.__exit__(exc_type, exc, tb)
+
+    def _finish(self) -> None:
+        f = self._file
+        f.create_dataset("image_ids", data=np.asarray(self._ids, dtype=np.int64))
+        f.create_dataset("paths", data=np.asarray(self._paths, dtype=object), dtype=STRING)
+        skipped = np.asarray([[p, r] for _, p, r in self._skipped], dtype=object).reshape(-1, 2)
+        f.create_dataset("skipped", data=skipped, dtype=STRING)
+        f.create_dataset("skipped_ids", data=np.asarray([i for i, _, _ in self._skipped], dtype=np.int64))
+        for key, value in self.attrs.items():
+            f.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+        f.attrs.update({
+            "schema_version": SCHEMA_VERSION, "dtype": "float16",
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "n_rows": len(self._ids), "n_skipped": len(self._skipped),
+            "features_sha256": self._digest.hexdigest(), "complete": True})
+
+
+def list_shards(store_dir) -> list[Path]:
+    """Finished shards of a store (temporaries excluded), sorted by name."""
+    store = Path(store_dir)
+    return sorted(p for p in store.glob(SHARD_GLOB) if not p.name.startswith(TEMP_PREFIX)) if store.is_dir() else []
+
+
+def check_shard(path, deep: bool = False) -> list[str]:
+    """Problems with a shard; [] when it is usable. Quick checks always (opens, schema, attrs, row counts);
+    deep=True also reads every feature: finite values and the recorded checksum."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [name for name in REQUIRED_DATASETS if name not in f]
+            if missing:
+                return [f"missing datasets {missing}"]
+            attrs = f.attrs
+            if not attrs.get("complete", False):
+                return ["not marked complete"]
+            if attrs.get("schema_version") != SCHEMA_VERSION:
+                return [f"schema_version {attrs.get('schema_version')} != {SCHEMA_VERSION}"]
+            n = int(attrs["n_rows"])
+            problems = [f"{name} has {f[name].shape[0]} rows, attrs say {n}"
+                        for name in ("features", "image_ids", "paths") if f[name].shape[0] != n]
+            if f["features"].dtype != np.float16:
+                problems.append(f"features dtype {f['features'].dtype}, expected float16")
+            if problems or not deep:
+                return problems
+            digest, finite = hashlib.sha256(), True
+            for start in range(0, n, 256):
+                try:
+                    block = f["features"][start:start + 256]
+                except OSError as e:   # HDF5's per-chunk fletcher32 checksum refused a damaged chunk
+                    problems.append(f"features rows {start}-{min(start + 256, n) - 1} damaged: chunk checksum "
+                                    f"(fletcher32) failed ({e})")
+                    continue
+                digest.update(np.ascontiguousarray(block).tobytes())
+                finite &= bool(np.isfinite(block).all())
+            if not problems and digest.hexdigest() != attrs["features_sha256"]:
+                problems.append("features checksum mismatch (bytes changed after writing)")
+            if not finite:
+                problems.append("features contain NaN or Inf")
+            return problems
+    except Exception as e:   # truncated or overwritten files fail inside HDF5 with many exception types
+        return [f"cannot read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip()]
+
+
+def read_ids(path) -> tuple[np.ndarray, np.ndarray]:
+    """(image_ids int64 (n,), skipped_ids int64 (k,)) of one shard."""
+    with h5py.File(path, "r") as f:
+        return f["image_ids"][:], f["skipped_ids"][:]
+
+
+def read_skipped(path) -> list[tuple[int, str, str]]:
+    """[(image_id, path, reason)] of the images a shard could not decode."""
+    with h5py.File(path, "r") as f:
+        pairs = f["skipped"].asstr()[:] if len(f["skipped"]) else []
+        return [(int(i), p, r) for i, (p, r) in zip(f["skipped_ids"][:], pairs)]
+
+
+def read_attrs(path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+
+
+def read_rows(path, start: int, stop: int) -> np.ndarray:
+    """features[start:stop] of a shard, float16 (stop - start, P, D): one contiguous block read."""
+    with h5py.File(path, "r") as f:
+        return f["features"][start:stop]
+
+
+def store_contents(store_dir, check: bool = True) -> tuple[dict, dict, list]:
+    """What a store holds: ({image_id: (shard name, row)}, {image_id: (shard name, reason)}, bad shards).
+
+    Shards failing the quick check are listed as bad and their images count as absent, so the pipeline
+    re-extracts them. An image in two shards (two overlapping plans) resolves to the first shard by name."""
+    rows, skipped, bad = {}, {}, []
+    for path in list_shards(store_dir):
+        if check and check_shard(path):
+            bad.append(path)
+            continue
+        ids, _ = read_ids(path)
+        for row, image_id in enumerate(ids.tolist()):
+            rows.setdefault(image_id, (path.stem, row))
+        for image_id, _, reason in read_skipped(path):
+            skipped.setdefault(image_id, (path.stem, reason))
+    return rows, skipped, bad
+
+
+def describe_shard(path, stats: bool = False) -> dict:
+    """Everything `captioner inspect` shows of one shard; stats=True adds mean/std/zero fraction/non-finite
+    counts of the features, computed in blocks of rows."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        feats = f["features"]
+        info = {
+            "path": str(path), "bytes": path.stat().st_size, "rows": int(feats.shape[0]),
+            "shape": list(feats.shape), "dtype": str(feats.dtype), "chunks": list(feats.chunks or []),
+            "compression": feats.compression or "none",
+            "bytes_per_image": round(path.stat().st_size / max(int(feats.shape[0]), 1)),
+            "attrs": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()},
+            "skipped": [{"image_id": i, "path": p, "reason": r} for i, p, r in read_skipped(path)],
+        }
+        if stats:
+            total = total_sq = zeros = nonfinite = count = 0
+            for start in range(0, feats.shape[0], 256):
+                block = feats[start:start + 256].astype(np.float64)
+                finite = np.isfinite(block)
+                nonfinite += int((~finite).sum())
+                block = np.where(finite, block, 0.0)
+                total += block.sum()
+                total_sq += (block ** 2).sum()
+                zeros += int((block == 0).sum())
+                count += block.size
+            mean = total / max(count, 1)
+            info["stats"] = {"mean": float(mean), "std": float(np.sqrt(max(total_sq / max(count, 1) - mean ** 2, 0))),
+                             "zero_fraction": zeros / max(count, 1), "nonfinite": nonfinite}
+    return info
+
+
+def find_image(path, image_id: int) -> int | None:
+    """Row of `image_id` in a shard, or None."""
+    ids, _ = read_ids(path)
+    rows = np.flatnonzero(ids == image_id)
+    return int(rows[0]) if len(rows) else None

@@ -1,0 +1,89 @@
+"""Feature extraction speed and size, side by side in one process on demo images (not run by pytest).
+
+    python tests/benchmarks/bench_extraction.py [--images 96] [--batch 16]
+
+Prints images/s of
+  bare      InceptionV3 forward on pre-made uint8 tensors (no decoding, no writing): the ceiling;
+  ours      pipeline.features.extract_shard: threaded decode + resize, compiled forward, float16 HDF5 shard;
+  tutorial  the TensorFlow captioning tutorial's way: tf.data map(read, decode, resize) + batch, forward,
+            one float32 .npy file per image;
+and the ratios ours/bare and ours/tutorial, plus bytes per image on disk of each format.
+"""
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+
+from pipeline import encoder as encoder_lib, features  # noqa: E402
+from pipeline.demo import write_demo_dataset  # noqa: E402
+from pipeline.images import load_image  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    import tensorflow as tf
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-extraction-"))
+    write_demo_dataset(tmp / "demo", args.images, 1, 1, seed=11)
+    paths = sorted(str(p) for p in (tmp / "demo" / "train").glob("*.jpg"))[:args.images]
+    identity = encoder_lib.resolve_weights("random:0")
+    forward = features.encoder_forward(identity, 299)
+    batches = [np.stack([load_image(p, 299) for p in paths[i:i + args.batch]]) for i in range(0, len(paths), args.batch)]
+    forward(batches[0])                                         # build and trace once, outside every timing
+
+    bare_s, _ = timed(lambda: [forward(b).numpy() for b in batches])
+
+    items = [[i, str(Path(p).parent), Path(p).name] for i, p in enumerate(paths)]
+    shard = tmp / "store" / "shard-bench-train-00000.h5"
+    ours_s, summary = timed(lambda: features.extract_shard(shard, items, identity, 299, args.batch, {}))
+    assert summary["rows"] == len(paths)
+
+    model = encoder_lib.build_inception(identity, 299)          # the tutorial's image_features_extract_model
+
+    def load_tf(path):
+        img = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        img = tf.image.resize(img, (299, 299))
+        return tf.keras.applications.inception_v3.preprocess_input(img), path
+
+    def tutorial():
+        ds = tf.data.Dataset.from_tensor_slices(paths).map(load_tf, num_parallel_calls=tf.data.AUTOTUNE)
+        for img, path in ds.batch(args.batch):
+            feats = model(img, training=False)
+            feats = tf.reshape(feats, (feats.shape[0], -1, feats.shape[3]))
+            for f, p in zip(feats, path):
+                np.save(str(tmp / "npy" / Path(p.numpy().decode()).name) + ".npy", f.numpy())
+
+    (tmp / "npy").mkdir()
+    tutorial_s, _ = timed(tutorial)
+    npy_bytes = sum(f.stat().st_size for f in (tmp / "npy").glob("*.npy")) / len(paths)
+    shard_bytes = shard.stat().st_size / len(paths)
+
+    n = len(paths)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}; "
+          f"{n} demo images, batch {args.batch}, 299x299, random:0 weights")
+    print(f"bare forward      {n / bare_s:7.2f} images/s")
+    print(f"ours (full task)  {n / ours_s:7.2f} images/s   = {bare_s / ours_s:.1%} of bare forward")
+    print(f"tutorial baseline {n / tutorial_s:7.2f} images/s   ours/tutorial = {tutorial_s / ours_s:.2f}x")
+    print(f"bytes per image: ours {shard_bytes / 1024:.1f} KiB (float16 HDF5), tutorial {npy_bytes / 1024:.1f} KiB "
+          f"(float32 .npy)  ratio {npy_bytes / shard_bytes:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

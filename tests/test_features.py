@@ -1,0 +1,224 @@
+"""Feature extraction: encoder weights, shard schema, bad images, crash + rerun, incremental store, inspect/verify."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import luigi.cmdline_parser
+import luigi.task_register
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline import encoder as encoder_lib, features
+from pipeline.cli import main as cli
+from pipeline.demo import write_demo_dataset
+from pipeline.errors import InputError
+from pipeline.images import load_image
+from storage import shards, workspace as ws
+from tests.badimages import make_bad_images
+from tests.conftest import REPO, TEST_CONFIG, run_luigi
+
+RANDOM = encoder_lib.resolve_weights("random:0")
+
+
+@pytest.fixture(scope="module")
+def demo_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(root, 6, 2, 2, seed=3)
+    return sorted(str(p) for p in root.glob("*/*.jpg"))
+
+
+def test_grid_size_matches_inception():
+    assert encoder_lib.grid_size(299) == 8 and encoder_lib.grid_size(75) == 1
+
+
+def test_weights_file_gives_the_same_features_as_the_model_it_was_saved_from(tmp_path, demo_images):
+    model = encoder_lib.build_inception(encoder_lib.resolve_weights("random:3"), 299)
+    weights_file = tmp_path / "inception.weights.h5"
+    model.save_weights(weights_file)
+    identity = encoder_lib.resolve_weights(str(weights_file))
+    assert identity["weights"] == "file" and identity["sha256"] == ws.file_sha256(weights_file)
+    batch = np.stack([load_image(p, 299) for p in demo_images[:4]])
+    from_file = encoder_lib.build_encoder(identity, 299)(batch, training=False).numpy()
+    in_memory = encoder_lib.build_encoder(encoder_lib.resolve_weights("random:3"), 299)(batch, training=False).numpy()
+    assert from_file.shape == (4, 64, 2048)
+    np.testing.assert_array_equal(from_file, in_memory)
+    other_seed = encoder_lib.build_encoder(encoder_lib.resolve_weights("random:4"), 299)(batch, training=False)
+    assert not np.allclose(other_seed.numpy(), in_memory)
+
+
+def test_missing_weights_name_the_file_to_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    with pytest.raises(InputError) as e:
+        encoder_lib.resolve_weights("imagenet")
+    expected = tmp_path / "keras" / "models" / encoder_lib.IMAGENET_FILE
+    assert str(expected) in str(e.value) and "random:<seed>" in str(e.value)
+    with pytest.raises(InputError, match="no such file"):
+        encoder_lib.resolve_weights(str(tmp_path / "nope.h5"))
+    with pytest.raises(InputError, match="must be an integer"):
+        encoder_lib.resolve_weights("random:x")
+
+
+def test_shard_schema_attrs_and_bad_images_skipped_and_reported(tmp_path, demo_images):
+    corpus = make_bad_images(tmp_path / "bad")
+    items = [[1000 + i, os.path.dirname(p), os.path.basename(p)] for i, p in enumerate(demo_images)]
+    for i, (name, (path, should_load)) in enumerate(sorted(corpus.items())):
+        items.append([2000 + i, str(tmp_path / "bad"), os.path.relpath(path, tmp_path / "bad")])
+    good = {i for i, _, _ in items if i < 2000} | {2000 + i for i, (_, (_, ok)) in enumerate(sorted(corpus.items())) if ok}
+    out = tmp_path / "store" / "shard-x-train-00000.h5"
+    summary = features.extract_shard(out, items, RANDOM, 299, batch_size=8,
+                                     attrs={"fingerprint": "store", "split": "train"})
+    assert summary["rows"] == len(good) and summary["skipped"] == len(items) - len(good)
+    with h5py.File(out) as f:
+        assert f["features"].dtype == np.float16 and f["features"].shape == (len(good), 64, 2048)
+        assert f["features"].chunks == (1, 64, 2048) and f["features"].compression is None
+        assert sorted(f["image_ids"][:].tolist()) == sorted(good)
+        assert f["paths"].asstr()[0] == os.path.basename(demo_images[0])
+        for key in ("schema_version", "encoder", "weights", "seed", "image_size", "preprocess", "dtype",
+                    "created_at", "software", "fingerprint", "features_sha256"):
+            assert key in f.attrs, key
+        assert f.attrs["weights"] == "random" and f.attrs["seed"] == 0
+        rows = f["features"][:].astype(np.float32)
+        assert np.isfinite(rows).all() and (np.abs(rows).reshape(len(good), -1).max(axis=1) > 0).all()   # no zero rows
+    skipped = {i: reason for i, _, reason in shards.read_skipped(out)}
+    assert set(skipped) == {i for i, _, _ in items} - good and all(skipped.values())
+    assert shards.check_shard(out, deep=True) == []
+    assert ws.leftover_temporaries(tmp_path / "store") == []
+    # the rows are the encoder's output for exactly those images (same batch: oneDNN results depend on it)
+    batch = np.stack([load_image(p, 299) for p in demo_images[:8]])
+    np.testing.assert_array_equal(shards.read_rows(out, 0, 8), features.encoder_forward(RANDOM, 299)(batch).numpy())
+
+
+def store_of(workdir):
+    stores = [p for p in (workdir / "features").iterdir() if p.is_dir()]
+    assert len(stores) == 1
+    return stores[0]
+
+
+def all_features(workdir) -> dict:
+    out = {}
+    for path in shards.list_shards(store_of(workdir)):
+        with h5py.File(path) as f:
+            out.update(zip(f["image_ids"][:].tolist(), f["features"][:]))
+    return out
+
+
+def test_killed_extraction_reruns_to_identical_features(tmp_path):
+    reference = tmp_path / "reference"
+    assert run_luigi("ExtractFeatures", "--split", "train", workdir=reference).returncode == 0
+    crashed = tmp_path / "crashed"
+    env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(crashed))
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "luigi"), "--module", "tasks",
+                             "ExtractFeatures", "--split", "train", "--no-lock", "--encoder-batch-size", "2"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(crashed.glob("features/*/.tmp-shard-*")):
+        time.sleep(0.05)
+    time.sleep(0.5)                                    # inside the first shard: a partial temporary exists
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(crashed.glob("features/*/.tmp-shard-*")), "the kill should leave a partial temporary"
+    assert not list(crashed.glob("features/*/shard-*.h5")), "nothing complete-looking after the kill"
+    rerun = run_luigi("ExtractFeatures", "--split", "train", workdir=crashed)
+    assert rerun.returncode == 0, rerun.output
+    assert ws.leftover_temporaries(crashed) == []      # the dead process's temporary was cleaned up
+    got, want = all_features(crashed), all_features(reference)
+    assert sorted(got) == sorted(want)
+    for image_id in want:
+        np.testing.assert_array_equal(got[image_id], want[image_id])
+
+
+def coco_config(tmp_path, demo_root, n_images):
+    """A COCO-source config over the first n demo train images (all in train)."""
+    coco = json.loads((demo_root / "captions_train.json").read_text())
+    keep = {img["id"] for img in coco["images"][:n_images]}
+    coco["images"] = [img for img in coco["images"] if img["id"] in keep]
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    cfg = tmp_path / "coco.cfg"
+    cfg.write_text(TEST_CONFIG.read_text().replace(
+        "[dataset]\nsource = demo", f"[dataset]\nsource = coco\nannotations = {tmp_path / 'captions.json'}\n"
+        f"images = {demo_root / 'train'}\nval_fraction = 0\ntest_fraction = 0"))
+    return cfg, sorted(keep)
+
+
+def test_grown_annotations_extract_only_new_images_and_unchanged_rerun_extracts_nothing(tmp_path, workdir):
+    demo_root = tmp_path / "demo"
+    write_demo_dataset(demo_root, 14, 1, 1, seed=5)
+    cfg, first_ids = coco_config(tmp_path, demo_root, 10)
+    run = run_luigi("ExtractFeatures", "--split", "train", config=cfg, workdir=workdir)
+    assert run.returncode == 0, run.output
+    before = {p.name: p.stat().st_mtime_ns for p in shards.list_shards(store_of(workdir))}
+    assert sorted(all_features(workdir)) == first_ids
+
+    unchanged = run_luigi("ExtractFeatures", "--split", "train", config=cfg, workdir=workdir)
+    assert unchanged.returncode == 0 and "ran successfully" not in unchanged.output
+
+    cfg, grown_ids = coco_config(tmp_path, demo_root, 14)
+    grown = run_luigi("ExtractFeatures", "--split", "train", config=cfg, workdir=workdir)
+    assert grown.returncode == 0, grown.output
+    assert "4 images to extract" in grown.output
+    after = shards.list_shards(store_of(workdir))
+    assert {p.name: p.stat().st_mtime_ns for p in after if p.name in before} == before   # old shards untouched
+    new = [p for p in after if p.name not in before]
+    assert sorted(i for p in new for i in shards.read_ids(p)[0].tolist()) == sorted(set(grown_ids) - set(first_ids))
+    index = json.loads(max(store_of(workdir).glob("splits/*/train.json"), key=os.path.getmtime).read_text())
+    assert sorted(map(int, index["images"])) == grown_ids
+
+
+def store_for(*argv):
+    import tasks
+    luigi.task_register.Register.clear_instance_cache()
+    with luigi.cmdline_parser.CmdlineParser.global_instance(["ExtractFeatures", *argv]):
+        return tasks.store_dir().name
+
+
+def test_encoder_settings_and_only_they_start_a_new_store():
+    base = store_for()
+    assert store_for("--encoder-image-size", "224") != base
+    assert store_for("--encoder-weights", "random:1") != base
+    assert store_for("--encoder-batch-size", "3") == base
+    assert store_for("--features-compression", "gzip") == base
+    assert store_for("--features-shard-size", "5") == base
+
+
+def test_inspect_and_verify_catch_a_corrupted_shard(tmp_path):
+    workdir = tmp_path / "w"
+    assert run_luigi("ExtractFeatures", "--split", "train", workdir=workdir).returncode == 0
+    runner = CliRunner()
+    store = store_of(workdir)
+    result = runner.invoke(cli, ["inspect", str(store), "--stats", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert sum(i["rows"] for i in info) == 24 and info[0]["dtype"] == "float16"
+    assert info[0]["attrs"]["weights"] == "random" and info[0]["stats"]["nonfinite"] == 0
+    assert 0 < info[0]["stats"]["zero_fraction"] < 1
+    image_id = shards.read_ids(info[0]["path"])[0][2]
+    found = runner.invoke(cli, ["inspect", str(store), "--image-id", str(image_id)])
+    assert found.exit_code == 0 and "row 2" in found.output
+    ok = runner.invoke(cli, ["verify", str(workdir)])
+    assert ok.exit_code == 0 and "ok" in ok.output
+
+    # overwrite bytes inside the features: the file still opens, only the checksum can tell
+    path = info[0]["path"]
+    with h5py.File(path) as f:
+        offset = f["features"].id.get_chunk_info(1).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 100)
+        fh.write(b"\x00\x7c" * 64)
+    bad = runner.invoke(cli, ["verify", str(workdir)])
+    assert bad.exit_code == 1 and "checksum" in bad.output and os.path.basename(path) in bad.output
+
+    # truncation is caught by verify and by the next run, which re-extracts that shard
+    shutil.copy(path, tmp_path / "keep.h5")
+    os.truncate(path, os.path.getsize(path) // 2)
+    assert "cannot read" in runner.invoke(cli, ["verify", str(workdir)]).output
+    rerun = run_luigi("ExtractFeatures", "--split", "train", workdir=workdir)
+    assert rerun.returncode == 0 and "2 ran successfully" in rerun.output and "ExtractShard(" in rerun.output
+    assert shards.check_shard(path) == []
