@@ -48,7 +48,8 @@ class ShardWriter:
         self.attrs = attrs
         self._atomic = atomic_file(self.path)
         self._tmp = self._atomic.__enter__()
-        self._file = h5py.File(self._tmp, "w")
+        # v110: compact chunk indexes (~50 bytes per image instead of ~100), readable by HDF5 >= 1.10 (2017)
+        self._file = h5py.File(self._tmp, "w", libver=("v110", "latest"))
         options = {"compression": compression} if compression else {}
         self._features = self._file.create_dataset(
             "features", shape=(0, positions, channels), maxshape=(None, positions, channels),
