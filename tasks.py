@@ -20,7 +20,7 @@ import luigi
 import luigi.configuration
 
 from pipeline import annotations, demo as demo_lib, encoder as encoder_lib, features as features_lib
-from pipeline import vocabulary as vocab_lib
+from pipeline import train as train_lib, vocabulary as vocab_lib
 from pipeline.errors import InputError
 from storage import manifests, shards, workspace as ws
 
@@ -173,6 +173,83 @@ class features(Section):
 
     def problems(self):
         return self.require(self.shard_size >= 1, "shard_size", "must be at least 1")
+
+
+class decoder(Section):
+    """[decoder] Show-Attend-Tell model sizes (pipeline/model.py)."""
+    feature_dim = luigi.IntParameter(default=512, description="features projected to this size once per image")
+    attention_dim = luigi.IntParameter(default=512)
+    embed_dim = luigi.IntParameter(default=256)
+    units = luigi.IntParameter(default=512, description="LSTM (or GRU) units")
+    dropout = luigi.FloatParameter(default=0.5)
+    cell = luigi.ChoiceParameter(choices=["lstm", "gru"], default="lstm")
+
+    def problems(self):
+        out = []
+        for key in ("feature_dim", "attention_dim", "embed_dim", "units"):
+            out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
+        return out + self.require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+
+
+class training(Section):
+    """[training] pipeline/train.py."""
+    epochs = luigi.IntParameter(default=20)
+    batch_size = luigi.IntParameter(default=64)
+    learning_rate = luigi.FloatParameter(default=4e-4)
+    lr_schedule = luigi.ChoiceParameter(choices=["constant", "cosine", "exponential"], default="constant")
+    lr_decay = luigi.FloatParameter(default=0.8, description="per-epoch factor of the exponential schedule")
+    clip_norm = luigi.FloatParameter(default=5.0, description="global gradient norm clip; 0: none")
+    attention_lambda = luigi.FloatParameter(default=1.0, description="doubly stochastic attention weight")
+    patience = luigi.IntParameter(default=5, description="epochs without a better val CIDEr-D before stopping")
+    checkpoint_every = luigi.IntParameter(default=500, description="steps between checkpoints")
+    shuffle_buffer = luigi.IntParameter(default=1000, description="(image, caption) pairs")
+    block_rows = luigi.IntParameter(default=256, description="rows per contiguous HDF5 read")
+    seed = luigi.IntParameter(default=0)
+    mixed_precision = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    jit_compile = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    strategy = luigi.ChoiceParameter(choices=["auto", "default", "mirrored"], default="auto")
+    val_batch_size = luigi.IntParameter(default=128)
+    cpu_devices = luigi.IntParameter(default=1, description="split the CPU into N logical devices (tests)")
+
+    def problems(self):
+        out = []
+        for key in ("epochs", "batch_size", "patience", "checkpoint_every", "block_rows", "val_batch_size",
+                    "cpu_devices"):
+            out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
+        out += self.require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be 0 or more")
+        out += self.require(self.learning_rate > 0, "learning_rate", "must be positive")
+        return out + self.require(self.clip_norm >= 0, "clip_norm", "must be 0 (no clipping) or positive")
+
+
+class generation(Section):
+    """[generation] caption decoding (pipeline/decode.py)."""
+    beam_size = luigi.IntParameter(default=3, description="1: greedy")
+    max_length = luigi.IntParameter(default=20, description="words, <end> included")
+    length_penalty = luigi.FloatParameter(default=1.0, description="beam score / length^this; 0: none")
+    suppress_unk = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    batch_size = luigi.IntParameter(default=64)
+    model = luigi.Parameter(default="", description="model directory; empty: TrainDecoder's for this config")
+
+    def problems(self):
+        out = self.require(self.beam_size >= 1, "beam_size", "must be at least 1")
+        out += self.require(self.max_length >= 1, "max_length", "must be at least 1")
+        out += self.require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        if self.model:
+            out += self.require(os.path.isfile(os.path.join(self.model, "decoder.weights.h5")), "model",
+                                "is not a model directory (no decoder.weights.h5 in it)")
+        return out
+
+
+class evaluation(Section):
+    """[evaluation] pipeline/evaluate.py."""
+    spice = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                description="SPICE needs Java and downloads Stanford CoreNLP models")
+    java = luigi.ChoiceParameter(choices=["auto", "yes", "no"], default="auto",
+                                 description="auto: use Java when found; no: the Java-free fallback")
+    report_examples = luigi.IntParameter(default=12, description="worst and random images in the HTML report")
+
+    def problems(self):
+        return self.require(self.report_examples >= 0, "report_examples", "must be 0 or more")
 
 
 # ------------------------------------------------------------------------------------------------- tasks
@@ -418,6 +495,105 @@ class ExtractFeatures(Stage):
         index = features_lib.index_split(annotations_dir, store_dir(), self.split)
         manifests.write_json(self.output().path, {**index, "encoder": store_settings(), "plan": plan["plan"],
                                                   "annotations": Path(annotations_dir).name})
+
+
+def section_values(section) -> dict:
+    """Every key of a config section, as read (and checked)."""
+    values = section.read()
+    return {name: getattr(values, name) for name, _ in section.get_params()}
+
+
+class TrainDecoder(Stage):
+    """Train the decoder on the train split's features: models/<fp>/ (checkpoints in checkpoints/<fp>/)."""
+    stage = "models"
+
+    def requires(self):
+        return {"vocabulary": BuildVocabulary(), "train": ExtractFeatures(split="train"),
+                "val": ExtractFeatures(split="val")}
+
+    # Keys that change how training runs, not what it computes: not part of the fingerprint.
+    operational = ("checkpoint_every", "val_batch_size", "cpu_devices")
+
+    def settings(self):
+        values = {**section_values(decoder), **section_values(training)}
+        return {k: v for k, v in values.items() if k not in self.operational}
+
+    def run(self):
+        root = ws.workspace_root(workspace.read().root)
+        train_index = manifests.read_json(self.input()["train"].path)
+        provenance = {"store": store_dir().name, "encoder": store_settings(), "positions": len_positions(),
+                      "weights_path": encoder_identity().get("path"),
+                      "train_index": self.input()["train"].path, "val_index": self.input()["val"].path}
+        with self.atomic_output() as tmp:
+            train_lib.train_decoder(tmp, root / "checkpoints" / self.fingerprint(), store_dir(), train_index,
+                                    manifests.read_json(self.input()["val"].path),
+                                    self.requires()["vocabulary"].input().path,
+                                    Path(self.input()["vocabulary"].path) / manifests.VOCAB_FILE,
+                                    {**section_values(decoder), **section_values(training)}, provenance,
+                                    progress_callback=self.report_progress)
+
+
+class GenerateCaptions(Stage):
+    """Caption a split: captions/<fp>/<split>.json (COCO results format) + <split>-attention.h5."""
+    stage = "captions"
+    split = luigi.ChoiceParameter(choices=list(manifests.SPLITS), default="test")
+
+    def requires(self):
+        needs = {"features": ExtractFeatures(split=self.split)}
+        if not generation.read().model:
+            needs["model"] = TrainDecoder()
+        return needs
+
+    def settings(self):
+        g = section_values(generation)
+        g.pop("batch_size")
+        if g["model"]:   # an explicit model directory is identified by its weights
+            g["model"] = ws.file_sha256(Path(g["model"]) / "decoder.weights.h5")
+        return {**g, "split": self.split}
+
+    def run(self):
+        from pipeline import decode
+        g = generation.read()
+        model_dir = g.model or self.input()["model"].path
+        index = manifests.read_json(self.input()["features"].path)
+        results, ids, tokens, attention = decode.generate(
+            model_dir, train_lib.shard_rows(store_dir(), index), g.beam_size, g.max_length, g.length_penalty,
+            g.suppress_unk, g.batch_size, progress_callback=self.report_progress)
+        records = manifests.read_manifest(
+            manifests.manifest_path(self.requires()["features"].requires().input().path, self.split))
+        paths = {r["image_id"]: os.path.join(r["root"], r["path"]) for r in records}
+        with self.atomic_output() as tmp:
+            manifests.write_json(tmp / f"{self.split}.json", results)
+            shards.write_attention(tmp / f"{self.split}-attention.h5", ids, [paths[int(i)] for i in ids], tokens,
+                                   attention, {"model": str(model_dir), "beam_size": g.beam_size})
+
+
+class EvaluateCaptions(Stage):
+    """Score a split's captions: metrics/<fp>/<split>.json and <split>-report.html."""
+    stage = "metrics"
+    split = luigi.ChoiceParameter(choices=list(manifests.SPLITS), default="test")
+
+    def requires(self):
+        return {"captions": GenerateCaptions(split=self.split), "annotations": ExtractAnnotations()}
+
+    def settings(self):
+        e = evaluation.read()
+        return {"split": self.split, "spice": e.spice, "java": e.java}
+
+    def run(self):
+        from pipeline import evaluate
+        e = evaluation.read()
+        captions = Path(self.input()["captions"].path)
+        with self.atomic_output() as tmp:
+            evaluate.evaluate_split(tmp, self.split, captions / f"{self.split}.json",
+                                    captions / f"{self.split}-attention.h5",
+                                    manifests.manifest_path(self.input()["annotations"].path, self.split),
+                                    java={"auto": None, "yes": True, "no": False}[e.java], spice=e.spice,
+                                    examples=e.report_examples)
+
+
+def len_positions() -> int:
+    return encoder_lib.grid_size(encoder.read().image_size) ** 2
 
 
 # ------------------------------------------------------------------------------------ failures, last lines

@@ -116,6 +116,118 @@ def verify(directory: Path | None) -> None:
     sys.exit(1 if failed else 0)
 
 
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A model directory (work/models/<fp>).")
+@click.option("--beam", default=3, show_default=True, help="Beam size; 1 is greedy.")
+@click.option("--max-length", default=20, show_default=True, help="Maximum words, <end> included.")
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="InceptionV3 weights file, when it moved since training (checked by sha256).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the attention grid to this PNG (OUT-1.png, OUT-2.png, ... for several images).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list on stdout.")
+def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path | None, plot: Path | None,
+            as_json: bool) -> None:
+    """Caption new IMAGES with the encoder recorded in the model's provenance. Unreadable images get a message
+    and exit code 1; the others are still captioned."""
+    import numpy as np
+
+    from pipeline import decode, features, plots
+    from pipeline.images import ImageError, load_for_display, load_image
+    from pipeline.train import load_model
+
+    model, vocab, provenance = load_model(model_dir)
+    identity = _training_encoder(provenance, weights)
+    size = provenance["encoder"]["image_size"]
+    good, results = [], []
+    for path in images:
+        try:
+            good.append((path, load_image(path, size)))
+        except ImageError as e:
+            results.append({"image": str(path), "error": str(e)})
+            click.echo(f"captioner: {path}: {e}", err=True)
+    if good:
+        feats = features.encoder_forward(identity, size)(np.stack([pixels for _, pixels in good]))
+        start, end, unk = vocab.index["<start>"], vocab.index["<end>"], vocab.index["<unk>"]
+        decoder = (decode.greedy_fn(model, max_length, start, end, unk) if beam == 1
+                   else decode.beam_fn(model, beam, max_length, start, end, unk))
+        tokens, alphas = decoder(feats)[:2]
+        for k, ((path, _), row) in enumerate(zip(good, tokens.numpy())):
+            text = vocab.decode(row)
+            results.append({"image": str(path), "caption": text})
+            if plot:
+                out = plot if len(good) == 1 else plot.with_name(f"{plot.stem}-{k + 1}{plot.suffix}")
+                plots.attention_grid(load_for_display(path, 640), text.split(), alphas[k].numpy(), out)
+                results[-1]["plot"] = str(out)
+    order = {str(p): i for i, p in enumerate(images)}
+    results.sort(key=lambda r: order[r["image"]])
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+    else:
+        for r in results:
+            if "caption" in r:
+                click.echo(f"{r['image']}: {r['caption']}" + (f"  [{r['plot']}]" if "plot" in r else ""))
+    sys.exit(1 if any("error" in r for r in results) else 0)
+
+
+def _training_encoder(provenance: dict, weights: Path | None) -> dict:
+    """The encoder identity the model was trained with, or a ClickException saying why it cannot be had."""
+    from pipeline import encoder as encoder_lib
+    from storage import shards
+    from storage.workspace import file_sha256
+
+    recorded = provenance["encoder"]
+    expected = {"encoder": encoder_lib.ENCODER_NAME, "preprocess": encoder_lib.PREPROCESS,
+                "schema_version": shards.SCHEMA_VERSION}
+    for key, value in expected.items():
+        if recorded.get(key) != value:
+            raise click.ClickException(f"the model was trained on features with {key} = {recorded.get(key)!r}; "
+                                       f"this version extracts {value!r}. Refusing to mix them.")
+    if recorded["weights"] == "random":
+        return encoder_lib.resolve_weights(f"random:{recorded['seed']}")
+    candidates = [p for p in (weights, provenance.get("weights_path"),
+                              encoder_lib.keras_cache_file() if recorded["weights"] == "imagenet" else None) if p]
+    seen = []
+    for path in map(Path, candidates):
+        if path.is_file():
+            digest = file_sha256(path)
+            if digest == recorded["sha256"]:
+                return {"weights": recorded["weights"], "path": str(path), "sha256": digest}
+            seen.append(f"{path} has sha256 {digest[:12]}…")
+        else:
+            seen.append(f"{path} does not exist")
+    raise click.ClickException(
+        f"the model was trained on features from {recorded['weights']} weights with sha256 "
+        f"{recorded['sha256'][:12]}…, and no such file was found ({'; '.join(seen)}). "
+        "Fix: pass --weights with the weights file used for training.")
+
+
+@main.command("plot-attention")
+@click.argument("captions_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--image-id", required=True, type=int, help="Image to plot.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG path (default: attention-ID.png).")
+def plot_attention(captions_dir: Path, image_id: int, out: Path | None) -> None:
+    """Plot one image's per-word attention from a GenerateCaptions output (work/captions/<fp>)."""
+    from pipeline import plots
+    from pipeline.images import load_for_display
+    from storage import shards
+
+    for attention_file in sorted(captions_dir.glob("*-attention.h5")):
+        try:
+            maps = shards.read_attention(attention_file, image_id)
+        except KeyError:
+            continue
+        split = attention_file.name[:-len("-attention.h5")]
+        results = json.loads((captions_dir / f"{split}.json").read_text())
+        text = next(r["caption"] for r in results if r["image_id"] == image_id)
+        out = out or Path(f"attention-{image_id}.png")
+        plots.attention_grid(load_for_display(maps["path"], 640), text.split(), maps["attention"], out)
+        click.echo(f"{out}: {text}")
+        return
+    raise click.ClickException(f"image {image_id} is not in any *-attention.h5 under {captions_dir}")
+
+
 def run() -> None:
     """Entry point that turns InputError into a one-line message and exit code 2."""
     try:

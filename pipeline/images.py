@@ -218,3 +218,12 @@ def _iter_batches(items, image_size, batch_size, workers, prefetch, max_pixels):
     finally:
         # Consumer finished, broke out early or raised: drop queued work, wait for the few running decodes.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def load_for_display(path, side: int = 320) -> np.ndarray:
+    """uint8 (H, W, 3) of an image for plots and reports: EXIF-oriented, RGB, at most `side` pixels wide or
+    high, aspect ratio kept (unlike load_image, which stretches to the encoder's square input)."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        im.thumbnail((side, side))
+        return np.asarray(im)

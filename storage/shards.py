@@ -232,3 +232,31 @@ def find_image(path, image_id: int) -> int | None:
     ids, _ = read_ids(path)
     rows = np.flatnonzero(ids == image_id)
     return int(rows[0]) if len(rows) else None
+
+
+# ----------------------------------------------------------------- attention maps of generated captions
+#   image_ids int64 (n,), paths utf-8 (n,) absolute image paths, tokens int32 (n, T) (0 = padding),
+#   attention float16 (n, T, P): the weights over the P positions when each word was chosen.
+
+def write_attention(path, image_ids, paths, tokens, attention, attrs: dict) -> None:
+    """Write the attention-maps file atomically."""
+    with atomic_file(path, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+            f.create_dataset("image_ids", data=np.asarray(image_ids, np.int64))
+            f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STRING)
+            f.create_dataset("tokens", data=np.asarray(tokens, np.int32))
+            f.create_dataset("attention", data=np.asarray(attention, np.float16), compression="gzip",
+                             chunks=(1,) + tuple(np.shape(attention)[1:]))
+            for key, value in attrs.items():
+                f.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+
+
+def read_attention(path, image_id: int) -> dict:
+    """{"path", "tokens" (T,), "attention" (T, P) float32} of one image from an attention-maps file."""
+    with h5py.File(path, "r") as f:
+        rows = np.flatnonzero(f["image_ids"][:] == image_id)
+        if not len(rows):
+            raise KeyError(image_id)
+        row = int(rows[0])
+        return {"path": f["paths"].asstr()[row], "tokens": f["tokens"][row],
+                "attention": f["attention"][row].astype(np.float32)}

@@ -87,15 +87,16 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_file(final: str | os.PathLike):
+def atomic_file(final: str | os.PathLike, suffix: str = ""):
     """Yield a temporary path beside `final`; rename it to `final` only if the block succeeds.
 
     The temporary name starts with TEMP_PREFIX so a crash leaves nothing that looks complete; stale
-    temporaries of the same file from dead processes are removed first."""
+    temporaries of the same file from dead processes are removed first. `suffix` ends the temporary name
+    (Keras insists on `.weights.h5`)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final), dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final), suffix=suffix, dir=final.parent)
     os.close(fd)
     try:
         yield Path(tmp)

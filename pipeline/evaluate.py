@@ -1,0 +1,139 @@
+"""Caption metrics with pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (+ SPICE on request).
+
+With Java (pycocoevalcap's PTB tokenizer, METEOR and SPICE are Java programs): references and candidates are
+tokenised by the PTB tokenizer, exactly as the COCO caption evaluation does. Without Java: a warning, our own
+documented tokenizer (pipeline/annotations.py normalize_caption) for both sides, and METEOR / SPICE reported as
+unavailable (null), never as 0.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import subprocess
+
+from pipeline.annotations import normalize_caption
+
+log = logging.getLogger("captioner")
+
+CORPUS_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+@functools.lru_cache(maxsize=1)
+def java_available() -> bool:
+    """True when a working `java` is on PATH (tried once per process)."""
+    java = shutil.which("java")
+    if not java:
+        return False
+    try:
+        return subprocess.run([java, "-version"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def tokenize(references: dict, hypotheses: dict, use_java: bool) -> tuple[dict, dict]:
+    """({id: [reference strings]}, {id: caption}) → token-space-joined dicts as the scorers expect."""
+    if use_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        tokenizer = PTBTokenizer()
+        gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
+        res = tokenizer.tokenize({i: [{"caption": c}] for i, c in hypotheses.items()})
+        return gts, res
+    return ({i: [normalize_caption(c) for c in refs] for i, refs in references.items()},
+            {i: [normalize_caption(c)] for i, c in hypotheses.items()})
+
+
+def evaluate(references: dict, hypotheses: dict, java: bool | None = None, spice: bool = False) -> dict:
+    """Score `hypotheses` {image_id: caption} against `references` {image_id: [captions]} (every hypothesis
+    id must have references). Returns {"corpus": {metric: score | None}, "per_image": {id: {metric: score}},
+    "tokenizer", "java", "notes"}."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    missing = [i for i in hypotheses if i not in references]
+    if missing:
+        raise ValueError(f"{len(missing)} captioned images have no references (first: {missing[:5]})")
+    use_java = java_available() if java is None else java
+    notes = []
+    if not use_java:
+        notes.append("Java not found: tokenised with captioner's own normaliser instead of the PTB tokenizer; "
+                     "METEOR and SPICE unavailable (install Java 8+ for the official protocol)")
+        log.warning(notes[-1])
+    refs = {i: references[i] for i in hypotheses}
+    gts, res = tokenize(refs, hypotheses, use_java)
+    res = {i: [c if c.strip() else "<empty>"] for i, (c,) in res.items()}   # scorers reject empty strings
+    ids = list(res)
+    corpus, per_image = {}, {i: {} for i in ids}
+
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        corpus[f"Bleu_{n + 1}"] = float(bleu[n])
+        for i, s in zip(ids, bleu_each[n]):
+            per_image[i][f"Bleu_{n + 1}"] = float(s)
+    scorers = [("ROUGE_L", Rouge()), ("CIDEr", Cider())]
+    if use_java:
+        from pycocoevalcap.meteor.meteor import Meteor
+        scorers.insert(0, ("METEOR", Meteor()))
+    else:
+        corpus["METEOR"] = None
+    if spice and use_java:
+        from pycocoevalcap.spice.spice import Spice
+        scorers.append(("SPICE", Spice()))
+    elif spice:
+        corpus["SPICE"] = None
+    for name, scorer in scorers:
+        score, each = scorer.compute_score(gts, res)
+        corpus[name] = float(score)
+        for i, s in zip(ids, each):
+            per_image[i][name] = float(s) if not isinstance(s, dict) else float(s["All"]["f"])
+    return {"corpus": {k: corpus.get(k) for k in CORPUS_KEYS} | ({"SPICE": corpus["SPICE"]} if spice else {}),
+            "per_image": per_image, "tokenizer": "ptb" if use_java else "captioner-normalise",
+            "java": use_java, "notes": notes, "n_images": len(ids)}
+
+
+def summary_table(corpus: dict) -> str:
+    """Readable one-metric-per-line table for the log."""
+    lines = [f"{'metric':<8} score"]
+    for key, value in corpus.items():
+        lines.append(f"{key:<8} {'unavailable' if value is None else f'{value:.4f}'}")
+    return "\n".join(lines)
+
+
+def evaluate_split(outdir, split: str, results_path, attention_path, manifest_path, java: bool | None = None,
+                   spice: bool = False, examples: int = 12, seed: int = 0) -> dict:
+    """Score a GenerateCaptions output against the split's raw reference captions; write
+    `outdir`/<split>.json (corpus + per-image scores) and `outdir`/<split>-report.html."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from pipeline.images import load_for_display
+    from pipeline.plots import html_report
+    from storage import manifests, shards
+
+    results = json.loads(Path(results_path).read_text())
+    records = {r["image_id"]: r for r in manifests.read_manifest(manifest_path)}
+    hypotheses = {r["image_id"]: r["caption"] for r in results}
+    scores = evaluate({i: records[i]["raw_captions"] for i in hypotheses}, hypotheses, java=java, spice=spice)
+    metrics = {"split": split, **{k: v for k, v in scores.items() if k != "per_image"},
+               "per_image": [{"image_id": i, "caption": hypotheses[i], **s} for i, s in scores["per_image"].items()]}
+    manifests.write_json(Path(outdir) / f"{split}.json", metrics)
+    log.info("%s split, %d images, tokenizer %s:\n%s", split, len(hypotheses), metrics["tokenizer"],
+             summary_table(metrics["corpus"]))
+
+    ranked = sorted(scores["per_image"], key=lambda i: scores["per_image"][i]["CIDEr"])
+    rng = np.random.default_rng(seed)
+    chosen = [("Worst CIDEr-D first", i) for i in ranked[:examples]]
+    chosen += [("Random sample", int(i)) for i in rng.choice(ranked, min(examples, len(ranked)), replace=False)]
+    entries = []
+    for section, image_id in chosen:
+        record, maps = records[image_id], shards.read_attention(attention_path, image_id)
+        entries.append({"section": section, "image_id": image_id, "image": load_for_display(maps["path"]),
+                        "caption": hypotheses[image_id], "references": record["raw_captions"],
+                        "cider": scores["per_image"][image_id]["CIDEr"], "words": hypotheses[image_id].split(),
+                        "alphas": maps["attention"]})
+    html_report(Path(outdir) / f"{split}-report.html", f"{split} split: {len(hypotheses)} images", metrics["corpus"],
+                entries, metrics["notes"])
+    return metrics

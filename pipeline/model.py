@@ -1,0 +1,113 @@
+"""The Show, Attend and Tell decoder (Xu et al. 2015, soft attention), Keras 3 on TensorFlow.
+
+Shapes: B batch, P positions (64), D encoder channels (2048), F projected feature size, A attention size,
+H recurrent units, E word embedding size, V vocabulary, T caption steps.
+
+    a = relu(W_a features)                  (B, P, F)  projected once per sequence
+    k = U a                                 (B, P, A)  attention keys, also once per sequence
+    h0, c0 = tanh(W_h mean(a)), tanh(W_c mean(a))
+    step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state
+             α = softmax(e);  z = β Σ α a   (B, F)     β = sigmoid(w_β h), a gating scalar
+             h, c = LSTM([E y_{t-1}; z], (h, c))
+    logits = L_o dropout(E y_{t-1} + L_h h + L_z z)    deep output, for all steps at once after the loop
+
+Loss = masked cross-entropy over real tokens + λ Σ_i (1 − Σ_t α_ti)² (doubly stochastic attention), the
+latter summed over positions, over real steps only, averaged over the batch.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+class ShowAttendTell(keras.Model):
+    """Call: (features (B, P, D) float, words_in (B, T) int) → (logits (B, T, V), alphas (B, T, P))."""
+
+    def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
+                 units: int = 512, dropout: float = 0.5, cell: str = "lstm", **kwargs):
+        super().__init__(**kwargs)
+        self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
+                           embed_dim=embed_dim, units=units, dropout=dropout, cell=cell)
+        if cell not in ("lstm", "gru"):
+            raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
+        self.units, self.cell_kind = units, cell
+        self.project = keras.layers.Dense(feature_dim, activation="relu", name="project_features")
+        self.keys = keras.layers.Dense(attention_dim, use_bias=False, name="attention_keys")
+        self.query = keras.layers.Dense(attention_dim, name="attention_query")
+        self.score = keras.layers.Dense(1, use_bias=False, name="attention_score")
+        self.gate = keras.layers.Dense(1, activation="sigmoid", name="beta_gate")
+        self.init_h = keras.layers.Dense(units, activation="tanh", name="init_h")
+        self.init_c = keras.layers.Dense(units, activation="tanh", name="init_c")
+        self.embed = keras.layers.Embedding(vocab_size, embed_dim, name="embed")
+        self.cell = (keras.layers.LSTMCell if cell == "lstm" else keras.layers.GRUCell)(units, name=cell)
+        self.out_h = keras.layers.Dense(embed_dim, name="deep_out_h")
+        self.out_z = keras.layers.Dense(embed_dim, use_bias=False, name="deep_out_z")
+        self.drop = keras.layers.Dropout(dropout)
+        self.logits = keras.layers.Dense(vocab_size, name="logits")
+
+    def get_config(self):
+        return dict(self.config)
+
+    def build(self, *shapes):
+        """Sub-layers build themselves on the first call; nothing to create here."""
+        self.built = True
+
+    # -- pieces shared by training and decoding (pipeline/decode.py) ------------------------------------
+
+    def encode(self, features):
+        """features (B, P, D) → (a (B, P, F), keys (B, P, A), initial state [h, c] or [h])."""
+        a = self.project(tf.cast(features, self.compute_dtype))
+        mean = tf.reduce_mean(a, axis=1)
+        state = [self.init_h(mean), self.init_c(mean)] if self.cell_kind == "lstm" else [self.init_h(mean)]
+        return a, self.keys(a), state
+
+    def attend(self, a, keys, h):
+        """One attention read: → (context z (B, F) gated by β, α (B, P))."""
+        e = tf.squeeze(self.score(tf.tanh(keys + self.query(h)[:, None, :])), -1)
+        alpha = tf.nn.softmax(tf.cast(e, tf.float32), axis=-1)
+        z = tf.einsum("bp,bpf->bf", tf.cast(alpha, a.dtype), a)
+        return self.gate(h) * z, alpha
+
+    def step(self, word_embedding, a, keys, state, training=False):
+        """One decoder step: → (h (B, H), z (B, F), α (B, P), new state)."""
+        z, alpha = self.attend(a, keys, state[0])
+        h, new_state = self.cell(tf.concat([word_embedding, z], -1), state, training=training)
+        new_state = new_state if isinstance(new_state, (list, tuple)) else [new_state]
+        return h, z, alpha, list(new_state)
+
+    def output_logits(self, word_embedding, h, z, training=False):
+        """Deep output layer: (..., E), (..., H), (..., F) → logits (..., V)."""
+        return self.logits(self.drop(word_embedding + self.out_h(h) + self.out_z(z), training=training))
+
+    # -- teacher-forced pass over whole captions ------------------------------------------------------------
+
+    def call(self, features, words_in, training=False):
+        a, keys, state = self.encode(features)
+        embedded = self.embed(words_in)                       # (B, T, E), all steps at once
+        steps = tf.shape(words_in)[1]
+        time_major = tf.transpose(embedded, [1, 0, 2])
+        hs = tf.TensorArray(self.compute_dtype, size=steps)
+        zs = tf.TensorArray(self.compute_dtype, size=steps)
+        alphas = tf.TensorArray(tf.float32, size=steps)
+
+        def body(t, state, hs, zs, alphas):
+            h, z, alpha, state = self.step(time_major[t], a, keys, state, training=training)
+            return t + 1, state, hs.write(t, h), zs.write(t, z), alphas.write(t, alpha)
+
+        _, _, hs, zs, alphas = tf.while_loop(lambda t, *_: t < steps, body, (0, state, hs, zs, alphas))
+        h_all = tf.transpose(hs.stack(), [1, 0, 2])
+        z_all = tf.transpose(zs.stack(), [1, 0, 2])
+        logits = self.output_logits(embedded, h_all, z_all, training=training)
+        return tf.cast(logits, tf.float32), tf.transpose(alphas.stack(), [1, 0, 2])
+
+
+def caption_loss(logits, alphas, words_out, attention_lambda: float = 1.0):
+    """(logits (B, T, V), alphas (B, T, P), targets (B, T) with 0 = padding) →
+    (total, cross-entropy per real token, doubly stochastic term), each averaged over the batch."""
+    mask = tf.cast(words_out != 0, tf.float32)                                     # (B, T)
+    xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=words_out, logits=logits)
+    tokens = tf.maximum(tf.reduce_sum(mask), 1.0)
+    xent = tf.reduce_sum(xent * mask) / tokens
+    coverage = tf.reduce_sum(alphas * mask[:, :, None], axis=1)                  # (B, P): Σ_t α over real steps
+    doubly = tf.reduce_mean(tf.reduce_sum(tf.square(1.0 - coverage), axis=1))
+    return xent + attention_lambda * doubly, xent, doubly

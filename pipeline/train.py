@@ -1,0 +1,374 @@
+"""Training the decoder from HDF5 shards: input pipeline, compiled train step, validation, checkpoints.
+
+Input pipeline (memory O(block + shuffle buffer + batch), never O(dataset)):
+  epoch e, seed s → shard order permuted by rng(s, e); each shard read in contiguous blocks of `block_rows`
+  rows (one h5py slice each, never a long fancy-index list); rows permuted within a block; every image read
+  once and paired with each of its captions; a seeded shuffle buffer mixes pairs across images; batches are
+  padded to their own longest caption. The order is a pure function of (seed, epoch), so a resumed epoch
+  skips exactly the batches it had already trained on.
+
+Training: Adam with global-norm clipping and an optional schedule, a compiled step run under a tf.distribute
+strategy (MirroredStrategy over several GPUs, default strategy otherwise), optional mixed precision and XLA.
+Checkpoints (model, optimizer, counters) every `checkpoint_every` steps and at each epoch end, in a
+directory outside the task output. Each epoch ends with free-running greedy decoding of the val split scored
+with BLEU-4 and CIDEr-D; the best weights are kept; training stops early after `patience` epochs without a
+better CIDEr-D.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.progress import format_seconds
+from pipeline.vocabulary import Vocabulary
+from storage import manifests
+from storage.workspace import atomic_file, write_json
+
+log = logging.getLogger("captioner")
+
+DEFAULTS = dict(
+    # [decoder]
+    feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm",
+    # [training]
+    epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
+    attention_lambda=1.0, patience=5, checkpoint_every=500, shuffle_buffer=1000, block_rows=256, seed=0,
+    mixed_precision=False, jit_compile=False, strategy="auto", val_batch_size=128, cpu_devices=1,
+)
+DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def shard_rows(store_dir, index: dict) -> dict[str, list[tuple[int, int]]]:
+    """Split index {image_id: [shard, row]} → {shard path: [(row, image_id), ...] sorted by row}."""
+    by_shard = defaultdict(list)
+    for image_id, (shard, row) in index["images"].items():
+        by_shard[str(Path(store_dir) / f"{shard}.h5")].append((int(row), int(image_id)))
+    return {path: sorted(rows) for path, rows in sorted(by_shard.items())}
+
+
+def blocks(rows: list[tuple[int, int]], block_rows: int):
+    """Contiguous row ranges covering `rows` (sorted): [(start, stop, [(row, image_id), ...]), ...]."""
+    out, current = [], []
+    for row, image_id in rows:
+        if current and row - current[0][0] >= block_rows:
+            out.append((current[0][0], current[-1][0] + 1, current))
+            current = []
+        current.append((row, image_id))
+    if current:
+        out.append((current[0][0], current[-1][0] + 1, current))
+    return out
+
+
+def iterate_images(by_shard: dict, block_rows: int, rng: np.random.Generator | None):
+    """Yield (image_id, features (P, D) float16) for every indexed image once; shuffled when rng is given."""
+    shards = list(by_shard)
+    if rng is not None:
+        shards = [shards[i] for i in rng.permutation(len(shards))]
+    for path in shards:
+        with h5py.File(path, "r") as f:
+            dataset = f["features"]
+            for start, stop, members in blocks(by_shard[path], block_rows):
+                block = dataset[start:stop]                       # one contiguous read
+                order = rng.permutation(len(members)) if rng is not None else range(len(members))
+                for i in order:
+                    row, image_id = members[i]
+                    yield image_id, block[row - start]
+
+
+def caption_ids(records, vocab: Vocabulary) -> dict[int, list[np.ndarray]]:
+    """{image_id: [ids of each caption]} for manifest records, after the vocabulary's length policy."""
+    out = {}
+    for r in records:
+        encoded = [vocab.encode(c) for c in r["captions"]]
+        out[r["image_id"]] = [np.asarray(ids, np.int32) for ids in encoded if ids is not None]
+    return out
+
+
+def count_pairs(by_shard, captions) -> int:
+    return sum(len(captions.get(image_id, ())) for rows in by_shard.values() for _, image_id in rows)
+
+
+def pairs_dataset(by_shard, captions, batch_size: int, seed: int, epoch: int, shuffle_buffer: int,
+                  block_rows: int, positions: int, channels: int):
+    """tf.data of padded batches (image_ids (B,), features (B, P, D) float16, captions (B, T) int32)."""
+    import tensorflow as tf
+
+    def generate():
+        rng = np.random.default_rng([seed, epoch])
+        for image_id, features in iterate_images(by_shard, block_rows, rng):
+            for k in rng.permutation(len(captions.get(image_id, ()))):
+                yield image_id, features, captions[image_id][k]
+
+    ds = tf.data.Dataset.from_generator(generate, output_signature=(
+        tf.TensorSpec((), tf.int64), tf.TensorSpec((positions, channels), tf.float16),
+        tf.TensorSpec((None,), tf.int32)))
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=seed * 100003 + epoch, reshuffle_each_iteration=False)
+    return ds.padded_batch(batch_size, padded_shapes=((), (positions, channels), (None,))).prefetch(2)
+
+
+def feature_batches(by_shard, batch_size: int, block_rows: int):
+    """(image_ids (k,), features (k, P, D) float16) batches of every indexed image, in store order."""
+    ids, feats = [], []
+    for image_id, features in iterate_images(by_shard, block_rows, None):
+        ids.append(image_id)
+        feats.append(features)
+        if len(ids) == batch_size:
+            yield np.asarray(ids), np.stack(feats)
+            ids, feats = [], []
+    if ids:
+        yield np.asarray(ids), np.stack(feats)
+
+
+# -------------------------------------------------------------------------------------------- model bits
+
+def split_cpu(n: int) -> None:
+    """Present the CPU as `n` logical devices, so MirroredStrategy runs without GPUs (tests, CI). Must run
+    before TensorFlow initialises its devices in this process."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError as e:
+        raise RuntimeError(f"[training] cpu_devices = {n} needs a fresh process: TensorFlow already set up its "
+                           f"devices here ({e}). Run TrainDecoder on its own after ExtractFeatures.") from e
+
+
+def make_strategy(kind: str = "auto"):
+    """auto: MirroredStrategy when several GPUs are visible, else the default strategy; mirrored: over all
+    GPUs, or all logical CPUs when there is no GPU (how the tests exercise it); default: one device."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if kind == "mirrored" or (kind == "auto" and len(gpus) > 1):
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+def build_model(vocab_size: int, settings: dict):
+    from pipeline.model import ShowAttendTell
+    return ShowAttendTell(vocab_size, **{k: settings[k] for k in DECODER_KEYS})
+
+
+def make_optimizer(settings: dict, steps_per_epoch: int):
+    import keras
+
+    lr = settings["learning_rate"]
+    if settings["lr_schedule"] == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(steps_per_epoch * settings["epochs"], 1))
+    elif settings["lr_schedule"] == "exponential":
+        lr = keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=max(steps_per_epoch, 1),
+                                                         decay_rate=settings["lr_decay"], staircase=True)
+    optimizer = keras.optimizers.Adam(lr, global_clipnorm=settings["clip_norm"] or None)
+    if settings["mixed_precision"]:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def greedy_captions(model, by_shard, vocab: Vocabulary, max_length: int, batch_size: int,
+                    block_rows: int = 256) -> dict[int, str]:
+    """{image_id: greedy caption} for every image of a split index."""
+    from pipeline.decode import greedy_fn
+
+    decode = greedy_fn(model, max_length, vocab.index["<start>"], vocab.index["<end>"])
+    out = {}
+    for ids, feats in feature_batches(by_shard, batch_size, block_rows):
+        tokens, _ = decode(feats)
+        for image_id, row in zip(ids.tolist(), tokens.numpy()):
+            out[image_id] = vocab.decode(row)
+    return out
+
+
+def score(references: dict, hypotheses: dict) -> dict:
+    """BLEU-4 and CIDEr-D (pycocoevalcap scorers on our normalised tokens; no Java needed)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    gts = {i: references[i] for i in hypotheses}
+    res = {i: [hypotheses[i] or "<empty>"] for i in hypotheses}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"Bleu_4": float(bleu[3]), "CIDEr": float(cider)}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def train_decoder(outdir, checkpoint_dir, store_dir, train_index: dict, val_index: dict, annotations_dir,
+                  vocab_path, settings: dict, provenance: dict | None = None, progress_callback=None) -> dict:
+    """Train (or resume) and write the model directory `outdir`. Returns the history."""
+    import keras
+    import tensorflow as tf
+
+    settings = {**DEFAULTS, **settings}
+    vocab = Vocabulary.load(vocab_path)
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if settings["cpu_devices"] > 1:
+        split_cpu(settings["cpu_devices"])
+    if settings["mixed_precision"]:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.utils.set_random_seed(settings["seed"])
+
+    train_rows, val_rows = shard_rows(store_dir, train_index), shard_rows(store_dir, val_index)
+    captions = caption_ids(manifests.read_manifest(manifests.manifest_path(annotations_dir, "train")), vocab)
+    val_refs = {r["image_id"]: r["captions"] for r in
+                manifests.read_manifest(manifests.manifest_path(annotations_dir, "val"))}
+    with h5py.File(next(iter(train_rows)), "r") as f:
+        positions, channels = f["features"].shape[1:]
+    n_pairs = count_pairs(train_rows, captions)
+    steps_per_epoch = math.ceil(n_pairs / settings["batch_size"])
+    log.info("training on %d (image, caption) pairs from %d shards: %d steps per epoch; validating on %d images",
+             n_pairs, len(train_rows), steps_per_epoch, len(val_index["images"]))
+
+    strategy = make_strategy(settings["strategy"])
+    log.info("strategy %s over %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    with strategy.scope():
+        model = build_model(len(vocab), settings)
+        model(tf.zeros((1, positions, channels), tf.float16), tf.zeros((1, 1), tf.int32))   # create variables
+        optimizer = make_optimizer(settings, steps_per_epoch)
+        optimizer.build(model.trainable_variables)
+        counters = {name: tf.Variable(value, trainable=False, name=name, dtype=dtype)
+                    for name, value, dtype in (("epoch", 0, tf.int64), ("step", 0, tf.int64),
+                                               ("step_in_epoch", 0, tf.int64), ("best", -1.0, tf.float64),
+                                               ("bad_epochs", 0, tf.int64))}
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, **counters)
+    manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
+    history_path = checkpoint_dir / "history.json"
+    history = []
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        history = json.loads(history_path.read_text()) if history_path.exists() else []
+        log.info("resuming from checkpoint %s: epoch %d, step %d (%d into the epoch), best CIDEr-D %.4f",
+                 manager.latest_checkpoint, int(counters["epoch"].numpy()) + 1, int(counters["step"].numpy()),
+                 int(counters["step_in_epoch"].numpy()), float(counters["best"].numpy()))
+
+    train_step = make_train_step(model, optimizer, strategy, settings)
+    best_weights = checkpoint_dir / "best.weights.h5"
+    total_steps = steps_per_epoch * settings["epochs"]
+    while int(counters["epoch"].numpy()) < settings["epochs"] and int(counters["bad_epochs"].numpy()) < settings["patience"]:
+        epoch = int(counters["epoch"].numpy())
+        skip = int(counters["step_in_epoch"].numpy())
+        ds = pairs_dataset(train_rows, captions, settings["batch_size"], settings["seed"], epoch,
+                           settings["shuffle_buffer"], settings["block_rows"], positions, channels).skip(skip)
+        ds = strategy.experimental_distribute_dataset(ds.map(lambda ids, f, c: (f, c)))
+        start, last_log, seen, losses = time.monotonic(), time.monotonic(), 0, []
+        for features, caps in ds:
+            loss, xent, doubly, n = train_step(features, caps)
+            counters["step"].assign_add(1)
+            counters["step_in_epoch"].assign_add(1)
+            losses.append(float(loss))
+            seen += int(n)
+            if int(counters["step"].numpy()) % settings["checkpoint_every"] == 0:
+                manager.save(checkpoint_number=counters["step"])
+            if time.monotonic() - last_log > 10 or int(counters["step_in_epoch"].numpy()) == steps_per_epoch:
+                last_log, elapsed = time.monotonic(), time.monotonic() - start
+                step_now, in_epoch = int(counters["step"].numpy()), int(counters["step_in_epoch"].numpy())
+                _report(progress_callback, epoch, settings["epochs"], in_epoch, steps_per_epoch, step_now,
+                        total_steps, float(loss), float(xent), float(doubly), seen / max(elapsed, 1e-9),
+                        (total_steps - step_now) * elapsed / max(in_epoch - skip, 1))
+        seconds = time.monotonic() - start
+        hyps = greedy_captions(model, val_rows, vocab, vocab.max_length + 2, settings["val_batch_size"],
+                               settings["block_rows"])
+        scores = score(val_refs, hyps)
+        improved = scores["CIDEr"] > float(counters["best"].numpy())
+        if improved:
+            with atomic_file(best_weights, suffix=".weights.h5") as tmp:
+                model.save_weights(str(tmp))
+            counters["best"].assign(scores["CIDEr"])
+            counters["bad_epochs"].assign(0)
+        else:
+            counters["bad_epochs"].assign_add(1)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
+                        "val_Bleu_4": scores["Bleu_4"], "val_CIDEr": scores["CIDEr"], "seconds": round(seconds, 2),
+                        "captions_per_second": round(seen / max(seconds, 1e-9), 1), "best": improved,
+                        "example": next(iter(hyps.values()), "")})
+        log.info("epoch %d/%d: loss %.4f, val BLEU-4 %.4f, CIDEr-D %.4f%s, %.0fs, %.1f captions/s",
+                 epoch + 1, settings["epochs"], history[-1]["loss"] or float("nan"), scores["Bleu_4"],
+                 scores["CIDEr"], " (best)" if improved else "", seconds, history[-1]["captions_per_second"])
+        counters["epoch"].assign_add(1)
+        counters["step_in_epoch"].assign(0)
+        write_json(history_path, history)
+        manager.save(checkpoint_number=counters["step"])
+    if int(counters["bad_epochs"].numpy()) >= settings["patience"]:
+        log.info("early stop: no better val CIDEr-D for %d epochs", settings["patience"])
+
+    write_model_dir(outdir, best_weights, model, vocab_path, settings, history, provenance or {})
+    return history
+
+
+def make_train_step(model, optimizer, strategy, settings):
+    import tensorflow as tf
+    from pipeline.model import caption_loss
+
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(features, captions):
+        words_in, words_out = captions[:, :-1], captions[:, 1:]
+        with tf.GradientTape() as tape:
+            logits, alphas = model(features, words_in, training=True)
+            loss, xent, doubly = caption_loss(logits, alphas, words_out, settings["attention_lambda"])
+            scaled = loss / replicas
+            if settings["mixed_precision"]:
+                scaled = optimizer.scale_loss(scaled)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return loss, xent, doubly, tf.shape(captions)[0]
+
+    @tf.function(jit_compile=settings["jit_compile"], reduce_retracing=True)
+    def step(features, captions):
+        loss, xent, doubly, n = strategy.run(replica_step, args=(features, captions))
+        mean = tf.distribute.ReduceOp.MEAN
+        return (strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, xent, axis=None),
+                strategy.reduce(mean, doubly, axis=None), strategy.reduce(tf.distribute.ReduceOp.SUM, n, axis=None))
+
+    return step
+
+
+def _report(callback, epoch, epochs, step_in_epoch, steps_per_epoch, step, total_steps, loss, xent, doubly, rate,
+            eta_seconds):
+    message = (f"epoch {epoch + 1}/{epochs}, step {step_in_epoch}/{steps_per_epoch} (total {step}/{total_steps}), "
+               f"loss {loss:.4f} (xent {xent:.4f} + attention {doubly:.4f}), {rate:.1f} captions/s, "
+               f"ETA {format_seconds(eta_seconds)} (+ validation)")
+    log.info(message)
+    if callback is not None:
+        callback(min(int(100 * step / max(total_steps, 1)), 100), message)
+
+
+def write_model_dir(outdir, best_weights: Path, model, vocab_path, settings: dict, history: list, provenance: dict):
+    """The self-contained model directory: decoder weights + config, vocabulary, settings, history, curves."""
+    outdir = Path(outdir)
+    if best_weights.exists():
+        model.load_weights(str(best_weights))
+    model.save_weights(str(outdir / "decoder.weights.h5"))
+    write_json(outdir / "decoder.json", model.get_config())
+    write_json(outdir / "vocab.json", manifests.read_json(vocab_path))
+    write_json(outdir / "config.json", settings)
+    write_json(outdir / "history.json", history)
+    write_json(outdir / "features.json", provenance)
+    from pipeline.plots import training_curves
+    training_curves(history, outdir / "curves.png")
+
+
+def load_model(model_dir):
+    """(model, vocabulary, features provenance) from a model directory written by write_model_dir."""
+    import tensorflow as tf
+    from pipeline.model import ShowAttendTell
+
+    model_dir = Path(model_dir)
+    config = manifests.read_json(model_dir / "decoder.json")
+    model = ShowAttendTell(**config)
+    provenance = manifests.read_json(model_dir / "features.json")
+    positions = provenance.get("positions", 64)
+    model(tf.zeros((1, positions, 2048), tf.float16), tf.zeros((1, 1), tf.int32))
+    model.load_weights(str(model_dir / "decoder.weights.h5"))
+    return model, Vocabulary.load(model_dir / "vocab.json"), provenance

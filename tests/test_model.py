@@ -1,0 +1,72 @@
+"""The decoder: masking, attention, the doubly stochastic term, memorising a few captions, GRU."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import train as train_lib
+from pipeline.decode import greedy_fn
+from pipeline.model import ShowAttendTell, caption_loss
+
+P, D, V = 16, 32, 12
+
+
+def small_model(cell="lstm", dropout=0.0):
+    model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell)
+    model(tf.zeros((1, P, D)), tf.zeros((1, 1), tf.int32))
+    return model
+
+
+def loss_of(model, features, captions):
+    logits, alphas = model(features, captions[:, :-1])
+    return caption_loss(logits, alphas, captions[:, 1:])
+
+
+def test_padding_changes_nothing():
+    model = small_model()
+    features = tf.random.stateless_normal((2, P, D), seed=(1, 2))
+    short = tf.constant([[1, 5, 6, 2, 0, 0], [1, 7, 2, 0, 0, 0]])
+    long = tf.pad(short, [[0, 0], [0, 7]])
+    for a, b in zip(loss_of(model, features, short), loss_of(model, features, long)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+
+
+def test_attention_weights_sum_to_one_per_step():
+    model = small_model()
+    _, alphas = model(tf.random.stateless_normal((3, P, D), seed=(3, 4)), tf.constant([[1, 4, 5, 6]] * 3))
+    assert alphas.shape == (3, 4, P)
+    np.testing.assert_allclose(tf.reduce_sum(alphas, -1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_doubly_stochastic_term_zero_iff_every_position_sums_to_one():
+    logits = tf.zeros((1, P, V))
+    targets = tf.ones((1, P), tf.int32)                      # P real steps
+    one_each = tf.eye(P)[None]                                # step t attends to position t only: Σ_t α = 1
+    _, _, doubly = caption_loss(logits, one_each, targets)
+    assert float(doubly) == 0.0
+    uniform = tf.fill((1, P, P), 1.0 / P)                     # also sums to 1 everywhere
+    assert float(caption_loss(logits, uniform, targets)[2]) == pytest.approx(0.0, abs=1e-10)
+    half = tf.fill((1, P // 2, P), 1.0 / P)                   # too few steps: Σ_t α = 0.5
+    short = caption_loss(tf.zeros((1, P // 2, V)), half, tf.ones((1, P // 2), tf.int32))
+    assert float(short[2]) == pytest.approx(P * 0.25)
+    padded = tf.concat([tf.eye(P)[None], tf.fill((1, 3, P), 1.0 / P)], 1)   # padded steps do not count
+    targets = tf.concat([tf.ones((1, P), tf.int32), tf.zeros((1, 3), tf.int32)], 1)
+    assert float(caption_loss(tf.zeros((1, P + 3, V)), padded, targets)[2]) == 0.0
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_memorises_a_few_captions_and_greedy_returns_them(cell):
+    tf.keras.utils.set_random_seed(0)
+    model = small_model(cell)
+    features = tf.random.stateless_normal((4, P, D), seed=(5, 6))
+    captions = tf.constant([[1, 4, 5, 6, 2, 0], [1, 7, 8, 2, 0, 0], [1, 9, 10, 11, 4, 2], [1, 5, 4, 2, 0, 0]])
+    settings = {**train_lib.DEFAULTS, "learning_rate": 0.01, "clip_norm": 5.0, "epochs": 1}
+    optimizer = train_lib.make_optimizer(settings, steps_per_epoch=1)
+    step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
+    for _ in range(300):
+        loss, xent, _, _ = step(features, captions)
+    assert float(xent) < 0.05
+    tokens, alphas = greedy_fn(model, 8, start_id=1, end_id=2)(features)
+    want = np.zeros((4, 8), np.int32)
+    want[:, :5] = captions.numpy()[:, 1:]
+    np.testing.assert_array_equal(tokens.numpy(), want)        # exact, <end> included, <pad> after
+    np.testing.assert_allclose(tf.reduce_sum(alphas[:, :3], -1).numpy(), 1.0, rtol=1e-5)

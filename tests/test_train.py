@@ -1,0 +1,103 @@
+"""Training: the input pipeline, kill-and-resume, a two-device strategy."""
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from pipeline import train as train_lib
+from storage import shards
+from tests.conftest import REPO, TEST_CONFIG, run_luigi
+
+
+def make_store(tmp_path):
+    """3 shards of 4-position, 8-channel features; 11 images with 1 to 5 captions each."""
+    store = tmp_path / "store"
+    image_ids = list(range(100, 111))
+    index = {"images": {}}
+    for k, ids in enumerate([image_ids[:4], image_ids[4:9], image_ids[9:]]):
+        with shards.ShardWriter(store / f"shard-t-train-{k:05d}.h5", 4, 8, {}) as w:
+            w.append(ids, [f"{i}.jpg" for i in ids], np.stack([np.full((4, 8), i, np.float16) for i in ids]))
+        for row, i in enumerate(ids):
+            index["images"][str(i)] = [f"shard-t-train-{k:05d}", row]
+    captions = {i: [np.arange(1, 2 + (i + j) % 6, dtype=np.int32) + 10 * j for j in range(1 + i % 5)]
+                for i in image_ids}
+    return store, index, captions
+
+
+def epoch_pairs(store, index, captions, epoch, batch_size=7, block_rows=3):
+    by_shard = train_lib.shard_rows(store, index)
+    out, widths_ok = [], True
+    for ids, feats, caps in train_lib.pairs_dataset(by_shard, captions, batch_size, seed=1, epoch=epoch,
+                                                    shuffle_buffer=5, block_rows=block_rows, positions=4, channels=8):
+        ids, feats, caps = ids.numpy(), feats.numpy(), caps.numpy()
+        assert (feats[:, 0, 0] == ids).all()                                  # features belong to the id
+        lengths = (caps != 0).sum(1)
+        widths_ok &= caps.shape[1] == lengths.max()                            # padded to the batch's longest
+        out += [(int(i), tuple(c[:n])) for i, c, n in zip(ids, caps, lengths)]
+    return out, widths_ok
+
+
+def test_every_pair_exactly_once_per_epoch_deterministic_per_epoch(tmp_path):
+    store, index, captions = make_store(tmp_path)
+    expected = collections.Counter((i, tuple(c)) for i, caps in captions.items() for c in caps)
+    first, widths_ok = epoch_pairs(store, index, captions, epoch=0)
+    assert collections.Counter(first) == expected and widths_ok
+    assert epoch_pairs(store, index, captions, epoch=0)[0] == first          # a resumed epoch sees the same order
+    second, _ = epoch_pairs(store, index, captions, epoch=1)
+    assert collections.Counter(second) == expected and second != first      # reshuffled across epochs
+
+
+def test_blocks_are_contiguous_and_bounded():
+    rows = [(0, 10), (1, 11), (2, 12), (5, 13), (9, 14), (10, 15)]
+    assert train_lib.blocks(rows, 4) == [(0, 3, rows[:3]), (5, 6, rows[3:4]), (9, 11, rows[4:])]
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(p.name.split("-")[1].split(".")[0]) for p in workdir.glob("checkpoints/*/ckpt-*.index"))
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path):
+    workdir = tmp_path / "w"
+    args = ["--training-epochs", "3", "--training-checkpoint-every", "3"]
+    assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
+    env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "luigi"), "--module", "tasks",
+                             "TrainDecoder", "--no-lock", *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [s for s in checkpoint_steps(workdir) if s > 8]:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)                      # in epoch 2, after a mid-epoch checkpoint
+    proc.wait()
+    killed_at = checkpoint_steps(workdir)
+    assert killed_at and max(killed_at) < 24
+    assert not [p for p in workdir.glob("models/*") if not p.name.startswith(".tmp-")]   # no complete-looking model
+    rerun = run_luigi("TrainDecoder", *args, workdir=workdir)
+    assert rerun.returncode == 0, rerun.output
+    assert "resuming from checkpoint" in rerun.output
+    steps_per_epoch = 8                                       # 120 pairs / batch 16
+    assert max(checkpoint_steps(workdir)) == 3 * steps_per_epoch
+    history = json.loads(next(workdir.glob("models/*/history.json")).read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]         # no epoch lost or repeated
+    model_dir, = workdir.glob("models/[!.]*")
+    assert not list(workdir.glob("models/.tmp-*"))           # the killed run's temporary was cleaned up
+    for name in ("decoder.weights.h5", "decoder.json", "vocab.json", "config.json", "features.json", "curves.png",
+                 "provenance.json"):
+        assert (model_dir / name).is_file(), name
+
+
+def test_training_under_a_two_device_strategy(tmp_path):
+    workdir = tmp_path / "w"
+    assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
+    assert run_luigi("ExtractFeatures", "--split", "train", workdir=workdir).returncode == 0
+    run = run_luigi("TrainDecoder", "--training-strategy", "mirrored", "--training-cpu-devices", "2",
+                    "--training-epochs", "1", workdir=workdir)
+    assert run.returncode == 0, run.output
+    assert "MirroredStrategy over 2 replica(s)" in run.output
+    history = json.loads(next(workdir.glob("models/*/history.json")).read_text())
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
