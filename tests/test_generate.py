@@ -1,0 +1,167 @@
+"""Decoding, metrics, reports and the captioning CLI."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from pipeline.cli import main as cli
+from pipeline.decode import beam_fn, greedy_fn
+from pipeline.evaluate import evaluate, java_available
+from pipeline.model import ShowAttendTell
+from storage import manifests
+from tests.conftest import run_luigi
+
+PAD, START, END, A, B, C = range(6)
+
+
+def bigram_model(transitions: np.ndarray) -> ShowAttendTell:
+    """A decoder whose next-word distribution depends only on the previous word: embedding = identity,
+    deep-output contributions of h and z = 0, logits = log transitions[previous word]."""
+    v = len(transitions)
+    model = ShowAttendTell(v, feature_dim=4, attention_dim=4, embed_dim=v, units=4, dropout=0.0)
+    model(tf.zeros((1, 4, 8)), tf.zeros((1, 1), tf.int32))
+    model.embed.embeddings.assign(np.eye(v, dtype=np.float32))
+    model.out_h.kernel.assign(np.zeros_like(model.out_h.kernel.numpy()))
+    model.out_h.bias.assign(np.zeros_like(model.out_h.bias.numpy()))
+    model.out_z.kernel.assign(np.zeros_like(model.out_z.kernel.numpy()))
+    model.logits.kernel.assign(np.log(transitions).astype(np.float32))
+    model.logits.bias.assign(np.zeros(v, np.float32))
+    return model
+
+
+def transitions():
+    t = np.full((6, 6), 1e-6)
+    t[START, A], t[START, B] = 0.6, 0.4          # greedy takes A ...
+    t[A, END], t[A, C] = 0.55, 0.45               # ... then ends: p = 0.33
+    t[B, END] = 1.0                               # the best caption is B <end>: p = 0.4
+    t[C, END] = 1.0
+    t[PAD, PAD] = t[END, PAD] = 1.0
+    return t / t.sum(1, keepdims=True)
+
+
+def test_beam_search_finds_the_best_sequence_that_greedy_misses():
+    model = bigram_model(transitions())
+    features = tf.zeros((2, 4, 8))
+    greedy, _ = greedy_fn(model, 5, START, END)(features)
+    beam, _, score = beam_fn(model, 3, 5, START, END, length_penalty=0.0)(features)
+    assert greedy.numpy()[0].tolist() == [A, END, PAD, PAD, PAD]
+    assert beam.numpy().tolist() == [[B, END, PAD, PAD, PAD]] * 2
+    assert score.numpy()[0] == pytest.approx(np.log(transitions()[START, B]), abs=1e-4)
+
+
+def test_beam_one_is_exactly_greedy():
+    tf.keras.utils.set_random_seed(4)
+    model = ShowAttendTell(30, feature_dim=16, attention_dim=8, embed_dim=8, units=12, dropout=0.0)
+    features = tf.random.stateless_normal((6, 10, 20), seed=(7, 8))
+    model(features, tf.zeros((6, 1), tf.int32))
+    greedy_tokens, greedy_alphas = greedy_fn(model, 12, 1, 2, unk_id=3)(features)
+    beam_tokens, beam_alphas, _ = beam_fn(model, 1, 12, 1, 2, unk_id=3)(features)
+    np.testing.assert_array_equal(greedy_tokens.numpy(), beam_tokens.numpy())
+    np.testing.assert_allclose(greedy_alphas.numpy(), beam_alphas.numpy(), atol=1e-6)
+    assert not (greedy_tokens.numpy() == 3).any()                # <unk> suppressed
+
+
+REFS = {1: ["A man rides a horse on a beach.", "a person riding a brown horse", "Horse and rider near the sea."],
+        2: ["Two dogs play in the snow", "a couple of dogs running through snow.", "Dogs playing outside"],
+        3: ["A plate of food with broccoli.", "broccoli and rice on a white plate", "A meal on a plate."]}
+HYPS = {1: "a man riding a horse on the beach", 2: "two dogs playing in the snow", 3: "a plate of food"}
+
+
+@pytest.mark.skipif(not java_available(), reason="no Java on PATH: the PTB tokenizer and METEOR need it")
+def test_metrics_equal_pycocoevalcap_own_computation_with_java():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    ours = evaluate(REFS, HYPS, java=True)
+    tok = PTBTokenizer()
+    gts = tok.tokenize({i: [{"caption": c} for c in r] for i, r in REFS.items()})
+    res = tok.tokenize({i: [{"caption": c}] for i, c in HYPS.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    expected = {**{f"Bleu_{n + 1}": bleu[n] for n in range(4)}, "METEOR": Meteor().compute_score(gts, res)[0],
+                "ROUGE_L": Rouge().compute_score(gts, res)[0], "CIDEr": Cider().compute_score(gts, res)[0]}
+    assert ours["tokenizer"] == "ptb"
+    assert ours["corpus"] == pytest.approx(expected, rel=1e-9)
+    assert set(ours["per_image"]) == {1, 2, 3} and all("CIDEr" in s for s in ours["per_image"].values())
+
+
+def test_java_free_fallback_reports_meteor_unavailable():
+    from pycocoevalcap.cider.cider import Cider
+
+    ours = evaluate(REFS, HYPS, java=False)
+    assert ours["corpus"]["METEOR"] is None and ours["notes"] and ours["tokenizer"] == "captioner-normalise"
+    from pipeline.annotations import normalize_caption
+    gts = {i: [normalize_caption(c) for c in r] for i, r in REFS.items()}
+    res = {i: [normalize_caption(c)] for i, c in HYPS.items()}
+    assert ours["corpus"]["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0])
+    assert 0 < ours["corpus"]["Bleu_4"] <= 1
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("w")
+    run = run_luigi("EvaluateCaptions", "--split", "test", workdir=workdir)
+    assert run.returncode == 0, run.output
+    return workdir, run.output
+
+
+def test_generate_and_evaluate_outputs(evaluated):
+    workdir, output = evaluated
+    test_ids = {r["image_id"] for r in manifests.read_manifest(next(workdir.glob("annotations/*/test.jsonl")))}
+    captions_dir, = workdir.glob("captions/*")
+    results = json.loads((captions_dir / "test.json").read_text())
+    assert sorted(r["image_id"] for r in results) == sorted(test_ids)          # one entry per image
+    assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
+    with h5py.File(captions_dir / "test-attention.h5") as f:
+        assert f["attention"].shape[0] == len(test_ids) and f["attention"].shape[2] == 64
+        assert f["tokens"].shape == f["attention"].shape[:2]
+    metrics_dir, = workdir.glob("metrics/*")
+    metrics = json.loads((metrics_dir / "test.json").read_text())
+    for key in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert key in metrics["corpus"]
+    assert len(metrics["per_image"]) == len(test_ids)
+    assert "CIDEr" in output and "Bleu_4" in output                              # the summary table in the log
+    report = (metrics_dir / "test-report.html").read_text()
+    assert report.count("<img") >= 2 * len(test_ids) and "Worst CIDEr-D first" in report
+
+
+def test_plot_attention_and_caption_cli(evaluated, tmp_path):
+    workdir, _ = evaluated
+    captions_dir, = workdir.glob("captions/*")
+    image_id = json.loads((captions_dir / "test.json").read_text())[0]["image_id"]
+    out = tmp_path / "att.png"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["plot-attention", str(captions_dir), "--image-id", str(image_id), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    model_dir, = workdir.glob("models/[!.]*")
+    images = sorted(workdir.glob("demo/*/test/*.jpg"))[:2]
+    result = runner.invoke(cli, ["caption", *map(str, images), str(tmp_path / "missing.jpg"), "--model",
+                                 str(model_dir), "--json", "--plot", str(tmp_path / "c.png")])
+    assert result.exit_code == 1                                                  # one bad path
+    listed = json.loads(result.stdout)
+    assert [r["image"] for r in listed] == [*map(str, images), str(tmp_path / "missing.jpg")]
+    assert all(r["caption"] for r in listed[:2]) and listed[2]["error"] == "file not found"
+    assert (tmp_path / "c-1.png").exists() and (tmp_path / "c-2.png").exists()
+
+
+def test_caption_refuses_a_different_encoder(evaluated, tmp_path):
+    workdir, _ = evaluated
+    model_dir, = workdir.glob("models/[!.]*")
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    provenance = json.loads((copy / "features.json").read_text())
+    provenance["encoder"].update(weights="file", sha256="0" * 64)
+    provenance["encoder"].pop("seed")
+    (copy / "features.json").write_text(json.dumps(provenance))
+    image = next(workdir.glob("demo/*/test/*.jpg"))
+    result = CliRunner().invoke(cli, ["caption", str(image), "--model", str(copy)])
+    assert result.exit_code != 0 and "no such file was found" in result.output and "--weights" in result.output
