@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import luigi
@@ -210,6 +212,8 @@ class training(Section):
     strategy = luigi.ChoiceParameter(choices=["auto", "default", "mirrored"], default="auto")
     val_batch_size = luigi.IntParameter(default=128)
     cpu_devices = luigi.IntParameter(default=1, description="split the CPU into N logical devices (tests)")
+    verify_shards = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                        description="read every shard's checksums before training")
 
     def problems(self):
         out = []
@@ -263,9 +267,12 @@ class Stage(luigi.Task):
         """The significant settings of this stage (upstream ones enter through upstream fingerprints)."""
         raise NotImplementedError
 
+    def upstream_stages(self) -> list["Stage"]:
+        return [t for t in luigi.task.flatten(self.requires()) if isinstance(t, Stage)]
+
     def fingerprint(self) -> str:
         if not hasattr(self, "_fingerprint"):
-            upstream = [t.fingerprint() for t in luigi.task.flatten(self.requires())]
+            upstream = [t.fingerprint() for t in self.upstream_stages()]
             self._fingerprint = ws.fingerprint(self.stage, {"version": self.version, **self.settings()},
                                                       upstream)
         return self._fingerprint
@@ -291,7 +298,7 @@ class Stage(luigi.Task):
         """A temporary directory that becomes output() when the block succeeds, with provenance.json added."""
         with ws.atomic_dir(self.output().path) as tmp:
             yield tmp
-            upstream = {t.stage: t.fingerprint() for t in luigi.task.flatten(self.requires())}
+            upstream = {t.stage: t.fingerprint() for t in self.upstream_stages()}
             manifests.write_json(tmp / "provenance.json", {
                 "stage": self.stage, "fingerprint": self.fingerprint(), "version": self.version,
                 "settings": self.settings(), "upstream": upstream})
@@ -352,8 +359,9 @@ class ExtractAnnotations(Stage):
         d = dataset.read()
         files, roots, karpathy = self.inputs()
         with self.atomic_output() as tmp:
-            annotations.make_annotations(tmp, files, roots, karpathy or None, d.val_fraction, d.test_fraction,
-                                         d.seed, progress_callback=self.report_progress)
+            report = annotations.make_annotations(tmp, files, roots, karpathy or None, d.val_fraction,
+                                                  d.test_fraction, d.seed, progress_callback=self.report_progress)
+        self.counts = {"splits": report["splits"], "problems": report["problem_counts"]}
 
 
 def _identify(path: str, key: str) -> str:
@@ -444,17 +452,23 @@ class ExtractShard(luigi.Task):
         return ShardTarget(str(store_dir() / f"{self.shard}.h5"))
 
     def run(self):
-        plan = manifests.read_json(store_dir() / "plans" / f"{self.plan}.json")
-        entry = next(s for s in plan["shards"] if s["name"] == self.shard)
-        e, f = encoder.read(), features.read()
-        attrs = {"fingerprint": store_dir().name, "split": entry["split"], "plan": self.plan}
-        features_lib.extract_shard(self.output().path, entry["images"], encoder_identity(), e.image_size,
-                                   e.batch_size, attrs, None if f.compression == "none" else f.compression,
-                                   e.decode_workers or None, progress_callback=self.report_progress)
+        self.counts = extract_planned_shard(self.plan, self.shard, self.report_progress)
 
     def report_progress(self, percent: int, message: str) -> None:
         self.set_progress_percentage(percent)
         self.set_status_message(message)
+
+
+def extract_planned_shard(plan_name: str, shard: str, progress_callback) -> dict:
+    """Extract the shard `shard` of the plan `plan_name` with the configured encoder."""
+    plan = manifests.read_json(store_dir() / "plans" / f"{plan_name}.json")
+    entry = next(s for s in plan["shards"] if s["name"] == shard)
+    e, f = encoder.read(), features.read()
+    attrs = {"fingerprint": store_dir().name, "split": entry["split"], "plan": plan_name}
+    return features_lib.extract_shard(
+        store_dir() / f"{shard}.h5", entry["images"], encoder_identity(), e.image_size, e.batch_size, attrs,
+        None if f.compression == "none" else f.compression, e.decode_workers or None,
+        progress_callback=progress_callback)
 
 
 class SplitIndexTarget(luigi.LocalTarget):
@@ -474,18 +488,33 @@ class ExtractFeatures(Stage):
     split = luigi.ChoiceParameter(choices=list(manifests.SPLITS), default="train")
 
     def requires(self):
-        return PlanShards()
+        plan = PlanShards()
+        # Shards are static dependencies when the plan already exists at scheduling, so workers of a central
+        # scheduler share them (run PlanShards first on a cluster); otherwise run() yields them once the plan is
+        # written. Decided once per task: luigi calls requires() again at run time and it must not change.
+        if not hasattr(self, "_static_shards"):
+            self._static_shards = self.shard_tasks(plan.output().path) if plan.complete() else []
+        return {"plan": plan, "shards": self._static_shards}
+
+    def shard_tasks(self, plan_path) -> list:
+        if not hasattr(self, "_shard_tasks"):   # requires() runs often; a COCO plan is megabytes of JSON
+            plan = manifests.read_json(plan_path)
+            self._shard_tasks = [ExtractShard(plan=plan["plan"], shard=s["name"]) for s in plan["shards"]
+                                 if s["split"] == self.split]
+        return self._shard_tasks
 
     def settings(self):
         return {"split": self.split}
 
     def output(self):
-        return SplitIndexTarget(str(store_dir() / "splits" / self.requires().fingerprint() / f"{self.split}.json"))
+        plan = self.requires()["plan"]
+        return SplitIndexTarget(str(store_dir() / "splits" / plan.fingerprint() / f"{self.split}.json"))
 
     def run(self):
-        plan = manifests.read_json(self.input().path)
-        yield [ExtractShard(plan=plan["plan"], shard=s["name"]) for s in plan["shards"] if s["split"] == self.split]
-        annotations_dir = self.requires().input().path
+        plan_path = self.input()["plan"].path
+        yield self.shard_tasks(plan_path)
+        plan = manifests.read_json(plan_path)
+        annotations_dir = self.requires()["plan"].input().path
         todo, _ = features_lib.images_to_extract(annotations_dir, store_dir(), self.split)
         if todo:   # a shard written by an earlier plan was damaged or deleted since: plan its images again
             name = "repair-" + ws.fingerprint("repair", {"images": [i for i, _, _ in todo]})
@@ -512,25 +541,30 @@ class TrainDecoder(Stage):
                 "val": ExtractFeatures(split="val")}
 
     # Keys that change how training runs, not what it computes: not part of the fingerprint.
-    operational = ("checkpoint_every", "val_batch_size", "cpu_devices")
+    operational = ("checkpoint_every", "val_batch_size", "cpu_devices", "verify_shards")
 
     def settings(self):
         values = {**section_values(decoder), **section_values(training)}
         return {k: v for k, v in values.items() if k not in self.operational}
 
     def run(self):
+        if training.read().verify_shards:   # never train on damaged features: re-extract them first
+            indexes = [manifests.read_json(self.input()[s].path) for s in ("train", "val")]
+            for name in features_lib.quarantine_damaged(store_dir(), indexes):
+                extract_planned_shard(features_lib.plan_of(name), name, self.report_progress)
         root = ws.workspace_root(workspace.read().root)
         train_index = manifests.read_json(self.input()["train"].path)
         provenance = {"store": store_dir().name, "encoder": store_settings(), "positions": len_positions(),
                       "weights_path": encoder_identity().get("path"),
                       "train_index": self.input()["train"].path, "val_index": self.input()["val"].path}
         with self.atomic_output() as tmp:
-            train_lib.train_decoder(tmp, root / "checkpoints" / self.fingerprint(), store_dir(), train_index,
-                                    manifests.read_json(self.input()["val"].path),
-                                    self.requires()["vocabulary"].input().path,
-                                    Path(self.input()["vocabulary"].path) / manifests.VOCAB_FILE,
-                                    {**section_values(decoder), **section_values(training)}, provenance,
-                                    progress_callback=self.report_progress)
+            history = train_lib.train_decoder(tmp, root / "checkpoints" / self.fingerprint(), store_dir(),
+                                              train_index, manifests.read_json(self.input()["val"].path),
+                                              self.requires()["vocabulary"].input().path,
+                                              Path(self.input()["vocabulary"].path) / manifests.VOCAB_FILE,
+                                              {**section_values(decoder), **section_values(training)}, provenance,
+                                              progress_callback=self.report_progress)
+        self.counts = {"epochs": len(history), "best_val_CIDEr": max((h["val_CIDEr"] for h in history), default=None)}
 
 
 class GenerateCaptions(Stage):
@@ -560,7 +594,7 @@ class GenerateCaptions(Stage):
             model_dir, train_lib.shard_rows(store_dir(), index), g.beam_size, g.max_length, g.length_penalty,
             g.suppress_unk, g.batch_size, progress_callback=self.report_progress)
         records = manifests.read_manifest(
-            manifests.manifest_path(self.requires()["features"].requires().input().path, self.split))
+            manifests.manifest_path(self.requires()["features"].requires()["plan"].input().path, self.split))
         paths = {r["image_id"]: os.path.join(r["root"], r["path"]) for r in records}
         with self.atomic_output() as tmp:
             manifests.write_json(tmp / f"{self.split}.json", results)
@@ -585,30 +619,101 @@ class EvaluateCaptions(Stage):
         e = evaluation.read()
         captions = Path(self.input()["captions"].path)
         with self.atomic_output() as tmp:
-            evaluate.evaluate_split(tmp, self.split, captions / f"{self.split}.json",
-                                    captions / f"{self.split}-attention.h5",
-                                    manifests.manifest_path(self.input()["annotations"].path, self.split),
-                                    java={"auto": None, "yes": True, "no": False}[e.java], spice=e.spice,
-                                    examples=e.report_examples)
+            metrics = evaluate.evaluate_split(tmp, self.split, captions / f"{self.split}.json",
+                                              captions / f"{self.split}-attention.h5",
+                                              manifests.manifest_path(self.input()["annotations"].path, self.split),
+                                              java={"auto": None, "yes": True, "no": False}[e.java],
+                                              spice=e.spice, examples=e.report_examples)
+        self.counts = metrics["corpus"]
 
 
 def len_positions() -> int:
     return encoder_lib.grid_size(encoder.read().image_size) ** 2
 
 
-# ------------------------------------------------------------------------------------ failures, last lines
+# --------------------------------------------------------------------------- run records, failures last
 
+# Every invocation that schedules tasks leaves runs/<started>-<host>-<pid>.json: each task it saw, whether it
+# ran (with seconds and counts), was already complete, failed (with why), or was left to another worker.
+# Events may fire in forked worker processes (--workers N), so they are appended to an events file first and
+# collated by the main process at exit.
+_RUN = {"id": f"{time.strftime('%Y%m%dT%H%M%S')}-{ws._host()}-{os.getpid()}", "pid": os.getpid(),
+        "started": time.time()}
 _failures: list[str] = []
+
+
+def _events_file() -> Path:
+    return ws.workspace_root(workspace.read().root) / "runs" / f".{_RUN['id']}.events.jsonl"
+
+
+def record(task, outcome: str, **fields) -> None:
+    """Append one event about `task` to this invocation's run record."""
+    try:
+        outputs = [getattr(t, "path", str(t)) for t in luigi.task.flatten(task.output())]
+    except Exception:   # the output of a task with a bad setting cannot be named
+        outputs = []
+    event = {"task": task.task_id, "family": task.task_family, "params": task.to_str_params(), "outcome": outcome,
+             "outputs": outputs, **fields}
+    try:
+        path = _events_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event, default=str) + "\n")
+    except Exception as e:   # a record must never break the run it records
+        log.warning("could not record %s for the run log: %s", task.task_id, e)
+
+
+@luigi.Task.event_handler(luigi.Event.DEPENDENCY_DISCOVERED)
+def _on_discovered(task, dependency):
+    record(dependency, "scheduled")
+
+
+@luigi.Task.event_handler(luigi.Event.DEPENDENCY_PRESENT)
+def _on_present(task):
+    record(task, "complete")
+
+
+@luigi.Task.event_handler(luigi.Event.PROCESSING_TIME)
+def _on_time(task, seconds):
+    record(task, "ran", seconds=round(seconds, 3), finished=time.time(), counts=getattr(task, "counts", {}))
 
 
 @luigi.Task.event_handler(luigi.Event.FAILURE)
 @luigi.Task.event_handler(luigi.Event.BROKEN_TASK)
 def _remember_failure(task, exception):
     _failures.append(f"{task.task_family} failed: {exception}")
+    record(task, "failed", error=f"{type(exception).__name__}: {exception}")
+
+
+def collate_run(events_path: Path) -> dict:
+    """The run record from its events: one entry per task, the most informative outcome winning."""
+    rank = {"scheduled": 0, "complete": 1, "ran": 2, "failed": 3}
+    tasks = {}
+    for line in events_path.read_text(encoding="utf-8").splitlines():
+        event = json.loads(line)
+        if event["task"] not in tasks or rank[event["outcome"]] >= rank[tasks[event["task"]]["outcome"]]:
+            tasks[event["task"]] = event
+    for event in tasks.values():
+        if event["outcome"] == "scheduled":
+            event["outcome"] = "not run here"      # another worker ran it, or a failed dependency blocked it
+    outcomes = [t["outcome"] for t in tasks.values()]
+    return {**_RUN, "finished": time.time(), "seconds": round(time.time() - _RUN["started"], 3),
+            "command": sys.argv, "config": config_files(),
+            "result": "failed" if "failed" in outcomes else "incomplete" if "not run here" in outcomes else "ok",
+            "counts": {o: outcomes.count(o) for o in ("ran", "complete", "failed", "not run here")},
+            "tasks": sorted(tasks.values(), key=lambda t: t["task"]), "failures": list(dict.fromkeys(_failures))}
 
 
 @atexit.register
-def _print_failures():
-    """Luigi prints its summary last; repeat why we failed after it, where a cron mail shows it."""
+def _at_exit():
+    """Write the run record, then repeat why we failed after Luigi's summary, where a cron mail shows it."""
+    if os.getpid() == _RUN["pid"]:
+        try:
+            events = _events_file()
+            if events.exists():
+                ws.write_json(events.with_name(f"{_RUN['id']}.json"), collate_run(events))
+                events.unlink()
+        except Exception as e:
+            print(f"captioner: could not write the run record: {e}", file=sys.stderr)
     for line in dict.fromkeys(_failures):
         print(f"captioner: ERROR: {line}", file=sys.stderr)

@@ -228,6 +228,41 @@ def plot_attention(captions_dir: Path, image_id: int, out: Path | None) -> None:
     raise click.ClickException(f"image {image_id} is not in any *-attention.h5 under {captions_dir}")
 
 
+@main.command()
+@click.option("--workspace", "root", type=click.Path(file_okay=False, path_type=Path),
+              help="Workspace directory (default: $CAPTIONER_WORKDIR or ./work).")
+@click.option("--runs", "last", default=5, show_default=True, help="How many past runs to list.")
+@click.option("--check", is_flag=True, help="Exit 1 unless the last run succeeded and all its outputs exist.")
+@click.option("--json", "as_json", is_flag=True, help="The last run record as JSON.")
+def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
+    """What the last pipeline runs did (work/runs/*.json), and whether the outputs of the last one are all in
+    place now."""
+    from storage import manifests, workspace
+
+    root = root or workspace.workspace_root()
+    records = sorted((manifests.read_json(p) for p in (root / "runs").glob("*.json")), key=lambda r: r["started"])
+    if not records:
+        raise click.ClickException(f"no run records under {root / 'runs'}: nothing ran in this workspace yet")
+    latest = records[-1]
+    missing = [t["task"] for t in latest["tasks"] if t["outcome"] in ("ran", "complete")
+               and not all(Path(o).exists() for o in t["outputs"])]
+    if as_json:
+        click.echo(json.dumps({**latest, "outputs_missing_now": missing}, indent=1))
+    else:
+        click.echo(f"workspace {root}\nlast runs (newest last):")
+        for r in records[-last:]:
+            counts = ", ".join(f"{n} {k}" for k, n in r["counts"].items() if n)
+            click.echo(f"  {r['id']}  {r['result']:<10} {r['seconds']:8.1f}s  {counts}  [{r['config']}]")
+        click.echo(f"tasks of the last run ({latest['id']}):")
+        for t in latest["tasks"]:
+            state = "MISSING NOW" if t["task"] in missing else t["outcome"]
+            extra = (f" {t['seconds']:.1f}s" if "seconds" in t else "") + (f" {t['error']}" if "error" in t else "")
+            name = f"{t['family']}({', '.join(f'{k}={v}' for k, v in t['params'].items())})"
+            click.echo(f"  {name:<64} {state}{extra}")
+    if check:
+        sys.exit(0 if latest["result"] == "ok" and not missing else 1)
+
+
 def run() -> None:
     """Entry point that turns InputError into a one-line message and exit code 2."""
     try:

@@ -10,7 +10,9 @@ A nightly rerun with grown annotations plans only the new images; an unchanged r
 """
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -105,6 +107,26 @@ def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_s
     attrs = {**encoder_lib.weights_attrs(identity), "encoder": encoder_lib.ENCODER_NAME, "image_size": image_size,
              "preprocess": encoder_lib.PREPROCESS, "software": software_versions(), **attrs}
     start = time.monotonic()
+    try:
+        summary = _write_shard(out_path, items, forward, image_size, batch_size, workers, positions, attrs,
+                               compression, progress)
+    except OSError as e:
+        free = shutil.disk_usage(Path(out_path).parent).free
+        if e.errno in (errno.ENOSPC, errno.EFBIG) or "No space left" in str(e) or "too large" in str(e).lower():
+            raise OSError(e.errno or errno.ENOSPC,
+                          f"writing {out_path}: the filesystem is full or the file size limit was hit "
+                          f"({free:,} bytes free there). Nothing complete-looking was left behind. Fix: free "
+                          f"space or point [workspace] root at a larger filesystem, then rerun") from e
+        raise
+    summary["seconds"] = round(time.monotonic() - start, 3)
+    summary["images_per_second"] = round(len(image_list) / max(summary["seconds"], 1e-9), 2)
+    log.info("%s: %d rows, %d skipped, %.1f images/s", name, summary["rows"], summary["skipped"],
+             summary["images_per_second"])
+    return summary
+
+
+def _write_shard(out_path, items, forward, image_size, batch_size, workers, positions, attrs, compression,
+                 progress) -> dict:
     with shards.ShardWriter(out_path, positions, encoder_lib.CHANNELS, attrs, compression) as writer:
         for keys, batch, failures in images.iter_batches(items, image_size, batch_size, workers=workers):
             if len(keys):
@@ -114,12 +136,7 @@ def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_s
                 log.warning("skipped image %d %s: %s", image_id, path, reason)
                 writer.skip(image_id, rel, reason)
             progress.update(len(keys) + len(failures))
-        summary = {"rows": writer.n_rows, "skipped": writer.n_skipped}
-    summary["seconds"] = round(time.monotonic() - start, 3)
-    summary["images_per_second"] = round(len(image_list) / max(summary["seconds"], 1e-9), 2)
-    log.info("%s: %d rows, %d skipped, %.1f images/s", name, summary["rows"], summary["skipped"],
-             summary["images_per_second"])
-    return summary
+    return {"rows": writer.n_rows, "skipped": writer.n_skipped}
 
 
 def index_split(annotations_dir, store_dir, split: str) -> dict:
@@ -147,6 +164,27 @@ def index_split(annotations_dir, store_dir, split: str) -> dict:
              len({shard for shard, _ in index.values()}))
     return {"split": split, "images": index, "skipped": skipped_here,
             "shards": sorted({shard for shard, _ in index.values()})}
+
+
+def quarantine_damaged(store_dir, indexes: list[dict]) -> list[str]:
+    """Deep-check every shard the split indexes use; move damaged ones aside (`.damaged-<time>-<name>`, kept
+    for inspection, invisible to the pipeline). Returns the names of the shards moved aside."""
+    store_dir = Path(store_dir)
+    damaged = []
+    for name in sorted({shard for index in indexes for shard in index["shards"]}):
+        path = store_dir / f"{name}.h5"
+        found = shards.check_shard(path, deep=True) if path.exists() else ["missing"]
+        if found:
+            damaged.append(name)
+            if path.exists():
+                path.rename(store_dir / f".damaged-{time.strftime('%Y%m%dT%H%M%S')}-{path.name}")
+            log.error("shard %s is damaged (%s): moved aside and extracted again", path.name, "; ".join(found))
+    return damaged
+
+
+def plan_of(shard_name: str) -> str:
+    """'shard-<plan>-<split>-<k>' → '<plan>' (plans named repair-<fp> contain a dash too)."""
+    return shard_name[len("shard-"):].rsplit("-", 2)[0]
 
 
 def verify_store(store_dir) -> tuple[list[str], dict]:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 FINGERPRINT_LENGTH = 12
 TEMP_PREFIX = ".tmp-"
+_UMASK = os.umask(0)
+os.umask(_UMASK)   # mkstemp/mkdtemp create 0600/0700; finished artifacts get the usual permissions
 
 
 def workspace_root(configured: str = "") -> Path:
@@ -100,6 +102,7 @@ def atomic_file(final: str | os.PathLike, suffix: str = ""):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -118,6 +121,7 @@ def atomic_dir(final: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -108,30 +108,41 @@ def all_features(workdir) -> dict:
     return out
 
 
-def test_killed_extraction_reruns_to_identical_features(tmp_path):
-    reference = tmp_path / "reference"
-    assert run_luigi("ExtractFeatures", "--split", "train", workdir=reference).returncode == 0
+@pytest.fixture(scope="module")
+def reference_features(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    assert run_luigi("ExtractFeatures", "--split", "train", workdir=workdir).returncode == 0
+    return all_features(workdir)
+
+
+@pytest.mark.parametrize("kill_when", ["inside the first shard", "after the first shard"])
+def test_killed_extraction_reruns_to_identical_features(tmp_path, reference_features, kill_when):
     crashed = tmp_path / "crashed"
     env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(crashed))
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "luigi"), "--module", "tasks",
-                             "ExtractFeatures", "--split", "train", "--no-lock", "--encoder-batch-size", "2"],
+                             "ExtractFeatures", "--split", "train", "--no-lock"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    pattern = "features/*/.tmp-shard-*" if kill_when == "inside the first shard" else "features/*/shard-*.h5"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(crashed.glob("features/*/.tmp-shard-*")):
-        time.sleep(0.05)
-    time.sleep(0.5)                                    # inside the first shard: a partial temporary exists
+    while time.time() < deadline and not list(crashed.glob(pattern)):
+        time.sleep(0.02)
+    time.sleep(0.5 if kill_when == "inside the first shard" else 0.0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list(crashed.glob("features/*/.tmp-shard-*")), "the kill should leave a partial temporary"
-    assert not list(crashed.glob("features/*/shard-*.h5")), "nothing complete-looking after the kill"
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in crashed.glob("features/*/shard-*.h5")}
+    assert len(finished) == (0 if kill_when == "inside the first shard" else 1)
+    assert list(crashed.glob("features/*/.tmp-shard-*")) or kill_when == "after the first shard"
     rerun = run_luigi("ExtractFeatures", "--split", "train", workdir=crashed)
     assert rerun.returncode == 0, rerun.output
     assert ws.leftover_temporaries(crashed) == []      # the dead process's temporary was cleaned up
-    got, want = all_features(crashed), all_features(reference)
-    assert sorted(got) == sorted(want)
-    for image_id in want:
-        np.testing.assert_array_equal(got[image_id], want[image_id])
+    for name, identity in finished.items():            # no shard written twice
+        path = next(crashed.glob(f"features/*/{name}"))
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == identity
+    got = all_features(crashed)
+    assert sorted(got) == sorted(reference_features)
+    for image_id, want in reference_features.items():
+        np.testing.assert_array_equal(got[image_id], want)
 
 
 def coco_config(tmp_path, demo_root, n_images):

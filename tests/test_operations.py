@@ -1,0 +1,179 @@
+"""Operations: run records and status, overlapping runs, a damaged shard before training, a full disk,
+a central scheduler with two workers."""
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main as cli
+from storage import shards, workspace as ws
+from tests.conftest import REPO, TEST_CONFIG, run_luigi
+from tests.test_features import all_features, store_of
+
+LUIGI = os.path.join(os.path.dirname(sys.executable), "luigi")
+
+
+def test_run_records_and_status(workdir):
+    assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
+    assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
+    records = sorted((json.loads(p.read_text()) for p in (workdir / "runs").glob("*.json")),
+                     key=lambda r: r["started"])
+    first, second = records
+    ran = {t["family"]: t for t in first["tasks"] if t["outcome"] == "ran"}
+    assert set(ran) == {"MakeDemoDataset", "ExtractAnnotations", "PlanShards", "ExtractShard", "ExtractFeatures"}
+    assert ran["ExtractShard"]["counts"]["rows"] == 6 and ran["ExtractShard"]["seconds"] > 0
+    assert first["result"] == "ok" and second["result"] == "ok"
+    assert second["counts"] == {"ran": 0, "complete": 1, "failed": 0, "not run here": 0}   # nothing redone
+    assert not list((workdir / "runs").glob(".*"))                                          # events collated
+
+    runner = CliRunner(env={"CAPTIONER_WORKDIR": str(workdir)})
+    result = runner.invoke(cli, ["status", "--check"])
+    assert result.exit_code == 0 and "ExtractFeatures(split=val)" in result.output
+    for index in workdir.glob("features/*/splits/*/val.json"):
+        index.unlink()
+    result = runner.invoke(cli, ["status", "--check"])
+    assert result.exit_code == 1 and "MISSING NOW" in result.output
+
+
+def test_a_failed_run_is_recorded_with_its_reason(workdir):
+    run = run_luigi("ExtractFeatures", "--encoder-weights", "/nonexistent/w.h5", workdir=workdir)
+    assert run.returncode != 0 and "/nonexistent/w.h5" in run.output.strip().splitlines()[-1]
+    record = json.loads(next((workdir / "runs").glob("*.json")).read_text())
+    assert record["result"] == "failed" and any("/nonexistent/w.h5" in f for f in record["failures"])
+
+
+def test_an_identical_overlapping_invocation_is_refused(workdir):
+    env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
+    command = [LUIGI, "--module", "tasks", "ExtractFeatures", "--split", "train", "--features-shard-size", "3"]
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    first_output, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, first_output
+    assert second.returncode == 10, second.stdout + second.stderr          # [retcode] already_running
+    assert ws.leftover_temporaries(workdir) == []
+    assert all(not shards.check_shard(p, deep=True) for p in shards.list_shards(store_of(workdir)))
+
+
+def test_a_damaged_shard_is_extracted_again_before_training(workdir):
+    for split in ("train", "val"):
+        assert run_luigi("ExtractFeatures", "--split", split, workdir=workdir).returncode == 0
+    before = all_features(workdir)
+    path = sorted(shards.list_shards(store_of(workdir)))[0]
+    import h5py
+    with h5py.File(path) as f:
+        offset = f["features"].id.get_chunk_info(2).byte_offset
+    with open(path, "r+b") as fh:                                          # flip bytes; the file still opens
+        fh.seek(offset + 64)
+        fh.write(b"\x5a" * 16)
+    assert shards.check_shard(path) == [] and shards.check_shard(path, deep=True)
+    run = run_luigi("TrainDecoder", "--training-epochs", "1", workdir=workdir)
+    assert run.returncode == 0, run.output
+    assert f"shard {path.name} is damaged" in run.output and "extracted again" in run.output
+    assert shards.check_shard(path, deep=True) == []
+    after = all_features(workdir)
+    assert sorted(after) == sorted(before)
+    for image_id in before:
+        np.testing.assert_array_equal(after[image_id], before[image_id])
+    assert list(store_of(workdir).glob(f".damaged-*-{path.name}"))          # kept aside for inspection
+
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                      # a write past the limit gets EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_fails_clearly_and_leaves_nothing_complete_looking(tmp_path):
+    """The workspace on a 6 MB tmpfs when this machine allows mounts; otherwise the same failure simulated
+    with a 3 MB file-size limit on the process (EFBIG instead of ENOSPC)."""
+    workdir = tmp_path / "small"
+    workdir.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(workdir)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        print("tmpfs mount not permitted here: simulating a full disk with RLIMIT_FSIZE")
+    try:
+        env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
+        run = subprocess.run([LUIGI, "--module", "tasks", "ExtractFeatures", "--split", "train", "--no-lock"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                             preexec_fn=None if mounted else _limit_file_size(3 * 2**20))
+        output = run.stdout + run.stderr
+        assert run.returncode != 0
+        last = output.strip().splitlines()[-1]
+        assert "filesystem is full or the file size limit was hit" in last and "Fix:" in last
+        assert ws.leftover_temporaries(workdir) == []
+        for path in workdir.glob("features/*/shard-*.h5"):                 # what exists is complete
+            assert shards.check_shard(path, deep=True) == []
+        assert not list(workdir.glob("features/*/splits/*/train.json"))
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(workdir)], check=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_central_scheduler_two_workers_extract_every_shard_once(tmp_path):
+    port = free_port()
+    scheduler_cfg = tmp_path / "luigid.cfg"
+    scheduler_cfg.write_text(f"[scheduler]\nstate_path = {tmp_path / 'state.pickle'}\nrecord_task_history = false\n"
+                             "[resources]\ngpu = 1\n")
+    (tmp_path / "logs").mkdir()
+    luigid = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "luigid"), "--address", "127.0.0.1",
+                               "--port", str(port), "--logdir", str(tmp_path / "logs")],
+                              env=dict(os.environ, LUIGI_CONFIG_PATH=str(scheduler_cfg)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        worker_cfg = tmp_path / "worker.cfg"
+        worker_cfg.write_text(TEST_CONFIG.read_text().replace(
+            "local_scheduler = true", f"local_scheduler = false\ndefault_scheduler_host = 127.0.0.1\n"
+                                      f"default_scheduler_port = {port}"))
+        workdir, args = tmp_path / "shared", ["--features-shard-size", "4"]
+        assert run_luigi("PlanShards", *args, config=worker_cfg, workdir=workdir).returncode == 0
+        env = dict(os.environ, LUIGI_CONFIG_PATH=str(worker_cfg), CAPTIONER_WORKDIR=str(workdir))
+        workers = [subprocess.Popen([LUIGI, "--module", "tasks", "ExtractFeatures", "--split", "train", "--no-lock",
+                                     *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True) for _ in range(2)]
+        outputs = [w.communicate(timeout=600)[0] for w in workers]
+    finally:
+        luigid.terminate()
+        luigid.wait()
+    # 0, or not_run (25) for a worker whose remaining tasks the other one ran
+    assert all(w.returncode in (0, 25) for w in workers), outputs
+    extracted = [name for out in outputs for name in re.findall(r"\] (shard-\S+): \d+ rows", out)]
+    plan = json.loads(next(workdir.glob("features/*/plans/*.json")).read_text())
+    expected = [s["name"] for s in plan["shards"] if s["split"] == "train"]
+    assert sorted(extracted) == sorted(expected)                       # every shard exactly once
+    # [resources] gpu = 1 on luigid: two extractions never overlapped, across both workers
+    intervals = sorted((t["finished"] - t["seconds"], t["finished"])
+                       for p in (workdir / "runs").glob("*.json") for t in json.loads(p.read_text())["tasks"]
+                       if t["family"] == "ExtractShard" and t["outcome"] == "ran")
+    assert len(intervals) == len(expected)
+    assert all(end <= next_start + 0.05 for (_, end), (next_start, _) in zip(intervals, intervals[1:]))
+    # the same features as one local worker computes
+    single = tmp_path / "single"
+    assert run_luigi("ExtractFeatures", "--split", "train", *args, workdir=single).returncode == 0
+    got, want = all_features(workdir), all_features(single)
+    assert sorted(got) == sorted(want)
+    for image_id in want:
+        np.testing.assert_array_equal(got[image_id], want[image_id])
