@@ -1,0 +1,133 @@
+"""Every bad input we handle, and what each gets — run end to end through `luigi --module tasks` as a user would.
+
+| input                                   | what happens                                              | exit |
+|-----------------------------------------|-----------------------------------------------------------|------|
+| annotation file: not JSON               | stops: file, line/column, "not valid JSON"                | 30   |
+| annotation file: not UTF-8              | stops: file, byte offset, "not UTF-8"                     | 30   |
+| annotation file: missing key            | stops: file, "missing key 'images'"                       | 30   |
+| annotation file: wrong type             | stops: file, "annotations[1].caption: expected a string"  | 30   |
+| duplicate ids, captions of unknown      | counted and listed in report.json and the log, skipped;   | 0    |
+| images, empty captions                  | every good image and caption kept                         |      |
+| image paths that are missing or not a   | listed as missing_image_file in report.json, skipped      | 0    |
+| file                                    |                                                           |      |
+| images: corrupt, truncated, zero-byte,  | skipped with their reason (shard, split index, log);      | 0    |
+| not an image, huge (bomb)               | every good image extracted                                |      |
+| images: CMYK, grayscale, 16-bit,        | load and are extracted                                    | 0    |
+| palette, RGBA, PNG/GIF named .jpg, EXIF |                                                           |      |
+| [encoder] weights: no such file         | stops: section, key, the path, the alternatives           | 35   |
+| zero or negative sizes in the config    | stops: config file, section, key, the rule, the fix       | 35   |
+| a non-number where a number belongs     | stops: section, key, "not a valid int"                    | 35   |
+"""
+import json
+
+import pytest
+
+from pipeline.images import load_image
+from storage import manifests
+from tests.badimages import REASON_KEYWORDS, make_bad_images
+from tests.conftest import TEST_CONFIG, run_luigi
+
+
+def coco_setup(tmp_path, images_dir, file_names, annotations_text=None, val_fraction=0):
+    """A COCO captions file over `file_names` in `images_dir` (one caption each) and a config using it."""
+    images = [{"id": i + 1, "file_name": name} for i, name in enumerate(file_names)]
+    captions = [{"id": 100 + i, "image_id": i + 1, "caption": f"Image number {i}."} for i in range(len(images))]
+    coco = tmp_path / "captions.json"
+    if annotations_text is None:
+        coco.write_text(json.dumps({"images": images, "annotations": captions}))
+    else:
+        coco.write_bytes(annotations_text)
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text(TEST_CONFIG.read_text().replace(
+        "[dataset]\nsource = demo", f"[dataset]\nsource = coco\nannotations = {coco}\nimages = {images_dir}\n"
+        f"val_fraction = {val_fraction}\ntest_fraction = 0"))
+    return coco, cfg
+
+
+BAD_ANNOTATION_FILES = {
+    "not JSON": (b'{"images": [', ["not valid JSON", "line 1"]),
+    "not UTF-8": (b'{"images": [], "annotations": [{"image_id": 1, "caption": "caf\xe9"}]}', ["not UTF-8", "offset"]),
+    "missing key": (b'{"annotations": []}', ["missing key 'images'"]),
+    "wrong type": (b'{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": '
+                   b'[{"image_id": 1, "caption": "ok"}, {"image_id": 1, "caption": ["x"]}]}',
+                   ["annotations[1].caption: expected a string"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ANNOTATION_FILES))
+def test_malformed_annotation_file_stops_naming_file_and_field(tmp_path, case):
+    content, needles = BAD_ANNOTATION_FILES[case]
+    coco, cfg = coco_setup(tmp_path, tmp_path, [], annotations_text=content)
+    run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w")
+    last = run.output.strip().splitlines()[-1]
+    assert run.returncode == 30
+    assert str(coco) in last and all(n in last for n in needles) and "Fix:" in last
+    assert not list((tmp_path / "w").glob("annotations/[!.]*"))               # nothing complete-looking
+
+
+def test_problems_in_annotations_are_counted_and_good_data_kept(tmp_path):
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (images_dir / name).write_bytes(b"jpeg bytes are not read at this stage")
+    data = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"},
+                       {"id": 2, "file_name": "c.jpg"}],                                  # duplicate image id
+            "annotations": [{"id": 1, "image_id": 1, "caption": "A good one."},
+                            {"id": 1, "image_id": 2, "caption": "Duplicate caption id."},
+                            {"id": 2, "image_id": 2, "caption": "Another good one."},
+                            {"id": 3, "image_id": 9, "caption": "Unknown image."},
+                            {"id": 4, "image_id": 1, "caption": "  ...  "}]}               # empty when normalised
+    coco, cfg = coco_setup(tmp_path, images_dir, [], annotations_text=json.dumps(data).encode())
+    run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w")
+    assert run.returncode == 0, run.output
+    report = json.loads(next((tmp_path / "w").glob("annotations/*/report.json")).read_text())
+    assert {k: v for k, v in report["problem_counts"].items() if v} == {
+        "duplicate_image_id": 1, "duplicate_caption_id": 1, "caption_for_unknown_image": 1, "empty_caption": 1}
+    for kind in ("duplicate_image_id", "caption_for_unknown_image", "empty_caption"):
+        assert kind in run.output                                               # and in the log
+    train = manifests.read_manifest(next((tmp_path / "w").glob("annotations/*/train.jsonl")))
+    assert {r["image_id"]: r["captions"] for r in train} == {1: ["a good one"], 2: ["another good one"]}
+
+
+def test_bad_images_are_skipped_with_reasons_and_good_ones_extracted(tmp_path):
+    corpus = make_bad_images(tmp_path / "images")
+    names = sorted(corpus)
+    files = [corpus[n][0].split("/images/", 1)[1] for n in names]
+    coco, cfg = coco_setup(tmp_path, tmp_path / "images", files)
+    run = run_luigi("ExtractFeatures", "--split", "train", config=cfg, workdir=tmp_path / "w")
+    assert run.returncode == 0, run.output
+    index = json.loads(next((tmp_path / "w").glob("features/*/splits/*/train.json")).read_text())
+    ids = {n: str(i + 1) for i, n in enumerate(names)}
+    assert all(ids[n] in index["images"] for n in names if corpus[n][1])        # no good image lost
+    for name, keyword in REASON_KEYWORDS.items():
+        if name in ("missing_jpg", "directory_jpg"):      # not a file: ExtractAnnotations reports them
+            continue
+        assert keyword in index["skipped"][ids[name]]["reason"].lower(), name
+        assert index["skipped"][ids[name]]["reason"] in run.output             # and the log says why
+    report = json.loads(next((tmp_path / "w").glob("annotations/*/report.json")).read_text())
+    assert sorted(p["path"] for p in report["problems"]["missing_image_file"]) == ["missing.jpg", "x.jpg"]
+    assert sum(1 for n in names if corpus[n][1]) == len(index["images"])
+    for name in ("cmyk_jpeg", "gray16_png", "png_named_jpg", "palette_png"):   # odd but good: really decoded
+        assert load_image(corpus[name][0], 32).std() > 0
+
+
+BAD_SETTINGS = [
+    (("--encoder-weights", "/no/such/weights.h5"), ["[encoder] weights", "/no/such/weights.h5", "random:<seed>"]),
+    (("--features-shard-size", "0"), ["[features] shard_size = 0 must be at least 1"]),
+    (("--encoder-batch-size", "-4"), ["[encoder] batch_size = -4 must be at least 1"]),
+    (("--encoder-image-size", "0"), ["[encoder] image_size = 0 must be at least 75"]),
+    (("--demo-val-images", "0"), ["[demo] val_images = 0 must be at least 1"]),
+    (("--training-epochs", "0"), ["[training] epochs = 0 must be at least 1"]),
+    (("--decoder-units", "-1"), ["[decoder] units = -1 must be at least 1"]),
+    (("--generation-beam-size", "0"), ["[generation] beam_size = 0 must be at least 1"]),
+    (("--training-batch-size", "lots"), ["[training] batch_size: not a valid int"]),
+]
+
+
+@pytest.mark.parametrize("flags, needles", BAD_SETTINGS, ids=[f[0] for f, _ in BAD_SETTINGS])
+def test_bad_settings_stop_before_any_work(tmp_path, flags, needles):
+    run = run_luigi("EvaluateCaptions", *flags, workdir=tmp_path / "w")
+    last = run.output.strip().splitlines()[-1]
+    assert run.returncode == 35, run.output[-2000:]
+    assert all(n in last for n in needles), last
+    assert not (tmp_path / "w" / "demo").exists()                               # nothing ran
