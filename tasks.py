@@ -1,7 +1,12 @@
 """Luigi wiring only: configuration sections, and tasks made of requires / output / run.
 
-    luigi --module tasks BuildVocabulary                              # demo (configs/luigi.cfg)
-    LUIGI_CONFIG_PATH=configs/coco2014.cfg luigi --module tasks BuildVocabulary
+    luigi --module tasks TrainDecoder                                 # demo (configs/luigi.cfg)
+    luigi --module tasks EvaluateCaptions --split test
+    LUIGI_CONFIG_PATH=configs/coco2014.cfg luigi --module tasks TrainDecoder
+
+MakeDemoDataset → ExtractAnnotations → BuildVocabulary ─┐
+                                     └→ PlanShards → ExtractShard × n → ExtractFeatures(split) ─┴→ TrainDecoder
+TrainDecoder + ExtractFeatures(split) → GenerateCaptions(split) → EvaluateCaptions(split)
 
 Each task's output is `<workspace>/<stage>/<fingerprint>`, where the fingerprint hashes the task's significant
 settings and every upstream fingerprint (storage/workspace.py). Each run() calls one pipeline function inside
@@ -535,6 +540,7 @@ def section_values(section) -> dict:
 class TrainDecoder(Stage):
     """Train the decoder on the train split's features: models/<fp>/ (checkpoints in checkpoints/<fp>/)."""
     stage = "models"
+    version = 2   # 2: features standardised with train-set statistics inside the model
 
     def requires(self):
         return {"vocabulary": BuildVocabulary(), "train": ExtractFeatures(split="train"),

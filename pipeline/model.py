@@ -3,7 +3,8 @@
 Shapes: B batch, P positions (64), D encoder channels (2048), F projected feature size, A attention size,
 H recurrent units, E word embedding size, V vocabulary, T caption steps.
 
-    a = relu(W_a features)                  (B, P, F)  projected once per sequence
+    x = (features − μ) / σ                  (B, P, D)  per-channel statistics of the training features
+    a = relu(W_a x)                         (B, P, F)  projected once per sequence
     k = U a                                 (B, P, A)  attention keys, also once per sequence
     h0, c0 = tanh(W_h mean(a)), tanh(W_c mean(a))
     step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state
@@ -24,10 +25,12 @@ class ShowAttendTell(keras.Model):
     """Call: (features (B, P, D) float, words_in (B, T) int) → (logits (B, T, V), alphas (B, T, P))."""
 
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
-                 units: int = 512, dropout: float = 0.5, cell: str = "lstm", **kwargs):
+                 units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
+                 **kwargs):
         super().__init__(**kwargs)
         self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
-                           embed_dim=embed_dim, units=units, dropout=dropout, cell=cell)
+                           embed_dim=embed_dim, units=units, dropout=dropout, cell=cell,
+                           feature_channels=feature_channels)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
         self.units, self.cell_kind = units, cell
@@ -44,6 +47,12 @@ class ShowAttendTell(keras.Model):
         self.out_z = keras.layers.Dense(embed_dim, use_bias=False, name="deep_out_z")
         self.drop = keras.layers.Dropout(dropout)
         self.logits = keras.layers.Dense(vocab_size, name="logits")
+        # Per-channel statistics of the training features (set by pipeline/train.py before training, saved
+        # with the weights): standardising makes the small image-to-image differences of the features visible.
+        self.feature_mean = self.add_weight(shape=(feature_channels,), initializer="zeros", trainable=False,
+                                            name="feature_mean")
+        self.feature_std = self.add_weight(shape=(feature_channels,), initializer="ones", trainable=False,
+                                           name="feature_std")
 
     def get_config(self):
         return dict(self.config)
@@ -56,6 +65,7 @@ class ShowAttendTell(keras.Model):
 
     def encode(self, features):
         """features (B, P, D) → (a (B, P, F), keys (B, P, A), initial state [h, c] or [h])."""
+        features = (tf.cast(features, tf.float32) - self.feature_mean) / self.feature_std
         a = self.project(tf.cast(features, self.compute_dtype))
         mean = tf.reduce_mean(a, axis=1)
         state = [self.init_h(mean), self.init_c(mean)] if self.cell_kind == "lstm" else [self.init_h(mean)]

@@ -155,9 +155,27 @@ def make_strategy(kind: str = "auto"):
     return tf.distribute.get_strategy()
 
 
-def build_model(vocab_size: int, settings: dict):
+def build_model(vocab_size: int, settings: dict, channels: int = 2048):
     from pipeline.model import ShowAttendTell
-    return ShowAttendTell(vocab_size, **{k: settings[k] for k in DECODER_KEYS})
+    return ShowAttendTell(vocab_size, feature_channels=channels, **{k: settings[k] for k in DECODER_KEYS})
+
+
+def feature_statistics(by_shard, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (D,) over every position of every indexed image: one
+    streaming pass of contiguous block reads."""
+    total = total_sq = None
+    count = 0
+    for path, rows in by_shard.items():
+        with h5py.File(path, "r") as f:
+            for start, stop, members in blocks(rows, block_rows):
+                block = f["features"][start:stop][[row - start for row, _ in members]].astype(np.float64)
+                flat = block.reshape(-1, block.shape[-1])
+                total = flat.sum(0) if total is None else total + flat.sum(0)
+                total_sq = (flat ** 2).sum(0) if total_sq is None else total_sq + (flat ** 2).sum(0)
+                count += len(flat)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
 
 
 def make_optimizer(settings: dict, steps_per_epoch: int):
@@ -233,7 +251,7 @@ def train_decoder(outdir, checkpoint_dir, store_dir, train_index: dict, val_inde
     strategy = make_strategy(settings["strategy"])
     log.info("strategy %s over %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
     with strategy.scope():
-        model = build_model(len(vocab), settings)
+        model = build_model(len(vocab), settings, channels)
         model(tf.zeros((1, positions, channels), tf.float16), tf.zeros((1, 1), tf.int32))   # create variables
         optimizer = make_optimizer(settings, steps_per_epoch)
         optimizer.build(model.trainable_variables)
@@ -252,6 +270,10 @@ def train_decoder(outdir, checkpoint_dir, store_dir, train_index: dict, val_inde
                  manager.latest_checkpoint, int(counters["epoch"].numpy()) + 1, int(counters["step"].numpy()),
                  int(counters["step_in_epoch"].numpy()), float(counters["best"].numpy()))
 
+    if not manager.latest_checkpoint:   # a resumed run restored them with the checkpoint
+        mean, std = feature_statistics(train_rows, settings["block_rows"])
+        model.feature_mean.assign(mean)
+        model.feature_std.assign(std)
     train_step = make_train_step(model, optimizer, strategy, settings)
     best_weights = checkpoint_dir / "best.weights.h5"
     total_steps = steps_per_epoch * settings["epochs"]

@@ -21,7 +21,7 @@ def bigram_model(transitions: np.ndarray) -> ShowAttendTell:
     """A decoder whose next-word distribution depends only on the previous word: embedding = identity,
     deep-output contributions of h and z = 0, logits = log transitions[previous word]."""
     v = len(transitions)
-    model = ShowAttendTell(v, feature_dim=4, attention_dim=4, embed_dim=v, units=4, dropout=0.0)
+    model = ShowAttendTell(v, feature_dim=4, attention_dim=4, embed_dim=v, units=4, dropout=0.0, feature_channels=8)
     model(tf.zeros((1, 4, 8)), tf.zeros((1, 1), tf.int32))
     model.embed.embeddings.assign(np.eye(v, dtype=np.float32))
     model.out_h.kernel.assign(np.zeros_like(model.out_h.kernel.numpy()))
@@ -54,7 +54,8 @@ def test_beam_search_finds_the_best_sequence_that_greedy_misses():
 
 def test_beam_one_is_exactly_greedy():
     tf.keras.utils.set_random_seed(4)
-    model = ShowAttendTell(30, feature_dim=16, attention_dim=8, embed_dim=8, units=12, dropout=0.0)
+    model = ShowAttendTell(30, feature_dim=16, attention_dim=8, embed_dim=8, units=12, dropout=0.0,
+                           feature_channels=20)
     features = tf.random.stateless_normal((6, 10, 20), seed=(7, 8))
     model(features, tf.zeros((6, 1), tf.int32))
     greedy_tokens, greedy_alphas = greedy_fn(model, 12, 1, 2, unk_id=3)(features)

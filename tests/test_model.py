@@ -11,7 +11,8 @@ P, D, V = 16, 32, 12
 
 
 def small_model(cell="lstm", dropout=0.0):
-    model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell)
+    model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell,
+                           feature_channels=D)
     model(tf.zeros((1, P, D)), tf.zeros((1, 1), tf.int32))
     return model
 

@@ -52,6 +52,14 @@ def test_every_pair_exactly_once_per_epoch_deterministic_per_epoch(tmp_path):
     assert collections.Counter(second) == expected and second != first      # reshuffled across epochs
 
 
+def test_feature_statistics_match_numpy(tmp_path):
+    store, index, captions = make_store(tmp_path)
+    mean, std = train_lib.feature_statistics(train_lib.shard_rows(store, index), block_rows=3)
+    values = np.array([float(i) for i in index["images"]])                 # every feature of image i equals i
+    np.testing.assert_allclose(mean, np.full(8, values.mean()), rtol=1e-6)
+    np.testing.assert_allclose(std, np.full(8, values.std()), rtol=1e-5)
+
+
 def test_blocks_are_contiguous_and_bounded():
     rows = [(0, 10), (1, 11), (2, 12), (5, 13), (9, 14), (10, 15)]
     assert train_lib.blocks(rows, 4) == [(0, 3, rows[:3]), (5, 6, rows[3:4]), (9, 11, rows[4:])]
