@@ -558,6 +558,12 @@ class TrainDecoder(Stage):
             indexes = [manifests.read_json(self.input()[s].path) for s in ("train", "val")]
             for name in features_lib.quarantine_damaged(store_dir(), indexes):
                 extract_planned_shard(features_lib.plan_of(name), name, self.report_progress)
+                stale = features_lib.rows_changed(store_dir(), name, indexes)
+                if stale:   # an image decodes differently now: the split indexes must be rebuilt first
+                    for split in ("train", "val"):
+                        Path(self.input()[split].path).unlink(missing_ok=True)
+                    raise InputError(f"re-extracted {name}, but {stale} of its images moved to other rows (an "
+                                     "image file changed since). The split indexes were removed. Fix: rerun.")
         root = ws.workspace_root(workspace.read().root)
         train_index = manifests.read_json(self.input()["train"].path)
         provenance = {"store": store_dir().name, "encoder": store_settings(), "positions": len_positions(),
@@ -595,6 +601,11 @@ class GenerateCaptions(Stage):
         from pipeline import decode
         g = generation.read()
         model_dir = g.model or self.input()["model"].path
+        trained_on = manifests.read_json(Path(model_dir) / "features.json")["store"]
+        if trained_on != store_dir().name:
+            raise InputError(f"[generation] model = {model_dir} was trained on features of encoder {trained_on}, "
+                             f"but this config's encoder is {store_dir().name}. Fix: use the [encoder] settings "
+                             "the model was trained with, or a model trained on this encoder.")
         index = manifests.read_json(self.input()["features"].path)
         results, ids, tokens, attention = decode.generate(
             model_dir, train_lib.shard_rows(store_dir(), index), g.beam_size, g.max_length, g.length_penalty,
@@ -713,13 +724,19 @@ def collate_run(events_path: Path) -> dict:
 @atexit.register
 def _at_exit():
     """Write the run record, then repeat why we failed after Luigi's summary, where a cron mail shows it."""
-    if os.getpid() == _RUN["pid"]:
-        try:
-            events = _events_file()
-            if events.exists():
-                ws.write_json(events.with_name(f"{_RUN['id']}.json"), collate_run(events))
-                events.unlink()
-        except Exception as e:
-            print(f"captioner: could not write the run record: {e}", file=sys.stderr)
-    for line in dict.fromkeys(_failures):
+    if os.getpid() != _RUN["pid"]:   # a forked worker: the main process reports
+        return
+    failures = list(_failures)
+    try:
+        events = _events_file()
+        if events.exists():
+            record = collate_run(events)
+            ws.write_json(events.with_name(f"{_RUN['id']}.json"), record)
+            events.unlink()
+            # tasks that failed in forked workers (--workers N) are only known from their events
+            failures += [f"{t['family']} failed: {t['error'].split(': ', 1)[-1]}" for t in record["tasks"]
+                         if t["outcome"] == "failed"]
+    except Exception as e:
+        print(f"captioner: could not write the run record: {e}", file=sys.stderr)
+    for line in dict.fromkeys(failures):
         print(f"captioner: ERROR: {line}", file=sys.stderr)

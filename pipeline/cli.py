@@ -120,8 +120,9 @@ def verify(directory: Path | None) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A model directory (work/models/<fp>).")
-@click.option("--beam", default=3, show_default=True, help="Beam size; 1 is greedy.")
-@click.option("--max-length", default=20, show_default=True, help="Maximum words, <end> included.")
+@click.option("--beam", default=3, show_default=True, type=click.IntRange(min=1), help="Beam size; 1 is greedy.")
+@click.option("--max-length", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Maximum words, <end> included.")
 @click.option("--weights", type=click.Path(path_type=Path),
               help="InceptionV3 weights file, when it moved since training (checked by sha256).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
@@ -131,34 +132,31 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
             as_json: bool) -> None:
     """Caption new IMAGES with the encoder recorded in the model's provenance. Unreadable images get a message
     and exit code 1; the others are still captioned."""
-    import numpy as np
-
     from pipeline import decode, features, plots
-    from pipeline.images import ImageError, load_for_display, load_image
+    from pipeline.images import iter_batches, load_for_display
     from pipeline.train import load_model
 
     model, vocab, provenance = load_model(model_dir)
     identity = _training_encoder(provenance, weights)
     size = provenance["encoder"]["image_size"]
-    good, results = [], []
-    for path in images:
-        try:
-            good.append((path, load_image(path, size)))
-        except ImageError as e:
-            results.append({"image": str(path), "error": str(e)})
-            click.echo(f"captioner: {path}: {e}", err=True)
-    if good:
-        feats = features.encoder_forward(identity, size)(np.stack([pixels for _, pixels in good]))
-        start, end, unk = vocab.index["<start>"], vocab.index["<end>"], vocab.index["<unk>"]
-        decoder = (decode.greedy_fn(model, max_length, start, end, unk) if beam == 1
-                   else decode.beam_fn(model, beam, max_length, start, end, unk))
-        tokens, alphas = decoder(feats)[:2]
-        for k, ((path, _), row) in enumerate(zip(good, tokens.numpy())):
-            text = vocab.decode(row)
-            results.append({"image": str(path), "caption": text})
+    forward = features.encoder_forward(identity, size)
+    start, end, unk = vocab.index["<start>"], vocab.index["<end>"], vocab.index["<unk>"]
+    decoder = (decode.greedy_fn(model, max_length, start, end, unk) if beam == 1
+               else decode.beam_fn(model, beam, max_length, start, end, unk))
+    results, done = [], 0
+    for keys, batch, failures in iter_batches([(str(p), str(p)) for p in images], size, batch_size=16):
+        for key, _, reason in failures:
+            results.append({"image": key, "error": reason})
+            click.echo(f"captioner: {key}: {reason}", err=True)
+        if not len(keys):
+            continue
+        tokens, alphas = decoder(forward(batch))[:2]
+        for path, row, alpha in zip(keys, tokens.numpy(), alphas.numpy()):
+            done += 1
+            results.append({"image": path, "caption": vocab.decode(row)})
             if plot:
-                out = plot if len(good) == 1 else plot.with_name(f"{plot.stem}-{k + 1}{plot.suffix}")
-                plots.attention_grid(load_for_display(path, 640), text.split(), alphas[k].numpy(), out)
+                out = plot if len(images) == 1 else plot.with_name(f"{plot.stem}-{done}{plot.suffix}")
+                plots.attention_grid(load_for_display(path, 640), results[-1]["caption"].split(), alpha, out)
                 results[-1]["plot"] = str(out)
     order = {str(p): i for i, p in enumerate(images)}
     results.sort(key=lambda r: order[r["image"]])

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-_compiled: dict = {}
+def _cache(model) -> dict:
+    """Compiled decoders of `model`, kept on the model (they close over it)."""
+    if not hasattr(model, "_captioner_decoders"):
+        object.__setattr__(model, "_captioner_decoders", {})   # not a Keras-tracked attribute
+    return model._captioner_decoders
 
 
 def greedy_fn(model, max_length: int, start_id: int, end_id: int, unk_id: int | None = None):
     """A compiled greedy decoder for `model`: features (B, P, D) → (tokens (B, L), alphas (B, L, P)).
     With `unk_id`, <unk> is never chosen."""
-    key = ("greedy", id(model), max_length, start_id, end_id, unk_id)
-    if key in _compiled:
-        return _compiled[key]
+    key = ("greedy", max_length, start_id, end_id, unk_id)
+    if key in _cache(model):
+        return _cache(model)[key]
 
     @tf.function(reduce_retracing=True)
     def decode(features):
@@ -47,7 +51,7 @@ def greedy_fn(model, max_length: int, start_id: int, end_id: int, unk_id: int | 
         pad = max_length - t       # the loop may stop early: pad to a fixed width
         return (tf.pad(tokens, [[0, 0], [0, pad]]), tf.pad(alphas, [[0, 0], [0, pad], [0, 0]]))
 
-    _compiled[key] = decode
+    _cache(model)[key] = decode
     return decode
 
 
@@ -59,9 +63,9 @@ def beam_fn(model, beam_size: int, max_length: int, start_id: int, end_id: int, 
     <pad> at no cost, so it keeps its score; the loop stops when every hypothesis has finished or at
     max_length. The winner maximises log-probability / length^length_penalty (length counts <end>);
     beam_size 1 is exactly greedy decoding."""
-    key = ("beam", id(model), beam_size, max_length, start_id, end_id, unk_id, length_penalty)
-    if key in _compiled:
-        return _compiled[key]
+    key = ("beam", beam_size, max_length, start_id, end_id, unk_id, length_penalty)
+    if key in _cache(model):
+        return _cache(model)[key]
     k = beam_size
 
     @tf.function(reduce_retracing=True)
@@ -117,7 +121,7 @@ def beam_fn(model, beam_size: int, max_length: int, start_id: int, end_id: int, 
         return (tf.pad(tokens, [[0, 0], [0, pad]]), tf.pad(alphas, [[0, 0], [0, pad], [0, 0]]),
                 tf.gather(normalised, best, batch_dims=1))
 
-    _compiled[key] = decode
+    _cache(model)[key] = decode
     return decode
 
 

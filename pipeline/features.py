@@ -182,6 +182,13 @@ def quarantine_damaged(store_dir, indexes: list[dict]) -> list[str]:
     return damaged
 
 
+def rows_changed(store_dir, shard_name: str, indexes: list[dict]) -> int:
+    """How many images the split indexes place in `shard_name` at a row that now holds another image."""
+    ids, _ = shards.read_ids(Path(store_dir) / f"{shard_name}.h5")
+    return sum(1 for index in indexes for image_id, (shard, row) in index["images"].items()
+               if shard == shard_name and (row >= len(ids) or int(ids[row]) != int(image_id)))
+
+
 def plan_of(shard_name: str) -> str:
     """'shard-<plan>-<split>-<k>' → '<plan>' (plans named repair-<fp> contain a dash too)."""
     return shard_name[len("shard-"):].rsplit("-", 2)[0]

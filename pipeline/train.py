@@ -16,6 +16,8 @@ better CIDEr-D.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -26,6 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.errors import InputError
 from pipeline.progress import format_seconds
 from pipeline.vocabulary import Vocabulary
 from storage import manifests
@@ -225,16 +228,45 @@ def train_decoder(outdir, checkpoint_dir, store_dir, train_index: dict, val_inde
                   vocab_path, settings: dict, provenance: dict | None = None, progress_callback=None) -> dict:
     """Train (or resume) and write the model directory `outdir`. Returns the history."""
     import keras
-    import tensorflow as tf
 
     settings = {**DEFAULTS, **settings}
-    vocab = Vocabulary.load(vocab_path)
+    if not val_index["images"]:
+        raise InputError("the val split has no images with features, and training validates on it. "
+                         "Fix: set [dataset] val_fraction above 0 (or use a split file with val images).")
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    if settings["cpu_devices"] > 1:
-        split_cpu(settings["cpu_devices"])
-    if settings["mixed_precision"]:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    with exclusive_lock(checkpoint_dir / ".lock"):
+        if settings["cpu_devices"] > 1:
+            split_cpu(settings["cpu_devices"])
+        policy = keras.mixed_precision.global_policy()
+        if settings["mixed_precision"]:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            return _train(outdir, checkpoint_dir, store_dir, train_index, val_index, annotations_dir, vocab_path,
+                          settings, provenance, progress_callback)
+        finally:   # later work in this process (feature extraction) must not inherit float16 compute
+            keras.mixed_precision.set_global_policy(policy)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Hold an exclusive lock on `path` (fcntl, released when the process dies): two overlapping runs that
+    train the same model would otherwise interleave their checkpoints."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{path.parent}: another process is training this model right now "
+                             "(it holds the lock). Fix: let it finish; a rerun afterwards finds its output.") from None
+        yield
+
+
+def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, annotations_dir, vocab_path,
+           settings: dict, provenance, progress_callback) -> list:
+    import keras
+    import tensorflow as tf
+
+    vocab = Vocabulary.load(vocab_path)
     keras.utils.set_random_seed(settings["seed"])
 
     train_rows, val_rows = shard_rows(store_dir, train_index), shard_rows(store_dir, val_index)
@@ -266,6 +298,7 @@ def train_decoder(outdir, checkpoint_dir, store_dir, train_index: dict, val_inde
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         history = json.loads(history_path.read_text()) if history_path.exists() else []
+        history = history[:int(counters["epoch"].numpy())]   # epochs after the checkpoint are trained again
         log.info("resuming from checkpoint %s: epoch %d, step %d (%d into the epoch), best CIDEr-D %.4f",
                  manager.latest_checkpoint, int(counters["epoch"].numpy()) + 1, int(counters["step"].numpy()),
                  int(counters["step_in_epoch"].numpy()), float(counters["best"].numpy()))
@@ -319,8 +352,8 @@ def train_decoder(outdir, checkpoint_dir, store_dir, train_index: dict, val_inde
                  scores["CIDEr"], " (best)" if improved else "", seconds, history[-1]["captions_per_second"])
         counters["epoch"].assign_add(1)
         counters["step_in_epoch"].assign(0)
-        write_json(history_path, history)
         manager.save(checkpoint_number=counters["step"])
+        write_json(history_path, history)
     if int(counters["bad_epochs"].numpy()) >= settings["patience"]:
         log.info("early stop: no better val CIDEr-D for %d epochs", settings["patience"])
 
@@ -391,6 +424,6 @@ def load_model(model_dir):
     model = ShowAttendTell(**config)
     provenance = manifests.read_json(model_dir / "features.json")
     positions = provenance.get("positions", 64)
-    model(tf.zeros((1, positions, 2048), tf.float16), tf.zeros((1, 1), tf.int32))
+    model(tf.zeros((1, positions, config["feature_channels"]), tf.float16), tf.zeros((1, 1), tf.int32))
     model.load_weights(str(model_dir / "decoder.weights.h5"))
     return model, Vocabulary.load(model_dir / "vocab.json"), provenance

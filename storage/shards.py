@@ -48,12 +48,16 @@ class ShardWriter:
         self.attrs = attrs
         self._atomic = atomic_file(self.path)
         self._tmp = self._atomic.__enter__()
-        # v110: compact chunk indexes (~50 bytes per image instead of ~100), readable by HDF5 >= 1.10 (2017)
-        self._file = h5py.File(self._tmp, "w", libver=("v110", "latest"))
-        options = {"compression": compression} if compression else {}
-        self._features = self._file.create_dataset(
-            "features", shape=(0, positions, channels), maxshape=(None, positions, channels),
-            dtype=np.float16, chunks=(1, positions, channels), fletcher32=True, **options)
+        try:
+            # v110: compact chunk indexes (~50 bytes per image instead of ~100), readable by HDF5 >= 1.10
+            self._file = h5py.File(self._tmp, "w", libver=("v110", "latest"))
+            options = {"compression": compression} if compression else {}
+            self._features = self._file.create_dataset(
+                "features", shape=(0, positions, channels), maxshape=(None, positions, channels),
+                dtype=np.float16, chunks=(1, positions, channels), fletcher32=True, **options)
+        except BaseException as e:
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
         self._ids, self._paths, self._skipped = [], [], []
         self._digest = hashlib.sha256()
 
@@ -245,8 +249,9 @@ def write_attention(path, image_ids, paths, tokens, attention, attrs: dict) -> N
             f.create_dataset("image_ids", data=np.asarray(image_ids, np.int64))
             f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STRING)
             f.create_dataset("tokens", data=np.asarray(tokens, np.int32))
-            f.create_dataset("attention", data=np.asarray(attention, np.float16), compression="gzip",
-                             chunks=(1,) + tuple(np.shape(attention)[1:]))
+            attention = np.asarray(attention, np.float16)
+            f.create_dataset("attention", data=attention, compression="gzip" if len(attention) else None,
+                             chunks=(1,) + attention.shape[1:] if len(attention) else None)
             for key, value in attrs.items():
                 f.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
 

@@ -122,7 +122,12 @@ def atomic_dir(final: str | os.PathLike):
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp)   # an overlapping run finished the same output first: same settings, keep it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

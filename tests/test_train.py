@@ -109,3 +109,21 @@ def test_training_under_a_two_device_strategy(tmp_path):
     assert "MirroredStrategy over 2 replica(s)" in run.output
     history = json.loads(next(workdir.glob("models/*/history.json")).read_text())
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
+
+
+def test_two_runs_never_train_the_same_model_at_once(tmp_path):
+    from pipeline.errors import InputError
+    import pytest
+    with train_lib.exclusive_lock(tmp_path / ".lock"):
+        with pytest.raises(InputError, match="another process is training this model"):
+            with train_lib.exclusive_lock(tmp_path / ".lock"):
+                pass
+    with train_lib.exclusive_lock(tmp_path / ".lock"):     # released after the first run
+        pass
+
+
+def test_an_empty_split_still_writes_a_valid_attention_file(tmp_path):
+    shards.write_attention(tmp_path / "a.h5", [], [], np.zeros((0, 5), np.int32), np.zeros((0, 5, 64)), {})
+    import h5py
+    with h5py.File(tmp_path / "a.h5") as f:
+        assert f["attention"].shape == (0, 5, 64)
