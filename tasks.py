@@ -263,7 +263,15 @@ class evaluation(Section):
 
 # ------------------------------------------------------------------------------------------------- tasks
 
-class Stage(luigi.Task):
+class ReportsProgress:
+    """Forwards pipeline.progress callbacks to Luigi's progress percentage and status message."""
+
+    def report_progress(self, percent: int, message: str) -> None:
+        self.set_progress_percentage(percent)
+        self.set_status_message(message)
+
+
+class Stage(ReportsProgress, luigi.Task):
     """A task whose output is the directory <workspace>/<stage>/<fingerprint>."""
     stage = ""
     version = 1   # bump when a stage's code changes what it writes
@@ -293,10 +301,6 @@ class Stage(luigi.Task):
     def output(self):
         root = ws.workspace_root(workspace.read().root)
         return luigi.LocalTarget(str(root / self.stage / self.fingerprint()))
-
-    def report_progress(self, percent: int, message: str) -> None:
-        self.set_progress_percentage(percent)
-        self.set_status_message(message)
 
     @contextlib.contextmanager
     def atomic_output(self):
@@ -447,7 +451,7 @@ class ShardTarget(luigi.LocalTarget):
         return super().exists() and not shards.check_shard(self.path)
 
 
-class ExtractShard(luigi.Task):
+class ExtractShard(ReportsProgress, luigi.Task):
     """One shard of a plan: features/<encoder-fp>/<shard>.h5. One GPU task at a time per host."""
     plan = luigi.Parameter()
     shard = luigi.Parameter()
@@ -458,10 +462,6 @@ class ExtractShard(luigi.Task):
 
     def run(self):
         self.counts = extract_planned_shard(self.plan, self.shard, self.report_progress)
-
-    def report_progress(self, percent: int, message: str) -> None:
-        self.set_progress_percentage(percent)
-        self.set_status_message(message)
 
 
 def extract_planned_shard(plan_name: str, shard: str, progress_callback) -> dict:

@@ -29,21 +29,29 @@ log = logging.getLogger("captioner")
 _encoders: dict = {}   # (weights identity, image size) → compiled forward function, one per worker process
 
 
-def images_to_extract(annotations_dir, store_dir, split: str) -> tuple[list, dict]:
-    """Images of `split` that the store neither holds nor records as undecodable: ([[id, root, path]], counts).
-    Images of shards that fail their check count as absent, so they are extracted again."""
+def classify_split(annotations_dir, store_dir, split: str) -> dict:
+    """Sort the images of `split` by what the store has for them: {"stored": {id: (shard, row)},
+    "undecodable": {id: (record, shard, reason)}, "missing": [record], "bad": [damaged shard paths]}.
+    Images of shards that fail their quick check count as missing, so they are extracted again."""
     rows, skipped, bad = shards.store_contents(store_dir)
-    for path in bad:
-        log.warning("store: %s fails its check and is not used; its images are extracted again", path.name)
-    todo, counts = [], {"stored": 0, "undecodable": 0}
+    out = {"stored": {}, "undecodable": {}, "missing": [], "bad": bad}
     for r in manifests.read_manifest(manifests.manifest_path(annotations_dir, split)):
         if r["image_id"] in rows:
-            counts["stored"] += 1
+            out["stored"][r["image_id"]] = rows[r["image_id"]]
         elif r["image_id"] in skipped:
-            counts["undecodable"] += 1
+            out["undecodable"][r["image_id"]] = (r, *skipped[r["image_id"]])
         else:
-            todo.append([r["image_id"], r["root"], r["path"]])
-    return todo, counts
+            out["missing"].append(r)
+    return out
+
+
+def images_to_extract(annotations_dir, store_dir, split: str) -> tuple[list, dict]:
+    """Images of `split` that the store neither holds nor records as undecodable: ([[id, root, path]], counts)."""
+    found = classify_split(annotations_dir, store_dir, split)
+    for path in found["bad"]:
+        log.warning("store: %s fails its check and is not used; its images are extracted again", path.name)
+    todo = [[r["image_id"], r["root"], r["path"]] for r in found["missing"]]
+    return todo, {"stored": len(found["stored"]), "undecodable": len(found["undecodable"])}
 
 
 def plan_shards(plan_name: str, todo_by_split: dict, shard_size: int) -> dict:
@@ -142,20 +150,14 @@ def _write_shard(out_path, items, forward, image_size, batch_size, workers, posi
 def index_split(annotations_dir, store_dir, split: str) -> dict:
     """{image_id: [shard, row]} for every image of `split`, plus its skipped images with reasons.
     Raises InputError when an image is neither stored nor skipped (a shard is missing or damaged)."""
-    rows, skipped, bad = shards.store_contents(store_dir)
-    index, skipped_here, missing = {}, {}, []
-    for r in manifests.read_manifest(manifests.manifest_path(annotations_dir, split)):
-        image_id = r["image_id"]
-        if image_id in rows:
-            index[str(image_id)] = list(rows[image_id])
-        elif image_id in skipped:
-            skipped_here[str(image_id)] = {"path": r["path"], "shard": skipped[image_id][0],
-                                           "reason": skipped[image_id][1]}
-        else:
-            missing.append(image_id)
+    found = classify_split(annotations_dir, store_dir, split)
+    index = {str(i): list(place) for i, place in found["stored"].items()}
+    skipped_here = {str(i): {"path": r["path"], "shard": shard, "reason": reason}
+                    for i, (r, shard, reason) in found["undecodable"].items()}
+    missing = [r["image_id"] for r in found["missing"]]
     if missing:
         raise InputError(f"{store_dir}: {len(missing)} images of split {split} have no features "
-                         f"(first: {missing[:5]}; damaged shards: {[p.name for p in bad]}). "
+                         f"(first: {missing[:5]}; damaged shards: {[p.name for p in found['bad']]}). "
                          "Fix: rerun the pipeline; it re-extracts missing or damaged shards.")
     if skipped_here:
         log.warning("split %s: %d images could not be decoded and are left out (reasons in the index and "

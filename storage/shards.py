@@ -182,14 +182,14 @@ def read_rows(path, start: int, stop: int) -> np.ndarray:
         return f["features"][start:stop]
 
 
-def store_contents(store_dir, check: bool = True) -> tuple[dict, dict, list]:
+def store_contents(store_dir) -> tuple[dict, dict, list]:
     """What a store holds: ({image_id: (shard name, row)}, {image_id: (shard name, reason)}, bad shards).
 
     Shards failing the quick check are listed as bad and their images count as absent, so the pipeline
     re-extracts them. An image in two shards (two overlapping plans) resolves to the first shard by name."""
     rows, skipped, bad = {}, {}, []
     for path in list_shards(store_dir):
-        if check and check_shard(path):
+        if check_shard(path):
             bad.append(path)
             continue
         ids, _ = read_ids(path)
