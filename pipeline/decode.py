@@ -59,67 +59,125 @@ def beam_fn(model, beam_size: int, max_length: int, start_id: int, end_id: int, 
             length_penalty: float = 1.0):
     """A compiled batched beam search: features (B, P, D) → (tokens (B, L), alphas (B, L, P), scores (B,)).
 
-    All B×K hypotheses advance together in one tf.while_loop. A finished hypothesis only extends with
-    <pad> at no cost, so it keeps its score; the loop stops when every hypothesis has finished or at
-    max_length. The winner maximises log-probability / length^length_penalty (length counts <end>);
-    beam_size 1 is exactly greedy decoding."""
+    L = max_length. tokens int32 keep <end> and are 0 (<pad>) after it; alphas float32 are zero after the last
+    word; scores float32 are the winners' normalised log-probabilities, log p(words) / length^length_penalty,
+    where length counts the words including <end> (length_penalty 0: raw log-probability).
+
+    The search, per image, as in fairseq (K = beam_size):
+      * The active beam always holds K unfinished hypotheses of equal length t, so it is pruned by raw
+        log-probability. The first step expands only beam 0 (all K start identical: scores 0, -inf, ...).
+      * Each step ranks the K·V extensions and takes the top 2K. Those ending in <end> that rank within the top
+        K (i.e. would have won a beam place) leave the beam: they are finished, normalised by (t+1)^penalty and
+        the best one is kept per image. The best K candidates that do not end form the next active beam, so it
+        never shrinks (2K candidates hold at least K that do not end).
+      * An image stops searching (its finished set is frozen) as soon as
+          (a) K hypotheses have finished (fairseq's rule; this is what makes beam_size 1 exactly greedy
+              decoding for any length_penalty), or
+          (b) its best finished score can no longer be beaten: log-probabilities are <= 0, so a continuation of
+              an active hypothesis with raw score s ends with raw score <= s and length <= L, hence normalised
+              score <= s / L^penalty when penalty >= 0; stop when best finished >= max_active s / L^penalty.
+              This rule never changes the result, only saves steps (not used for a negative penalty), or
+          (c) no active hypothesis has a finite score.
+        The compiled loop ends when every image has stopped, or after L steps.
+      * Hypotheses still active after L steps (images that did not stop) join the finished set, normalised by
+        L^penalty (they have L words and no <end>). The winner is the best normalised finished hypothesis.
+    With `unk_id`, <unk> gets log-probability -inf (never chosen; the others are not renormalised).
+    All B×K hypotheses advance together in one tf.while_loop."""
     key = ("beam", beam_size, max_length, start_id, end_id, unk_id, length_penalty)
     if key in _cache(model):
         return _cache(model)[key]
     k = beam_size
+    if k < 1 or max_length < 1:
+        raise ValueError(f"beam_size and max_length must be >= 1, got {beam_size} and {max_length}")
+    vocab = model.config["vocab_size"]
+    n_cand = min(2 * k, k * vocab)
+    neg_inf = float("-inf")
+
+    def normalise(raw, length):
+        return raw / tf.pow(tf.cast(length, tf.float32), float(length_penalty))
 
     @tf.function(reduce_retracing=True)
     def decode(features):
         batch = tf.shape(features)[0]
-        vocab = model.config["vocab_size"]
         a, keys, state = model.encode(features)
-        tile = lambda x: tf.repeat(x, k, axis=0)                       # (B, ...) → (B·K, ...)
+        tile = lambda x: tf.repeat(x, k, axis=0)                       # (B, ...) → (B·K, ...), image-major
         a, keys, state = tile(a), tile(keys), [tile(s) for s in state]
-        ban = tf.zeros([vocab]) if unk_id is None else tf.one_hot(unk_id, vocab, on_value=-1e9, off_value=0.0)
-        # a finished hypothesis may only continue with <pad>, at log-probability 0
-        after_end = tf.one_hot(0, vocab, on_value=0.0, off_value=-1e9)
-        scores = tf.tile(tf.concat([[0.0], tf.fill([k - 1], -1e9)], 0)[None], [batch, 1])   # (B, K): beam 0 alive
-        words = tf.fill([batch * k], start_id)
-        done = tf.zeros([batch, k], tf.bool)
-        lengths = tf.zeros([batch, k], tf.float32)
-        tokens = tf.zeros([batch, k, 0], tf.int32)
-        alphas = tf.zeros([batch, k, 0, tf.shape(a)[1]], tf.float32)
+        positions = tf.shape(a)[1]
+        ban = tf.zeros([vocab]) if unk_id is None else tf.one_hot(unk_id, vocab, on_value=neg_inf, off_value=0.0)
+        image_rows = tf.range(batch)[:, None] * k                       # (B, 1): first row of each image
 
-        def body(t, words, done, lengths, scores, state, tokens, alphas):
+        # active beam: K unfinished hypotheses per image, with t words each (fixed-size buffers, zeros after t)
+        scores = tf.tile(tf.concat([[0.0], tf.fill([k - 1], neg_inf)], 0)[None], [batch, 1])   # (B, K)
+        words = tf.fill([batch * k], start_id)                          # (B·K,) previous word
+        tokens = tf.zeros([batch, k, max_length], tf.int32)
+        alphas = tf.zeros([batch, k, max_length, positions], tf.float32)
+        # finished set per image: its best member, and how many finished so far
+        best_score = tf.fill([batch], neg_inf)                         # normalised
+        best_tokens = tf.zeros([batch, max_length], tf.int32)
+        best_alphas = tf.zeros([batch, max_length, positions], tf.float32)
+        finished = tf.zeros([batch], tf.int32)
+        stopped = tf.zeros([batch], tf.bool)
+
+        def body(t, words, scores, state, tokens, alphas, best_score, best_tokens, best_alphas, finished, stopped):
             emb = model.embed(words)
             h, z, alpha, state = model.step(emb, a, keys, state)
             logp = tf.nn.log_softmax(tf.cast(model.output_logits(emb, h, z), tf.float32)) + ban
-            logp = tf.reshape(logp, [batch, k, vocab])
-            logp = tf.where(done[:, :, None], after_end[None, None], logp)
-            candidates = tf.reshape(scores[:, :, None] + logp, [batch, k * vocab])
-            scores, flat = tf.math.top_k(candidates, k=k)                  # (B, K)
+            candidates = tf.reshape(scores[:, :, None] + tf.reshape(logp, [batch, k, vocab]), [batch, k * vocab])
+            cand_scores, flat = tf.math.top_k(candidates, k=n_cand)       # (B, 2K), best first
             origin, word = flat // vocab, flat % vocab
-            pick = lambda x: tf.gather(x, origin, batch_dims=1)            # reorder (B, K, ...) by origin beam
-            rows = tf.reshape(origin + tf.range(batch)[:, None] * k, [-1])  # same, on (B·K, ...) tensors
-            state = [tf.gather(s, rows) for s in state]
-            was_done = pick(done)
-            lengths = pick(lengths) + tf.cast(tf.logical_not(was_done), tf.float32)
-            done = was_done | tf.equal(word, end_id)
-            tokens = tf.concat([pick(tokens), word[:, :, None]], 2)
-            step_alpha = tf.reshape(tf.gather(alpha, rows), [batch, k, 1, -1])
-            alphas = tf.concat([pick(alphas), step_alpha], 2)
-            return t + 1, tf.reshape(word, [-1]), done, lengths, scores, state, tokens, alphas
+            alpha = tf.reshape(alpha, [batch, k, positions])
+            at_t = tf.one_hot(t, max_length)                              # writes step t into the buffers
 
-        def cond(t, words, done, *_):
-            return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(done)))
+            # -- hypotheses ending here: <end> within the top K; keep the best per image if it improves --
+            in_top_k = tf.range(n_cand) < k
+            ends = (tf.equal(word, end_id) & in_top_k[None] & tf.logical_not(stopped)[:, None]
+                    & (cand_scores > neg_inf))
+            ended = tf.where(ends, normalise(cand_scores, t + 1), neg_inf)
+            which = tf.argmax(ended, axis=1, output_type=tf.int32)       # (B,)
+            new_score = tf.gather(ended, which, batch_dims=1)
+            source = tf.gather(origin, which, batch_dims=1)              # its beam of origin
+            new_tokens = tf.gather(tokens, source, batch_dims=1) + end_id * tf.cast(at_t, tf.int32)[None]
+            new_alphas = (tf.gather(alphas, source, batch_dims=1)
+                          + tf.gather(alpha, source, batch_dims=1)[:, None, :] * at_t[None, :, None])
+            better = new_score > best_score
+            best_score = tf.where(better, new_score, best_score)
+            best_tokens = tf.where(better[:, None], new_tokens, best_tokens)
+            best_alphas = tf.where(better[:, None, None], new_alphas, best_alphas)
+            finished += tf.reduce_sum(tf.cast(ends, tf.int32), axis=1)
 
-        shapes = (tf.TensorShape([]), tf.TensorShape([None]), tf.TensorShape([None, k]), tf.TensorShape([None, k]),
-                  tf.TensorShape([None, k]), [tf.TensorShape([None, s.shape[-1]]) for s in state],
-                  tf.TensorShape([None, k, None]), tf.TensorShape([None, k, None, None]))
-        t, _, done, lengths, scores, _, tokens, alphas = tf.while_loop(
-            cond, body, (0, words, done, lengths, scores, state, tokens, alphas), shape_invariants=shapes)
-        normalised = scores / tf.pow(tf.maximum(lengths, 1.0), length_penalty)
-        best = tf.argmax(normalised, axis=1, output_type=tf.int32)
-        tokens = tf.gather(tokens, best, batch_dims=1)
-        alphas = tf.gather(alphas, best, batch_dims=1)
-        pad = max_length - t
-        return (tf.pad(tokens, [[0, 0], [0, pad]]), tf.pad(alphas, [[0, 0], [0, pad], [0, 0]]),
-                tf.gather(normalised, best, batch_dims=1))
+            # -- next active beam: the K best candidates that do not end (same length: raw scores compare) --
+            scores, keep = tf.math.top_k(tf.where(tf.equal(word, end_id), neg_inf, cand_scores), k=k)
+            origin, word = tf.gather(origin, keep, batch_dims=1), tf.gather(word, keep, batch_dims=1)   # (B, K)
+            state = [tf.gather(s, tf.reshape(origin + image_rows, [-1])) for s in state]
+            tokens = tf.gather(tokens, origin, batch_dims=1) + word[:, :, None] * tf.cast(at_t, tf.int32)
+            alphas = (tf.gather(alphas, origin, batch_dims=1)
+                      + tf.gather(alpha, origin, batch_dims=1)[:, :, None, :] * at_t[:, None])
+
+            # -- which images stop searching (see the docstring) --
+            best_active = tf.reduce_max(scores, axis=1)
+            stopped |= (finished >= k) | tf.equal(best_active, neg_inf)
+            if length_penalty >= 0:
+                stopped |= best_score >= normalise(best_active, max_length)
+            return (t + 1, tf.reshape(word, [-1]), scores, state, tokens, alphas, best_score, best_tokens,
+                    best_alphas, finished, stopped)
+
+        def cond(t, *args):
+            return tf.logical_and(t < max_length, tf.logical_not(tf.reduce_all(args[-1])))
+
+        loop = (tf.constant(0), words, scores, state, tokens, alphas, best_score, best_tokens, best_alphas,
+                finished, stopped)
+        # every loop variable keeps its shape, but gathers forget a static batch size: declare it variable
+        shapes = tf.nest.map_structure(lambda x: tf.TensorShape([None, *x.shape[1:]]) if x.shape.rank else x.shape,
+                                       loop)
+        _, _, scores, _, tokens, alphas, best_score, best_tokens, best_alphas, _, stopped = tf.while_loop(
+            cond, body, loop, shape_invariants=shapes)
+        # images still searching ran all L steps: their active hypotheses (L words, no <end>) join the finished set
+        which = tf.argmax(scores, axis=1, output_type=tf.int32)
+        unfinished = normalise(tf.gather(scores, which, batch_dims=1), max_length)
+        better = tf.logical_not(stopped) & (unfinished > best_score)
+        return (tf.where(better[:, None], tf.gather(tokens, which, batch_dims=1), best_tokens),
+                tf.where(better[:, None, None], tf.gather(alphas, which, batch_dims=1), best_alphas),
+                tf.where(better, unfinished, best_score))
 
     _cache(model)[key] = decode
     return decode
