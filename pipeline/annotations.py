@@ -88,6 +88,21 @@ def _expect(path, field: str, value, kind, kind_name: str):
     return value
 
 
+def _digit_metadata(image: dict) -> dict:
+    """Optional per-image metadata of digit datasets (the demo writes it): `digits` (labels, left to right),
+    `digit_boxes` ([x, y, w, h] in pixels, same order), `width`, `height`. Kept only when well-formed; it is
+    used by the digit metrics of EvaluateCaptions (pipeline/digits.py), never by training."""
+    digits, boxes = image.get("digits"), image.get("digit_boxes")
+    if not (isinstance(digits, list) and all(isinstance(d, int) and 0 <= d <= 9 for d in digits)):
+        return {}
+    out = {"digits": digits}
+    if (isinstance(boxes, list) and len(boxes) == len(digits)
+            and all(isinstance(b, list) and len(b) == 4 for b in boxes)
+            and isinstance(image.get("width"), int) and isinstance(image.get("height"), int)):
+        out.update(digit_boxes=boxes, width=image["width"], height=image["height"])
+    return out
+
+
 def load_coco_captions(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     """Parse and type-check a COCO captions file. Returns (images, annotations) as lists of
     {"id", "file_name"} and {"id" (or None), "image_id", "caption"}. Raises InputError on a bad file."""
@@ -105,7 +120,8 @@ def load_coco_captions(path: str | os.PathLike) -> tuple[list[dict], list[dict]]
             if key not in image:
                 raise InputError(f"{path}: images[{i}] has no '{key}'. Fix: every image needs 'id' and 'file_name'.")
         images.append({"id": _expect(path, f"images[{i}].id", image["id"], int, "an integer"),
-                       "file_name": _expect(path, f"images[{i}].file_name", image["file_name"], str, "a string")})
+                       "file_name": _expect(path, f"images[{i}].file_name", image["file_name"], str, "a string"),
+                       **_digit_metadata(image)})
     annotations = []
     for i, ann in enumerate(data["annotations"]):
         _expect(path, f"annotations[{i}]", ann, dict, "an object")
@@ -178,7 +194,8 @@ def extract_annotations(annotation_files, image_roots, karpathy_split=None, val_
                 problems["duplicate_image_id"].append({"file": str(path), "image_id": image["id"]})
                 continue
             file_ids.add(image["id"])
-            images[image["id"]] = {"image_id": image["id"], "root": root, "path": image["file_name"]}
+            images[image["id"]] = {"image_id": image["id"], "root": root, "path": image["file_name"],
+                                   **{k: v for k, v in image.items() if k in manifests.OPTIONAL_KEYS}}
         for ann in file_annotations:
             if ann["id"] is not None:
                 if ann["id"] in seen_caption_ids:

@@ -112,13 +112,37 @@ def _render(rng, samples, width, height, boxes):
     return img
 
 
+def load_digits():
+    """scikit-learn's bundled handwritten digits (imported lazily: scikit-learn takes a second to import)."""
+    from sklearn.datasets import load_digits as load
+
+    return load()
+
+
+def sample_pools(rng: np.random.Generator, n_samples: int) -> dict[str, np.ndarray]:
+    """Disjoint sample pools per split, so val/test never show a train sample: {split: indices}.
+    Must be the first draw of the demo's generator (pipeline/pretrain.py rebuilds the pools from the seed)."""
+    perm = rng.permutation(n_samples)
+    cut1 = int(POOL_FRACTIONS[0] * len(perm))
+    cut2 = cut1 + int(POOL_FRACTIONS[1] * len(perm))
+    return dict(zip(SPLITS, (perm[:cut1], perm[cut1:cut2], perm[cut2:])))
+
+
+def render_scene(rng: np.random.Generator, digit_images, samples) -> tuple[np.ndarray, list[tuple]]:
+    """One demo scene of the given digit samples (indices into digit_images (N, 8, 8)), left to right:
+    → (RGB uint8 (height, width, 3), boxes [(x, y, w, h)] in pixels, same order)."""
+    width, height, boxes = _layout(rng, len(samples))
+    return _render(rng, digit_images[samples], width, height, boxes), boxes
+
+
 def write_demo_dataset(outdir, train_images: int, val_images: int, test_images: int, seed: int,
                        progress=None) -> dict:
     """Write the demo dataset into `outdir` (an existing, empty directory). Returns a summary dict
     {"splits": {"train": n, "val": n, "test": n}, "captions": total, "grayscale_images": n, "seed": seed}.
 
     Writes outdir/{train,val,test}/digits_<split>_<id:012d>.jpg, outdir/captions_<split>.json (COCO
-    captions format, plus per-image "digits" labels and "digit_samples" indices into load_digits())
+    captions format, plus per-image "digits" labels, "digit_boxes" [[x, y, w, h], ...] in pixels, left to
+    right, and "digit_samples" indices into load_digits())
     and outdir/karpathy_split.json (format of Karpathy's dataset_coco.json). `progress(done, total)`
     is called after each image is written. Everything derives from numpy.random.default_rng(seed).
     """
@@ -129,16 +153,9 @@ def write_demo_dataset(outdir, train_images: int, val_images: int, test_images: 
     if os.listdir(outdir):
         raise ValueError(f"{outdir} is not empty; refusing to mix demo datasets")
     rng = np.random.default_rng(seed)
-    from sklearn.datasets import load_digits   # lazily: scikit-learn takes a second to import
-
     digits = load_digits()
     templates = caption_templates()
-
-    # Disjoint sample pools per split, so val/test never show a train sample.
-    perm = rng.permutation(len(digits.target))
-    cut1 = int(POOL_FRACTIONS[0] * len(perm))
-    cut2 = cut1 + int(POOL_FRACTIONS[1] * len(perm))
-    pools = dict(zip(SPLITS, (perm[:cut1], perm[cut1:cut2], perm[cut2:])))
+    pools = sample_pools(rng, len(digits.target))
 
     # Sparse, sorted ids (like COCO's) so code that confuses ids with list indices fails loudly.
     total = sum(counts.values())
@@ -157,8 +174,9 @@ def write_demo_dataset(outdir, train_images: int, val_images: int, test_images: 
             n = int(rng.integers(1, 5))
             samples = rng.choice(pools[split], size=n).tolist()
             labels = [int(digits.target[k]) for k in samples]
-            width, height, boxes = _layout(rng, n)
-            img = Image.fromarray(_render(rng, digits.images[samples], width, height, boxes), "RGB")
+            pixels, boxes = render_scene(rng, digits.images, samples)
+            height, width = pixels.shape[:2]
+            img = Image.fromarray(pixels, "RGB")
             if i in gray:
                 img = img.convert("L")
                 n_gray += 1
@@ -169,7 +187,8 @@ def write_demo_dataset(outdir, train_images: int, val_images: int, test_images: 
             captions = [templates[t](words) for t in rng.choice(len(templates), CAPTIONS_PER_IMAGE, replace=False)]
             images.append({"id": image_id, "file_name": file_name, "width": width, "height": height,
                            "license": 1, "date_captured": DATE_CAPTURED,
-                           "digits": labels, "digit_samples": samples})
+                           "digits": labels, "digit_boxes": [list(b) for b in boxes],
+                           "digit_samples": samples})
             sentences = []
             for caption in captions:
                 annotations.append({"id": ann_id, "image_id": image_id, "caption": caption})

@@ -17,6 +17,12 @@ from pipeline.annotations import normalize_caption
 log = logging.getLogger("captioner")
 
 CORPUS_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+# pycocoevalcap's "CIDEr" scorer computes CIDEr-D: say so wherever a person reads the score (other metrics
+# keep their JSON key names, which people grep logs for)
+LABELS = {"CIDEr": "CIDEr-D"}
+# the metrics JSON's "digits" shares (pipeline/digits.py), by display label
+DIGIT_LABELS = {"digits_exact": "digits exact", "digit_count_right": "digit count right",
+                "attention_grounding": "attention grounding"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,48 +98,101 @@ def evaluate(references: dict, hypotheses: dict, java: bool | None = None, spice
             "java": use_java, "notes": notes, "n_images": len(ids)}
 
 
-def summary_table(corpus: dict) -> str:
-    """Readable one-metric-per-line table for the log."""
-    lines = [f"{'metric':<8} score"]
-    for key, value in corpus.items():
-        lines.append(f"{key:<8} {'unavailable' if value is None else f'{value:.4f}'}")
-    return "\n".join(lines)
+def metric_label(key: str) -> str:
+    """Display name of a corpus metric key ("CIDEr" → "CIDEr-D")."""
+    return LABELS.get(key, key)
+
+
+def summary_table(corpus: dict, digits: dict | None = None) -> str:
+    """Readable one-metric-per-line table for the log: the caption metrics, then (when given) the digit metrics
+    and caption diversity."""
+    rows = [(metric_label(k), "unavailable" if v is None else f"{v:.4f}") for k, v in corpus.items()]
+    if digits:
+        rows += [(label, "unavailable" if digits.get(k) is None else f"{digits[k]:.4f}")
+                 for k, label in DIGIT_LABELS.items()]
+        rows.append(("distinct captions", f"{digits['distinct_captions']} / {digits['images']} images"))
+    width = max(len(label) for label, _ in rows + [("metric", "")])
+    return "\n".join([f"{'metric':<{width}} score"] + [f"{label:<{width}} {value}" for label, value in rows])
+
+
+def digit_metrics(hypotheses: dict, records: dict, attention: dict) -> tuple[dict, dict]:
+    """The metrics JSON's "digits" block and {image_id: expected digits | None}. attention: shards.read_all_attention
+    of the split. Records may carry "digits", "digit_boxes" and "width"/"height" (digit datasets); without boxes
+    the grounding is None (not measured), without digits in labels or references the digit shares are None."""
+    from pipeline import digits as dg
+    from pipeline.plots import word_attention
+
+    expected = {i: dg.expected_digits(records[i]) for i in hypotheses}
+    boxes, sizes, words, maps = {}, {}, {}, {}
+    rows = {int(i): k for k, i in enumerate(attention["image_ids"])}
+    for i in hypotheses:
+        record = records[i]
+        if record.get("digit_boxes") is None or record.get("width") is None or record.get("height") is None:
+            continue
+        boxes[i], sizes[i] = record["digit_boxes"], (record["width"], record["height"])
+        words[i] = hypotheses[i].split()
+        maps[i] = word_attention(attention["tokens"][rows[i]], attention["attention"][rows[i]])
+    block = {"digits_exact": dg.digits_exact(hypotheses, expected),
+             "digit_count_right": dg.digit_count_right(hypotheses, expected),
+             "attention_grounding": dg.attention_grounding(words, maps, boxes, sizes),
+             "distinct_captions": dg.distinct_captions(hypotheses), "images": len(hypotheses),
+             "images_with_digits": sum(e is not None for e in expected.values()), "images_with_boxes": len(boxes)}
+    return block, expected
 
 
 def evaluate_split(outdir, split: str, results_path, attention_path, manifest_path, java: bool | None = None,
                    spice: bool = False, examples: int = 12, seed: int = 0) -> dict:
     """Score a GenerateCaptions output against the split's raw reference captions; write
-    `outdir`/<split>.json (corpus + per-image scores) and `outdir`/<split>-report.html."""
+    `outdir`/<split>.json (corpus + digits + per-image scores) and `outdir`/<split>-report.html."""
     import json
     from pathlib import Path
 
-    import numpy as np
-
-    from pipeline.images import load_for_display
-    from pipeline.plots import html_report
+    from pipeline.digits import digit_sequence
     from storage import manifests, shards
 
     results = json.loads(Path(results_path).read_text())
     records = {r["image_id"]: r for r in manifests.read_manifest(manifest_path)}
     hypotheses = {r["image_id"]: r["caption"] for r in results}
     scores = evaluate({i: records[i]["raw_captions"] for i in hypotheses}, hypotheses, java=java, spice=spice)
-    metrics = {"split": split, **{k: v for k, v in scores.items() if k != "per_image"},
-               "per_image": [{"image_id": i, "caption": hypotheses[i], **s} for i, s in scores["per_image"].items()]}
+    attention = shards.read_all_attention(attention_path)
+    digits, expected = digit_metrics(hypotheses, records, attention)
+    per_image = []
+    for i, s in scores["per_image"].items():
+        entry = {"image_id": i, "caption": hypotheses[i], **s}
+        if expected[i] is not None:
+            entry["digits_exact"] = digit_sequence(hypotheses[i]) == expected[i]
+        per_image.append(entry)
+    metrics = {"split": split, **{k: v for k, v in scores.items() if k != "per_image"}, "digits": digits,
+               "per_image": per_image}
     manifests.write_json(Path(outdir) / f"{split}.json", metrics)
     log.info("%s split, %d images, tokenizer %s:\n%s", split, len(hypotheses), metrics["tokenizer"],
-             summary_table(metrics["corpus"]))
+             summary_table(metrics["corpus"], digits))
+    _write_report(Path(outdir) / f"{split}-report.html", f"{split} split: {len(hypotheses)} images", metrics,
+                  records, attention, expected, examples, seed)
+    return metrics
 
-    ranked = sorted(scores["per_image"], key=lambda i: scores["per_image"][i]["CIDEr"])
+
+def _write_report(path, title: str, metrics: dict, records: dict, attention: dict, expected: dict,
+                  examples: int, seed: int) -> None:
+    """The HTML report: the worst CIDEr-D images first, then a random sample, each with per-word attention."""
+    import numpy as np
+
+    from pipeline.digits import digit_sequence
+    from pipeline.images import load_for_display
+    from pipeline.plots import html_report, word_attention
+
+    scored = {e["image_id"]: e for e in metrics["per_image"]}
+    ranked = sorted(scored, key=lambda i: scored[i]["CIDEr"])
     rng = np.random.default_rng(seed)
     chosen = [("Worst CIDEr-D first", i) for i in ranked[:examples]]
     chosen += [("Random sample", int(i)) for i in rng.choice(ranked, min(examples, len(ranked)), replace=False)]
+    rows = {int(i): k for k, i in enumerate(attention["image_ids"])}
     entries = []
     for section, image_id in chosen:
-        record, maps = records[image_id], shards.read_attention(attention_path, image_id)
-        entries.append({"section": section, "image_id": image_id, "image": load_for_display(maps["path"]),
-                        "caption": hypotheses[image_id], "references": record["raw_captions"],
-                        "cider": scores["per_image"][image_id]["CIDEr"], "words": hypotheses[image_id].split(),
-                        "alphas": maps["attention"]})
-    html_report(Path(outdir) / f"{split}-report.html", f"{split} split: {len(hypotheses)} images", metrics["corpus"],
-                entries, metrics["notes"])
-    return metrics
+        row, caption = rows[image_id], scored[image_id]["caption"]
+        entries.append({"section": section, "image_id": image_id, "image": load_for_display(attention["paths"][row]),
+                        "caption": caption, "references": records[image_id]["raw_captions"],
+                        "cider": scored[image_id]["CIDEr"], "words": caption.split(),
+                        "alphas": word_attention(attention["tokens"][row], attention["attention"][row]),
+                        "expected": expected.get(image_id), "named": digit_sequence(caption)})
+    html_report(path, title, metrics["corpus"], entries, metrics["notes"], metrics["digits"])

@@ -6,6 +6,9 @@ A split manifest (`annotations/<fp>/<split>.jsonl`) has one JSON object per line
      "captions": ["a man with a red helmet on a small moped on a dirt road"],
      "raw_captions": ["A man with a red helmet on a small moped on a dirt road. "]}
 
+Digit datasets (the demo) add `digits`, `digit_boxes` ([x, y, w, h] pixels, left to right), `width` and
+`height` (OPTIONAL_KEYS), used only by the digit metrics.
+
 `captions` are normalised (see pipeline/annotations.py); `raw_captions` are exactly as in the source file,
 in the same order, for evaluation against the original references.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 from storage.workspace import atomic_file, write_json
 
 MANIFEST_KEYS = ("image_id", "root", "path", "captions", "raw_captions")
+OPTIONAL_KEYS = ("digits", "digit_boxes", "width", "height")
 VOCAB_FILE = "vocab.json"
 REPORT_FILE = "report.json"
 SPLITS = ("train", "val", "test")
@@ -32,7 +36,8 @@ def write_manifest(path: str | os.PathLike, records: list[dict]) -> None:
     with atomic_file(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for record in records:
-                f.write(json.dumps({k: record[k] for k in MANIFEST_KEYS}, ensure_ascii=False))
+                f.write(json.dumps({k: record[k] for k in MANIFEST_KEYS + OPTIONAL_KEYS if k in record},
+                                   ensure_ascii=False))
                 f.write("\n")
 
 
@@ -47,5 +52,5 @@ def read_json(path: str | os.PathLike):
         return json.load(f)
 
 
-__all__ = ["MANIFEST_KEYS", "VOCAB_FILE", "REPORT_FILE", "SPLITS", "manifest_path", "write_manifest",
+__all__ = ["MANIFEST_KEYS", "OPTIONAL_KEYS", "VOCAB_FILE", "REPORT_FILE", "SPLITS", "manifest_path", "write_manifest",
            "read_manifest", "read_json", "write_json"]

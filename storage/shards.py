@@ -265,3 +265,11 @@ def read_attention(path, image_id: int) -> dict:
         row = int(rows[0])
         return {"path": f["paths"].asstr()[row], "tokens": f["tokens"][row],
                 "attention": f["attention"][row].astype(np.float32)}
+
+
+def read_all_attention(path) -> dict:
+    """The whole attention-maps file in one read: {"image_ids" (n,), "paths" [str], "tokens" (n, T),
+    "attention" (n, T, P) float16 as stored} (for evaluation, which needs every image's maps)."""
+    with h5py.File(path, "r") as f:
+        return {"image_ids": f["image_ids"][:], "paths": list(f["paths"].asstr()[:]), "tokens": f["tokens"][:],
+                "attention": f["attention"][:]}

@@ -1,0 +1,126 @@
+"""Digit-aware caption metrics for datasets whose images show handwritten digits (the built-in demo).
+
+Which words are digits. Captions are compared after pipeline.annotations.normalize_caption (lowercase,
+punctuation to spaces). A number word (zero .. nine) names a digit, except when it counts them: a number
+word is a COUNT when one of the next two tokens starts with "digit" or "number" ("three handwritten digits",
+"two digits", "one handwritten number"). Nothing else is a digit ("a", "an", "single", "just", numerals).
+
+Attention geometry. The encoder resizes the whole image to S×S without cropping, and its feature grid has
+side × side cells (P = side² attention positions, row-major). So in ORIGINAL image pixels (width W,
+height H) cell p = r·side + c covers
+
+    x ∈ [c·W/side, (c+1)·W/side),   y ∈ [r·H/side, (r+1)·H/side)
+
+and a digit box [x, y, w, h] covers [x, x + w) × [y, y + h). A digit word is grounded when the cell of its
+largest attention weight intersects that digit's box with positive area.
+
+Pure python / numpy: no TensorFlow.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from pipeline.annotations import normalize_caption
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_VALUE = {word: value for value, word in enumerate(NUMBER_WORDS)}
+COUNTED = ("digit", "number")   # a number word followed (within two tokens) by these counts, not names
+
+
+def digit_words(words: list[str]) -> list[tuple[int, int]]:
+    """[(position in `words`, digit)] of the words that name digits, in order (rule in the module docstring).
+    `words` are already-normalised tokens, e.g. a generated caption's words, so positions stay aligned
+    with per-word attention rows."""
+    found = []
+    for k, word in enumerate(words):
+        if word not in _VALUE:
+            continue
+        if any(following.startswith(COUNTED) for following in words[k + 1:k + 3]):
+            continue   # "three handwritten digits": a count of the digits, not one of them
+        found.append((k, _VALUE[word]))
+    return found
+
+
+def digit_sequence(caption: str) -> list[int]:
+    """The digits a caption names, left to right as written: 'Three handwritten digits: seven, two and nine.'
+    → [7, 2, 9]."""
+    return [digit for _, digit in digit_words(normalize_caption(caption).split())]
+
+
+def expected_digits(record: dict) -> list[int] | None:
+    """The digits an image shows: its manifest record's "digits" labels when present, else the sequence most
+    references name (ties: the first reference's), None when no reference names a digit."""
+    if record.get("digits") is not None:
+        return [int(d) for d in record["digits"]]
+    votes = Counter(tuple(seq) for seq in map(digit_sequence, record.get("captions", [])) if seq)
+    return list(votes.most_common(1)[0][0]) if votes else None
+
+
+def _share(hits: list[bool]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
+
+
+def digits_exact(hypotheses: dict, expected: dict) -> float | None:
+    """Share of images with an expected sequence whose caption names exactly those digits, in order.
+    hypotheses {id: caption}; expected {id: list | None}. None when no image has an expected sequence."""
+    return _share([digit_sequence(hypotheses[i]) == want for i, want in expected.items()
+                   if want is not None and i in hypotheses])
+
+
+def digit_count_right(hypotheses: dict, expected: dict) -> float | None:
+    """Share of images with an expected sequence whose caption names the right NUMBER of digits (whichever)."""
+    return _share([len(digit_sequence(hypotheses[i])) == len(want) for i, want in expected.items()
+                   if want is not None and i in hypotheses])
+
+
+def distinct_captions(hypotheses: dict) -> int:
+    """How many different captions (after normalisation) the model produced: a collapsed model says the
+    same thing for every image."""
+    return len({normalize_caption(c) for c in hypotheses.values()})
+
+
+def cell_rectangle(cell: int, side: int, image_size: tuple[float, float]) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in original pixels of attention cell `cell` (row-major over a side × side grid laid on
+    the whole image, which the encoder squashed to a square without cropping). image_size = (W, H)."""
+    width, height = image_size
+    row, col = divmod(int(cell), side)
+    return col * width / side, row * height / side, (col + 1) * width / side, (row + 1) * height / side
+
+
+def overlaps(rect: tuple[float, float, float, float], box) -> bool:
+    """Whether a cell rectangle (x0, y0, x1, y1) and a box [x, y, w, h] intersect with positive area."""
+    x0, y0, x1, y1 = rect
+    x, y, w, h = box
+    return min(x1, x + w) > max(x0, x) and min(y1, y + h) > max(y0, y)
+
+
+def grounded_digit_words(words: list[str], attention, boxes, image_size) -> tuple[int, int]:
+    """(grounded, emitted) digit words of one generated caption. attention (T, P): row t is the attention
+    when words[t] was chosen (T ≥ len(words)); boxes [[x, y, w, h], ...] left to right in original pixels;
+    image_size (W, H). The k-th digit word emitted is matched to the k-th box; digit words beyond the
+    boxes are not grounded."""
+    attention = np.asarray(attention, np.float32)
+    side = int(round(np.sqrt(attention.shape[1])))
+    if side * side != attention.shape[1]:
+        raise ValueError(f"{attention.shape[1]} attention positions are not a square grid")
+    emitted = digit_words(words)
+    grounded = sum(overlaps(cell_rectangle(int(np.argmax(attention[pos])), side, image_size), boxes[k])
+                   for k, (pos, _) in enumerate(emitted) if k < len(boxes))
+    return grounded, len(emitted)
+
+
+def attention_grounding(words: dict, attention: dict, boxes: dict, sizes: dict) -> float | None:
+    """Share of emitted digit words, over all images with box information, whose argmax attention cell
+    overlaps that digit's box (see grounded_digit_words). Dicts by image id: words {id: [str]}, attention
+    {id: (T, P)}, boxes {id: [[x, y, w, h], ...] | None}, sizes {id: (W, H) | None}. Images without boxes or
+    size are skipped; None when no image has them (e.g. COCO) or no digit word was emitted: never 0 for
+    "not measured"."""
+    grounded = emitted = 0
+    for i, image_boxes in boxes.items():
+        if image_boxes is None or sizes.get(i) is None or i not in words:
+            continue
+        hit, total = grounded_digit_words(words[i], attention[i], image_boxes, sizes[i])
+        grounded, emitted = grounded + hit, emitted + total
+    return grounded / emitted if emitted else None

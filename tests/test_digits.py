@@ -1,0 +1,224 @@
+"""Digit metrics (pipeline/digits.py), their place in evaluation, and attention pictures on one shared scale."""
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import digits as dg
+from pipeline.demo import NUMBER_WORDS, caption_templates
+from pipeline.evaluate import evaluate_split, summary_table
+from pipeline.plots import attention_grid, attention_maps, html_report, word_attention
+from storage import shards
+
+
+# ------------------------------------------------------------------------------------------ which words
+
+@pytest.mark.parametrize("caption, expected", [
+    ("Three handwritten digits: seven, two and nine.", [7, 2, 9]),
+    ("a seven, a two and a nine from left to right", [7, 2, 9]),
+    ("an image of three handwritten digits reading seven two nine", [7, 2, 9]),
+    ("The handwritten number seven two nine", [7, 2, 9]),
+    ("just a seven", [7]),
+    ("A single handwritten seven.", [7]),
+    ("the sequence seven, then two, then nine written by hand", [7, 2, 9]),
+    ("three dark digits on a light background , a seven, a two and a nine", [7, 2, 9]),
+    ("A handwritten seven, followed by a two and a nine.", [7, 2, 9]),
+    ("Digits seven, two, nine written in dark ink.", [7, 2, 9]),
+    ("One handwritten digit: one.", [1]),                  # the same word as a count, then as a digit
+    ("two digits: four and zero", [4, 0]),
+    ("one handwritten number eight", [8]),
+    ("Two Numbers, FIVE and six!", [5, 6]),                # after normalisation: case, punctuation
+    ("a man riding a horse", []),
+])
+def test_digit_sequence_reads_digits_and_skips_count_words(caption, expected):
+    assert dg.digit_sequence(caption) == expected
+
+
+def test_digit_sequence_reads_every_demo_template_for_every_digit_and_length():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        labels = rng.integers(0, 10, int(rng.integers(1, 5))).tolist()
+        for template in caption_templates():
+            caption = template([NUMBER_WORDS[d] for d in labels])
+            assert dg.digit_sequence(caption) == labels, caption
+
+
+def test_expected_digits_prefers_labels_then_the_references_majority():
+    refs = ["three handwritten digits seven two nine", "a seven a two and a nine", "seven two eight"]
+    assert dg.expected_digits({"digits": [1, 2], "captions": refs}) == [1, 2]
+    assert dg.expected_digits({"captions": refs}) == [7, 2, 9]                  # 2 votes against 1
+    assert dg.expected_digits({"captions": ["a dog", "two digits"]}) is None    # a count alone names no digit
+
+
+def test_digits_exact_and_count_right_skip_images_without_expected_digits():
+    expected = {1: [7, 2, 9], 2: [7, 2, 9], 3: [4], 4: None}
+    hypotheses = {1: "three handwritten digits seven two nine",   # right
+                  2: "three handwritten digits seven two eight",  # right count, wrong digit
+                  3: "four handwritten digits four four",         # wrong count ("four" before digits counts)
+                  4: "a dog"}                                     # no expectation: not scored
+    assert dg.digits_exact(hypotheses, expected) == pytest.approx(1 / 3)
+    assert dg.digit_count_right(hypotheses, expected) == pytest.approx(2 / 3)
+    assert dg.digits_exact(hypotheses, {1: None}) is None and dg.digit_count_right({}, {}) is None
+
+
+def test_distinct_captions_compares_normalised_captions():
+    assert dg.distinct_captions({1: "A seven.", 2: "a seven", 3: "a two"}) == 2
+
+
+# ------------------------------------------------------------------------------------- attention grounding
+
+W, H, SIDE = 160, 80, 4          # cells are 40 px wide and 20 px high in original pixels
+
+
+def one_hot(*cells):
+    """Attention rows (len(cells), 16) peaked at the given cells (a little spread elsewhere)."""
+    rows = np.full((len(cells), SIDE * SIDE), 0.01, np.float32)
+    for t, cell in enumerate(cells):
+        rows[t, cell] = 1.0
+    return rows / rows.sum(1, keepdims=True)
+
+
+def test_cell_geometry_follows_the_squashed_image():
+    assert dg.cell_rectangle(0, SIDE, (W, H)) == (0, 0, 40, 20)
+    assert dg.cell_rectangle(6, SIDE, (W, H)) == (80, 20, 120, 40)          # row 1, column 2
+    assert dg.overlaps((0, 0, 40, 20), [39, 19, 5, 5])
+    assert not dg.overlaps((0, 0, 40, 20), [40, 0, 10, 10])                 # touching edges: zero area
+
+
+def test_grounding_matches_kth_digit_word_to_kth_box_and_ignores_count_words():
+    words = "two handwritten digits seven and nine".split()
+    boxes = [[10, 25, 20, 30], [90, 5, 30, 30]]    # seven: column 0, rows 1-2; nine: columns 2, rows 0-1
+    # "two" (a count) looks anywhere; "seven" at cell 4 (row 1, col 0); "nine" at cell 2 (row 0, col 2)
+    attention = one_hot(15, 15, 15, 4, 15, 2)
+    assert dg.grounded_digit_words(words, attention, boxes, (W, H)) == (2, 2)
+    # the argmax one cell to the right of the seven (cell 5: x 40-80) misses its box
+    assert dg.grounded_digit_words(words, one_hot(15, 15, 15, 5, 15, 2), boxes, (W, H)) == (1, 2)
+
+
+def test_grounding_counts_digit_words_beyond_the_boxes_as_not_grounded():
+    words = "seven nine four".split()
+    boxes = [[10, 25, 20, 30], [90, 5, 30, 30]]
+    attention = one_hot(4, 2, 2)                   # "four" looks at the nine's box, but there is no third box
+    assert dg.grounded_digit_words(words, attention, boxes, (W, H)) == (2, 3)
+
+
+def test_attention_grounding_pools_images_and_is_none_without_boxes():
+    words = {1: ["seven"], 2: ["seven", "nine"], 3: ["two"]}
+    attention = {1: one_hot(4), 2: one_hot(5, 2), 3: one_hot(0)}
+    boxes = {1: [[10, 25, 20, 30]], 2: [[10, 25, 20, 30], [90, 5, 30, 30]], 3: None}
+    sizes = {1: (W, H), 2: (W, H), 3: None}
+    assert dg.attention_grounding(words, attention, boxes, sizes) == pytest.approx(2 / 3)   # image 3 skipped
+    assert dg.attention_grounding(words, attention, {3: None}, {3: None}) is None
+    assert dg.attention_grounding({1: ["a", "dog"]}, {1: one_hot(0, 0)}, {1: [[0, 0, 5, 5]]}, {1: (W, H)}) is None
+
+
+# --------------------------------------------------------------------------------- one scale per image
+
+def test_attention_maps_share_one_scale_so_uniform_attention_stays_dim():
+    peaked = np.full(64, 0.3 / 63, np.float32)
+    peaked[27] = 0.7
+    uniform = np.full(64, 1 / 64, np.float32)
+    maps = attention_maps(np.stack([peaked, uniform]), (80, 80))
+    assert maps[0].max() == pytest.approx(1.0, abs=0.05)
+    assert maps[1].max() == pytest.approx((1 / 64) / 0.7, abs=0.01)     # dim, not full brightness
+    assert maps[1].max() < 0.05
+
+
+def test_word_attention_keeps_the_rows_of_the_words_the_caption_shows():
+    tokens = [5, 0, 1, 6, 2, 7, 0]                  # word, <pad>, <start>, word, <end>, after the end
+    alphas = np.arange(7, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+    assert word_attention(tokens, alphas)[:, 0].tolist() == [0, 3]
+
+
+def test_attention_grid_writes_a_png(tmp_path):
+    image = np.full((60, 90, 3), 200, np.uint8)
+    attention_grid(image, ["a", "seven"], one_hot(4, 6), tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------- in reports
+
+DIGITS_BLOCK = {"digits_exact": 0.5, "digit_count_right": 0.75, "attention_grounding": None,
+                "distinct_captions": 3, "images": 4, "images_with_digits": 4, "images_with_boxes": 0}
+
+
+def test_summary_table_and_html_report_show_cider_d_digits_and_diversity(tmp_path):
+    corpus = {"Bleu_4": 0.25, "METEOR": None, "CIDEr": 1.5}
+    table = summary_table(corpus, DIGITS_BLOCK)
+    assert "CIDEr-D" in table and "digits exact" in table and "3 / 4 images" in table
+    assert "attention grounding" in table and "unavailable" in table
+    entry = {"section": "s", "image": np.full((40, 60, 3), 128, np.uint8), "image_id": 1, "caption": "a seven",
+             "references": ["a seven"], "cider": 1.0, "words": ["a", "seven"], "alphas": one_hot(0, 5),
+             "expected": [7], "named": [7]}
+    html_report(tmp_path / "r.html", "t", corpus, [entry], [], DIGITS_BLOCK)
+    page = (tmp_path / "r.html").read_text()
+    assert "<th>CIDEr-D</th>" in page and "<th>CIDEr</th>" not in page
+    assert "digits exact" in page and "3 distinct captions / 4 images" in page and "uniform attention = 1/16" in page
+
+
+def write_split(tmp_path, records, captions, tokens, attention):
+    """A tiny GenerateCaptions output + manifest for evaluate_split (images are plain grey JPEGs)."""
+    paths = []
+    for r in records:
+        paths.append(str(tmp_path / f"{r['image_id']}.jpg"))
+        Image.new("RGB", (W, H), (200, 200, 200)).save(paths[-1])
+        r.update(root=str(tmp_path), path=f"{r['image_id']}.jpg", raw_captions=r["captions"])
+    with open(tmp_path / "test.jsonl", "w") as f:    # written by hand: manifests.write_manifest keeps fewer keys
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    (tmp_path / "test.json").write_text(json.dumps([{"image_id": r["image_id"], "caption": c}
+                                                    for r, c in zip(records, captions)]))
+    shards.write_attention(tmp_path / "att.h5", [r["image_id"] for r in records], paths, tokens, attention, {})
+
+
+class Collect(logging.Handler):
+    """Collects the "captioner" log directly (tasks.py turns its propagation to the root logger off)."""
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.text = ""
+
+    def emit(self, record):
+        self.text += record.getMessage() + "\n"
+
+
+def test_evaluate_split_adds_digit_metrics(tmp_path):
+    records = [{"image_id": 1, "captions": ["a seven", "just a seven"], "digits": [7],
+                "digit_boxes": [[10, 25, 20, 30]], "width": W, "height": H},
+               {"image_id": 2, "captions": ["two digits seven and nine", "seven nine"], "digits": [7, 9],
+                "digit_boxes": [[10, 25, 20, 30], [90, 5, 30, 30]], "width": W, "height": H}]
+    # image 1: "a seven" with a <pad> mid-caption (its attention row must be skipped); image 2: "seven"
+    tokens = np.array([[4, 0, 5, 2], [5, 2, 0, 0]], np.int32)
+    attention = np.stack([one_hot(0, 0, 4, 0), one_hot(5, 0, 0, 0)])
+    write_split(tmp_path, records, ["a seven", "seven"], tokens, attention)
+    logger, collect = logging.getLogger("captioner"), Collect()
+    level = logger.level
+    logger.addHandler(collect)
+    logger.setLevel(logging.INFO)
+    try:
+        metrics = evaluate_split(tmp_path / "out", "test", tmp_path / "test.json", tmp_path / "att.h5",
+                                 tmp_path / "test.jsonl", java=False, examples=1)
+    finally:
+        logger.removeHandler(collect)
+        logger.setLevel(level)
+    d = metrics["digits"]
+    assert d["digits_exact"] == 0.5 and d["digit_count_right"] == 0.5
+    assert d["attention_grounding"] == 0.5                 # image 1's seven at cell 4: yes; image 2's at cell 5: no
+    assert (d["distinct_captions"], d["images"], d["images_with_boxes"]) == (2, 2, 2)
+    assert [e["digits_exact"] for e in metrics["per_image"]] == [True, False]
+    assert json.loads((tmp_path / "out" / "test.json").read_text())["digits"] == d
+    assert "digits exact" in collect.text and "CIDEr-D" in collect.text
+    assert "digits exact" in (tmp_path / "out" / "test-report.html").read_text()
+
+
+def test_evaluate_split_without_digit_fields_reports_null_not_zero(tmp_path):
+    records = [{"image_id": 1, "captions": ["a man riding a horse"]},
+               {"image_id": 2, "captions": ["a seven", "just a seven"]}]   # no labels, no boxes
+    write_split(tmp_path, records, ["a horse", "a two"], np.array([[4, 5, 2], [4, 6, 2]], np.int32),
+                np.stack([one_hot(0, 0, 0), one_hot(0, 0, 0)]))
+    metrics = evaluate_split(tmp_path / "out", "test", tmp_path / "test.json", tmp_path / "att.h5",
+                             tmp_path / "test.jsonl", java=False, examples=1)
+    d = metrics["digits"]
+    assert d["attention_grounding"] is None and d["images_with_boxes"] == 0
+    assert d["digits_exact"] == 0.0 and d["images_with_digits"] == 1         # expected from image 2's references
+    assert "digits_exact" not in metrics["per_image"][0] and metrics["per_image"][1]["digits_exact"] is False
