@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def training_curves(history: list[dict], path) -> None:
-    """history.json → PNG with the training loss and the val BLEU-4 / CIDEr-D per epoch."""
+    """history.json → PNG: training loss with its two parts, and val BLEU-4 / CIDEr-D (/ digits exact) per epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -14,11 +14,18 @@ def training_curves(history: list[dict], path) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot(epochs, [h["loss"] for h in history], marker="o")
-    left.set(xlabel="epoch", ylabel="training loss", title="loss (cross-entropy + attention term)")
+    lam = history[0].get("attention_lambda", 1.0) if history else 1.0
+    left.plot(epochs, [h["loss"] for h in history], marker="o", label="total")
+    if history and "xent" in history[0]:
+        left.plot(epochs, [h["xent"] for h in history], marker="s", label="cross-entropy per token")
+        left.plot(epochs, [h["attention"] for h in history], marker="^", label="attention term per token")
+    left.set(xlabel="epoch", ylabel="training loss", title=f"loss = cross-entropy + {lam:g} × attention term")
+    left.legend()
     right.plot(epochs, [h["val_Bleu_4"] for h in history], marker="o", label="BLEU-4")
     right.plot(epochs, [h["val_CIDEr"] for h in history], marker="s", label="CIDEr-D")
-    right.set(xlabel="epoch", title="validation, greedy decoding")
+    if history and history[0].get("val_digits_exact") is not None:
+        right.plot(epochs, [h["val_digits_exact"] for h in history], marker="^", label="digits exact")
+    right.set(xlabel="epoch", title="validation, decoded as GenerateCaptions decodes")
     right.legend()
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -28,9 +35,35 @@ def training_curves(history: list[dict], path) -> None:
     plt.close(fig)
 
 
-def attention_maps(alphas, image_size: tuple[int, int]):
+def word_attention(tokens, alphas):
+    """The attention rows of a generated caption's words. Row t of `alphas` is the attention when tokens[t]
+    was chosen; the caption (Vocabulary.decode) skips <start> and <pad> and stops at <end>, so keep exactly
+    the rows of the words it shows, and word k of the caption pairs with row k of the result."""
+    import numpy as np
+
+    from pipeline.vocabulary import END, PAD, SPECIALS, START
+
+    tokens = np.asarray(tokens).tolist()
+    end = SPECIALS.index(END)
+    stop = tokens.index(end) if end in tokens else len(tokens)
+    keep = [t for t in range(stop) if tokens[t] not in (SPECIALS.index(START), SPECIALS.index(PAD))]
+    return np.asarray(alphas, np.float32)[keep]
+
+
+def attention_scale(alphas) -> float:
+    """The one colour-scale top for all words of an image: its largest attention weight over every word.
+    (Scaling each word to its own max would make uniform attention, 1/P everywhere, look like a hot spot.)"""
+    import numpy as np
+
+    alphas = np.asarray(alphas, np.float32)
+    return max(float(alphas.max()) if alphas.size else 0.0, 1e-12)
+
+
+def attention_maps(alphas, image_size: tuple[int, int], vmax: float | None = None):
     """alphas (T, P) with P a square grid (64 → 8×8, row-major like the features) → (T, H, W) float32
-    maps in [0, 1], upsampled smoothly (bicubic) to the image's (W, H)."""
+    maps in [0, 1], upsampled smoothly (bicubic) to the image's (W, H). Every word shares ONE scale:
+    map = weight / vmax, vmax defaulting to attention_scale(alphas) (the image's largest weight), so
+    1.0 is the strongest attention of the whole caption and uniform attention stays at (1/P) / vmax."""
     import numpy as np
     from PIL import Image
 
@@ -38,35 +71,52 @@ def attention_maps(alphas, image_size: tuple[int, int]):
     side = int(round(np.sqrt(alphas.shape[1])))
     if side * side != alphas.shape[1]:
         raise ValueError(f"{alphas.shape[1]} attention positions are not a square grid")
-    maps = []
-    for alpha in alphas:
-        grid = alpha.reshape(side, side)
-        grid = grid / max(float(grid.max()), 1e-12)
-        maps.append(np.asarray(Image.fromarray(grid, mode="F").resize(image_size, Image.BICUBIC)).clip(0, 1))
+    vmax = attention_scale(alphas) if vmax is None else vmax
+    grids = [alpha.reshape(side, side) / np.float32(vmax) for alpha in alphas]
+    maps = [np.asarray(Image.fromarray(g, mode="F").resize(image_size, Image.BICUBIC)).clip(0, 1) for g in grids]
     return np.stack(maps) if maps else np.zeros((0, image_size[1], image_size[0]), np.float32)
 
 
+def scale_note(alphas) -> str:
+    """How to read the shared scale of an image's attention pictures."""
+    import numpy as np
+
+    positions = np.asarray(alphas).shape[-1] or 1
+    return (f"one scale for all words: brightest = {attention_scale(alphas):.3f} (this image's largest weight); "
+            f"uniform attention = 1/{positions} = {1 / positions:.3f}")
+
+
 def attention_grid(image, words: list[str], alphas, path, columns: int = 4) -> None:
-    """One panel per generated word: the image with that word's attention overlaid, the word as title.
-    image: uint8 (H, W, 3); alphas (len(words), P)."""
+    """One panel per generated word: the image with that word's attention overlaid, titled with the word and
+    its largest weight. All panels share one colour scale (attention_maps), shown by a colourbar in
+    attention-weight units with the uniform level 1/P marked. image: uint8 (H, W, 3); alphas (≥ len(words), P),
+    row k = word k (see word_attention)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     from storage.workspace import atomic_file
 
     height, width = image.shape[:2]
-    maps = attention_maps(np.asarray(alphas)[:len(words)], (width, height))
+    alphas = np.asarray(alphas, np.float32)[:len(words)]
+    vmax = attention_scale(alphas)
+    maps = attention_maps(alphas, (width, height), vmax)
     rows = max(1, -(-len(words) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows * height / width + 0.4 * rows))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns + 1, 3 * rows * height / width + 0.4 * rows + 0.5),
+                             layout="constrained")
     for k, ax in enumerate(np.atleast_1d(axes).ravel()):
         ax.axis("off")
         if k < len(words):
             ax.imshow(image)
             ax.imshow(maps[k], cmap="gray", alpha=0.6, vmin=0, vmax=1)
-            ax.set_title(words[k], fontsize=12)
-    fig.tight_layout()
+            ax.set_title(f"{words[k]} (max {alphas[k].max():.2f})", fontsize=11)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, vmax), cmap="gray"), ax=axes, label="attention weight")
+    if alphas.shape[1] and 1 / alphas.shape[1] <= vmax:
+        bar.ax.axhline(1 / alphas.shape[1], color="red", linewidth=2)   # the uniform level 1/P
+    fig.suptitle(scale_note(alphas) + " (red line on the colour bar)", fontsize=9)
     with atomic_file(Path(path), suffix=".png") as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)
@@ -90,9 +140,60 @@ def _thumbnail_data_uri(image, width: int, overlay=None) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def html_report(path, title: str, corpus: dict, entries: list[dict], notes: list[str] = ()) -> None:
+def _score(value, digits: int = 4) -> str:
+    return "unavailable" if value is None else f"{value:.{digits}f}"
+
+
+def _metrics_tables(corpus: dict, digits: dict | None) -> str:
+    """The report's head: caption metrics (CIDEr shown as CIDEr-D, the variant pycocoevalcap computes), then
+    the digit metrics and caption diversity."""
+    import html
+
+    from pipeline.evaluate import DIGIT_LABELS, metric_label
+
+    head = ("<table><tr>" + "".join(f"<th>{html.escape(metric_label(k))}</th>" for k in corpus) + "</tr><tr>"
+            + "".join(f"<td>{_score(v)}</td>" for v in corpus.values()) + "</tr></table>")
+    if not digits:
+        return head
+    cells = [(label, _score(digits.get(key))) for key, label in DIGIT_LABELS.items()]
+    cells.append(("caption diversity", f"{digits['distinct_captions']} distinct captions / {digits['images']} images "
+                                       f"({digits['distinct_captions'] / max(digits['images'], 1):.3f})"))
+    return (head + "<h3>Digits and diversity</h3><table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k, _ in cells)
+            + "</tr><tr>" + "".join(f"<td>{html.escape(v)}</td>" for _, v in cells) + "</tr></table>"
+            + f"<p><em>{html.escape(digits_note(digits))}</em></p>")
+
+
+def digits_note(digits: dict) -> str:
+    """What the digit metrics count (unavailable = not measurable here, never a zero score)."""
+    return (f"digits exact / count right: over {digits['images_with_digits']} images with known digits; attention "
+            f"grounding: share of emitted digit words whose strongest attention cell overlaps that digit's box, "
+            f"over {digits['images_with_boxes']} images with boxes. Unavailable = nothing to measure (no digit labels, "
+            "no boxes, or no digit word emitted), not a score of 0.")
+
+
+def _entry_row(e: dict) -> str:
+    """One example image of the report: caption, references, and a thumbnail per word on a shared scale."""
+    import html
+
+    import numpy as np
+
+    alphas = np.asarray(e["alphas"], np.float32)[:len(e["words"])]
+    maps = attention_maps(alphas, (e["image"].shape[1], e["image"].shape[0]))
+    figures = "".join(f"<figure><img src='{_thumbnail_data_uri(e['image'], 72, m)}'>"
+                      f"<figcaption>{html.escape(w)} ({a.max():.2f})</figcaption></figure>"
+                      for w, m, a in zip(e["words"], maps, alphas))
+    refs = "".join(f"<li>{html.escape(r)}</li>" for r in e["references"])
+    named = (f"<br>digits named {e['named']}, expected {e['expected']}" if e.get("expected") is not None else "")
+    return (f"<tr><td><img src='{_thumbnail_data_uri(e['image'], 200)}'><br>id {e['image_id']}</td>"
+            f"<td><b>{html.escape(e['caption'])}</b><br>CIDEr-D {e['cider']:.3f}{named}<ul>{refs}</ul></td>"
+            f"<td class=att>{figures}<br><small>{html.escape(scale_note(alphas))}</small></td></tr>")
+
+
+def html_report(path, title: str, corpus: dict, entries: list[dict], notes: list[str] = (),
+                digits: dict | None = None) -> None:
     """A static, self-contained HTML page (images embedded). entries: {"section", "image" uint8 (H, W, 3),
-    "image_id", "caption", "references", "cider", "words", "alphas" (T, P)}."""
+    "image_id", "caption", "references", "cider", "words", "alphas" (≥ len(words), P) row k = word k,
+    optional "expected" / "named" digit lists}; digits: the metrics' "digits" dict (evaluate_split)."""
     import html
     import itertools
 
@@ -102,22 +203,12 @@ def html_report(path, title: str, corpus: dict, entries: list[dict], notes: list
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}.att img{margin:1px}"
              ".att figure{display:inline-block;margin:2px;text-align:center;font-size:11px}</style>",
-             f"<h1>{html.escape(title)}</h1><table><tr>"
-             + "".join(f"<th>{html.escape(k)}</th>" for k in corpus) + "</tr><tr>"
-             + "".join(f"<td>{'unavailable' if v is None else f'{v:.4f}'}</td>" for v in corpus.values())
-             + "</tr></table>"]
+             f"<h1>{html.escape(title)}</h1>", _metrics_tables(corpus, digits)]
     parts += [f"<p><em>{html.escape(n)}</em></p>" for n in notes]
     for section, group in itertools.groupby(entries, key=lambda e: e["section"]):
         parts.append(f"<h2>{html.escape(section)}</h2><table><tr><th>image</th><th>captions</th>"
-                     "<th>attention per word</th></tr>")
-        for e in group:
-            maps = attention_maps(e["alphas"][:len(e["words"])], (e["image"].shape[1], e["image"].shape[0]))
-            figures = "".join(f"<figure><img src='{_thumbnail_data_uri(e['image'], 72, m)}'>"
-                              f"<figcaption>{html.escape(w)}</figcaption></figure>" for w, m in zip(e["words"], maps))
-            refs = "".join(f"<li>{html.escape(r)}</li>" for r in e["references"])
-            parts.append(f"<tr><td><img src='{_thumbnail_data_uri(e['image'], 200)}'><br>id {e['image_id']}</td>"
-                         f"<td><b>{html.escape(e['caption'])}</b><br>CIDEr-D {e['cider']:.3f}<ul>{refs}</ul></td>"
-                         f"<td class=att>{figures}</td></tr>")
+                     "<th>attention per word (largest weight), one scale per image</th></tr>")
+        parts += [_entry_row(e) for e in group]
         parts.append("</table>")
     with atomic_file(Path(path), suffix=".html") as tmp:
         Path(tmp).write_text("\n".join(parts), encoding="utf-8")
