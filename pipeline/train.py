@@ -10,8 +10,9 @@ Input pipeline (memory O(block + shuffle buffer + batch), never O(dataset)):
 Training: Adam with global-norm clipping and an optional schedule, a compiled step run under a tf.distribute
 strategy (MirroredStrategy over several GPUs, default strategy otherwise), optional mixed precision and XLA.
 Checkpoints (model, optimizer, counters) every `checkpoint_every` steps and at each epoch end, in a
-directory outside the task output. Each epoch ends with free-running greedy decoding of the val split scored
-with BLEU-4 and CIDEr-D; the best weights are kept; training stops early after `patience` epochs without a
+directory outside the task output. Each epoch ends with free-running decoding of the val split with the
+[generation] settings (beam, length penalty, <unk> suppression: what GenerateCaptions will run) scored with
+BLEU-4 and CIDEr-D; the best-CIDEr-D weights are kept; training stops early after `patience` epochs without a
 better CIDEr-D.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline import digits
 from pipeline.errors import InputError
 from pipeline.progress import format_seconds
 from pipeline.vocabulary import Vocabulary
@@ -43,6 +45,8 @@ DEFAULTS = dict(
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
     attention_lambda=1.0, patience=5, checkpoint_every=500, shuffle_buffer=1000, block_rows=256, seed=0,
     mixed_precision=False, jit_compile=False, strategy="auto", val_batch_size=128, cpu_devices=1,
+    # [generation]: validation decodes exactly as GenerateCaptions will, so the best epoch is chosen for it
+    decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
 )
 DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell")
 
@@ -196,15 +200,20 @@ def make_optimizer(settings: dict, steps_per_epoch: int):
     return optimizer
 
 
-def greedy_captions(model, by_shard, vocab: Vocabulary, max_length: int, batch_size: int,
-                    block_rows: int = 256) -> dict[int, str]:
-    """{image_id: greedy caption} for every image of a split index."""
-    from pipeline.decode import greedy_fn
+def decoded_captions(model, by_shard, vocab: Vocabulary, decoding: dict, batch_size: int,
+                     block_rows: int = 256) -> dict[int, str]:
+    """{image_id: caption} for every image of a split index, decoded with the [generation] settings `decoding`
+    (beam_size, max_length, length_penalty, suppress_unk), as GenerateCaptions decodes."""
+    from pipeline.decode import beam_fn, greedy_fn
 
-    decode = greedy_fn(model, max_length, vocab.index["<start>"], vocab.index["<end>"])
+    start, end = vocab.index["<start>"], vocab.index["<end>"]
+    unk = vocab.index["<unk>"] if decoding["suppress_unk"] else None
+    decode = (greedy_fn(model, decoding["max_length"], start, end, unk) if decoding["beam_size"] == 1 else
+              beam_fn(model, decoding["beam_size"], decoding["max_length"], start, end, unk,
+                      decoding["length_penalty"]))
     out = {}
     for ids, feats in feature_batches(by_shard, batch_size, block_rows):
-        tokens, _ = decode(feats)
+        tokens = decode(feats)[0]
         for image_id, row in zip(ids.tolist(), tokens.numpy()):
             out[image_id] = vocab.decode(row)
     return out
@@ -271,8 +280,9 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
 
     train_rows, val_rows = shard_rows(store_dir, train_index), shard_rows(store_dir, val_index)
     captions = caption_ids(manifests.read_manifest(manifests.manifest_path(annotations_dir, "train")), vocab)
-    val_refs = {r["image_id"]: r["captions"] for r in
-                manifests.read_manifest(manifests.manifest_path(annotations_dir, "val"))}
+    val_records = manifests.read_manifest(manifests.manifest_path(annotations_dir, "val"))
+    val_refs = {r["image_id"]: r["captions"] for r in val_records}
+    val_digits = {r["image_id"]: digits.expected_digits(r) for r in val_records}
     with h5py.File(next(iter(train_rows)), "r") as f:
         positions, channels = f["features"].shape[1:]
     n_pairs = count_pairs(train_rows, captions)
@@ -321,7 +331,7 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
             loss, xent, doubly, n = train_step(features, caps)
             counters["step"].assign_add(1)
             counters["step_in_epoch"].assign_add(1)
-            losses.append(float(loss))
+            losses.append((float(loss), float(xent), float(doubly)))
             seen += int(n)
             if int(counters["step"].numpy()) % settings["checkpoint_every"] == 0:
                 manager.save(checkpoint_number=counters["step"])
@@ -332,8 +342,8 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
                         total_steps, float(loss), float(xent), float(doubly), seen / max(elapsed, 1e-9),
                         (total_steps - step_now) * elapsed / max(in_epoch - skip, 1))
         seconds = time.monotonic() - start
-        hyps = greedy_captions(model, val_rows, vocab, vocab.max_length + 2, settings["val_batch_size"],
-                               settings["block_rows"])
+        hyps = decoded_captions(model, val_rows, vocab, settings["decoding"], settings["val_batch_size"],
+                                settings["block_rows"])
         scores = score(val_refs, hyps)
         improved = scores["CIDEr"] > float(counters["best"].numpy())
         if improved:
@@ -343,13 +353,20 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
             counters["bad_epochs"].assign(0)
         else:
             counters["bad_epochs"].assign_add(1)
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
-                        "val_Bleu_4": scores["Bleu_4"], "val_CIDEr": scores["CIDEr"], "seconds": round(seconds, 2),
+        means = np.mean(losses, axis=0).tolist() if losses else [None] * 3
+        exact = digits.digits_exact(hyps, val_digits)   # None unless the captions name digits (the demo)
+        history.append({"epoch": epoch + 1, "loss": means[0], "xent": means[1], "attention": means[2],
+                        "attention_lambda": settings["attention_lambda"], "val_Bleu_4": scores["Bleu_4"],
+                        "val_CIDEr": scores["CIDEr"], "val_digits_exact": exact,
+                        "val_distinct": digits.distinct_captions(hyps), "seconds": round(seconds, 2),
                         "captions_per_second": round(seen / max(seconds, 1e-9), 1), "best": improved,
                         "example": next(iter(hyps.values()), "")})
-        log.info("epoch %d/%d: loss %.4f, val BLEU-4 %.4f, CIDEr-D %.4f%s, %.0fs, %.1f captions/s",
-                 epoch + 1, settings["epochs"], history[-1]["loss"] or float("nan"), scores["Bleu_4"],
-                 scores["CIDEr"], " (best)" if improved else "", seconds, history[-1]["captions_per_second"])
+        log.info("epoch %d/%d: loss %.4f (xent %.4f + %g × attention %.4f), val BLEU-4 %.4f, CIDEr-D %.4f%s, "
+                 "%s%.0fs, %.1f captions/s", epoch + 1, settings["epochs"], means[0] or float("nan"),
+                 means[1] or float("nan"), settings["attention_lambda"], means[2] or float("nan"), scores["Bleu_4"],
+                 scores["CIDEr"], " (best)" if improved else "",
+                 f"digits exact {exact:.3f}, " if exact is not None else "", seconds,
+                 history[-1]["captions_per_second"])
         counters["epoch"].assign_add(1)
         counters["step_in_epoch"].assign(0)
         manager.save(checkpoint_number=counters["step"])
@@ -392,7 +409,7 @@ def make_train_step(model, optimizer, strategy, settings):
 def _report(callback, epoch, epochs, step_in_epoch, steps_per_epoch, step, total_steps, loss, xent, doubly, rate,
             eta_seconds):
     message = (f"epoch {epoch + 1}/{epochs}, step {step_in_epoch}/{steps_per_epoch} (total {step}/{total_steps}), "
-               f"loss {loss:.4f} (xent {xent:.4f} + attention {doubly:.4f}), {rate:.1f} captions/s, "
+               f"loss {loss:.4f} (xent {xent:.4f} + λ × attention {doubly:.4f}), {rate:.1f} captions/s, "
                f"ETA {format_seconds(eta_seconds)} (+ validation)")
     log.info(message)
     if callback is not None:

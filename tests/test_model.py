@@ -48,10 +48,26 @@ def test_doubly_stochastic_term_zero_iff_every_position_sums_to_one():
     assert float(caption_loss(logits, uniform, targets)[2]) == pytest.approx(0.0, abs=1e-10)
     half = tf.fill((1, P // 2, P), 1.0 / P)                   # too few steps: Σ_t α = 0.5
     short = caption_loss(tf.zeros((1, P // 2, V)), half, tf.ones((1, P // 2), tf.int32))
-    assert float(short[2]) == pytest.approx(P * 0.25)
+    assert float(short[2]) == pytest.approx(P * 0.25 / (P // 2))   # the paper's Σ_i, per real token
     padded = tf.concat([tf.eye(P)[None], tf.fill((1, 3, P), 1.0 / P)], 1)   # padded steps do not count
     targets = tf.concat([tf.ones((1, P), tf.int32), tf.zeros((1, 3), tf.int32)], 1)
     assert float(caption_loss(tf.zeros((1, P + 3, V)), padded, targets)[2]) == 0.0
+
+
+def test_loss_is_the_papers_per_caption_sum_divided_by_the_batch_tokens():
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(size=(2, 5, V)), tf.float32)
+    alphas = tf.nn.softmax(tf.constant(rng.normal(size=(2, 5, P)), tf.float32))
+    targets = tf.constant([[4, 5, 6, 2, 0], [7, 2, 0, 0, 0]])            # 4 + 2 real tokens
+    total, xent, attention = caption_loss(logits, alphas, targets, attention_lambda=0.3)
+    nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits).numpy()
+    paper = 0.0   # Xu et al. eq. 14 for each caption: Σ_t NLL + λ Σ_i (1 − Σ_t α_ti)², real steps only
+    for b, n in ((0, 4), (1, 2)):
+        coverage = alphas.numpy()[b, :n].sum(0)
+        paper += nll[b, :n].sum() + 0.3 * ((1 - coverage) ** 2).sum()
+    assert float(total) == pytest.approx(paper / 6, rel=1e-5)
+    assert float(total) == pytest.approx(float(xent) + 0.3 * float(attention), rel=1e-6)
+    assert float(xent) == pytest.approx((nll[0, :4].sum() + nll[1, :2].sum()) / 6, rel=1e-5)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
