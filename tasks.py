@@ -27,7 +27,7 @@ import luigi
 import luigi.configuration
 
 from pipeline import annotations, demo as demo_lib, encoder as encoder_lib, features as features_lib
-from pipeline import train as train_lib, vocabulary as vocab_lib
+from pipeline import pretrain as pretrain_lib, train as train_lib, vocabulary as vocab_lib
 from pipeline.errors import InputError
 from storage import manifests, shards, workspace as ws
 
@@ -162,7 +162,8 @@ class vocabulary(Section):
 
 class encoder(Section):
     """[encoder] InceptionV3 feature extractor."""
-    weights = luigi.Parameter(default="imagenet", description="imagenet | path to a weights .h5 | random:<seed>")
+    weights = luigi.Parameter(default="imagenet",
+                              description="imagenet | digits | path to a weights .h5 | random:<seed>")
     image_size = luigi.IntParameter(default=299, description="input side in pixels; 299 gives 8x8 positions")
     batch_size = luigi.IntParameter(default=32, description="images per forward pass")
     decode_workers = luigi.IntParameter(default=0, description="image decoding threads; 0: one per CPU core")
@@ -171,6 +172,27 @@ class encoder(Section):
         return (self.require(self.image_size >= 75, "image_size", "must be at least 75 (InceptionV3's minimum)")
                 + self.require(self.batch_size >= 1, "batch_size", "must be at least 1")
                 + self.require(self.decode_workers >= 0, "decode_workers", "must be 0 (auto) or more"))
+
+
+class pretrain(Section):
+    """[pretrain] the built-in digits encoder (pipeline/pretrain.py), used when [encoder] weights = digits."""
+    steps = luigi.IntParameter(default=350, description="training steps")
+    batch_size = luigi.IntParameter(default=64, description="scene crops per step")
+    crop = luigi.IntParameter(default=75, description="crop side in px; 75 has one mixed10 cell, 107 has 2x2")
+    learning_rate = luigi.FloatParameter(default=2e-3, description="Adam peak rate (warm-up, then cosine decay)")
+    warmup_steps = luigi.IntParameter(default=20)
+    seed = luigi.IntParameter(default=0)
+    bn_scenes = luigi.IntParameter(default=256, description="299-px scenes that re-estimate the batch norms")
+    bfloat16 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                   description="bfloat16 compute (fast on CPUs with AMX / AVX-512 BF16, GPUs)")
+
+    def problems(self):
+        out = []
+        for key in ("steps", "batch_size", "warmup_steps", "bn_scenes"):
+            out += self.require(getattr(self, key) >= (0 if key == "warmup_steps" else 1), key,
+                                "must be at least " + ("0" if key == "warmup_steps" else "1"))
+        out += self.require(self.crop >= 75, "crop", "must be at least 75 (InceptionV3's minimum)")
+        return out + self.require(self.learning_rate > 0, "learning_rate", "must be positive")
 
 
 class features(Section):
@@ -316,6 +338,7 @@ class Stage(ReportsProgress, luigi.Task):
 class MakeDemoDataset(Stage):
     """The built-in digits dataset in COCO captions format (see pipeline/demo.py)."""
     stage = "demo"
+    version = 2   # 2: digit boxes in the images' metadata
 
     def settings(self):
         c = demo.read()
@@ -337,6 +360,7 @@ class MakeDemoDataset(Stage):
 class ExtractAnnotations(Stage):
     """Stage 1: caption files → annotations/<fp>/{train,val,test}.jsonl + report.json."""
     stage = "annotations"
+    version = 2   # 2: digit datasets' labels and boxes kept in the manifests
 
     def requires(self):
         return [MakeDemoDataset()] if dataset.read().source == "demo" else []
@@ -399,11 +423,37 @@ class BuildVocabulary(Stage):
             vocab_lib.make_vocabulary(self.input().path, tmp, **self.settings())
 
 
+class PretrainDigitsEncoder(Stage):
+    """InceptionV3 pretrained on scikit-learn digits (the demo's train pool): encoders/<fp>/ with the weights
+    file and report.json (held-out accuracy, steps, seconds). Feeds ExtractShard when [encoder] weights = digits."""
+    stage = "encoders"
+
+    def settings(self):
+        return {**section_values(pretrain), "pool_seed": demo.read().seed}
+
+    def weights_path(self) -> Path:
+        return Path(self.output().path) / pretrain_lib.WEIGHTS_FILE
+
+    def run(self):
+        with self.atomic_output() as tmp:
+            report = pretrain_lib.pretrain(tmp, self.settings(), progress_callback=self.report_progress)
+            manifests.write_json(tmp / "report.json", report)
+        self.counts = {"held_out": report["held_out"], "seconds": report["seconds"]}
+
+
+def uses_digits_encoder() -> bool:
+    return encoder.read().weights.strip() == "digits"
+
+
 def encoder_identity() -> dict:
     """The configured weights, resolved (file hashed, imagenet located) once per process."""
     spec = encoder.read().weights
     if spec not in _identities:
-        _identities[spec] = encoder_lib.resolve_weights(spec)
+        if uses_digits_encoder():
+            task = PretrainDigitsEncoder()
+            _identities[spec] = encoder_lib.digits_identity(task.weights_path(), task.fingerprint())
+        else:
+            _identities[spec] = encoder_lib.resolve_weights(spec)
     return _identities[spec]
 
 
@@ -456,6 +506,9 @@ class ExtractShard(ReportsProgress, luigi.Task):
     plan = luigi.Parameter()
     shard = luigi.Parameter()
     resources = {"gpu": 1}
+
+    def requires(self):
+        return PretrainDigitsEncoder() if uses_digits_encoder() else []
 
     def output(self):
         return ShardTarget(str(store_dir() / f"{self.shard}.h5"))
@@ -540,7 +593,7 @@ def section_values(section) -> dict:
 class TrainDecoder(Stage):
     """Train the decoder on the train split's features: models/<fp>/ (checkpoints in checkpoints/<fp>/)."""
     stage = "models"
-    version = 2   # 2: features standardised with train-set statistics inside the model
+    version = 3   # 2: features standardised with train-set statistics; 3: loss per token, validation as generation
 
     def requires(self):
         return {"vocabulary": BuildVocabulary(), "train": ExtractFeatures(split="train"),
@@ -550,7 +603,7 @@ class TrainDecoder(Stage):
     operational = ("checkpoint_every", "val_batch_size", "cpu_devices", "verify_shards")
 
     def settings(self):
-        values = {**section_values(decoder), **section_values(training)}
+        values = {**section_values(decoder), **section_values(training), "decoding": validation_decoding()}
         return {k: v for k, v in values.items() if k not in self.operational}
 
     def run(self):
@@ -568,15 +621,25 @@ class TrainDecoder(Stage):
         train_index = manifests.read_json(self.input()["train"].path)
         provenance = {"store": store_dir().name, "encoder": store_settings(), "positions": len_positions(),
                       "weights_path": encoder_identity().get("path"),
+                      "weights_sha256": (ws.file_sha256(encoder_identity()["path"]) if uses_digits_encoder()
+                                         else encoder_identity().get("sha256")),
                       "train_index": self.input()["train"].path, "val_index": self.input()["val"].path}
         with self.atomic_output() as tmp:
             history = train_lib.train_decoder(tmp, root / "checkpoints" / self.fingerprint(), store_dir(),
                                               train_index, manifests.read_json(self.input()["val"].path),
                                               self.requires()["vocabulary"].input().path,
                                               Path(self.input()["vocabulary"].path) / manifests.VOCAB_FILE,
-                                              {**section_values(decoder), **section_values(training)}, provenance,
+                                              {**section_values(decoder), **section_values(training),
+                                               "decoding": validation_decoding()}, provenance,
                                               progress_callback=self.report_progress)
         self.counts = {"epochs": len(history), "best_val_CIDEr": max((h["val_CIDEr"] for h in history), default=None)}
+
+
+def validation_decoding() -> dict:
+    """The [generation] settings TrainDecoder validates with: the best epoch is the best for GenerateCaptions."""
+    g = generation.read()
+    return {"beam_size": g.beam_size, "max_length": g.max_length, "length_penalty": g.length_penalty,
+            "suppress_unk": g.suppress_unk}
 
 
 class GenerateCaptions(Stage):

@@ -156,7 +156,8 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
             results.append({"image": path, "caption": vocab.decode(row)})
             if plot:
                 out = plot if len(images) == 1 else plot.with_name(f"{plot.stem}-{done}{plot.suffix}")
-                plots.attention_grid(load_for_display(path, 640), results[-1]["caption"].split(), alpha, out)
+                plots.attention_grid(load_for_display(path, 640), results[-1]["caption"].split(),
+                                     plots.word_attention(row, alpha), out)
                 results[-1]["plot"] = str(out)
     order = {str(p): i for i, p in enumerate(images)}
     results.sort(key=lambda r: order[r["image"]])
@@ -184,20 +185,25 @@ def _training_encoder(provenance: dict, weights: Path | None) -> dict:
                                        f"this version extracts {value!r}. Refusing to mix them.")
     if recorded["weights"] == "random":
         return encoder_lib.resolve_weights(f"random:{recorded['seed']}")
+    # file/imagenet stores are keyed by the file's sha256; the digits encoder's by its pretraining fingerprint,
+    # with the sha256 of the file recorded by TrainDecoder
+    expected_sha = recorded.get("sha256") or provenance.get("weights_sha256")
     candidates = [p for p in (weights, provenance.get("weights_path"),
                               encoder_lib.keras_cache_file() if recorded["weights"] == "imagenet" else None) if p]
     seen = []
     for path in map(Path, candidates):
         if path.is_file():
             digest = file_sha256(path)
-            if digest == recorded["sha256"]:
+            if digest == expected_sha:
+                if recorded["weights"] == "digits":
+                    return encoder_lib.digits_identity(path, recorded["pretrain"])
                 return {"weights": recorded["weights"], "path": str(path), "sha256": digest}
             seen.append(f"{path} has sha256 {digest[:12]}…")
         else:
             seen.append(f"{path} does not exist")
     raise click.ClickException(
         f"the model was trained on features from {recorded['weights']} weights with sha256 "
-        f"{recorded['sha256'][:12]}…, and no such file was found ({'; '.join(seen)}). "
+        f"{(expected_sha or '?')[:12]}…, and no such file was found ({'; '.join(seen)}). "
         "Fix: pass --weights with the weights file used for training.")
 
 
@@ -220,7 +226,8 @@ def plot_attention(captions_dir: Path, image_id: int, out: Path | None) -> None:
         results = json.loads((captions_dir / f"{split}.json").read_text())
         text = next(r["caption"] for r in results if r["image_id"] == image_id)
         out = out or Path(f"attention-{image_id}.png")
-        plots.attention_grid(load_for_display(maps["path"], 640), text.split(), maps["attention"], out)
+        plots.attention_grid(load_for_display(maps["path"], 640), text.split(),
+                             plots.word_attention(maps["tokens"], maps["attention"]), out)
         click.echo(f"{out}: {text}")
         return
     raise click.ClickException(f"image {image_id} is not in any *-attention.h5 under {captions_dir}")

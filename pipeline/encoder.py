@@ -7,6 +7,9 @@ Weights:
   imagenet       Keras' cached file ~/.keras/models/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5
                  ($KERAS_HOME/models when set), downloaded by Keras when missing and online.
   /path/file.h5  a weights file for InceptionV3(include_top=False): a Keras `.weights.h5` or legacy `.h5`.
+  digits         InceptionV3 pretrained here, offline, on scikit-learn's handwritten digits (pipeline/pretrain.py,
+                 Luigi stage PretrainDigitsEncoder): the demo's stand-in for ImageNet. Identified by the
+                 pretraining stage's fingerprint; the file's sha256 is recorded in every shard as well.
   random:<seed>  no pretrained weights, for offline demos and tests: the InceptionV3 architecture with every
                  convolution kernel drawn He-normal (std √(2 / fan_in)) from numpy's generator seeded with
                  <seed>, batch norms at identity. He scaling keeps activations O(1) through the 94 ReLU
@@ -27,6 +30,7 @@ IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 CHANNELS = 2048
 PREPROCESS = "pillow bilinear resize to SxS (no crop), x/127.5-1 (inception_v3.preprocess_input)"
 ENCODER_NAME = "keras.applications.InceptionV3(include_top=False)/mixed10"
+DIGITS_PROVENANCE = "pretrained on scikit-learn handwritten digits (pipeline/pretrain.py), not ImageNet"
 
 
 def keras_cache_file() -> Path:
@@ -66,6 +70,13 @@ def resolve_weights(spec: str) -> dict:
     return {"weights": "file", "path": str(path), "sha256": file_sha256(path)}
 
 
+def digits_identity(path, pretrain_fingerprint: str) -> dict:
+    """The identity of the built-in digits encoder: the pretraining stage's fingerprint (known before the file
+    exists, so Luigi can plan the feature store) and where its weights file is (or will be)."""
+    return {"weights": "digits", "pretrain": pretrain_fingerprint, "path": str(path),
+            "pretrained_on": DIGITS_PROVENANCE}
+
+
 def _download_imagenet(path: Path) -> None:
     import keras
     from keras.src.applications import inception_v3
@@ -87,6 +98,9 @@ def weights_attrs(identity: dict) -> dict:
     out = {"weights": identity["weights"]}
     if "sha256" in identity:
         out.update(weights_sha256=identity["sha256"], weights_path=identity["path"])
+    if identity["weights"] == "digits":
+        out.update(weights_sha256=file_sha256(identity["path"]), weights_path=identity["path"],
+                   pretrain=identity["pretrain"], pretrained_on=identity["pretrained_on"])
     if "seed" in identity:
         out.update(seed=identity["seed"], weights_init=identity["init"])
     return out

@@ -1,0 +1,86 @@
+"""The built-in digits encoder: pretraining data and targets, and the PretrainDigitsEncoder stage end to end."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import demo, pretrain
+from storage import workspace as ws
+from tests.conftest import run_luigi
+
+
+def test_cell_labels_mark_the_digit_under_each_cell_centre():
+    # a 107-px crop has a 2×2 grid with centres at 37.5 and 69.5 px
+    assert pretrain.cell_grid(107) == 2
+    labels = pretrain.cell_labels([(60, 0, 20, 50, 7)], x0=0, y0=0, crop=107)   # covers x 60–80, y 0–50
+    np.testing.assert_array_equal(labels, [[10, 7], [10, 10]])
+    # the same box seen from a crop shifted 30 px right lands under the left column
+    labels = pretrain.cell_labels([(60, 0, 20, 50, 7)], x0=30, y0=0, crop=107)
+    np.testing.assert_array_equal(labels, [[7, 10], [10, 10]])
+
+
+def test_pretraining_sees_only_the_demo_train_pool(tmp_path):
+    pools = pretrain.pools(5)
+    assert not set(pools["train"]) & (set(pools["val"]) | set(pools["test"]))
+    demo.write_demo_dataset(tmp_path, 20, 5, 5, seed=5)
+    for split in ("train", "val", "test"):
+        images = json.loads((tmp_path / f"captions_{split}.json").read_text())["images"]
+        used = {k for image in images for k in image["digit_samples"]}
+        assert used <= set(pools[split].tolist())                # the demo draws each split from its own pool
+        assert all(len(image["digit_boxes"]) == len(image["digits"]) for image in images)
+
+
+def test_cell_labels_follow_a_resized_window():
+    # a 150-px scene window shown at 75 px: the single cell's centre is scene pixel (x0 + 75, y0 + 75)
+    box = [(100, 100, 40, 40, 3)]
+    assert pretrain.cell_labels(box, 30, 30, crop=75, scale=2.0).tolist() == [[3]]
+    assert pretrain.cell_labels(box, 0, 0, crop=75, scale=2.0).tolist() == [[10]]
+
+
+@pytest.mark.parametrize("crop", [75, 107])
+def test_crops_frame_digits_and_background(crop):
+    settings = {**pretrain.DEFAULTS, "batch_size": 96, "crop": crop}
+    crops, labels = next(pretrain.crop_batches(0, pretrain.pools(1797)["train"], settings))
+    g = pretrain.cell_grid(crop)
+    assert crops.shape == (96, crop, crop, 3) and crops.dtype == np.uint8
+    assert labels.shape == (96, g, g)
+    share = float(np.mean(labels != pretrain.BACKGROUND))
+    assert 0.3 < share < 0.98                                     # digits and background both taught
+    assert len(set(labels[labels != pretrain.BACKGROUND].tolist())) >= 8
+
+
+def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
+    args = ["--split", "val", "--encoder-weights", "digits", "--pretrain-bn-scenes", "16",
+            "--pretrain-steps", "3", "--pretrain-batch-size", "4"]
+    first = run_luigi("ExtractFeatures", *args, workdir=workdir)
+    assert first.returncode == 0, first.output
+    (encoder_dir,) = (workdir / "encoders").iterdir()
+    weights = encoder_dir / pretrain.WEIGHTS_FILE
+    report = json.loads((encoder_dir / "report.json").read_text())
+    assert report["settings"]["steps"] == 3 and "never ImageNet" in report["pretrained_on"]
+    assert 0 <= report["held_out"]["digit_cells"] <= 1 and report["held_out"]["pool"] == "val"
+    provenance = json.loads((encoder_dir / "provenance.json").read_text())
+    assert provenance["fingerprint"] == encoder_dir.name
+    shards = sorted(workdir.glob("features/*/shard-*.h5"))
+    assert shards
+    for shard in shards:
+        with h5py.File(shard) as f:
+            assert f.attrs["weights"] == "digits" and f.attrs["pretrain"] == encoder_dir.name
+            assert f.attrs["weights_sha256"] == ws.file_sha256(weights)
+            assert "scikit-learn" in f.attrs["pretrained_on"] and "not ImageNet" in f.attrs["pretrained_on"]
+            features = f["features"][:].astype(np.float32)
+            assert np.isfinite(features).all()
+            # batch norms re-estimated on scenes: activations at the scale they were normalised to, not
+            # the thousands a crop-trained network gives on a 299-px scene
+            assert 0 < features.mean() < 10
+
+    mtime = weights.stat().st_mtime_ns
+    again = run_luigi("ExtractFeatures", *args, workdir=workdir)
+    assert again.returncode == 0, again.output
+    assert "ran successfully" not in again.output
+    assert weights.stat().st_mtime_ns == mtime
+    # another pretraining setting is another encoder: a new weights directory and a new feature store
+    other = run_luigi("PlanShards", "--encoder-weights", "digits", "--pretrain-steps", "4", workdir=workdir)
+    assert other.returncode == 0, other.output
+    assert len(list((workdir / "features").iterdir())) == 2
