@@ -179,7 +179,7 @@ class pretrain(Section):
     steps = luigi.IntParameter(default=350, description="training steps")
     batch_size = luigi.IntParameter(default=64, description="scene crops per step")
     crop = luigi.IntParameter(default=75, description="crop side in px; 75 has one mixed10 cell, 107 has 2x2")
-    learning_rate = luigi.FloatParameter(default=2e-3, description="Adam peak rate (warm-up, then cosine decay)")
+    learning_rate = luigi.FloatParameter(default=1e-3, description="Adam peak rate (warm-up, then cosine decay)")
     warmup_steps = luigi.IntParameter(default=20)
     seed = luigi.IntParameter(default=0)
     bn_scenes = luigi.IntParameter(default=256, description="299-px scenes that re-estimate the batch norms")

@@ -22,7 +22,7 @@ def main(verbose: bool) -> None:
 
 @main.command("demo-data")
 @click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--train", "train_images", default=800, show_default=True, help="Training images.")
+@click.option("--train", "train_images", default=1200, show_default=True, help="Training images.")
 @click.option("--val", "val_images", default=100, show_default=True, help="Validation images.")
 @click.option("--test", "test_images", default=100, show_default=True, help="Test images.")
 @click.option("--seed", default=1797, show_default=True, help="Seed: the same seed gives the same files.")

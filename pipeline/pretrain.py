@@ -44,7 +44,7 @@ log = logging.getLogger("captioner")
 WEIGHTS_FILE = "inception_v3_digits.weights.h5"
 BACKGROUND = 10
 CELL_STRIDE, CELL_OFFSET = 32, 37.5   # mixed10 cell centres in input pixels (see the module docstring)
-DEFAULTS = dict(steps=350, batch_size=64, crop=75, learning_rate=2e-3, warmup_steps=20, seed=0, bfloat16=True,
+DEFAULTS = dict(steps=350, batch_size=64, crop=75, learning_rate=1e-3, warmup_steps=20, seed=0, bfloat16=True,
                 scene_size=299, crops_per_scene=3, val_crops=512, bn_scenes=256, pool_seed=1797)
 
 
