@@ -6,10 +6,12 @@ word is a COUNT when one of the next two tokens starts with "digit" or "number" 
 "two digits", "one handwritten number"). Nothing else is a digit ("a", "an", "single", "just", numerals).
 
 Attention geometry. The encoder resizes the whole image to S×S without cropping, and its feature grid has
-side × side cells (P = side² attention positions, row-major). So in ORIGINAL image pixels (width W,
-height H) cell p = r·side + c covers
+side × side cells (P = side² attention positions, row-major). InceptionV3's strided layers are 'valid', so
+cell k is centred on input pixel 37.5 + 32·k (at S = 299: 37.5 … 261.5) and owns the input up to the
+midpoints between centres, e = pipeline.encoder.cell_edges(side) as fractions of S. So in ORIGINAL image
+pixels (width W, height H) cell p = r·side + c covers
 
-    x ∈ [c·W/side, (c+1)·W/side),   y ∈ [r·H/side, (r+1)·H/side)
+    x ∈ [e[c]·W, e[c+1]·W),   y ∈ [e[r]·H, e[r+1]·H)
 
 and a digit box [x, y, w, h] covers [x, x + w) × [y, y + h). A digit word is grounded when the cell of its
 largest attention weight intersects that digit's box with positive area.
@@ -82,11 +84,15 @@ def distinct_captions(hypotheses: dict) -> int:
 
 
 def cell_rectangle(cell: int, side: int, image_size: tuple[float, float]) -> tuple[float, float, float, float]:
-    """(x0, y0, x1, y1) in original pixels of attention cell `cell` (row-major over a side × side grid laid on
-    the whole image, which the encoder squashed to a square without cropping). image_size = (W, H)."""
+    """(x0, y0, x1, y1) in original pixels of attention cell `cell` (row-major over a side × side grid on the
+    whole image, which the encoder squashed to a square without cropping), where InceptionV3's cell really
+    looks (pipeline.encoder.cell_edges: centred on 37.5 + 32·k of 299 px). image_size = (W, H)."""
+    from pipeline.encoder import cell_edges
+
     width, height = image_size
     row, col = divmod(int(cell), side)
-    return col * width / side, row * height / side, (col + 1) * width / side, (row + 1) * height / side
+    edges = cell_edges(side)
+    return edges[col] * width, edges[row] * height, edges[col + 1] * width, edges[row + 1] * height
 
 
 def overlaps(rect: tuple[float, float, float, float], box) -> bool:

@@ -48,6 +48,19 @@ def grid_size(image_size: int) -> int:
     return (s - 3) // 2 + 1             # mixed8 reduction
 
 
+def cell_edges(side: int) -> list[float]:
+    """Where the side × side mixed10 cells lie on the (squashed, square) input, as fractions 0..1 of its side.
+
+    InceptionV3's strided layers are 'valid', so cell k is centred on input pixel 37.5 + 32·k of the smallest
+    input with that grid (S = 32·side + 43: 299 for 8×8), not on (k + ½)·S/side: at 299 px the grid's centres
+    run from 37.5 to 261.5. Each cell owns the input up to the midpoints between neighbouring centres (the
+    first and last cells reach the borders). Used by the attention pictures and attention grounding."""
+    size = 32 * side + 43
+    centres = [37.5 + 32 * k for k in range(side)]
+    middles = [(a + b) / 2 / size for a, b in zip(centres, centres[1:])]
+    return [0.0, *middles, 1.0]
+
+
 def resolve_weights(spec: str) -> dict:
     """Config value → weights identity: {"weights": "imagenet"|"file"|"random", "path"?, "sha256"?, "seed"?}.
     Raises InputError naming the missing file and the alternatives."""

@@ -61,7 +61,8 @@ def attention_scale(alphas) -> float:
 
 def attention_maps(alphas, image_size: tuple[int, int], vmax: float | None = None):
     """alphas (T, P) with P a square grid (64 → 8×8, row-major like the features) → (T, H, W) float32
-    maps in [0, 1], upsampled smoothly (bicubic) to the image's (W, H). Every word shares ONE scale:
+    maps in [0, 1], upsampled smoothly to the image's (W, H) where the cells look (_place_grid). Every word
+    shares ONE scale:
     map = weight / vmax, vmax defaulting to attention_scale(alphas) (the image's largest weight), so
     1.0 is the strongest attention of the whole caption and uniform attention stays at (1/P) / vmax."""
     import numpy as np
@@ -72,9 +73,21 @@ def attention_maps(alphas, image_size: tuple[int, int], vmax: float | None = Non
     if side * side != alphas.shape[1]:
         raise ValueError(f"{alphas.shape[1]} attention positions are not a square grid")
     vmax = attention_scale(alphas) if vmax is None else vmax
-    grids = [alpha.reshape(side, side) / np.float32(vmax) for alpha in alphas]
-    maps = [np.asarray(Image.fromarray(g, mode="F").resize(image_size, Image.BICUBIC)).clip(0, 1) for g in grids]
+    maps = [_place_grid(alpha.reshape(side, side) / np.float32(vmax), image_size) for alpha in alphas]
     return np.stack(maps) if maps else np.zeros((0, image_size[1], image_size[0]), np.float32)
+
+
+def _place_grid(grid, image_size: tuple[int, int]):
+    """A side × side map drawn where InceptionV3's cells look (pipeline.encoder.cell_edges): cells 32 px apart
+    with their centres 37.5 px in from the borders of the 32·side + 43 px input, edges extended to the
+    borders, then stretched to the image's (W, H) as the encoder squashed it."""
+    import numpy as np
+    from PIL import Image
+
+    side = grid.shape[0]
+    cells = np.asarray(Image.fromarray(grid, mode="F").resize((32 * side, 32 * side), Image.BICUBIC))
+    square = np.pad(cells, ((21, 22), (21, 22)), mode="edge")            # 32·side + 43 px, centres at 37.5 + 32k
+    return np.asarray(Image.fromarray(square, mode="F").resize(image_size, Image.BILINEAR)).clip(0, 1)
 
 
 def scale_note(alphas) -> str:

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline import digits as dg
+from pipeline.encoder import cell_edges
 from pipeline.demo import NUMBER_WORDS, caption_templates
 from pipeline.evaluate import evaluate_split, summary_table
 from pipeline.plots import attention_grid, attention_maps, html_report, word_attention
@@ -69,7 +70,7 @@ def test_distinct_captions_compares_normalised_captions():
 
 # ------------------------------------------------------------------------------------- attention grounding
 
-W, H, SIDE = 160, 80, 4          # cells are 40 px wide and 20 px high in original pixels
+W, H, SIDE = 160, 80, 4          # cells about 50, 30, 30, 50 px wide and 25, 15, 15, 25 px high (cell_edges)
 
 
 def one_hot(*cells):
@@ -81,8 +82,12 @@ def one_hot(*cells):
 
 
 def test_cell_geometry_follows_the_squashed_image():
-    assert dg.cell_rectangle(0, SIDE, (W, H)) == (0, 0, 40, 20)
-    assert dg.cell_rectangle(6, SIDE, (W, H)) == (80, 20, 120, 40)          # row 1, column 2
+    # a 4×4 grid is InceptionV3 at 171 px: centres at 37.5, 69.5, 101.5, 133.5 px, cells split at the midpoints
+    assert cell_edges(SIDE) == pytest.approx([0, 53.5 / 171, 85.5 / 171, 117.5 / 171, 1])
+    assert cell_edges(8)[1] * 299 == pytest.approx(53.5) and cell_edges(8)[7] * 299 == pytest.approx(245.5)
+    assert dg.cell_rectangle(0, SIDE, (W, H)) == pytest.approx((0, 0, 53.5 / 171 * W, 53.5 / 171 * H))
+    assert dg.cell_rectangle(6, SIDE, (W, H)) == pytest.approx(                # row 1, column 2
+        (85.5 / 171 * W, 53.5 / 171 * H, 117.5 / 171 * W, 85.5 / 171 * H))
     assert dg.overlaps((0, 0, 40, 20), [39, 19, 5, 5])
     assert not dg.overlaps((0, 0, 40, 20), [40, 0, 10, 10])                 # touching edges: zero area
 
