@@ -188,9 +188,9 @@ class pretrain(Section):
 
     def problems(self):
         out = []
-        for key in ("steps", "batch_size", "warmup_steps", "bn_scenes"):
-            out += self.require(getattr(self, key) >= (0 if key == "warmup_steps" else 1), key,
-                                "must be at least " + ("0" if key == "warmup_steps" else "1"))
+        for key in ("steps", "batch_size", "bn_scenes"):
+            out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
+        out += self.require(self.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
         out += self.require(self.crop >= 75, "crop", "must be at least 75 (InceptionV3's minimum)")
         return out + self.require(self.learning_rate > 0, "learning_rate", "must be positive")
 
