@@ -62,11 +62,9 @@ def attention_scale(alphas) -> float:
 def attention_maps(alphas, image_size: tuple[int, int], vmax: float | None = None):
     """alphas (T, P) with P a square grid (64 → 8×8, row-major like the features) → (T, H, W) float32
     maps in [0, 1], upsampled smoothly to the image's (W, H) where the cells look (_place_grid). Every word
-    shares ONE scale:
-    map = weight / vmax, vmax defaulting to attention_scale(alphas) (the image's largest weight), so
+    shares ONE scale: map = weight / vmax, vmax defaulting to attention_scale(alphas) (the image's largest weight), so
     1.0 is the strongest attention of the whole caption and uniform attention stays at (1/P) / vmax."""
     import numpy as np
-    from PIL import Image
 
     alphas = np.asarray(alphas, np.float32)
     side = int(round(np.sqrt(alphas.shape[1])))
