@@ -140,9 +140,7 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
     identity = _training_encoder(provenance, weights)
     size = provenance["encoder"]["image_size"]
     forward = features.encoder_forward(identity, size)
-    start, end, unk = vocab.index["<start>"], vocab.index["<end>"], vocab.index["<unk>"]
-    decoder = (decode.greedy_fn(model, max_length, start, end, unk) if beam == 1
-               else decode.beam_fn(model, beam, max_length, start, end, unk))
+    decoder = decode.decoder_fn(model, vocab, beam, max_length)
     results, done = [], 0
     for keys, batch, failures in iter_batches([(str(p), str(p)) for p in images], size, batch_size=16):
         for key, _, reason in failures:

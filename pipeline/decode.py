@@ -183,6 +183,17 @@ def beam_fn(model, beam_size: int, max_length: int, start_id: int, end_id: int, 
     return decode
 
 
+def decoder_fn(model, vocab, beam_size: int = 3, max_length: int = 20, length_penalty: float = 1.0,
+               suppress_unk: bool = True):
+    """The compiled decoder for the [generation] settings: greedy_fn when beam_size is 1, else beam_fn.
+    Both return tokens (B, L) and alphas (B, L, P) first."""
+    unk = vocab.index["<unk>"] if suppress_unk else None
+    start, end = vocab.index["<start>"], vocab.index["<end>"]
+    if beam_size == 1:
+        return greedy_fn(model, max_length, start, end, unk)
+    return beam_fn(model, beam_size, max_length, start, end, unk, length_penalty)
+
+
 def generate(model_dir, by_shard: dict, beam_size: int = 3, max_length: int = 20,
              length_penalty: float = 1.0, suppress_unk: bool = True, batch_size: int = 64, progress_callback=None):
     """Caption every image of a split from its feature shards with the model in `model_dir`.
@@ -194,10 +205,7 @@ def generate(model_dir, by_shard: dict, beam_size: int = 3, max_length: int = 20
     from pipeline.train import feature_batches, load_model
 
     model, vocab, _ = load_model(model_dir)
-    unk = vocab.index["<unk>"] if suppress_unk else None
-    start, end = vocab.index["<start>"], vocab.index["<end>"]
-    decode = (greedy_fn(model, max_length, start, end, unk) if beam_size == 1
-              else beam_fn(model, beam_size, max_length, start, end, unk, length_penalty))
+    decode = decoder_fn(model, vocab, beam_size, max_length, length_penalty, suppress_unk)
     progress = Progress(sum(len(rows) for rows in by_shard.values()), "captioning", "images", progress_callback)
     results, ids, tokens, attention = [], [], [], []
     for batch_ids, feats in feature_batches(by_shard, batch_size, 256):

@@ -25,6 +25,7 @@ from collections import Counter
 import numpy as np
 
 from pipeline.annotations import normalize_caption
+from pipeline.encoder import cell_edges, grid_side
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _VALUE = {word: value for value, word in enumerate(NUMBER_WORDS)}
@@ -87,8 +88,6 @@ def cell_rectangle(cell: int, side: int, image_size: tuple[float, float]) -> tup
     """(x0, y0, x1, y1) in original pixels of attention cell `cell` (row-major over a side × side grid on the
     whole image, which the encoder squashed to a square without cropping), where InceptionV3's cell really
     looks (pipeline.encoder.cell_edges: centred on 37.5 + 32·k of 299 px). image_size = (W, H)."""
-    from pipeline.encoder import cell_edges
-
     width, height = image_size
     row, col = divmod(int(cell), side)
     edges = cell_edges(side)
@@ -108,9 +107,7 @@ def grounded_digit_words(words: list[str], attention, boxes, image_size) -> tupl
     image_size (W, H). The k-th digit word emitted is matched to the k-th box; digit words beyond the
     boxes are not grounded."""
     attention = np.asarray(attention, np.float32)
-    side = int(round(np.sqrt(attention.shape[1])))
-    if side * side != attention.shape[1]:
-        raise ValueError(f"{attention.shape[1]} attention positions are not a square grid")
+    side = grid_side(attention.shape[1])
     emitted = digit_words(words)
     grounded = sum(overlaps(cell_rectangle(int(np.argmax(attention[pos])), side, image_size), boxes[k])
                    for k, (pos, _) in enumerate(emitted) if k < len(boxes))

@@ -48,6 +48,14 @@ def grid_size(image_size: int) -> int:
     return (s - 3) // 2 + 1             # mixed8 reduction
 
 
+def grid_side(positions: int) -> int:
+    """Side of the square grid of `positions` attention positions (64 → 8); ValueError when not square."""
+    side = int(round(positions ** 0.5))
+    if side * side != positions:
+        raise ValueError(f"{positions} attention positions are not a square grid")
+    return side
+
+
 def cell_edges(side: int) -> list[float]:
     """Where the side × side mixed10 cells lie on the (squashed, square) input, as fractions 0..1 of its side.
 

@@ -66,10 +66,10 @@ def attention_maps(alphas, image_size: tuple[int, int], vmax: float | None = Non
     1.0 is the strongest attention of the whole caption and uniform attention stays at (1/P) / vmax."""
     import numpy as np
 
+    from pipeline.encoder import grid_side
+
     alphas = np.asarray(alphas, np.float32)
-    side = int(round(np.sqrt(alphas.shape[1])))
-    if side * side != alphas.shape[1]:
-        raise ValueError(f"{alphas.shape[1]} attention positions are not a square grid")
+    side = grid_side(alphas.shape[1])
     vmax = attention_scale(alphas) if vmax is None else vmax
     maps = [_place_grid(alpha.reshape(side, side) / np.float32(vmax), image_size) for alpha in alphas]
     return np.stack(maps) if maps else np.zeros((0, image_size[1], image_size[0]), np.float32)

@@ -204,13 +204,9 @@ def decoded_captions(model, by_shard, vocab: Vocabulary, decoding: dict, batch_s
                      block_rows: int = 256) -> dict[int, str]:
     """{image_id: caption} for every image of a split index, decoded with the [generation] settings `decoding`
     (beam_size, max_length, length_penalty, suppress_unk), as GenerateCaptions decodes."""
-    from pipeline.decode import beam_fn, greedy_fn
+    from pipeline.decode import decoder_fn
 
-    start, end = vocab.index["<start>"], vocab.index["<end>"]
-    unk = vocab.index["<unk>"] if decoding["suppress_unk"] else None
-    decode = (greedy_fn(model, decoding["max_length"], start, end, unk) if decoding["beam_size"] == 1 else
-              beam_fn(model, decoding["beam_size"], decoding["max_length"], start, end, unk,
-                      decoding["length_penalty"]))
+    decode = decoder_fn(model, vocab, **decoding)
     out = {}
     for ids, feats in feature_batches(by_shard, batch_size, block_rows):
         tokens = decode(feats)[0]
