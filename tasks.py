@@ -176,21 +176,24 @@ class encoder(Section):
 
 class pretrain(Section):
     """[pretrain] the built-in digits encoder (pipeline/pretrain.py), used when [encoder] weights = digits."""
-    steps = luigi.IntParameter(default=350, description="training steps")
+    steps = luigi.IntParameter(default=250, description="training steps on crops (phase 1)")
     batch_size = luigi.IntParameter(default=64, description="scene crops per step")
     crop = luigi.IntParameter(default=75, description="crop side in px; 75 has one mixed10 cell, 107 has 2x2")
     learning_rate = luigi.FloatParameter(default=1e-3, description="Adam peak rate (warm-up, then cosine decay)")
     warmup_steps = luigi.IntParameter(default=20)
+    scene_steps = luigi.IntParameter(default=90, description="training steps on whole 299-px scenes (phase 2)")
+    scene_batch_size = luigi.IntParameter(default=16, description="whole scenes per step")
     seed = luigi.IntParameter(default=0)
-    bn_scenes = luigi.IntParameter(default=256, description="299-px scenes that re-estimate the batch norms")
+    bn_scenes = luigi.IntParameter(default=128, description="299-px scenes that re-estimate the batch norms")
     bfloat16 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                    description="bfloat16 compute (fast on CPUs with AMX / AVX-512 BF16, GPUs)")
 
     def problems(self):
         out = []
-        for key in ("steps", "batch_size", "bn_scenes"):
+        for key in ("steps", "batch_size", "scene_batch_size", "bn_scenes"):
             out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
-        out += self.require(self.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
+        for key in ("warmup_steps", "scene_steps"):
+            out += self.require(getattr(self, key) >= 0, key, "must be 0 or more")
         out += self.require(self.crop >= 75, "crop", "must be at least 75 (InceptionV3's minimum)")
         return out + self.require(self.learning_rate > 0, "learning_rate", "must be positive")
 
@@ -212,6 +215,8 @@ class decoder(Section):
     units = luigi.IntParameter(default=512, description="LSTM (or GRU) units")
     dropout = luigi.FloatParameter(default=0.5)
     cell = luigi.ChoiceParameter(choices=["lstm", "gru"], default="lstm")
+    positions = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                    description="add each cell's row and column to its projected features")
 
     def problems(self):
         out = []

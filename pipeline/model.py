@@ -4,7 +4,8 @@ Shapes: B batch, P positions (64), D encoder channels (2048), F projected featur
 H recurrent units, E word embedding size, V vocabulary, T caption steps.
 
     x = (features − μ) / σ                  (B, P, D)  per-channel statistics of the training features
-    a = relu(W_a x)                         (B, P, F)  projected once per sequence
+    a = relu(W_a x + W_p pos)               (B, P, F)  projected once per sequence; pos (P, 16): each cell's
+                                                       row and column as sin/cos at 4 frequencies (optional)
     k = U a                                 (B, P, A)  attention keys, also once per sequence
     h0, c0 = tanh(W_h mean(a)), tanh(W_c mean(a))
     step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state
@@ -15,6 +16,10 @@ H recurrent units, E word embedding size, V vocabulary, T caption steps.
 Loss (Xu et al. eq. 14, per caption): Σ_t −log p(y_t) + λ Σ_i (1 − Σ_t α_ti)², both over real steps only;
 summed over the batch and divided by the batch's real tokens, so the cross-entropy part is the usual per-token
 mean and the doubly stochastic part is on the same per-word footing (see caption_loss).
+
+The position encoding (`positions = True`; not in the paper) tells the decoder where each cell is. Convolutional
+features say little about absolute position, and a caption that reads digits left to right needs it: with it, the
+attention can step from one digit to the next (README, "What the demo reaches").
 """
 from __future__ import annotations
 
@@ -27,15 +32,17 @@ class ShowAttendTell(keras.Model):
 
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
                  units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
-                 **kwargs):
+                 positions: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
                            embed_dim=embed_dim, units=units, dropout=dropout, cell=cell,
-                           feature_channels=feature_channels)
+                           feature_channels=feature_channels, positions=positions)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
         self.units, self.cell_kind = units, cell
-        self.project = keras.layers.Dense(feature_dim, activation="relu", name="project_features")
+        self.project = keras.layers.Dense(feature_dim, name="project_features")
+        self.project_positions = (keras.layers.Dense(feature_dim, use_bias=False, name="project_positions")
+                                  if positions else None)
         self.keys = keras.layers.Dense(attention_dim, use_bias=False, name="attention_keys")
         self.query = keras.layers.Dense(attention_dim, name="attention_query")
         self.score = keras.layers.Dense(1, use_bias=False, name="attention_score")
@@ -68,6 +75,9 @@ class ShowAttendTell(keras.Model):
         """features (B, P, D) → (a (B, P, F), keys (B, P, A), initial state [h, c] or [h])."""
         features = (tf.cast(features, tf.float32) - self.feature_mean) / self.feature_std
         a = self.project(tf.cast(features, self.compute_dtype))
+        if self.project_positions is not None:
+            a = a + self.project_positions(tf.cast(position_encoding(tf.shape(features)[1]), self.compute_dtype))
+        a = tf.nn.relu(a)
         mean = tf.reduce_mean(a, axis=1)
         state = [self.init_h(mean), self.init_c(mean)] if self.cell_kind == "lstm" else [self.init_h(mean)]
         return a, self.keys(a), state
@@ -110,6 +120,17 @@ class ShowAttendTell(keras.Model):
         z_all = tf.transpose(zs.stack(), [1, 0, 2])
         logits = self.output_logits(embedded, h_all, z_all, training=training)
         return tf.cast(logits, tf.float32), tf.transpose(alphas.stack(), [1, 0, 2])
+
+
+def position_encoding(positions):
+    """(P, 16) float32 for a square grid of P cells in row-major order (InceptionV3's mixed10 layout): row and
+    column scaled to [0, 1], each as sin and cos of π k · coordinate, k = 1..4."""
+    side = tf.cast(tf.round(tf.sqrt(tf.cast(positions, tf.float32))), tf.int32)
+    index = tf.range(positions)
+    coords = tf.cast(tf.stack([index // side, index % side], -1), tf.float32) / tf.cast(tf.maximum(side - 1, 1),
+                                                                                        tf.float32)
+    angles = 3.141592653589793 * coords[:, :, None] * tf.range(1.0, 5.0)             # (P, 2, 4)
+    return tf.reshape(tf.concat([tf.sin(angles), tf.cos(angles)], -1), [positions, 16])
 
 
 def caption_loss(logits, alphas, words_out, attention_lambda: float = 1.0):

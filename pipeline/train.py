@@ -48,7 +48,7 @@ DEFAULTS = dict(
     # [generation]: validation decodes exactly as GenerateCaptions will, so the best epoch is chosen for it
     decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
 )
-DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell")
+DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions")
 
 
 # ----------------------------------------------------------------------------------------------- data

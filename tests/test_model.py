@@ -10,9 +10,9 @@ from pipeline.model import ShowAttendTell, caption_loss
 P, D, V = 16, 32, 12
 
 
-def small_model(cell="lstm", dropout=0.0):
+def small_model(cell="lstm", dropout=0.0, positions=False):
     model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell,
-                           feature_channels=D)
+                           feature_channels=D, positions=positions)
     model(tf.zeros((1, P, D)), tf.zeros((1, 1), tf.int32))
     return model
 
@@ -36,6 +36,29 @@ def test_attention_weights_sum_to_one_per_step():
     _, alphas = model(tf.random.stateless_normal((3, P, D), seed=(3, 4)), tf.constant([[1, 4, 5, 6]] * 3))
     assert alphas.shape == (3, 4, P)
     np.testing.assert_allclose(tf.reduce_sum(alphas, -1).numpy(), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_only_the_position_encoding_tells_where_a_cell_is(positions):
+    # the same cells in another order: without positions the decoder is blind to the order (its attention
+    # follows the cells, its words do not change); with them it sees a different image
+    model = small_model(positions=positions)
+    features = tf.random.stateless_normal((1, P, D), seed=(7, 8))
+    order = np.random.default_rng(0).permutation(P)
+    words = tf.constant([[1, 4, 5, 6]])
+    logits, alphas = model(features, words)
+    logits_moved, alphas_moved = model(tf.gather(features, order, axis=1), words)
+    same = np.allclose(logits.numpy(), logits_moved.numpy(), atol=1e-5)
+    assert same != positions
+    if not positions:
+        np.testing.assert_allclose(tf.gather(alphas, order, axis=2).numpy(), alphas_moved.numpy(), atol=1e-6)
+
+
+def test_position_encoding_is_distinct_per_cell():
+    from pipeline.model import position_encoding
+    codes = position_encoding(64).numpy()
+    assert codes.shape == (64, 16)
+    assert len({tuple(np.round(row, 5)) for row in codes}) == 64
 
 
 def test_doubly_stochastic_term_zero_iff_every_position_sums_to_one():

@@ -38,6 +38,23 @@ def test_cell_labels_follow_a_resized_window():
     assert pretrain.cell_labels(box, 0, 0, crop=75, scale=2.0).tolist() == [[10]]
 
 
+def test_scene_labels_give_every_digit_a_cell():
+    # cell centres of a 299-px scene: 37.5 + 32k. A 20-px-wide digit at x 42–62 contains no centre column
+    # (37.5, 69.5): it still labels its nearest cell, and only that one
+    labels = pretrain.scene_labels([(42, 100, 20, 80, 4), (200, 20, 60, 60, 9)], 299)
+    assert labels.shape == (8, 8)
+    assert labels[3, 0] == 4 and (labels == 4).sum() == 1             # centre (52, 140): row 3 (133.5)
+    assert pretrain.cell_labels([(42, 100, 20, 80, 4)], 0, 0, 299).max() == pretrain.BACKGROUND
+    # x 200–260 holds column 6's centre (229.5), y 20–80 rows 0 and 1 (37.5, 69.5)
+    assert np.argwhere(labels == 9).tolist() == [[0, 6], [1, 6]]
+
+
+def test_scene_batches_are_whole_scenes_with_every_digit_labelled():
+    scenes, labels = next(pretrain.scene_batches(0, pretrain.pools(1797)["train"], 6, 299))
+    assert scenes.shape == (6, 299, 299, 3) and scenes.dtype == np.uint8 and labels.shape == (6, 8, 8)
+    assert all(1 <= len(set(row[row != pretrain.BACKGROUND].tolist())) <= 4 for row in labels.reshape(6, -1))
+
+
 @pytest.mark.parametrize("crop", [75, 107])
 def test_crops_frame_digits_and_background(crop):
     settings = {**pretrain.DEFAULTS, "batch_size": 96, "crop": crop}
@@ -52,14 +69,18 @@ def test_crops_frame_digits_and_background(crop):
 
 def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     args = ["--split", "val", "--encoder-weights", "digits", "--pretrain-bn-scenes", "16",
-            "--pretrain-steps", "3", "--pretrain-batch-size", "4"]
+            "--pretrain-steps", "3", "--pretrain-batch-size", "4", "--pretrain-scene-steps", "2",
+            "--pretrain-scene-batch-size", "2"]
     first = run_luigi("ExtractFeatures", *args, workdir=workdir)
     assert first.returncode == 0, first.output
     (encoder_dir,) = (workdir / "encoders").iterdir()
     weights = encoder_dir / pretrain.WEIGHTS_FILE
     report = json.loads((encoder_dir / "report.json").read_text())
     assert report["settings"]["steps"] == 3 and "never ImageNet" in report["pretrained_on"]
-    assert 0 <= report["held_out"]["digit_cells"] <= 1 and report["held_out"]["pool"] == "val"
+    assert report["held_out"]["pool"] == "val"
+    for phase in ("crops", "scenes"):
+        assert 0 <= report["held_out"][phase]["digit_cells"] <= 1 and report["held_out"][phase]["digit_cell_count"]
+    assert report["final_loss"]["scenes"] is not None        # the whole-scene phase ran
     provenance = json.loads((encoder_dir / "provenance.json").read_text())
     assert provenance["fingerprint"] == encoder_dir.name
     shards = sorted(workdir.glob("features/*/shard-*.h5"))
