@@ -25,11 +25,12 @@ from pathlib import Path
 
 import luigi
 import luigi.configuration
+import luigi.lock
 
 from pipeline import annotations, demo as demo_lib, encoder as encoder_lib, features as features_lib
-from pipeline import pretrain as pretrain_lib, train as train_lib, vocabulary as vocab_lib
+from pipeline import pretrain as pretrain_lib, settings_check, train as train_lib, vocabulary as vocab_lib
 from pipeline.errors import InputError
-from storage import manifests, shards, workspace as ws
+from storage import manifests, runs, shards, workspace as ws
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs" / "luigi.cfg"
@@ -59,8 +60,7 @@ if not log.handlers:   # luigi configures only its own loggers; ours reports pro
 
 def config_files() -> str:
     """The config files in effect, for error messages."""
-    paths = [p for p in luigi.configuration.get_config()._config_paths if os.path.isfile(p)]
-    return ", ".join(paths) or "(no config file)"
+    return ", ".join(_config_paths()) or "(no config file)"
 
 
 class Section(luigi.Config):
@@ -129,6 +129,13 @@ class dataset(Section):
             out += self.require(len(files) == len(roots), "images",
                                 f"lists {len(roots)} image roots for {len(files)} annotation files; "
                                 "give one root per file, same order")
+            for path in files:
+                out += self.require(os.path.isfile(path), "annotations", f"names {path}, which is not a file")
+            for path in roots:
+                out += self.require(os.path.isdir(os.path.expanduser(path)), "images",
+                                    f"names {path}, which is not a directory")
+            if self.karpathy_split:
+                out += self.require(os.path.isfile(self.karpathy_split), "karpathy_split", "is not a file")
         return out
 
 
@@ -288,6 +295,103 @@ class evaluation(Section):
         return self.require(self.report_examples >= 0, "report_examples", "must be 0 or more")
 
 
+def check_every_section() -> None:
+    """Read (and so check) every project section once per process, reporting all problems together:
+    InputError listing each. Runs at the first completeness check, before any work starts."""
+    global _sections_checked
+    if _sections_checked:
+        return
+    problems = []
+    for section in Section.__subclasses__():
+        try:
+            section.read()
+        except InputError as e:
+            problems.append(str(e))
+    if problems:
+        raise InputError("\n  ".join(["configuration problems:", *problems]))
+    _sections_checked = True
+
+
+_sections_checked = False
+
+
+def command_line_problems(argv: list[str]) -> list[str]:
+    """Problems a `luigi --module tasks ...` command line and its config files have before anything runs:
+    unknown sections and keys in the config files, unknown flags, an unknown task, and root-task values that
+    do not parse (`--split tset`), each naming the nearest valid name (pipeline/settings_check.py)."""
+    register = luigi.task_register.Register
+    schema = {cls.get_task_family(): {name for name, _ in cls.get_params()} for cls in Section.__subclasses__()}
+    problems = [p for path in _config_paths() for p in
+                settings_check.check_config_file(path, schema, set(register.task_names()))]
+    known, unknown = _parse_luigi_flags(argv)
+    root = known.root_task
+    flags = {"--" + (name if without_section else f"{family}_{name}").replace("_", "-")
+             for family, without_section, name, _ in register.get_all_params()}
+    if root and root not in register.task_names():
+        problems.append(f"{root}: unknown task{settings_check.nearest(root, register.task_names())}.")
+    elif root:
+        task = register.get_task_cls(root)
+        flags |= {"--" + name.replace("_", "-") for name, _ in task.get_params()}
+        for name, param in task.get_params():
+            value = getattr(known, name, None)
+            if value is not None:
+                try:
+                    param.parse(value)
+                except Exception as e:
+                    choices = getattr(param, "_choices", None)
+                    rule = f"one of {', '.join(sorted(map(str, choices)))}" if choices else str(e)
+                    problems.append(f"--{name.replace('_', '-')} {value}: {root} needs {rule}"
+                                    f"{settings_check.nearest(value, map(str, choices or ()))}.")
+    return problems + settings_check.check_flags(unknown, flags)
+
+
+def _config_paths() -> list[str]:
+    # luigi 3.8 keeps the files it reads in LuigiConfigParser._config_paths (no public accessor).
+    return [p for p in luigi.configuration.get_config()._config_paths if os.path.isfile(p)]
+
+
+def _parse_luigi_flags(argv):
+    # luigi 3.8 builds its argparse parser in CmdlineParser._build_parser (no public accessor); parsing with it
+    # is how luigi itself sees the command line.
+    from luigi.cmdline_parser import CmdlineParser
+    root = CmdlineParser._build_parser().parse_known_args(argv)[0].root_task
+    return CmdlineParser._build_parser(root_task=root).parse_known_args(argv)
+
+
+def lock_on_workspace(argv: list[str]) -> str | None:
+    """Put luigi's pid lock (`[core] lock_pid_dir`, unless configured) in <workspace>/.locks, so it is keyed on
+    the workspace and the command line together. Returns why this run must not start — the same command is
+    running on this workspace, with its pid — or None. (Luigi then takes the lock itself, as always.)"""
+    config = luigi.configuration.get_config()
+    known, _ = _parse_luigi_flags(argv)
+    root = ws.workspace_root(known.workspace_root or workspace.read().root)
+    pid_dir = known.core_lock_pid_dir or (config.get("core", "lock_pid_dir") if config.has_option(
+        "core", "lock_pid_dir") else None)
+    if pid_dir is None:
+        pid_dir = str(root / ".locks")
+        config.set("core", "lock_pid_dir", pid_dir)
+    Path(pid_dir).mkdir(parents=True, exist_ok=True)
+    if known.core_no_lock:
+        return None
+    _, command, pid_file = luigi.lock.get_info(pid_dir)
+    try:
+        pids = {int(line) for line in Path(pid_file).read_text().split() if line.isdigit()}
+    except OSError:
+        pids = set()
+    holders = sorted(pid for pid in pids if pid != os.getpid() and luigi.lock.getpcmd(pid) == command)
+    if not holders:
+        return None
+    return (f"the same command is already running on workspace {root} (pid "
+            f"{', '.join(map(str, holders))}; lock {pid_file}). Fix: wait for it, or use another workspace "
+            "([workspace] root or CAPTIONER_WORKDIR).")
+
+
+def _launched_by_luigi_cli() -> bool:
+    """Whether this module is being imported by the `luigi` command (or `python -m luigi`) parsing sys.argv."""
+    program = Path(sys.argv[0])
+    return program.name == "luigi" or (program.name == "__main__.py" and program.parent.name == "luigi")
+
+
 # ------------------------------------------------------------------------------------------------- tasks
 
 class ReportsProgress:
@@ -302,6 +406,7 @@ class Stage(ReportsProgress, luigi.Task):
     """A task whose output is the directory <workspace>/<stage>/<fingerprint>."""
     stage = ""
     version = 1   # bump when a stage's code changes what it writes
+    expected_files: tuple = ()   # besides provenance.json; checked (and *.json parsed) by complete()
 
     def settings(self) -> dict:
         """The significant settings of this stage (upstream ones enter through upstream fingerprints)."""
@@ -320,7 +425,13 @@ class Stage(ReportsProgress, luigi.Task):
     def complete(self):
         # luigi logs errors raised here (bad config values surface in fingerprint()) only as warnings
         try:
-            return super().complete()
+            check_every_section()
+            if not super().complete():
+                return False
+            problem = self.output_problem()
+            if problem:
+                log.warning("%s is incomplete (%s): it will be recomputed", self.output().path, problem)
+            return not problem
         except Exception as e:
             _remember_failure(self, e)
             raise
@@ -329,9 +440,21 @@ class Stage(ReportsProgress, luigi.Task):
         root = ws.workspace_root(workspace.read().root)
         return luigi.LocalTarget(str(root / self.stage / self.fingerprint()))
 
+    def output_problem(self) -> str | None:
+        """What is wrong with an existing output directory (a file missing or unreadable JSON), or None.
+        Stages whose output is a single file (PlanShards, ExtractFeatures) check it in their targets."""
+        path = self.output().path
+        if not os.path.isdir(path):
+            return None
+        return ws.output_problem(path, ("provenance.json", *self.expected_files))
+
     @contextlib.contextmanager
     def atomic_output(self):
-        """A temporary directory that becomes output() when the block succeeds, with provenance.json added."""
+        """A temporary directory that becomes output() when the block succeeds, with provenance.json added.
+        An incomplete output found by complete() is set aside first (.broken-<fp>-<time>, kept for inspection)."""
+        if os.path.isdir(self.output().path) and self.output_problem():
+            log.warning("set aside the incomplete %s as %s", self.output().path,
+                        ws.set_aside(self.output().path))
         with ws.atomic_dir(self.output().path) as tmp:
             yield tmp
             upstream = {t.stage: t.fingerprint() for t in self.upstream_stages()}
@@ -343,6 +466,7 @@ class Stage(ReportsProgress, luigi.Task):
 class MakeDemoDataset(Stage):
     """The built-in digits dataset in COCO captions format (see pipeline/demo.py)."""
     stage = "demo"
+    expected_files = (*(f"captions_{s}.json" for s in manifests.SPLITS), "karpathy_split.json")
     version = 2   # 2: digit boxes in the images' metadata
 
     def settings(self):
@@ -365,7 +489,8 @@ class MakeDemoDataset(Stage):
 class ExtractAnnotations(Stage):
     """Stage 1: caption files → annotations/<fp>/{train,val,test}.jsonl + report.json."""
     stage = "annotations"
-    version = 2   # 2: digit datasets' labels and boxes kept in the manifests
+    expected_files = (*(f"{s}.jsonl" for s in manifests.SPLITS), manifests.REPORT_FILE)
+    version = 3   # 2: digit datasets' labels and boxes kept in the manifests; 3: hash splits, item-level problems
 
     def requires(self):
         return [MakeDemoDataset()] if dataset.read().source == "demo" else []
@@ -397,8 +522,10 @@ class ExtractAnnotations(Stage):
         d = dataset.read()
         files, roots, karpathy = self.inputs()
         with self.atomic_output() as tmp:
+            previous = manifests.latest_other_output(Path(self.output().path).parent, self.output().path)
             report = annotations.make_annotations(tmp, files, roots, karpathy or None, d.val_fraction,
-                                                  d.test_fraction, d.seed, progress_callback=self.report_progress)
+                                                  d.test_fraction, d.seed, progress_callback=self.report_progress,
+                                                  previous=previous)
         self.counts = {"splits": report["splits"], "problems": report["problem_counts"]}
 
 
@@ -414,6 +541,7 @@ def _identify(path: str, key: str) -> str:
 class BuildVocabulary(Stage):
     """Stage 2: train split → vocabulary/<fp>/vocab.json."""
     stage = "vocabulary"
+    expected_files = (manifests.VOCAB_FILE,)
 
     def requires(self):
         return ExtractAnnotations()
@@ -432,6 +560,7 @@ class PretrainDigitsEncoder(Stage):
     """InceptionV3 pretrained on scikit-learn digits (the demo's train pool): encoders/<fp>/ with the weights
     file and report.json (held-out accuracy, steps, seconds). Feeds ExtractShard when [encoder] weights = digits."""
     stage = "encoders"
+    expected_files = (pretrain_lib.WEIGHTS_FILE, manifests.REPORT_FILE)
 
     def settings(self):
         return {**section_values(pretrain), "pool_seed": demo.read().seed}
@@ -598,6 +727,8 @@ def section_values(section) -> dict:
 class TrainDecoder(Stage):
     """Train the decoder on the train split's features: models/<fp>/ (checkpoints in checkpoints/<fp>/)."""
     stage = "models"
+    expected_files = ("decoder.weights.h5", "decoder.json", "vocab.json", "config.json", "features.json",
+                      "history.json")
     version = 3   # 2: features standardised with train-set statistics; 3: loss per token, validation as generation
 
     def requires(self):
@@ -652,6 +783,10 @@ class GenerateCaptions(Stage):
     stage = "captions"
     split = luigi.ChoiceParameter(choices=list(manifests.SPLITS), default="test")
 
+    @property
+    def expected_files(self):
+        return f"{self.split}.json", f"{self.split}-attention.h5"
+
     def requires(self):
         needs = {"features": ExtractFeatures(split=self.split)}
         if not generation.read().model:
@@ -692,6 +827,10 @@ class EvaluateCaptions(Stage):
     stage = "metrics"
     split = luigi.ChoiceParameter(choices=list(manifests.SPLITS), default="test")
 
+    @property
+    def expected_files(self):
+        return f"{self.split}.json", f"{self.split}-report.html"
+
     def requires(self):
         return {"captions": GenerateCaptions(split=self.split), "annotations": ExtractAnnotations()}
 
@@ -718,17 +857,12 @@ def len_positions() -> int:
 
 # --------------------------------------------------------------------------- run records, failures last
 
-# Every invocation that schedules tasks leaves runs/<started>-<host>-<pid>.json: each task it saw, whether it
-# ran (with seconds and counts), was already complete, failed (with why), or was left to another worker.
-# Events may fire in forked worker processes (--workers N), so they are appended to an events file first and
-# collated by the main process at exit.
-_RUN = {"id": f"{time.strftime('%Y%m%dT%H%M%S')}-{ws._host()}-{os.getpid()}", "pid": os.getpid(),
-        "started": time.time()}
+# Every invocation that schedules tasks leaves runs/<started>-<host>-<pid>.json (storage/runs.py): each task it
+# saw, whether it ran (with seconds and counts), was already complete, failed (with why), or was left to another
+# worker. Events may fire in forked worker processes (--workers N), so they are appended to an events file first
+# and collated by the main process at exit.
+_RUN = {"id": runs.new_run_id(), "pid": os.getpid(), "started": time.time()}
 _failures: list[str] = []
-
-
-def _events_file() -> Path:
-    return ws.workspace_root(workspace.read().root) / "runs" / f".{_RUN['id']}.events.jsonl"
 
 
 def record(task, outcome: str, **fields) -> None:
@@ -740,10 +874,7 @@ def record(task, outcome: str, **fields) -> None:
     event = {"task": task.task_id, "family": task.task_family, "params": task.to_str_params(), "outcome": outcome,
              "outputs": outputs, **fields}
     try:
-        path = _events_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event, default=str) + "\n")
+        runs.append_event(ws.workspace_root(workspace.read().root), _RUN["id"], event)
     except Exception as e:   # a record must never break the run it records
         log.warning("could not record %s for the run log: %s", task.task_id, e)
 
@@ -770,25 +901,6 @@ def _remember_failure(task, exception):
     record(task, "failed", error=f"{type(exception).__name__}: {exception}")
 
 
-def collate_run(events_path: Path) -> dict:
-    """The run record from its events: one entry per task, the most informative outcome winning."""
-    rank = {"scheduled": 0, "complete": 1, "ran": 2, "failed": 3}
-    tasks = {}
-    for line in events_path.read_text(encoding="utf-8").splitlines():
-        event = json.loads(line)
-        if event["task"] not in tasks or rank[event["outcome"]] >= rank[tasks[event["task"]]["outcome"]]:
-            tasks[event["task"]] = event
-    for event in tasks.values():
-        if event["outcome"] == "scheduled":
-            event["outcome"] = "not run here"      # another worker ran it, or a failed dependency blocked it
-    outcomes = [t["outcome"] for t in tasks.values()]
-    return {**_RUN, "finished": time.time(), "seconds": round(time.time() - _RUN["started"], 3),
-            "command": sys.argv, "config": config_files(),
-            "result": "failed" if "failed" in outcomes else "incomplete" if "not run here" in outcomes else "ok",
-            "counts": {o: outcomes.count(o) for o in ("ran", "complete", "failed", "not run here")},
-            "tasks": sorted(tasks.values(), key=lambda t: t["task"]), "failures": list(dict.fromkeys(_failures))}
-
-
 @atexit.register
 def _at_exit():
     """Write the run record, then repeat why we failed after Luigi's summary, where a cron mail shows it."""
@@ -796,15 +908,27 @@ def _at_exit():
         return
     failures = list(_failures)
     try:
-        events = _events_file()
-        if events.exists():
-            record = collate_run(events)
-            ws.write_json(events.with_name(f"{_RUN['id']}.json"), record)
-            events.unlink()
-            # tasks that failed in forked workers (--workers N) are only known from their events
-            failures += [f"{t['family']} failed: {t['error'].split(': ', 1)[-1]}" for t in record["tasks"]
+        run = {**_RUN, "command": sys.argv, "config": config_files()}
+        finished = runs.finish(ws.workspace_root(workspace.read().root), run, list(dict.fromkeys(_failures)))
+        if finished:   # tasks that failed in forked workers (--workers N) are only known from their events
+            failures += [f"{t['family']} failed: {t['error'].split(': ', 1)[-1]}" for t in finished["tasks"]
                          if t["outcome"] == "failed"]
     except Exception as e:
         print(f"captioner: could not write the run record: {e}", file=sys.stderr)
     for line in dict.fromkeys(failures):
         print(f"captioner: ERROR: {line}", file=sys.stderr)
+
+
+# Strict configuration: checked while luigi imports this module to parse its command line, so a typo'd key,
+# section or flag stops the run (exit [retcode] scheduling_error) before luigi's argparse or any task sees it.
+# Then luigi's pid lock is keyed on the workspace, so the same command on two workspaces runs freely.
+if _launched_by_luigi_cli() and not {"--help", "--help-all"} & set(sys.argv):
+    _problems = command_line_problems(sys.argv[1:])
+    if _problems:
+        for _problem in _problems:
+            print(f"captioner: ERROR: {_problem}", file=sys.stderr)
+        sys.exit(luigi.configuration.get_config().getint("retcode", "scheduling_error", 35))
+    _holder = lock_on_workspace(sys.argv[1:])
+    if _holder:
+        print(f"captioner: ERROR: {_holder}", file=sys.stderr)
+        sys.exit(luigi.configuration.get_config().getint("retcode", "already_running", 10))

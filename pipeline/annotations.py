@@ -8,13 +8,18 @@ Caption normalisation rule (applied to every caption, documented in the README):
   4. whitespace runs collapse to one space; leading/trailing space is removed.
 Tokens are the space-separated words of the normalised caption.
 
-Problems in otherwise well-formed files are counted, listed in the report and skipped — the run goes on:
-unknown image ids in captions, images without captions, missing image files, empty captions, duplicate
-image or caption ids, images absent from the Karpathy split. A file that is not valid COCO captions JSON
-raises InputError naming the file and the field.
+Problems of single entries are counted, listed in the report and skipped — the run goes on: malformed
+image or annotation entries, captions that are not strings, unknown image ids in captions, images without
+captions, missing image files, empty captions, duplicate image or caption ids, images absent from the Karpathy
+split. A file whose structure is wrong (not readable, not UTF-8, not JSON, no top-level `images` /
+`annotations` lists) raises InputError naming the file and the field.
+
+Splits: Karpathy's file when given, else split_of_image — a hash of (seed, image id) against the fractions,
+so an image's split never changes when the file grows.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +28,6 @@ import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.progress import Progress
@@ -33,6 +37,9 @@ log = logging.getLogger("captioner")
 
 SPLITS = manifests.SPLITS
 PROBLEM_KINDS = (
+    "malformed_image",             # images[i] not an object, or without an integer id or a string file_name
+    "malformed_annotation",        # annotations[i] not an object, or without an integer image_id (or id)
+    "caption_not_a_string",        # caption missing, null, a number, a list …: that caption dropped
     "caption_for_unknown_image",   # annotation whose image_id is not in images[]
     "image_without_captions",      # image with no (non-empty) caption: dropped
     "missing_image_file",          # images[].file_name not found under its image root: dropped
@@ -81,11 +88,15 @@ def _load_json(path: str | os.PathLike, what: str):
 
 
 def _expect(path, field: str, value, kind, kind_name: str):
-    # bool is an int subclass in Python; a JSON true/false is never a valid id.
-    if not isinstance(value, kind) or isinstance(value, bool):
+    """`value` if it is a `kind` (a JSON true/false is never an int), else a file-level InputError."""
+    if not _is(value, kind):
         raise InputError(f"{path}: {field}: expected {kind_name}, got {type(value).__name__} {value!r:.60}. "
                          "Fix: this does not look like a COCO captions file (captions_*.json); check the file.")
     return value
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)   # bool is an int subclass in Python
 
 
 def _digit_metadata(image: dict) -> dict:
@@ -103,9 +114,13 @@ def _digit_metadata(image: dict) -> dict:
     return out
 
 
-def load_coco_captions(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """Parse and type-check a COCO captions file. Returns (images, annotations) as lists of
-    {"id", "file_name"} and {"id" (or None), "image_id", "caption"}. Raises InputError on a bad file."""
+def load_coco_captions(path: str | os.PathLike) -> tuple[list[dict], list[dict], dict[str, list]]:
+    """Parse and type-check a COCO captions file → (images, annotations, problems): lists of
+    {"id", "file_name", …digit metadata} and {"id" (or None), "image_id", "caption"}, and the malformed entries
+    that were skipped {kind: [instance, …]} (malformed_image, malformed_annotation, caption_not_a_string).
+
+    The file's structure is checked strictly — not JSON, or missing or wrongly typed top-level `images` /
+    `annotations`: InputError naming the file. One bad entry among thousands is skipped and reported instead."""
     data = _load_json(path, "COCO captions file")
     _expect(path, "top level", data, dict, "a JSON object with 'images' and 'annotations'")
     for key in ("images", "annotations"):
@@ -113,29 +128,36 @@ def load_coco_captions(path: str | os.PathLike) -> tuple[list[dict], list[dict]]
             raise InputError(f"{path}: missing key '{key}' at top level. Fix: use a COCO captions file "
                              "(e.g. annotations/captions_train2014.json), not instances_* or another file.")
         _expect(path, key, data[key], list, "a list")
+    problems = defaultdict(list)
+    skip = lambda kind, where, i, reason, **more: problems[kind].append(
+        {"file": str(path), "entry": f"{where}[{i}]", "reason": reason, **more})
     images = []
     for i, image in enumerate(data["images"]):
-        _expect(path, f"images[{i}]", image, dict, "an object")
-        for key in ("id", "file_name"):
-            if key not in image:
-                raise InputError(f"{path}: images[{i}] has no '{key}'. Fix: every image needs 'id' and 'file_name'.")
-        images.append({"id": _expect(path, f"images[{i}].id", image["id"], int, "an integer"),
-                       "file_name": _expect(path, f"images[{i}].file_name", image["file_name"], str, "a string"),
-                       **_digit_metadata(image)})
+        if not isinstance(image, dict):
+            skip("malformed_image", "images", i, f"not an object: {image!r:.60}")
+        elif not _is(image.get("id"), int):
+            skip("malformed_image", "images", i, f"no integer 'id' (got {image.get('id')!r:.60})")
+        elif not _is(image.get("file_name"), str):
+            skip("malformed_image", "images", i, f"no string 'file_name' (got {image.get('file_name')!r:.60})",
+                 image_id=image["id"])
+        else:
+            images.append({"id": image["id"], "file_name": image["file_name"], **_digit_metadata(image)})
     annotations = []
     for i, ann in enumerate(data["annotations"]):
-        _expect(path, f"annotations[{i}]", ann, dict, "an object")
-        for key in ("image_id", "caption"):
-            if key not in ann:
-                raise InputError(f"{path}: annotations[{i}] has no '{key}'. "
-                                 "Fix: every annotation needs 'image_id' and 'caption'.")
-        ann_id = ann.get("id")
-        if ann_id is not None:
-            _expect(path, f"annotations[{i}].id", ann_id, int, "an integer")
-        annotations.append({"id": ann_id,
-                            "image_id": _expect(path, f"annotations[{i}].image_id", ann["image_id"], int, "an integer"),
-                            "caption": _expect(path, f"annotations[{i}].caption", ann["caption"], str, "a string")})
-    return images, annotations
+        if not isinstance(ann, dict):
+            skip("malformed_annotation", "annotations", i, f"not an object: {ann!r:.60}")
+        elif not _is(ann.get("image_id"), int):
+            skip("malformed_annotation", "annotations", i, f"no integer 'image_id' (got {ann.get('image_id')!r:.60})")
+        elif ann.get("id") is not None and not _is(ann["id"], int):
+            skip("malformed_annotation", "annotations", i, f"'id' is not an integer (got {ann['id']!r:.60})",
+                 image_id=ann["image_id"])
+        elif not _is(ann.get("caption"), str):
+            skip("caption_not_a_string", "annotations", i,
+                 "no 'caption'" if "caption" not in ann else f"caption is {ann['caption']!r:.60}",
+                 image_id=ann["image_id"], caption_id=ann.get("id"))
+        else:
+            annotations.append({"id": ann.get("id"), "image_id": ann["image_id"], "caption": ann["caption"]})
+    return images, annotations, dict(problems)
 
 
 def load_karpathy_split(path: str | os.PathLike) -> dict[int, str]:
@@ -160,16 +182,26 @@ def load_karpathy_split(path: str | os.PathLike) -> dict[int, str]:
 
 # --------------------------------------------------------------------------------------------- splitting
 
+def split_of_image(image_id: int, val_fraction: float, test_fraction: float, seed: int) -> str:
+    """An image's split, a pure function of (seed, image id): sha256("<seed>:<id>") read as a number in [0, 1),
+    test below test_fraction, val below test_fraction + val_fraction, else train. Adding or removing other
+    images never moves this one, so nightly reruns on a growing file keep their val/test images out of training.
+    Split sizes are the fractions up to sampling noise (±√n), not exact counts."""
+    digest = hashlib.sha256(f"{seed}:{int(image_id)}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2 ** 64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
 def split_by_fraction(image_ids, val_fraction: float, test_fraction: float, seed: int) -> dict[int, str]:
-    """Seeded split by image: independent of input order (ids are sorted first)."""
-    ids = np.array(sorted(set(image_ids)), dtype=np.int64)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_test = int(round(test_fraction * len(ids)))
-    n_val = int(round(val_fraction * len(ids)))
-    split_of = {}
-    for rank, index in enumerate(order):
-        split_of[int(ids[index])] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    return split_of
+    """{image id: split} by split_of_image: independent of input order and of the other images."""
+    return {int(i): split_of_image(i, val_fraction, test_fraction, seed) for i in set(image_ids)}
+
+
+def split_changes(previous: dict[int, str], current: dict[int, str]) -> dict:
+    """How many images present in both runs changed split (the goal is 0), with the first few as examples."""
+    moved = sorted(i for i in current.keys() & previous.keys() if current[i] != previous[i])
+    return {"compared_images": len(current.keys() & previous.keys()), "moved": len(moved),
+            "examples": [{"image_id": i, "was": previous[i], "now": current[i]} for i in moved[:20]]}
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -186,7 +218,9 @@ def extract_annotations(annotation_files, image_roots, karpathy_split=None, val_
     captions = defaultdict(list)   # image id → [(raw, normalised)]
 
     for path, root in zip(annotation_files, image_roots):
-        file_images, file_annotations = load_coco_captions(path)
+        file_images, file_annotations, file_problems = load_coco_captions(path)
+        for kind, instances in file_problems.items():
+            problems[kind].extend(instances)
         root = str(Path(root).expanduser().resolve())
         file_ids = set()
         for image in file_images:
@@ -264,11 +298,20 @@ def extract_annotations(annotation_files, image_roots, karpathy_split=None, val_
 
 
 def make_annotations(outdir: str | os.PathLike, annotation_files, image_roots, karpathy_split=None,
-                     val_fraction=0.05, test_fraction=0.05, seed=0, progress_callback=None) -> dict:
+                     val_fraction=0.05, test_fraction=0.05, seed=0, progress_callback=None, previous=None) -> dict:
     """Stage 1 entry point: extract_annotations, then write <split>.jsonl for every split and report.json
-    into `outdir`. Returns the report."""
+    into `outdir`. `previous`: an earlier annotations output (e.g. last night's), whose split assignment the
+    report compares with this one ("split_changes"; the goal is 0 moved images). Returns the report."""
     splits, report = extract_annotations(annotation_files, image_roots, karpathy_split, val_fraction,
                                          test_fraction, seed, progress_callback)
+    report["split_changes"] = {"previous": None}
+    if previous is not None:
+        current = {r["image_id"]: name for name, records in splits.items() for r in records}
+        changes = split_changes(manifests.read_split_assignment(previous), current)
+        report["split_changes"] = {"previous": Path(previous).name, **changes}
+        (log.warning if changes["moved"] else log.info)(
+            "annotations: %d of %d images also in the previous output (%s) changed split",
+            changes["moved"], changes["compared_images"], Path(previous).name)
     for name, records in splits.items():
         manifests.write_manifest(manifests.manifest_path(outdir, name), records)
     manifests.write_json(Path(outdir) / manifests.REPORT_FILE, report)

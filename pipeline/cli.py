@@ -238,12 +238,12 @@ def plot_attention(captions_dir: Path, image_id: int, out: Path | None) -> None:
 @click.option("--check", is_flag=True, help="Exit 1 unless the last run succeeded and all its outputs exist.")
 @click.option("--json", "as_json", is_flag=True, help="The last run record as JSON.")
 def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
-    """What the last pipeline runs did (work/runs/*.json), and whether the outputs of the last one are all in
-    place now."""
-    from storage import manifests, workspace
+    """What the last pipeline runs did (work/runs/*.json; runs killed before writing theirs show as
+    "interrupted" with what they had finished), and whether the outputs of the last one are all in place now."""
+    from storage import runs, workspace
 
     root = root or workspace.workspace_root()
-    records = sorted((manifests.read_json(p) for p in (root / "runs").glob("*.json")), key=lambda r: r["started"])
+    records = runs.read_runs(root)
     if not records:
         raise click.ClickException(f"no run records under {root / 'runs'}: nothing ran in this workspace yet")
     latest = records[-1]
@@ -255,7 +255,7 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
         click.echo(f"workspace {root}\nlast runs (newest last):")
         for r in records[-last:]:
             counts = ", ".join(f"{n} {k}" for k, n in r["counts"].items() if n)
-            click.echo(f"  {r['id']}  {r['result']:<10} {r['seconds']:8.1f}s  {counts}  [{r['config']}]")
+            click.echo(f"  {r['id']}  {r['result']:<11} {r['seconds']:8.1f}s  {counts}  [{r['config']}]")
         click.echo(f"tasks of the last run ({latest['id']}):")
         for t in latest["tasks"]:
             state = "MISSING NOW" if t["task"] in missing else t["outcome"]

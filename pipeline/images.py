@@ -4,6 +4,11 @@ The format is decided by content (Pillow sniffs magic bytes), never by the exten
 mapped to RGB explicitly (alpha onto white, 16-bit by its high byte, CMYK via Pillow's conversion), EXIF
 orientation is applied, and the pixel count is checked from the header before any pixel is decoded.
 
+Failures are of two kinds. An ImageError is a fact about the file that rerunning will not change — not found,
+a directory, empty, not an image, truncated, corrupt, too large — and the image is skipped and reported. A
+TransientReadError is a failure to READ the file (permission denied, I/O error, a stale network mount, …): it
+propagates, the shard task fails, and the next run tries the image again; it is never recorded as skipped.
+
 iter_batches decodes in a thread pool ahead of the consumer: Pillow releases the GIL while decoding and
 resizing, so a few threads keep a CNN fed. Nothing here imports tensorflow (the Luigi scheduler imports it).
 """
@@ -39,6 +44,22 @@ class ImageError(Exception):
     'not an image (cannot identify format)', 'too large: 40000x40000 pixels > limit 67108864'."""
 
 
+class TransientReadError(OSError):
+    """The file could not be read now (permission denied, I/O error, …); it may be readable on the next run."""
+
+
+# Facts about the path that a rerun will not change; every other OSError while reading is transient.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _read_failure(e: OSError, path) -> Exception:
+    """The exception for an OSError raised while reading `path`: ImageError or TransientReadError."""
+    if isinstance(e, _PERMANENT_OS_ERRORS):
+        return ImageError(_os_reason(e))
+    return TransientReadError(e.errno, f"{path}: {_os_reason(e)}; not recorded as undecodable, the next run "
+                                       "reads it again")
+
+
 def _os_reason(e: OSError) -> str:
     """A reason for an operating-system error on the path itself (as opposed to bad image bytes)."""
     if isinstance(e, (FileNotFoundError, NotADirectoryError)):
@@ -52,8 +73,6 @@ def _os_reason(e: OSError) -> str:
 
 def _decode_reason(e: Exception, fmt: str | None) -> str:
     """A reason for an exception Pillow raised while parsing or decoding the bytes of a `fmt` image."""
-    if isinstance(e, OSError) and e.errno is not None:  # Pillow's own OSErrors carry no errno
-        return _os_reason(e)
     what = fmt or "image"
     message = str(e).strip()
     if "truncated" in message.lower():
@@ -63,7 +82,8 @@ def _decode_reason(e: Exception, fmt: str | None) -> str:
 
 
 def _open(path) -> Image.Image:
-    """Image.open with every failure turned into ImageError; only the header has been read on return."""
+    """Image.open with every failure turned into ImageError (or TransientReadError); only the header has been
+    read on return."""
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             # We enforce our own limit right after open; Pillow's warning would just be noise in the log.
@@ -77,6 +97,10 @@ def _open(path) -> Image.Image:
         pixels = found.group(1) if found else "?"
         limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
         raise ImageError(f"too large: {pixels} pixels > Pillow limit {limit}") from None
+    except OSError as e:
+        if e.errno is None:   # Pillow's own OSErrors (bad data) carry no errno
+            raise ImageError(_decode_reason(e, None)) from None
+        raise _read_failure(e, path) from None
     except MemoryError:
         raise
     except Exception as e:
@@ -108,13 +132,13 @@ def load_image(path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
     The image is stretched to the square (no aspect-preserving crop, as in the TensorFlow Show-Attend-Tell
     tutorial) with Pillow's bilinear filter, which is antialiased when downscaling. Animated images give their
     first frame; EXIF orientation is applied. Raises ImageError (str = short reason) for any unusable file:
-    missing, directory, empty, not an image, truncated, corrupt, more than `max_pixels` pixels, odd mode.
-    Never returns a placeholder array for a failure.
+    missing, directory, empty, not an image, truncated, corrupt, more than `max_pixels` pixels, odd mode; and
+    TransientReadError when the file cannot be read now. Never returns a placeholder array for a failure.
     """
     try:
         info = os.stat(path)
     except OSError as e:
-        raise ImageError(_os_reason(e)) from None
+        raise _read_failure(e, path) from None
     if stat.S_ISDIR(info.st_mode):
         raise ImageError("is a directory")
     if not stat.S_ISREG(info.st_mode):
@@ -137,6 +161,10 @@ def load_image(path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
             im.load()  # truncation and corrupt data surface here (LOAD_TRUNCATED_IMAGES stays False)
         except MemoryError:
             raise
+        except OSError as e:
+            if e.errno is None:
+                raise ImageError(_decode_reason(e, fmt)) from None
+            raise _read_failure(e, path) from None
         except Exception as e:
             raise ImageError(_decode_reason(e, fmt)) from None
         try:

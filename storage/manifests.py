@@ -47,10 +47,25 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_split_assignment(directory: str | os.PathLike) -> dict[int, str]:
+    """{image id: split} of an annotations output directory (its three manifests)."""
+    return {record["image_id"]: split for split in SPLITS
+            for record in read_manifest(manifest_path(directory, split))}
+
+
+def latest_other_output(stage_root: str | os.PathLike, current: str | os.PathLike) -> Path | None:
+    """The most recently completed sibling of `current` under `stage_root` (a directory holding REPORT_FILE),
+    e.g. last night's annotations output; None when there is none."""
+    root, current = Path(stage_root), Path(current).name
+    done = [d for d in root.iterdir() if d.name != current and not d.name.startswith(".")   # no temporaries
+            and (d / REPORT_FILE).is_file()] if root.is_dir() else []
+    return max(done, key=lambda d: (d / REPORT_FILE).stat().st_mtime_ns, default=None)
+
+
 def read_json(path: str | os.PathLike):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 __all__ = ["MANIFEST_KEYS", "OPTIONAL_KEYS", "VOCAB_FILE", "REPORT_FILE", "SPLITS", "manifest_path", "write_manifest",
-           "read_manifest", "read_json", "write_json"]
+           "read_manifest", "read_split_assignment", "latest_other_output", "read_json", "write_json"]

@@ -6,6 +6,15 @@ Layout (see README "Artifacts"):
 
 A fingerprint is a short hash of a stage's significant settings and of the fingerprints of everything
 upstream of it, so changing a setting moves exactly the artifacts that depend on it to new directories.
+
+Durability. Every output is written under a temporary name and renamed into place (atomic_file, atomic_dir).
+Before the rename the new file — or every file and directory of a new stage directory — is fsync'ed, and
+after it the parent directory is, so:
+  - a crash of the process (kill -9, OOM) leaves either the whole output or none of it (plus a temporary that
+    the next run removes);
+  - a power cut or kernel crash after the rename returned leaves the whole output, with its content on disk;
+    one during the write leaves none of it. (Filesystems that ignore fsync — some network mounts, disks with a
+    volatile write cache — can still lose the last outputs; they will then be recomputed, never half-read.)
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 FINGERPRINT_LENGTH = 12
@@ -57,28 +67,28 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def _temp_prefix(final: Path) -> str:
     """`.tmp-<final name>.<host>-<pid>.`: whoever finds it later can tell whether its writer still lives."""
-    return f"{TEMP_PREFIX}{final.name}.{_host()}-{os.getpid()}."
+    return f"{TEMP_PREFIX}{final.name}.{host_name()}-{os.getpid()}."
 
 
 def remove_stale_temporaries(final: Path) -> list[Path]:
     """Delete temporaries of `final` left by dead processes of this host (a kill -9, a power cut).
     Temporaries of live processes and of other hosts (shared filesystems) are left alone."""
     removed = []
-    host = _host()
+    host = host_name()
     for tmp in final.parent.glob(f"{TEMP_PREFIX}{final.name}.*"):
         owner = tmp.name[len(f"{TEMP_PREFIX}{final.name}."):].split(".")[0]
         owner_host, _, pid = owner.rpartition("-")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+        if owner_host == host and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
 
-def _host() -> str:
+def host_name() -> str:
     return socket.gethostname().replace(".", "_")   # dots separate the parts of a temporary's name
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -103,7 +113,9 @@ def atomic_file(final: str | os.PathLike, suffix: str = ""):
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
+        fsync_path(tmp)
         os.replace(tmp, final)
+        fsync_path(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -122,15 +134,59 @@ def atomic_dir(final: str | os.PathLike):
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
+        fsync_tree(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
             if not final.is_dir():
                 raise
             shutil.rmtree(tmp)   # an overlapping run finished the same output first: same settings, keep it
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush one file's or directory's content (a directory: its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory under `root`, `root` last (a stage directory before its rename)."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(directory, name))
+        fsync_path(directory)
+
+
+def output_problem(directory: str | os.PathLike, expected: tuple) -> str | None:
+    """Why a finished-looking output directory is not complete — a missing expected file, or a *.json file
+    that does not parse — or None. Cheap checks only (HDF5 files are checked by their readers)."""
+    for name in expected:
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if name.endswith(".json"):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError):
+                return f"{name} is not valid JSON"
+    return None
+
+
+def set_aside(final: str | os.PathLike) -> Path:
+    """Rename an (incomplete) output to `.broken-<name>-<unix time>` beside it, so it is neither used nor lost;
+    returns the new path."""
+    final = Path(final)
+    aside = final.with_name(f".broken-{final.name}-{int(time.time())}")
+    os.rename(final, aside)
+    return aside
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:

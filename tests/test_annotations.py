@@ -4,7 +4,7 @@ import json
 import pytest
 
 from pipeline.annotations import (PROBLEM_KINDS, extract_annotations, load_coco_captions, make_annotations,
-                                  normalize_caption, split_by_fraction)
+                                  normalize_caption, split_by_fraction, split_changes)
 from pipeline.errors import InputError
 from storage import manifests
 
@@ -63,14 +63,17 @@ def test_every_problem_kind_is_counted_listed_and_skipped(tmp_path):
     make_images(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg", "e.jpg", "f.jpg"])   # d.jpg is missing
     images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}, {"id": 3, "file_name": "c.jpg"},
               {"id": 4, "file_name": "d.jpg"}, {"id": 5, "file_name": "e.jpg"},
-              {"id": 1, "file_name": "f.jpg"}]                                       # duplicate image id
+              {"id": 1, "file_name": "f.jpg"},                                       # duplicate image id
+              {"id": 6}]                                                             # malformed image
     anns = [{"id": 10, "image_id": 1, "caption": "A dog."},
             {"id": 11, "image_id": 1, "caption": " ?! "},                           # empty after normalising
             {"id": 12, "image_id": 99, "caption": "Unknown image."},                # unknown image id
             {"id": 13, "image_id": 2, "caption": "A bird."},
             {"id": 13, "image_id": 2, "caption": "Duplicate caption id."},          # duplicate caption id
             {"id": 14, "image_id": 4, "caption": "Missing file."},
-            {"id": 15, "image_id": 5, "caption": "Not in the split."}]
+            {"id": 15, "image_id": 5, "caption": "Not in the split."},
+            {"id": 16, "image_id": 1, "caption": None},                             # caption not a string
+            {"id": 17, "image_id": None, "caption": "No image."}]                   # malformed annotation
     # image 3 has no caption at all
     f = write_coco(tmp_path / "captions.json", images, anns)
     split = tmp_path / "dataset_coco.json"
@@ -78,7 +81,7 @@ def test_every_problem_kind_is_counted_listed_and_skipped(tmp_path):
                                             {"cocoid": 3, "split": "val"}, {"cocoid": 4, "split": "test"}]}))
     splits, report = extract_annotations([f], [tmp_path / "imgs"], karpathy_split=split)
     assert report["problem_counts"] == {
-        "caption_for_unknown_image": 1, "image_without_captions": 1, "missing_image_file": 1,
+        "malformed_image": 1, "malformed_annotation": 1, "caption_not_a_string": 1, "caption_for_unknown_image": 1, "image_without_captions": 1, "missing_image_file": 1,
         "empty_caption": 1, "duplicate_image_id": 1, "duplicate_caption_id": 1, "image_not_in_split": 1}
     assert report["problems"]["missing_image_file"][0]["path"] == "d.jpg"
     assert report["problems"]["caption_for_unknown_image"][0]["image_id"] == 99
@@ -95,10 +98,7 @@ def test_every_problem_kind_is_counted_listed_and_skipped(tmp_path):
     (b'{"images": [], "annotations": [\xff]}', "not UTF-8"),
     (b'{"images": []}', "missing key 'annotations'"),
     (b'{"images": {}, "annotations": []}', "images: expected a list"),
-    (b'{"images": [{"id": "7", "file_name": "a.jpg"}], "annotations": []}', "images[0].id: expected an integer"),
-    (b'{"images": [{"id": 7}], "annotations": []}', "images[0] has no 'file_name'"),
-    (b'{"images": [], "annotations": [{"image_id": 1, "caption": 5}]}', "annotations[0].caption: expected a string"),
-    (b'{"images": [], "annotations": [{"image_id": true, "caption": "x"}]}', "annotations[0].image_id"),
+    (b'{"images": [], "annotations": {"0": {}}}', "annotations: expected a list"),
     (b'[1, 2]', "top level"),
 ])
 def test_malformed_file_names_file_and_field(tmp_path, content, needle):
@@ -109,20 +109,51 @@ def test_malformed_file_names_file_and_field(tmp_path, content, needle):
     assert str(path) in str(e.value) and needle in str(e.value) and "Fix:" in str(e.value)
 
 
+def test_malformed_entries_are_skipped_and_reported_per_kind(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": "7", "file_name": "b.jpg"}, {"id": 8}, "nope",
+                   {"id": True, "file_name": "c.jpg"}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "a dog"}, {"id": 2, "image_id": 1, "caption": None},
+                        {"id": 3, "image_id": 1, "caption": 5}, {"id": 4, "image_id": 1},
+                        {"id": 5, "image_id": True, "caption": "x"}, {"id": 6, "caption": "x"},
+                        {"id": "7", "image_id": 1, "caption": "x"}, [1], {"id": 9, "image_id": 1, "caption": "a cat"}]}))
+    images, annotations, problems = load_coco_captions(path)
+    assert images == [{"id": 1, "file_name": "a.jpg"}]
+    assert [a["caption"] for a in annotations] == ["a dog", "a cat"]              # the good ones are kept
+    assert [p["entry"] for p in problems["malformed_image"]] == ["images[1]", "images[2]", "images[3]", "images[4]"]
+    assert [p["entry"] for p in problems["caption_not_a_string"]] == [f"annotations[{i}]" for i in (1, 2, 3)]
+    assert problems["caption_not_a_string"][0]["caption_id"] == 2
+    assert [p["entry"] for p in problems["malformed_annotation"]] == [f"annotations[{i}]" for i in (4, 5, 6, 7)]
+    assert all(p["file"] == str(path) and p["reason"] for kind in problems.values() for p in kind)
+
+
 def test_unreadable_file(tmp_path):
     with pytest.raises(InputError, match="cannot read"):
         load_coco_captions(tmp_path / "nope.json")
 
 
 def test_fraction_split_is_deterministic_disjoint_and_order_free():
-    ids = list(range(1000, 1200))
+    ids = list(range(1000, 3000))
     a = split_by_fraction(ids, 0.1, 0.2, seed=3)
     b = split_by_fraction(list(reversed(ids)), 0.1, 0.2, seed=3)
     c = split_by_fraction(ids, 0.1, 0.2, seed=4)
     assert a == b and a != c
     assert set(a) == set(ids)                                   # every image in exactly one split
     counts = {s: sum(v == s for v in a.values()) for s in ("train", "val", "test")}
-    assert counts == {"train": 140, "val": 20, "test": 40}
+    # the fractions up to sampling noise: ±3 standard deviations of a binomial over 2000 images
+    for split, fraction in (("train", 0.7), ("val", 0.1), ("test", 0.2)):
+        assert abs(counts[split] - fraction * 2000) < 3 * (2000 * fraction * (1 - fraction)) ** 0.5
+
+
+def test_growing_the_data_moves_no_image_between_splits():
+    before = split_by_fraction(range(200), 0.1, 0.1, seed=0)
+    after = split_by_fraction(list(range(200)) + list(range(5000, 5020)), 0.1, 0.1, seed=0)
+    assert {i: after[i] for i in before} == before
+    assert split_changes(before, after) == {"compared_images": 200, "moved": 0, "examples": []}
+    # the check that reports it counts real moves
+    moved = {**after, 3: "test" if after[3] != "test" else "train"}
+    assert split_changes(before, moved)["moved"] == 1
 
 
 def test_make_annotations_writes_manifests_by_image(tmp_path):

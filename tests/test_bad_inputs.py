@@ -5,9 +5,12 @@
 | annotation file: not JSON               | stops: file, line/column, "not valid JSON"                | 30   |
 | annotation file: not UTF-8              | stops: file, byte offset, "not UTF-8"                     | 30   |
 | annotation file: missing key            | stops: file, "missing key 'images'"                       | 30   |
-| annotation file: wrong type             | stops: file, "annotations[1].caption: expected a string"  | 30   |
+| annotation file: wrong top-level type   | stops: file, "images: expected a list"                    | 30   |
 | duplicate ids, captions of unknown      | counted and listed in report.json and the log, skipped;   | 0    |
-| images, empty captions                  | every good image and caption kept                         |      |
+| images, empty captions, null or non-    | every good image and caption kept                         |      |
+| string captions, annotations without an |                                                           |      |
+| integer image_id, images without id or  |                                                           |      |
+| file_name                               |                                                           |      |
 | image paths that are missing or not a   | listed as missing_image_file in report.json, skipped      | 0    |
 | file                                    |                                                           |      |
 | images: corrupt, truncated, zero-byte,  | skipped with their reason (shard, split index, log);      | 0    |
@@ -17,6 +20,10 @@
 | [encoder] weights: no such file         | stops: section, key, the path, the alternatives           | 35   |
 | zero or negative sizes in the config    | stops: config file, section, key, the rule, the fix       | 35   |
 | a non-number where a number belongs     | stops: section, key, "not a valid int"                    | 35   |
+| unknown key or section in a config file | stops before any work: file, section, key, nearest name   | 35   |
+| unknown --flag, invalid --split value   | stops before any work: the flag, nearest valid one        | 35   |
+| a dataset path that does not exist      | stops before any work: section, key, the path             | 35   |
+| several of these at once                | all reported together                                     | 35   |
 """
 import json
 
@@ -48,9 +55,8 @@ BAD_ANNOTATION_FILES = {
     "not JSON": (b'{"images": [', ["not valid JSON", "line 1"]),
     "not UTF-8": (b'{"images": [], "annotations": [{"image_id": 1, "caption": "caf\xe9"}]}', ["not UTF-8", "offset"]),
     "missing key": (b'{"annotations": []}', ["missing key 'images'"]),
-    "wrong type": (b'{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": '
-                   b'[{"image_id": 1, "caption": "ok"}, {"image_id": 1, "caption": ["x"]}]}',
-                   ["annotations[1].caption: expected a string"]),
+    "wrong type": (b'{"images": {"id": 1, "file_name": "a.jpg"}, "annotations": []}',
+                   ["images: expected a list"]),
 }
 
 
@@ -76,14 +82,21 @@ def test_problems_in_annotations_are_counted_and_good_data_kept(tmp_path):
                             {"id": 1, "image_id": 2, "caption": "Duplicate caption id."},
                             {"id": 2, "image_id": 2, "caption": "Another good one."},
                             {"id": 3, "image_id": 9, "caption": "Unknown image."},
-                            {"id": 4, "image_id": 1, "caption": "  ...  "}]}               # empty when normalised
+                            {"id": 4, "image_id": 1, "caption": "  ...  "},                # empty when normalised
+                            {"id": 5, "image_id": 2, "caption": None},                     # not a string
+                            {"id": 6, "image_id": "2", "caption": "A string id."},         # image_id not an int
+                            {"id": 7, "image_id": 1, "caption": 42}],                      # not a string
+            }
+    data["images"].append({"file_name": "d.jpg"})                                          # no id
     coco, cfg = coco_setup(tmp_path, images_dir, [], annotations_text=json.dumps(data).encode())
     run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w")
     assert run.returncode == 0, run.output
     report = json.loads(next((tmp_path / "w").glob("annotations/*/report.json")).read_text())
     assert {k: v for k, v in report["problem_counts"].items() if v} == {
-        "duplicate_image_id": 1, "duplicate_caption_id": 1, "caption_for_unknown_image": 1, "empty_caption": 1}
-    for kind in ("duplicate_image_id", "caption_for_unknown_image", "empty_caption"):
+        "duplicate_image_id": 1, "duplicate_caption_id": 1, "caption_for_unknown_image": 1, "empty_caption": 1,
+        "caption_not_a_string": 2, "malformed_annotation": 1, "malformed_image": 1}
+    assert [p["entry"] for p in report["problems"]["caption_not_a_string"]] == ["annotations[5]", "annotations[7]"]
+    for kind in ("duplicate_image_id", "caption_for_unknown_image", "empty_caption", "caption_not_a_string"):
         assert kind in run.output                                               # and in the log
     train = manifests.read_manifest(next((tmp_path / "w").glob("annotations/*/train.jsonl")))
     assert {r["image_id"]: r["captions"] for r in train} == {1: ["a good one"], 2: ["another good one"]}
@@ -131,3 +144,29 @@ def test_bad_settings_stop_before_any_work(tmp_path, flags, needles):
     assert run.returncode == 35, run.output[-2000:]
     assert all(n in last for n in needles), last
     assert not (tmp_path / "w" / "demo").exists()                               # nothing ran
+
+
+def test_typos_in_config_and_flags_are_refused_together_before_any_work(tmp_path):
+    cfg = tmp_path / "typo.cfg"
+    cfg.write_text(TEST_CONFIG.read_text().replace("[training]\n", "[training]\nbatchsize = 8\n")
+                   + "\n[trainng]\nepochs = 3\n")
+    run = run_luigi("EvaluateCaptions", "--split", "tset", "--trainig-epochs", "3", config=cfg,
+                    workdir=tmp_path / "w", timeout=60)
+    assert run.returncode == 35, run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("captioner: ERROR:")]
+    assert len(errors) == 4                                                   # every problem, at once
+    assert f"{cfg}: [training] batchsize: unknown key (did you mean batch_size?)" in errors[0]
+    assert f"{cfg}: [trainng]: unknown section (did you mean [training]?)" in errors[1]
+    assert "--split tset: EvaluateCaptions needs one of test, train, val (did you mean test?)" in errors[2]
+    assert "--trainig-epochs: unknown flag (did you mean --training-epochs?)" in errors[3]
+    assert "Traceback" not in run.output and not (tmp_path / "w").exists()  # nothing started
+
+
+def test_missing_dataset_paths_are_refused_before_any_work(tmp_path):
+    coco, cfg = coco_setup(tmp_path, tmp_path / "no-such-images", [])
+    cfg.write_text(cfg.read_text().replace(f"annotations = {coco}", f"annotations = {tmp_path / 'nope.json'}"))
+    run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w", timeout=60)
+    assert run.returncode == 35, run.output
+    assert f"[dataset] annotations = " in run.output and "nope.json, which is not a file" in run.output
+    assert "no-such-images, which is not a directory" in run.output         # both problems in one run
+    assert not list((tmp_path / "w").glob("annotations/*"))

@@ -94,6 +94,38 @@ def test_shard_schema_attrs_and_bad_images_skipped_and_reported(tmp_path, demo_i
     np.testing.assert_array_equal(shards.read_rows(out, 0, 8), features.encoder_forward(RANDOM, 299)(batch).numpy())
 
 
+def test_a_transient_read_error_fails_the_shard_and_a_rerun_extracts_the_image(tmp_path, demo_images, monkeypatch):
+    """Permission denied (or EIO) is not a fact about the image: the shard fails, nothing is recorded as
+    skipped, and once the file is readable again the same shard extracts it."""
+    import builtins
+    import errno
+    from pipeline.images import TransientReadError
+    items = [[1000 + i, os.path.dirname(p), os.path.basename(p)] for i, p in enumerate(demo_images[:3])]
+    locked = demo_images[1]
+    real_open = builtins.open
+
+    def deny(file, *args, **kwargs):   # root reads everything, so chmod 000 cannot make this case
+        if os.fspath(file) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", locked)
+        return real_open(file, *args, **kwargs)
+
+    out = tmp_path / "store" / "shard-x-train-00000.h5"
+    monkeypatch.setattr(builtins, "open", deny)
+    with pytest.raises(TransientReadError, match="permission denied") as e:
+        features.extract_shard(out, items, RANDOM, 299, batch_size=2, attrs={"fingerprint": "s", "split": "train"})
+    assert locked in str(e.value) and e.value.errno == errno.EACCES
+    assert not out.exists() and ws.leftover_temporaries(tmp_path / "store") == []
+    monkeypatch.setattr(builtins, "open", real_open)                       # readable again: the rerun
+    summary = features.extract_shard(out, items, RANDOM, 299, batch_size=2, attrs={"fingerprint": "s", "split": "train"})
+    assert summary == {**summary, "rows": 3, "skipped": 0}
+
+
+def test_a_missing_file_is_a_fact_not_a_transient_error(tmp_path):
+    from pipeline.images import ImageError
+    with pytest.raises(ImageError, match="file not found"):
+        load_image(tmp_path / "gone.jpg", 75)
+
+
 def store_of(workdir):
     stores = [p for p in (workdir / "features").iterdir() if p.is_dir()]
     assert len(stores) == 1

@@ -39,6 +39,20 @@ def test_first_run_builds_everything_and_second_run_does_nothing(workdir):
     assert artifacts() == before                                   # only a new run record was written
 
 
+def test_a_damaged_output_is_set_aside_and_recomputed(workdir):
+    assert run_luigi("BuildVocabulary", workdir=workdir).returncode == 0
+    vocab_dir = workdir / "vocabulary" / stage_dirs(workdir, "vocabulary")[0]
+    good = (vocab_dir / "vocab.json").read_text()
+    (vocab_dir / "vocab.json").write_text(good[:100])                       # e.g. a disk that lost its tail
+    ann_dir = workdir / "annotations" / stage_dirs(workdir, "annotations")[0]
+    (ann_dir / "val.jsonl").unlink()
+    run = run_luigi("BuildVocabulary", workdir=workdir)
+    assert run.returncode == 0, run.output
+    assert "vocab.json is not valid JSON" in run.output and "val.jsonl is missing" in run.output
+    assert (vocab_dir / "vocab.json").read_text() == good and (ann_dir / "val.jsonl").is_file()
+    assert len(list((workdir / "vocabulary").glob(f".broken-{vocab_dir.name}-*"))) == 1   # kept for inspection
+
+
 def fingerprints(*argv):
     """Fingerprint of every stage for the test config plus command-line overrides, computed in-process."""
     import tasks
@@ -94,13 +108,37 @@ def test_coco_source_reports_problems_and_follows_file_content(tmp_path, workdir
     assert len(stage_dirs(workdir, "annotations")) == 2 and len(stage_dirs(workdir, "vocabulary")) == 2
 
 
+def test_a_grown_annotation_file_moves_no_image_between_splits(tmp_path, workdir):
+    captions = [{"id": k, "image_id": 1 + k % 10, "caption": f"A photo of thing {k}."} for k in range(30)]
+    coco, cfg = write_coco_dataset(tmp_path, captions)
+    assert run_luigi("ExtractAnnotations", config=cfg, workdir=workdir).returncode == 0
+    first = workdir / "annotations" / stage_dirs(workdir, "annotations")[0]
+    assert json.loads((first / "report.json").read_text())["split_changes"] == {"previous": None}
+    before = manifests.read_split_assignment(first)
+    # the nightly file gained 30 images (ids 101–130), with val and test fractions of 0.2 each
+    data = json.loads(coco.read_text())
+    for i in range(101, 131):
+        (tmp_path / "images" / f"{i:012d}.jpg").write_bytes(b"x")
+        data["images"].append({"id": i, "file_name": f"{i:012d}.jpg"})
+        data["annotations"].append({"id": 1000 + i, "image_id": i, "caption": "A new photo."})
+    coco.write_text(json.dumps(data))
+    run = run_luigi("ExtractAnnotations", config=cfg, workdir=workdir)
+    assert run.returncode == 0, run.output
+    (second,) = [workdir / "annotations" / d for d in stage_dirs(workdir, "annotations") if d != first.name]
+    after = manifests.read_split_assignment(second)
+    assert {i: after[i] for i in before} == before and len(after) == len(before) + 30
+    assert {"val", "test"} <= set(after.values())                      # the fractions really split
+    changes = json.loads((second / "report.json").read_text())["split_changes"]
+    assert changes == {"previous": first.name, "compared_images": len(before), "moved": 0, "examples": []}
+
+
 def test_malformed_annotation_file_fails_with_its_name_last(tmp_path, workdir):
     coco, cfg = write_coco_dataset(tmp_path, [])
-    coco.write_text('{"images": [], "annotations": [{"image_id": 1}]}')
+    coco.write_text('{"images": [], "annotations": "none"}')
     run = run_luigi("BuildVocabulary", config=cfg, workdir=workdir)
     assert run.returncode != 0
     last = run.output.strip().splitlines()[-1]
-    assert str(coco) in last and "annotations[0] has no 'caption'" in last
+    assert str(coco) in last and "annotations: expected a list" in last
     assert stage_dirs(workdir, "annotations") == [] and ws.leftover_temporaries(workdir) == []
 
 

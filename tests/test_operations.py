@@ -44,6 +44,25 @@ def test_run_records_and_status(workdir):
     assert result.exit_code == 1 and "MISSING NOW" in result.output
 
 
+def test_a_killed_run_shows_as_interrupted_with_what_it_finished(workdir):
+    env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
+    command = [LUIGI, "--module", "tasks", "ExtractFeatures", "--split", "train", "--features-shard-size", "3"]
+    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    shard_ran = lambda line: '"family": "ExtractShard"' in line and '"outcome": "ran"' in line
+    while time.monotonic() < deadline and not any(   # kill -9 once the first shard is done
+            shard_ran(line) for p in (workdir / "runs").glob(".*.events.jsonl") for line in p.read_text().splitlines()):
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not list((workdir / "runs").glob("*.json"))                   # it could not write its record
+    result = CliRunner(env={"CAPTIONER_WORKDIR": str(workdir)}).invoke(cli, ["status", "--check"])
+    assert result.exit_code == 1, result.output                          # the last run did not succeed
+    line = next(line for line in result.output.splitlines() if f"-{run.pid}" in line)
+    assert "interrupted" in line and re.search(r"[1-9]\d* ran", line)
+    assert re.search(r"ExtractShard\(.*\)\s+ran", result.output)          # what it had finished
+
+
 def test_a_failed_run_is_recorded_with_its_reason(workdir):
     run = run_luigi("ExtractFeatures", "--encoder-weights", "/nonexistent/w.h5", workdir=workdir)
     assert run.returncode != 0 and "/nonexistent/w.h5" in run.output.strip().splitlines()[-1]
@@ -51,15 +70,25 @@ def test_a_failed_run_is_recorded_with_its_reason(workdir):
     assert record["result"] == "failed" and any("/nonexistent/w.h5" in f for f in record["failures"])
 
 
-def test_an_identical_overlapping_invocation_is_refused(workdir):
+def test_an_identical_invocation_is_refused_on_the_same_workspace_only(workdir, tmp_path):
     env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
     command = [LUIGI, "--module", "tasks", "ExtractFeatures", "--split", "train", "--features-shard-size", "3"]
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(3)
+    for _ in range(100):                                          # until the first holds its lock
+        if list((workdir / ".locks").glob("*.pid")):
+            break
+        time.sleep(0.1)
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert first.poll() is None                                   # still running when the second was refused
+    elsewhere = subprocess.run(command, cwd=REPO, env={**env, "CAPTIONER_WORKDIR": str(tmp_path / "other")},
+                               capture_output=True, text=True, timeout=600)
     first_output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, first_output
     assert second.returncode == 10, second.stdout + second.stderr          # [retcode] already_running
+    error = second.stderr.strip().splitlines()[-1]
+    assert error.startswith("captioner: ERROR: the same command is already running on workspace")
+    assert f"pid {first.pid}" in error and str(workdir) in error
+    assert elsewhere.returncode == 0, elsewhere.stdout + elsewhere.stderr   # another workspace runs freely
     assert ws.leftover_temporaries(workdir) == []
     assert all(not shards.check_shard(p, deep=True) for p in shards.list_shards(store_of(workdir)))
 

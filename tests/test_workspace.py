@@ -46,6 +46,32 @@ def test_atomic_success_renames_and_cleans(tmp_path):
     assert ws.leftover_temporaries(tmp_path) == []
 
 
+def test_outputs_are_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(ws, "fsync_path", lambda path: synced.append(os.path.basename(os.fspath(path))))
+    with ws.atomic_file(tmp_path / "a.json") as tmp:
+        tmp.write_text("{}")
+    assert synced[0].startswith(ws.TEMP_PREFIX) and synced[1] == tmp_path.name   # content, then the directory
+    synced.clear()
+    monkeypatch.setattr(ws, "fsync_path", lambda path: synced.append(os.path.relpath(path, tmp_path)))
+    with ws.atomic_dir(tmp_path / "stage" / "fp") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x").write_text("1")
+        (tmp / "y").write_text("2")
+    temp = os.path.relpath(tmp, tmp_path)
+    assert {os.path.join(temp, "sub", "x"), os.path.join(temp, "y"), os.path.join(temp, "sub"), temp} <= set(synced)
+    assert synced.index(temp) == len(synced) - 2 and synced[-1] == "stage"      # the tree, then its parent
+
+
+def test_output_problem_finds_missing_files_and_bad_json(tmp_path):
+    (tmp_path / "a.json").write_text('{"ok": 1}')
+    (tmp_path / "b.h5").write_bytes(b"")
+    assert ws.output_problem(tmp_path, ("a.json", "b.h5")) is None
+    assert ws.output_problem(tmp_path, ("a.json", "c.json")) == "c.json is missing"
+    (tmp_path / "a.json").write_text('{"ok": ')
+    assert ws.output_problem(tmp_path, ("a.json",)) == "a.json is not valid JSON"
+
+
 def test_file_sha256_follows_content(tmp_path):
     p = tmp_path / "f"
     p.write_bytes(b"one")
@@ -60,8 +86,8 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     final = tmp_path / "shard.h5"
-    stale = tmp_path / f"{ws.TEMP_PREFIX}shard.h5.{ws._host()}-{dead.pid}.abc"
-    alive = tmp_path / f"{ws.TEMP_PREFIX}shard.h5.{ws._host()}-{os.getpid()}.def"
+    stale = tmp_path / f"{ws.TEMP_PREFIX}shard.h5.{ws.host_name()}-{dead.pid}.abc"
+    alive = tmp_path / f"{ws.TEMP_PREFIX}shard.h5.{ws.host_name()}-{os.getpid()}.def"
     other_host = tmp_path / f"{ws.TEMP_PREFIX}shard.h5.elsewhere-{dead.pid}.ghi"
     for p in (stale, alive, other_host):
         p.write_text("partial")
