@@ -21,11 +21,14 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import luigi
 import luigi.configuration
+import luigi.cmdline_parser
 import luigi.lock
+import luigi.task_register
 
 from pipeline import annotations, demo as demo_lib, encoder as encoder_lib, features as features_lib
 from pipeline import pretrain as pretrain_lib, settings_check, train as train_lib, vocabulary as vocab_lib
@@ -296,29 +299,36 @@ class evaluation(Section):
 
 
 def check_every_section() -> None:
-    """Read (and so check) every project section once per process, reporting all problems together:
-    InputError listing each. Runs at the first completeness check, before any work starts."""
+    """Read (and so check) every project section once per process: InputError listing every problem.
+    Runs before any work: at import for the luigi command (startup_problems), else at the first completeness
+    check."""
     global _sections_checked
-    if _sections_checked:
-        return
+    if not _sections_checked:
+        problems = section_problems()
+        if problems:
+            raise InputError("\n  ".join(["configuration problems:", *problems]))
+        _sections_checked = True
+
+
+_sections_checked = False
+
+
+def section_problems() -> list[str]:
+    """Every project section's value problems (bad numbers, ranges, missing dataset paths), all of them."""
     problems = []
     for section in Section.__subclasses__():
         try:
             section.read()
         except InputError as e:
             problems.append(str(e))
-    if problems:
-        raise InputError("\n  ".join(["configuration problems:", *problems]))
-    _sections_checked = True
+    return problems
 
 
-_sections_checked = False
-
-
-def command_line_problems(argv: list[str]) -> list[str]:
-    """Problems a `luigi --module tasks ...` command line and its config files have before anything runs:
-    unknown sections and keys in the config files, unknown flags, an unknown task, and root-task values that
-    do not parse (`--split tset`), each naming the nearest valid name (pipeline/settings_check.py)."""
+def startup_problems(argv: list[str]) -> list[str]:
+    """Everything wrong with a `luigi --module tasks ...` command line and its config files, found before anything
+    runs and reported together: unknown sections and keys in the config files, unknown flags, an unknown task,
+    root-task values that do not parse (`--split tset`), each with the nearest valid name
+    (pipeline/settings_check.py); and, when luigi can parse the command line, every section's values."""
     register = luigi.task_register.Register
     schema = {cls.get_task_family(): {name for name, _ in cls.get_params()} for cls in Section.__subclasses__()}
     problems = [p for path in _config_paths() for p in
@@ -327,8 +337,9 @@ def command_line_problems(argv: list[str]) -> list[str]:
     root = known.root_task
     flags = {"--" + (name if without_section else f"{family}_{name}").replace("_", "-")
              for family, without_section, name, _ in register.get_all_params()}
+    command_line = []
     if root and root not in register.task_names():
-        problems.append(f"{root}: unknown task{settings_check.nearest(root, register.task_names())}.")
+        command_line.append(f"{root}: unknown task{settings_check.nearest(root, register.task_names())}.")
     elif root:
         task = register.get_task_cls(root)
         flags |= {"--" + name.replace("_", "-") for name, _ in task.get_params()}
@@ -340,9 +351,14 @@ def command_line_problems(argv: list[str]) -> list[str]:
                 except Exception as e:
                     choices = getattr(param, "_choices", None)
                     rule = f"one of {', '.join(sorted(map(str, choices)))}" if choices else str(e)
-                    problems.append(f"--{name.replace('_', '-')} {value}: {root} needs {rule}"
-                                    f"{settings_check.nearest(value, map(str, choices or ()))}.")
-    return problems + settings_check.check_flags(unknown, flags)
+                    command_line.append(f"--{name.replace('_', '-')} {value}: {root} needs {rule}"
+                                        f"{settings_check.nearest(value, map(str, choices or ()))}.")
+    command_line += settings_check.check_flags(unknown, flags)
+    if not command_line:   # luigi can parse it: check the values as the run will see them, flags applied
+        with luigi.cmdline_parser.CmdlineParser.global_instance(argv):
+            problems += section_problems()
+        luigi.task_register.Register.clear_instance_cache()
+    return problems + command_line
 
 
 def _config_paths() -> list[str]:
@@ -437,7 +453,7 @@ class Stage(ReportsProgress, luigi.Task):
             raise
 
     def output(self):
-        root = ws.workspace_root(workspace.read().root)
+        root = workspace_root()
         return luigi.LocalTarget(str(root / self.stage / self.fingerprint()))
 
     def output_problem(self) -> str | None:
@@ -525,7 +541,7 @@ class ExtractAnnotations(Stage):
             previous = manifests.latest_other_output(Path(self.output().path).parent, self.output().path)
             report = annotations.make_annotations(tmp, files, roots, karpathy or None, d.val_fraction,
                                                   d.test_fraction, d.seed, progress_callback=self.report_progress,
-                                                  previous=previous)
+                                                  previous=previous, workspace_root=workspace_root())
         self.counts = {"splits": report["splits"], "problems": report["problem_counts"]}
 
 
@@ -601,9 +617,13 @@ def store_settings() -> dict:
             "preprocess": encoder_lib.PREPROCESS, "dtype": "float16", "schema_version": shards.SCHEMA_VERSION}
 
 
+def workspace_root() -> Path:
+    return ws.workspace_root(workspace.read().root)
+
+
 def store_dir() -> Path:
     """features/<encoder-fp>: shared by every annotation version, never mixes two encoders."""
-    root = ws.workspace_root(workspace.read().root)
+    root = workspace_root()
     return root / "features" / ws.fingerprint("features", store_settings())
 
 
@@ -657,8 +677,9 @@ def extract_planned_shard(plan_name: str, shard: str, progress_callback) -> dict
     entry = next(s for s in plan["shards"] if s["name"] == shard)
     e, f = encoder.read(), features.read()
     attrs = {"fingerprint": store_dir().name, "split": entry["split"], "plan": plan_name}
+    images = [[i, str(ws.resolve(root, workspace_root())), rel] for i, root, rel in entry["images"]]
     return features_lib.extract_shard(
-        store_dir() / f"{shard}.h5", entry["images"], encoder_identity(), e.image_size, e.batch_size, attrs,
+        store_dir() / f"{shard}.h5", images, encoder_identity(), e.image_size, e.batch_size, attrs,
         None if f.compression == "none" else f.compression, e.decode_workers or None,
         progress_callback=progress_callback)
 
@@ -753,13 +774,15 @@ class TrainDecoder(Stage):
                         Path(self.input()[split].path).unlink(missing_ok=True)
                     raise InputError(f"re-extracted {name}, but {stale} of its images moved to other rows (an "
                                      "image file changed since). The split indexes were removed. Fix: rerun.")
-        root = ws.workspace_root(workspace.read().root)
+        root = workspace_root()
         train_index = manifests.read_json(self.input()["train"].path)
         provenance = {"store": store_dir().name, "encoder": store_settings(), "positions": len_positions(),
-                      "weights_path": encoder_identity().get("path"),
+                      "weights_path": (ws.portable(encoder_identity()["path"], root) if encoder_identity().get("path")
+                                       else None),
                       "weights_sha256": (ws.file_sha256(encoder_identity()["path"]) if uses_digits_encoder()
                                          else encoder_identity().get("sha256")),
-                      "train_index": self.input()["train"].path, "val_index": self.input()["val"].path}
+                      "train_index": ws.portable(self.input()["train"].path, root),
+                      "val_index": ws.portable(self.input()["val"].path, root)}
         with self.atomic_output() as tmp:
             history = train_lib.train_decoder(tmp, root / "checkpoints" / self.fingerprint(), store_dir(),
                                               train_index, manifests.read_json(self.input()["val"].path),
@@ -815,11 +838,12 @@ class GenerateCaptions(Stage):
             g.suppress_unk, g.batch_size, progress_callback=self.report_progress)
         records = manifests.read_manifest(
             manifests.manifest_path(self.requires()["features"].requires()["plan"].input().path, self.split))
-        paths = {r["image_id"]: os.path.join(r["root"], r["path"]) for r in records}
+        root = workspace_root()
+        paths = {r["image_id"]: ws.portable(ws.resolve(r["root"], root) / r["path"], root) for r in records}
         with self.atomic_output() as tmp:
             manifests.write_json(tmp / f"{self.split}.json", results)
             shards.write_attention(tmp / f"{self.split}-attention.h5", ids, [paths[int(i)] for i in ids], tokens,
-                                   attention, {"model": str(model_dir), "beam_size": g.beam_size})
+                                   attention, {"model": ws.portable(model_dir, root), "beam_size": g.beam_size})
 
 
 class EvaluateCaptions(Stage):
@@ -874,7 +898,7 @@ def record(task, outcome: str, **fields) -> None:
     event = {"task": task.task_id, "family": task.task_family, "params": task.to_str_params(), "outcome": outcome,
              "outputs": outputs, **fields}
     try:
-        runs.append_event(ws.workspace_root(workspace.read().root), _RUN["id"], event)
+        runs.append_event(workspace_root(), _RUN["id"], event)
     except Exception as e:   # a record must never break the run it records
         log.warning("could not record %s for the run log: %s", task.task_id, e)
 
@@ -909,7 +933,7 @@ def _at_exit():
     failures = list(_failures)
     try:
         run = {**_RUN, "command": sys.argv, "config": config_files()}
-        finished = runs.finish(ws.workspace_root(workspace.read().root), run, list(dict.fromkeys(_failures)))
+        finished = runs.finish(workspace_root(), run, list(dict.fromkeys(_failures)))
         if finished:   # tasks that failed in forked workers (--workers N) are only known from their events
             failures += [f"{t['family']} failed: {t['error'].split(': ', 1)[-1]}" for t in finished["tasks"]
                          if t["outcome"] == "failed"]
@@ -923,7 +947,9 @@ def _at_exit():
 # section or flag stops the run (exit [retcode] scheduling_error) before luigi's argparse or any task sees it.
 # Then luigi's pid lock is keyed on the workspace, so the same command on two workspaces runs freely.
 if _launched_by_luigi_cli() and not {"--help", "--help-all"} & set(sys.argv):
-    _problems = command_line_problems(sys.argv[1:])
+    # the unknown keys are reported here, as errors; luigi's own warning about them would only repeat it
+    warnings.filterwarnings("ignore", category=luigi.parameter.UnconsumedParameterWarning)
+    _problems = startup_problems(sys.argv[1:])
     if _problems:
         for _problem in _problems:
             print(f"captioner: ERROR: {_problem}", file=sys.stderr)

@@ -32,6 +32,7 @@ from pathlib import Path
 from pipeline.errors import InputError
 from pipeline.progress import Progress
 from storage import manifests
+from storage.workspace import portable
 
 log = logging.getLogger("captioner")
 
@@ -298,12 +299,22 @@ def extract_annotations(annotation_files, image_roots, karpathy_split=None, val_
 
 
 def make_annotations(outdir: str | os.PathLike, annotation_files, image_roots, karpathy_split=None,
-                     val_fraction=0.05, test_fraction=0.05, seed=0, progress_callback=None, previous=None) -> dict:
+                     val_fraction=0.05, test_fraction=0.05, seed=0, progress_callback=None, previous=None,
+                     workspace_root=None) -> dict:
     """Stage 1 entry point: extract_annotations, then write <split>.jsonl for every split and report.json
-    into `outdir`. `previous`: an earlier annotations output (e.g. last night's), whose split assignment the
+    into `outdir`. Image roots inside `workspace_root` (the demo's) are written relative to it, so the workspace
+    can move (storage.workspace.portable). `previous`: an earlier annotations output (e.g. last night's), whose split assignment the
     report compares with this one ("split_changes"; the goal is 0 moved images). Returns the report."""
     splits, report = extract_annotations(annotation_files, image_roots, karpathy_split, val_fraction,
                                          test_fraction, seed, progress_callback)
+    if workspace_root is not None:
+        for records in splits.values():
+            for record in records:
+                record["root"] = portable(record["root"], workspace_root)
+        for key in ("image_roots", "annotation_files"):
+            report[key] = [portable(r, workspace_root) for r in report[key]]
+        if karpathy_split:
+            report["split_method"] = f"karpathy:{portable(karpathy_split, workspace_root)}"
     report["split_changes"] = {"previous": None}
     if previous is not None:
         current = {r["image_id"]: name for name, records in splits.items() for r in records}

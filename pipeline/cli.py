@@ -137,7 +137,7 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
     from pipeline.train import load_model
 
     model, vocab, provenance = load_model(model_dir)
-    identity = _training_encoder(provenance, weights)
+    identity = _training_encoder(provenance, weights, model_dir)
     size = provenance["encoder"]["image_size"]
     forward = features.encoder_forward(identity, size)
     decoder = decode.decoder_fn(model, vocab, beam, max_length)
@@ -168,11 +168,12 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
     sys.exit(1 if any("error" in r for r in results) else 0)
 
 
-def _training_encoder(provenance: dict, weights: Path | None) -> dict:
-    """The encoder identity the model was trained with, or a ClickException saying why it cannot be had."""
+def _training_encoder(provenance: dict, weights: Path | None, model_dir: Path) -> dict:
+    """The encoder identity the model was trained with, or a ClickException saying why it cannot be had.
+    A recorded weights path inside the workspace is relative to it (models/<fp> is two levels below)."""
     from pipeline import encoder as encoder_lib
     from storage import shards
-    from storage.workspace import file_sha256
+    from storage.workspace import file_sha256, resolve
 
     recorded = provenance["encoder"]
     expected = {"encoder": encoder_lib.ENCODER_NAME, "preprocess": encoder_lib.PREPROCESS,
@@ -186,7 +187,10 @@ def _training_encoder(provenance: dict, weights: Path | None) -> dict:
     # file/imagenet stores are keyed by the file's sha256; the digits encoder's by its pretraining fingerprint,
     # with the sha256 of the file recorded by TrainDecoder
     expected_sha = recorded.get("sha256") or provenance.get("weights_sha256")
-    candidates = [p for p in (weights, provenance.get("weights_path"),
+    recorded_path = provenance.get("weights_path")
+    if recorded_path:
+        recorded_path = resolve(recorded_path, Path(model_dir).resolve().parents[1])
+    candidates = [p for p in (weights, recorded_path,
                               encoder_lib.keras_cache_file() if recorded["weights"] == "imagenet" else None) if p]
     seen = []
     for path in map(Path, candidates):

@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from storage.workspace import TEMP_PREFIX, atomic_file
+from storage.workspace import TEMP_PREFIX, atomic_file, resolve
 
 SCHEMA_VERSION = 1
 SHARD_GLOB = "shard-*.h5"
@@ -239,8 +239,14 @@ def find_image(path, image_id: int) -> int | None:
 
 
 # ----------------------------------------------------------------- attention maps of generated captions
-#   image_ids int64 (n,), paths utf-8 (n,) absolute image paths, tokens int32 (n, T) (0 = padding),
+#   image_ids int64 (n,), paths utf-8 (n,) image paths — relative to the workspace holding the file (it lies in
+#   <workspace>/captions/<fp>/) for images inside it, else absolute; tokens int32 (n, T) (0 = padding),
 #   attention float16 (n, T, P): the weights over the P positions when each word was chosen.
+
+
+def _image_path(attention_file, stored: str) -> str:
+    """A stored image path, resolved against the workspace the attention file is in now (it may have moved)."""
+    return str(resolve(stored, Path(attention_file).resolve().parents[2]))
 
 def write_attention(path, image_ids, paths, tokens, attention, attrs: dict) -> None:
     """Write the attention-maps file atomically."""
@@ -263,7 +269,7 @@ def read_attention(path, image_id: int) -> dict:
         if not len(rows):
             raise KeyError(image_id)
         row = int(rows[0])
-        return {"path": f["paths"].asstr()[row], "tokens": f["tokens"][row],
+        return {"path": _image_path(path, f["paths"].asstr()[row]), "tokens": f["tokens"][row],
                 "attention": f["attention"][row].astype(np.float32)}
 
 
@@ -271,5 +277,6 @@ def read_all_attention(path) -> dict:
     """The whole attention-maps file in one read: {"image_ids" (n,), "paths" [str], "tokens" (n, T),
     "attention" (n, T, P) float16 as stored} (for evaluation, which needs every image's maps)."""
     with h5py.File(path, "r") as f:
-        return {"image_ids": f["image_ids"][:], "paths": list(f["paths"].asstr()[:]), "tokens": f["tokens"][:],
+        return {"image_ids": f["image_ids"][:], "paths": [_image_path(path, p) for p in f["paths"].asstr()[:]],
+                "tokens": f["tokens"][:],
                 "attention": f["attention"][:]}

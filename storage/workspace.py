@@ -147,6 +147,22 @@ def atomic_dir(final: str | os.PathLike):
         raise
 
 
+def portable(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """How an artifact refers to `path`: relative to the workspace `root` when inside it, so the workspace can
+    be copied or mounted elsewhere; absolute otherwise (dataset images, weights files outside)."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def resolve(path: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """The inverse of portable(): a relative path lies in the workspace `root` as it is now."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(root) / path
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush one file's or directory's content (a directory: its entries) to disk."""
     fd = os.open(path, os.O_RDONLY)

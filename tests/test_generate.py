@@ -166,3 +166,41 @@ def test_caption_refuses_a_different_encoder(evaluated, tmp_path):
     image = next(workdir.glob("demo/*/test/*.jpg"))
     result = CliRunner().invoke(cli, ["caption", str(image), "--model", str(copy)])
     assert result.exit_code != 0 and "no such file was found" in result.output and "--weights" in result.output
+
+
+def test_a_copied_workspace_works_where_the_original_is_gone(evaluated, tmp_path):
+    """Artifacts refer to workspace files by workspace-relative paths: copy the workspace, hide the original,
+    and captioning, evaluation, plots, `caption --model` and `verify` all work on the copy."""
+    import shutil
+    workdir, _ = evaluated
+    moved = tmp_path / "elsewhere" / "work"
+    shutil.copytree(workdir, moved, symlinks=True)
+    hidden = workdir.with_name(workdir.name + "-hidden")
+    workdir.rename(hidden)
+    try:
+        for stage in ("captions", "metrics"):                          # recomputed on the copy
+            shutil.rmtree(moved / stage)
+        run = run_luigi("EvaluateCaptions", "--split", "test", workdir=moved)
+        assert run.returncode == 0, run.output
+        assert "2 ran successfully" in run.output                    # GenerateCaptions, EvaluateCaptions only
+        assert not list(moved.glob("features/*/shard-*.h5.*"))        # nothing re-extracted or half-written
+        captions_dir, = moved.glob("captions/[!.]*")
+        image_id = json.loads((captions_dir / "test.json").read_text())[0]["image_id"]
+        runner = CliRunner()
+        out = tmp_path / "att.png"
+        result = runner.invoke(cli, ["plot-attention", str(captions_dir), "--image-id", str(image_id), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        model_dir, = moved.glob("models/[!.]*")
+        image = next(moved.glob("demo/*/test/*.jpg"))
+        result = runner.invoke(cli, ["caption", str(image), "--model", str(model_dir), "--json"])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(cli, ["verify", str(moved)])
+        assert result.exit_code == 0, result.output
+        # nothing in the copy names the original workspace
+        for path in moved.rglob("*"):
+            if path.is_file() and path.suffix in (".json", ".jsonl") and "runs" not in path.parts:
+                assert str(workdir) not in path.read_text(), path
+        with h5py.File(captions_dir / "test-attention.h5") as f:
+            assert not any(p.startswith("/") for p in f["paths"].asstr()[:])
+    finally:
+        hidden.rename(workdir)
