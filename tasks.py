@@ -195,12 +195,13 @@ class pretrain(Section):
     scene_batch_size = luigi.IntParameter(default=16, description="whole scenes per step")
     seed = luigi.IntParameter(default=0)
     bn_scenes = luigi.IntParameter(default=128, description="299-px scenes that re-estimate the batch norms")
+    val_scenes = luigi.IntParameter(default=128, description="held-out val-pool scenes the report's accuracy uses")
     bfloat16 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                    description="bfloat16 compute (fast on CPUs with AMX / AVX-512 BF16, GPUs)")
 
     def problems(self):
         out = []
-        for key in ("steps", "batch_size", "scene_batch_size", "bn_scenes"):
+        for key in ("steps", "batch_size", "scene_batch_size", "bn_scenes", "val_scenes"):
             out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
         for key in ("warmup_steps", "scene_steps"):
             out += self.require(getattr(self, key) >= 0, key, "must be 0 or more")
