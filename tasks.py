@@ -356,9 +356,12 @@ def startup_problems(argv: list[str]) -> list[str]:
                                         f"{settings_check.nearest(value, map(str, choices or ()))}.")
     command_line += settings_check.check_flags(unknown, flags)
     if not command_line:   # luigi can parse it: check the values as the run will see them, flags applied
+        global _sections_checked
         with luigi.cmdline_parser.CmdlineParser.global_instance(argv):
-            problems += section_problems()
+            values = section_problems()
         luigi.task_register.Register.clear_instance_cache()
+        _sections_checked = not values   # the run sees the same values: complete() need not read them again
+        problems += values
     return problems + command_line
 
 
