@@ -510,7 +510,8 @@ class ExtractAnnotations(Stage):
     """Stage 1: caption files → annotations/<fp>/{train,val,test}.jsonl + report.json."""
     stage = "annotations"
     expected_files = (*(f"{s}.jsonl" for s in manifests.SPLITS), manifests.REPORT_FILE)
-    version = 3   # 2: digit datasets' labels and boxes kept in the manifests; 3: hash splits, item-level problems
+    version = 4   # 2: digit datasets' labels and boxes kept in the manifests; 3: hash splits, item-level problems;
+    #               4: image roots as references (images:<k>), files identified by content only
 
     def requires(self):
         return [MakeDemoDataset()] if dataset.read().source == "demo" else []
@@ -530,8 +531,8 @@ class ExtractAnnotations(Stage):
         s = {"source": d.source, "seed": d.seed, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction}
         if d.source == "coco":   # the demo's files are identified by its upstream fingerprint
             files, roots, karpathy = self.inputs()
-            s["annotations"] = [[f, _identify(f, "annotations")] for f in files]
-            s["images"] = [str(Path(r).expanduser().resolve()) for r in roots]
+            # by content, not by path: the files and image roots may move (another host, another mount)
+            s["annotations"] = [_identify(f, "annotations") for f in files]
             s["karpathy_split"] = _identify(karpathy, "karpathy_split") if karpathy else ""
         if s.get("karpathy_split") or d.source == "demo":
             for key in ("seed", "val_fraction", "test_fraction"):   # unused with a split file
@@ -547,6 +548,19 @@ class ExtractAnnotations(Stage):
                                                   d.test_fraction, d.seed, progress_callback=self.report_progress,
                                                   previous=previous, workspace_root=workspace_root())
         self.counts = {"splits": report["splits"], "problems": report["problem_counts"]}
+
+
+def dataset_image_roots() -> list[str]:
+    """The current config's `[dataset] images` (what `images:<k>` root references resolve through)."""
+    return [str(Path(r).expanduser().resolve()) for r in _csv(dataset.read().images)]
+
+
+def image_root(reference: str) -> Path:
+    """The directory a manifest's root reference names under the current config (storage.manifests)."""
+    try:
+        return manifests.resolve_root(reference, workspace_root(), dataset_image_roots())
+    except ValueError as e:
+        raise InputError(f"{config_files()}: [dataset] images: {e}") from e
 
 
 def _identify(path: str, key: str) -> str:
@@ -681,7 +695,8 @@ def extract_planned_shard(plan_name: str, shard: str, progress_callback) -> dict
     entry = next(s for s in plan["shards"] if s["name"] == shard)
     e, f = encoder.read(), features.read()
     attrs = {"fingerprint": store_dir().name, "split": entry["split"], "plan": plan_name}
-    images = [[i, str(ws.resolve(root, workspace_root())), rel] for i, root, rel in entry["images"]]
+    roots = {root: str(image_root(root)) for root in {root for _, root, _ in entry["images"]}}
+    images = [[i, roots[root], rel] for i, root, rel in entry["images"]]
     return features_lib.extract_shard(
         store_dir() / f"{shard}.h5", images, encoder_identity(), e.image_size, e.batch_size, attrs,
         None if f.compression == "none" else f.compression, e.decode_workers or None,
@@ -842,12 +857,12 @@ class GenerateCaptions(Stage):
             g.suppress_unk, g.batch_size, progress_callback=self.report_progress)
         records = manifests.read_manifest(
             manifests.manifest_path(self.requires()["features"].requires()["plan"].input().path, self.split))
-        root = workspace_root()
-        paths = {r["image_id"]: ws.portable(ws.resolve(r["root"], root) / r["path"], root) for r in records}
+        paths = {r["image_id"]: f"{r['root']}/{r['path']}" for r in records}   # root references, as manifests
         with self.atomic_output() as tmp:
             manifests.write_json(tmp / f"{self.split}.json", results)
             shards.write_attention(tmp / f"{self.split}-attention.h5", ids, [paths[int(i)] for i in ids], tokens,
-                                   attention, {"model": ws.portable(model_dir, root), "beam_size": g.beam_size})
+                                   attention, {"model": ws.portable(model_dir, workspace_root()),
+                                               "beam_size": g.beam_size, "image_roots": dataset_image_roots()})
 
 
 class EvaluateCaptions(Stage):
@@ -875,7 +890,8 @@ class EvaluateCaptions(Stage):
                                               captions / f"{self.split}-attention.h5",
                                               manifests.manifest_path(self.input()["annotations"].path, self.split),
                                               java={"auto": None, "yes": True, "no": False}[e.java],
-                                              spice=e.spice, examples=e.report_examples)
+                                              spice=e.spice, examples=e.report_examples,
+                                              dataset_roots=dataset_image_roots())
         self.counts = metrics["corpus"]
 
 

@@ -302,17 +302,20 @@ def make_annotations(outdir: str | os.PathLike, annotation_files, image_roots, k
                      val_fraction=0.05, test_fraction=0.05, seed=0, progress_callback=None, previous=None,
                      workspace_root=None) -> dict:
     """Stage 1 entry point: extract_annotations, then write <split>.jsonl for every split and report.json
-    into `outdir`. Image roots inside `workspace_root` (the demo's) are written relative to it, so the workspace
-    can move (storage.workspace.portable). `previous`: an earlier annotations output (e.g. last night's), whose split assignment the
+    into `outdir`. Image roots are written as references that survive a move (storage.manifests.root_reference):
+    relative to `workspace_root` when inside it (the demo's), else `images:<k>`, the k-th configured root. `previous`: an earlier annotations output (e.g. last night's), whose split assignment the
     report compares with this one ("split_changes"; the goal is 0 moved images). Returns the report."""
     splits, report = extract_annotations(annotation_files, image_roots, karpathy_split, val_fraction,
                                          test_fraction, seed, progress_callback)
     if workspace_root is not None:
+        references = {str(Path(r).expanduser().resolve()): manifests.root_reference(r, k, workspace_root)
+                      for k, r in enumerate(image_roots)}
         for records in splits.values():
             for record in records:
-                record["root"] = portable(record["root"], workspace_root)
-        for key in ("image_roots", "annotation_files"):
-            report[key] = [portable(r, workspace_root) for r in report[key]]
+                record["root"] = references[record["root"]]
+        report["image_roots"] = [references[r] for r in report["image_roots"]]
+        report["image_root_paths"] = {references[r]: r for r in references if references[r].startswith("images:")}
+        report["annotation_files"] = [portable(r, workspace_root) for r in report["annotation_files"]]
         if karpathy_split:
             report["split_method"] = f"karpathy:{portable(karpathy_split, workspace_root)}"
     report["split_changes"] = {"previous": None}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -209,6 +210,17 @@ def _training_encoder(provenance: dict, weights: Path | None, model_dir: Path) -
         "Fix: pass --weights with the weights file used for training.")
 
 
+def _configured_image_roots() -> list[str] | None:
+    """`[dataset] images` of the config in $LUIGI_CONFIG_PATH, if one is set: dataset images resolve through it
+    (they may be mounted elsewhere than when the captions were generated); else None (the recorded roots)."""
+    if not os.environ.get("LUIGI_CONFIG_PATH"):
+        return None
+    import luigi.configuration
+
+    roots = luigi.configuration.get_config().get("dataset", "images", "")
+    return [str(Path(r.strip()).expanduser().resolve()) for r in roots.split(",") if r.strip()] or None
+
+
 @main.command("plot-attention")
 @click.argument("captions_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--image-id", required=True, type=int, help="Image to plot.")
@@ -221,7 +233,7 @@ def plot_attention(captions_dir: Path, image_id: int, out: Path | None) -> None:
 
     for attention_file in sorted(captions_dir.glob("*-attention.h5")):
         try:
-            maps = shards.read_attention(attention_file, image_id)
+            maps = shards.read_attention(attention_file, image_id, _configured_image_roots())
         except KeyError:
             continue
         split = attention_file.name[:-len("-attention.h5")]

@@ -141,9 +141,10 @@ def digit_metrics(hypotheses: dict, records: dict, attention: dict) -> tuple[dic
 
 
 def evaluate_split(outdir, split: str, results_path, attention_path, manifest_path, java: bool | None = None,
-                   spice: bool = False, examples: int = 12, seed: int = 0) -> dict:
+                   spice: bool = False, examples: int = 12, seed: int = 0, dataset_roots=None) -> dict:
     """Score a GenerateCaptions output against the split's raw reference captions; write
-    `outdir`/<split>.json (corpus + digits + per-image scores) and `outdir`/<split>-report.html."""
+    `outdir`/<split>.json (corpus + digits + per-image scores) and `outdir`/<split>-report.html.
+    `dataset_roots`: the current [dataset] images, through which the report finds dataset images."""
     import json
     from pathlib import Path
 
@@ -154,7 +155,7 @@ def evaluate_split(outdir, split: str, results_path, attention_path, manifest_pa
     records = {r["image_id"]: r for r in manifests.read_manifest(manifest_path)}
     hypotheses = {r["image_id"]: r["caption"] for r in results}
     scores = evaluate({i: records[i]["raw_captions"] for i in hypotheses}, hypotheses, java=java, spice=spice)
-    attention = shards.read_all_attention(attention_path)
+    attention = shards.read_all_attention(attention_path, dataset_roots)
     digits, expected = digit_metrics(hypotheses, records, attention)
     per_image = []
     for i, s in scores["per_image"].items():

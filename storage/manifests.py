@@ -2,12 +2,17 @@
 
 A split manifest (`annotations/<fp>/<split>.jsonl`) has one JSON object per line, one line per image:
 
-    {"image_id": 391895, "root": "/data/coco/val2014", "path": "COCO_val2014_000000391895.jpg",
+    {"image_id": 391895, "root": "images:0", "path": "COCO_val2014_000000391895.jpg",
      "captions": ["a man with a red helmet on a small moped on a dirt road"],
      "raw_captions": ["A man with a red helmet on a small moped on a dirt road. "]}
 
 Digit datasets (the demo) add `digits`, `digit_boxes` ([x, y, w, h] pixels, left to right), `width` and
 `height` (OPTIONAL_KEYS), used only by the digit metrics.
+
+`root` says where the image lies without naming a mount point, so a workspace and its dataset can each move
+(another host, another mount): `images:<k>` is the k-th root of the current config's `[dataset] images` (k from
+0), a relative path is a directory inside the workspace (the demo's images), and an absolute path (written by
+older versions) is itself. `resolve_root` turns any of them into a directory.
 
 `captions` are normalised (see pipeline/annotations.py); `raw_captions` are exactly as in the source file,
 in the same order, for evaluation against the original references.
@@ -18,13 +23,34 @@ import json
 import os
 from pathlib import Path
 
-from storage.workspace import atomic_file, write_json
+from storage.workspace import atomic_file, portable, resolve, write_json
 
 MANIFEST_KEYS = ("image_id", "root", "path", "captions", "raw_captions")
 OPTIONAL_KEYS = ("digits", "digit_boxes", "width", "height")
 VOCAB_FILE = "vocab.json"
 REPORT_FILE = "report.json"
 SPLITS = ("train", "val", "test")
+
+
+def root_reference(root: str | os.PathLike, index: int, workspace_root: str | os.PathLike) -> str:
+    """How a manifest refers to the image root given as the `index`-th `[dataset] images` entry: relative to the
+    workspace when inside it, else `images:<index>`."""
+    reference = portable(root, workspace_root)
+    return f"images:{index}" if os.path.isabs(reference) else reference
+
+
+def resolve_root(stored: str, workspace_root: str | os.PathLike, dataset_roots: list[str]) -> Path:
+    """The directory a manifest's `root` names now: `images:<k>` through `dataset_roots` (the current config's
+    `[dataset] images`), a relative path inside `workspace_root`. Raises ValueError naming the fix when the
+    config has fewer roots than the manifest refers to."""
+    if stored.startswith("images:"):
+        k = int(stored.split(":", 1)[1])
+        if k >= len(dataset_roots):
+            raise ValueError(f"the annotations refer to image root {stored} (entry {k + 1} of [dataset] images), "
+                             f"but the config lists {len(dataset_roots)}. Fix: list the image roots again, one per "
+                             "annotation file, same order.")
+        return Path(dataset_roots[k]).expanduser()
+    return resolve(stored, workspace_root)
 
 
 def manifest_path(directory: str | os.PathLike, split: str) -> Path:

@@ -239,14 +239,27 @@ def find_image(path, image_id: int) -> int | None:
 
 
 # ----------------------------------------------------------------- attention maps of generated captions
-#   image_ids int64 (n,), paths utf-8 (n,) image paths — relative to the workspace holding the file (it lies in
-#   <workspace>/captions/<fp>/) for images inside it, else absolute; tokens int32 (n, T) (0 = padding),
+#   image_ids int64 (n,), paths utf-8 (n,) image paths `<root reference>/<path>` (storage.manifests): relative to
+#   the workspace holding the file (it lies in <workspace>/captions/<fp>/) for images inside it, `images:<k>/...`
+#   for the k-th configured image root (attrs["image_roots"]: the roots when the file was written); tokens int32 (n, T) (0 = padding),
 #   attention float16 (n, T, P): the weights over the P positions when each word was chosen.
 
 
-def _image_path(attention_file, stored: str) -> str:
-    """A stored image path, resolved against the workspace the attention file is in now (it may have moved)."""
+def _image_path(attention_file, stored: str, dataset_roots: list[str]) -> str:
+    """A stored image path, `<root reference>/<path>` (storage.manifests): `images:<k>/...` through
+    `dataset_roots`, a relative path against the workspace the attention file is in now (it may have moved)."""
+    from storage.manifests import resolve_root
+
+    if stored.startswith("images:"):
+        root, _, rest = stored.partition("/")
+        return str(resolve_root(root, ".", dataset_roots) / rest)
     return str(resolve(stored, Path(attention_file).resolve().parents[2]))
+
+
+def _dataset_roots(f, dataset_roots) -> list[str]:
+    """The image roots `images:<k>` resolves through: the caller's (the current config's), else those recorded
+    when the file was written."""
+    return list(dataset_roots) if dataset_roots else json.loads(f.attrs.get("image_roots", "[]"))
 
 def write_attention(path, image_ids, paths, tokens, attention, attrs: dict) -> None:
     """Write the attention-maps file atomically."""
@@ -262,21 +275,24 @@ def write_attention(path, image_ids, paths, tokens, attention, attrs: dict) -> N
                 f.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
 
 
-def read_attention(path, image_id: int) -> dict:
-    """{"path", "tokens" (T,), "attention" (T, P) float32} of one image from an attention-maps file."""
+def read_attention(path, image_id: int, dataset_roots=None) -> dict:
+    """{"path", "tokens" (T,), "attention" (T, P) float32} of one image from an attention-maps file; image paths
+    of `images:<k>` roots resolve through `dataset_roots` (the current [dataset] images), else the recorded ones."""
     with h5py.File(path, "r") as f:
         rows = np.flatnonzero(f["image_ids"][:] == image_id)
         if not len(rows):
             raise KeyError(image_id)
         row = int(rows[0])
-        return {"path": _image_path(path, f["paths"].asstr()[row]), "tokens": f["tokens"][row],
+        return {"path": _image_path(path, f["paths"].asstr()[row], _dataset_roots(f, dataset_roots)),
+                "tokens": f["tokens"][row],
                 "attention": f["attention"][row].astype(np.float32)}
 
 
-def read_all_attention(path) -> dict:
+def read_all_attention(path, dataset_roots=None) -> dict:
     """The whole attention-maps file in one read: {"image_ids" (n,), "paths" [str], "tokens" (n, T),
     "attention" (n, T, P) float16 as stored} (for evaluation, which needs every image's maps)."""
     with h5py.File(path, "r") as f:
-        return {"image_ids": f["image_ids"][:], "paths": [_image_path(path, p) for p in f["paths"].asstr()[:]],
+        roots = _dataset_roots(f, dataset_roots)
+        return {"image_ids": f["image_ids"][:], "paths": [_image_path(path, p, roots) for p in f["paths"].asstr()[:]],
                 "tokens": f["tokens"][:],
                 "attention": f["attention"][:]}

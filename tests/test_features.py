@@ -177,16 +177,18 @@ def test_killed_extraction_reruns_to_identical_features(tmp_path, reference_feat
         np.testing.assert_array_equal(got[image_id], want)
 
 
-def coco_config(tmp_path, demo_root, n_images):
-    """A COCO-source config over the first n demo train images (all in train)."""
+def coco_config(tmp_path, demo_root, n_images, annotations_dir=None):
+    """A COCO-source config over the first n demo train images (all in train), its caption file written in
+    `annotations_dir` (default tmp_path)."""
     coco = json.loads((demo_root / "captions_train.json").read_text())
     keep = {img["id"] for img in coco["images"][:n_images]}
     coco["images"] = [img for img in coco["images"] if img["id"] in keep]
     coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
-    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    captions = (annotations_dir or tmp_path) / "captions.json"
+    captions.write_text(json.dumps(coco))
     cfg = tmp_path / "coco.cfg"
     cfg.write_text(TEST_CONFIG.read_text().replace(
-        "[dataset]\nsource = demo", f"[dataset]\nsource = coco\nannotations = {tmp_path / 'captions.json'}\n"
+        "[dataset]\nsource = demo", f"[dataset]\nsource = coco\nannotations = {captions}\n"
         f"images = {demo_root / 'train'}\nval_fraction = 0\ntest_fraction = 0"))
     return cfg, sorted(keep)
 
@@ -213,6 +215,32 @@ def test_grown_annotations_extract_only_new_images_and_unchanged_rerun_extracts_
     assert sorted(i for p in new for i in shards.read_ids(p)[0].tolist()) == sorted(set(grown_ids) - set(first_ids))
     index = json.loads(max(store_of(workdir).glob("splits/*/train.json"), key=os.path.getmtime).read_text())
     assert sorted(map(int, index["images"])) == grown_ids
+
+
+def test_a_dataset_mounted_elsewhere_is_the_same_dataset(tmp_path, workdir):
+    """Manifests refer to dataset images by (images:<k>, relative path), resolved through the current config:
+    after the dataset and its caption file move (another host's mount point), nothing is recomputed, and new
+    images are read from the new place."""
+    demo_root = tmp_path / "mnt-a" / "demo"
+    write_demo_dataset(demo_root, 14, 1, 1, seed=5)
+    cfg, _ = coco_config(tmp_path, demo_root, 10, annotations_dir=demo_root)
+    run = run_luigi("ExtractFeatures", "--split", "train", config=cfg, workdir=workdir)
+    assert run.returncode == 0, run.output
+    manifest, = workdir.glob("annotations/[!.]*/train.jsonl")
+    assert {json.loads(line)["root"] for line in manifest.read_text().splitlines()} == {"images:0"}
+
+    moved = tmp_path / "mnt-b" / "demo"
+    moved.parent.mkdir()
+    demo_root.rename(moved)
+    cfg, _ = coco_config(tmp_path, moved, 10, annotations_dir=moved)
+    rerun = run_luigi("ExtractFeatures", "--split", "train", config=cfg, workdir=workdir)
+    assert rerun.returncode == 0 and "ran successfully" not in rerun.output, rerun.output
+
+    cfg, grown_ids = coco_config(tmp_path, moved, 14, annotations_dir=moved)
+    grown = run_luigi("ExtractFeatures", "--split", "train", config=cfg, workdir=workdir)
+    assert grown.returncode == 0, grown.output
+    assert "4 images to extract" in grown.output
+    assert sorted(all_features(workdir)) == grown_ids                    # the 4 new ones read at mnt-b
 
 
 def store_for(*argv):
