@@ -13,7 +13,8 @@ Checkpoints (model, optimizer, counters) every `checkpoint_every` steps and at e
 directory outside the task output. Each epoch ends with free-running decoding of the val split with the
 [generation] settings (beam, length penalty, <unk> suppression: what GenerateCaptions will run) scored with
 BLEU-4 and CIDEr-D; the best-CIDEr-D weights are kept; training stops early after `patience` epochs without a
-better CIDEr-D.
+better CIDEr-D. Loss parts, learning rate, speed and validation scores also go to TensorBoard
+(pipeline/tensorboard.py: checkpoints/<fp>/tensorboard/).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import numpy as np
 from pipeline import digits
 from pipeline.errors import InputError
 from pipeline.progress import format_seconds
+from pipeline.tensorboard import TrainingBoard
 from pipeline.vocabulary import Vocabulary
 from storage import manifests
 from storage.workspace import atomic_file, write_json
@@ -314,6 +316,7 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
         model.feature_mean.assign(mean)
         model.feature_std.assign(std)
     train_step = make_train_step(model, optimizer, strategy, settings)
+    board = TrainingBoard(checkpoint_dir)
     best_weights = checkpoint_dir / "best.weights.h5"
     total_steps = steps_per_epoch * settings["epochs"]
     while int(counters["epoch"].numpy()) < settings["epochs"] and int(counters["bad_epochs"].numpy()) < settings["patience"]:
@@ -323,12 +326,17 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
                            settings["shuffle_buffer"], settings["block_rows"], positions, channels).skip(skip)
         ds = strategy.experimental_distribute_dataset(ds.map(lambda ids, f, c: (f, c)))
         start, last_log, seen, losses = time.monotonic(), time.monotonic(), 0, []
+        step_started = start
         for features, caps in ds:
             loss, xent, doubly, n = train_step(features, caps)
             counters["step"].assign_add(1)
             counters["step_in_epoch"].assign_add(1)
             losses.append((float(loss), float(xent), float(doubly)))
             seen += int(n)
+            now = time.monotonic()
+            board.step(int(counters["step"].numpy()), *losses[-1], float(optimizer.learning_rate),
+                       int(n) / max(now - step_started, 1e-9))
+            step_started = now
             if int(counters["step"].numpy()) % settings["checkpoint_every"] == 0:
                 manager.save(checkpoint_number=counters["step"])
             if time.monotonic() - last_log > 10 or int(counters["step_in_epoch"].numpy()) == steps_per_epoch:
@@ -363,10 +371,12 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
                  scores["CIDEr"], " (best)" if improved else "",
                  f"digits exact {exact:.3f}, " if exact is not None else "", seconds,
                  history[-1]["captions_per_second"])
+        board.epoch(int(counters["step"].numpy()), scores, exact, history[-1]["val_distinct"], hyps, val_refs)
         counters["epoch"].assign_add(1)
         counters["step_in_epoch"].assign(0)
         manager.save(checkpoint_number=counters["step"])
         write_json(history_path, history)
+    board.close()
     if int(counters["bad_epochs"].numpy()) >= settings["patience"]:
         log.info("early stop: no better val CIDEr-D for %d epochs", settings["patience"])
 

@@ -131,6 +131,24 @@ def test_generate_and_evaluate_outputs(evaluated):
     assert report.count("<img") >= 2 * len(test_ids) and "Worst CIDEr-D first" in report
 
 
+def test_training_writes_tensorboard_curves(evaluated):
+    """Two epochs of training leave one TensorBoard run with the loss parts per step and val scores per epoch."""
+    workdir, _ = evaluated
+    events = list(workdir.glob("checkpoints/*/tensorboard/events.out.tfevents.*"))
+    assert events
+    steps = {}
+    for path in events:
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    for tag in ("train/loss", "train/xent", "train/attention", "train/learning_rate", "train/captions_per_second"):
+        assert len(steps[tag]) >= 2 and steps[tag] == sorted(steps[tag]), tag      # one point per step
+    history = json.loads(next(workdir.glob("models/*/history.json")).read_text())
+    for tag in ("val/Bleu_4", "val/CIDEr_D", "val/distinct_captions", "val/digits_exact", "val/examples"):
+        assert len(steps[tag]) == len(history), tag                                 # one point per epoch
+    assert max(steps["train/loss"]) == max(steps["val/CIDEr_D"])                    # the same step axis
+
+
 def test_plot_attention_and_caption_cli(evaluated, tmp_path):
     workdir, _ = evaluated
     captions_dir, = workdir.glob("captions/*")

@@ -1,0 +1,51 @@
+"""TensorBoard event files of a decoder training: `checkpoints/<fp>/tensorboard/` (`tensorboard --logdir work/`).
+
+One writer per training process, appending to the same directory: a resumed run continues the same curves,
+because the step numbers come from the checkpointed step counter. (Steps trained after the last checkpoint of
+a killed run are trained, and logged, again; TensorBoard shows the later points.)
+
+    per step    train/loss, train/xent, train/attention (the doubly stochastic term, before λ),
+                train/learning_rate, train/captions_per_second
+    per epoch   val/Bleu_4, val/CIDEr_D, val/digits_exact (digit datasets), val/distinct_captions,
+                text val/examples: a few val images' captions beside a reference
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+DIRECTORY = "tensorboard"
+EXAMPLES = 4
+
+
+class TrainingBoard:
+    def __init__(self, checkpoint_dir):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.path = Path(checkpoint_dir) / DIRECTORY
+        self._writer = tf.summary.create_file_writer(str(self.path))
+
+    def step(self, step: int, loss: float, xent: float, attention: float, learning_rate: float,
+             captions_per_second: float) -> None:
+        with self._writer.as_default(step=step):
+            for tag, value in (("train/loss", loss), ("train/xent", xent), ("train/attention", attention),
+                               ("train/learning_rate", learning_rate),
+                               ("train/captions_per_second", captions_per_second)):
+                self._tf.summary.scalar(tag, value)
+
+    def epoch(self, step: int, scores: dict, digits_exact: float | None, distinct: int, hypotheses: dict,
+              references: dict) -> None:
+        with self._writer.as_default(step=step):
+            self._tf.summary.scalar("val/Bleu_4", scores["Bleu_4"])
+            self._tf.summary.scalar("val/CIDEr_D", scores["CIDEr"])
+            self._tf.summary.scalar("val/distinct_captions", distinct)
+            if digits_exact is not None:
+                self._tf.summary.scalar("val/digits_exact", digits_exact)
+            rows = [f"| {image_id} | {hypotheses[image_id]} | {references[image_id][0]} |"
+                    for image_id in sorted(hypotheses)[:EXAMPLES]]
+            self._tf.summary.text("val/examples", "\n".join(["| image | caption | a reference |", "|---|---|---|",
+                                                              *rows]))
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
