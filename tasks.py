@@ -481,6 +481,7 @@ class Stage(ReportsProgress, luigi.Task):
             manifests.write_json(tmp / "provenance.json", {
                 "stage": self.stage, "fingerprint": self.fingerprint(), "version": self.version,
                 "settings": self.settings(), "upstream": upstream})
+        log.info("%s wrote %s", self.task_family, self.output().path)
 
 
 class MakeDemoDataset(Stage):
@@ -961,6 +962,27 @@ def _at_exit():
         print(f"captioner: could not write the run record: {e}", file=sys.stderr)
     for line in dict.fromkeys(failures):
         print(f"captioner: ERROR: {line}", file=sys.stderr)
+    if finished and not failures and _results_line(finished["tasks"]):
+        print(f"captioner: results: {_results_line(finished['tasks'])}", file=sys.stderr)
+
+
+def _results_line(tasks: list[dict]) -> str:
+    """The main artifacts a run made or found complete, for its last line: the model directory, captions,
+    metrics and report files (paths relative to the current directory when under it)."""
+    shown = lambda path: os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else path
+    parts = []
+    for t in tasks:
+        if t["outcome"] not in ("ran", "complete") or not t["outputs"]:
+            continue
+        out, split = t["outputs"][0], t["params"].get("split", "")
+        if t["family"] == "TrainDecoder":
+            parts.append(f"model {shown(out)}")
+        elif t["family"] == "GenerateCaptions":
+            parts.append(f"{split} captions {shown(Path(out) / f'{split}.json')}")
+        elif t["family"] == "EvaluateCaptions":
+            parts += [f"{split} metrics {shown(Path(out) / f'{split}.json')}",
+                      f"{split} report {shown(Path(out) / f'{split}-report.html')}"]
+    return " · ".join(parts)
 
 
 # Strict configuration: checked while luigi imports this module to parse its command line, so a typo'd key,

@@ -272,6 +272,11 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
         for r in records[-last:]:
             counts = ", ".join(f"{n} {k}" for k, n in r["counts"].items() if n)
             click.echo(f"  {r['id']}  {r['result']:<11} {r['seconds']:8.1f}s  {counts}  [{r['config']}]")
+        model = latest_model(root)
+        if model:
+            click.echo(f"latest model: {model['dir']} (trained {model['trained']})")
+            for split, m in sorted(model["metrics"].items()):
+                click.echo(f"  {split:<5} {m['summary']}  {m['path']}")
         click.echo(f"tasks of the last run ({latest['id']}):")
         for t in latest["tasks"]:
             state = "MISSING NOW" if t["task"] in missing else t["outcome"]
@@ -280,6 +285,37 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
             click.echo(f"  {name:<64} {state}{extra}")
     if check:
         sys.exit(0 if latest["result"] == "ok" and not missing else 1)
+
+
+def latest_model(root: Path) -> dict | None:
+    """The newest model directory of a workspace with the metrics of the captions it made, per split:
+    {"dir", "trained", "metrics": {split: {"path", "summary"}}}; None when there is no model yet.
+    Follows provenance: metrics/<fp> ← captions/<fp> ← models/<fp>."""
+    import time
+
+    from storage import manifests
+
+    models = [d for d in (root / "models").glob("[!.]*") if (d / "decoder.weights.h5").is_file()]
+    if not models:
+        return None
+    model = max(models, key=lambda d: (d / "decoder.weights.h5").stat().st_mtime)
+    upstream = lambda d: manifests.read_json(d / "provenance.json").get("upstream", {})
+    captions = {d.name for d in (root / "captions").glob("[!.]*")
+                if (d / "provenance.json").is_file() and upstream(d).get("models") == model.name}
+    metrics = {}
+    for d in sorted((root / "metrics").glob("[!.]*"), key=lambda d: d.stat().st_mtime):
+        if (d / "provenance.json").is_file() and upstream(d).get("captions") in captions:
+            for path in d.glob("*.json"):
+                if path.name != "provenance.json":
+                    corpus = manifests.read_json(path)
+                    digits = corpus.get("digits") or {}
+                    summary = f"BLEU-4 {corpus['corpus']['Bleu_4']:.3f}  CIDEr-D {corpus['corpus']['CIDEr']:.3f}"
+                    for key, name in (("digits_exact", "digits exact"), ("attention_grounding", "grounding")):
+                        if digits.get(key) is not None:
+                            summary += f"  {name} {digits[key]:.2f}"
+                    metrics[path.stem] = {"path": str(path), "summary": summary}
+    trained = time.strftime("%Y-%m-%d %H:%M", time.localtime((model / "decoder.weights.h5").stat().st_mtime))
+    return {"dir": str(model), "trained": trained, "metrics": metrics}
 
 
 def run() -> None:

@@ -129,6 +129,17 @@ def test_generate_and_evaluate_outputs(evaluated):
     assert "CIDEr" in output and "Bleu_4" in output                              # the summary table in the log
     report = (metrics_dir / "test-report.html").read_text()
     assert report.count("<img") >= 2 * len(test_ids) and "Worst CIDEr-D first" in report
+    model_dir, = workdir.glob("models/*")
+    last = output.strip().splitlines()[-1]                                        # where the results are
+    assert last.startswith("captioner: results: ")
+    for path in (model_dir, captions_dir / "test.json", metrics_dir / "test.json", metrics_dir / "test-report.html"):
+        assert str(path) in last, (path, last)
+    for stage in ("ExtractAnnotations", "TrainDecoder", "EvaluateCaptions"):       # each stage says what it wrote
+        assert f"{stage} wrote {workdir}" in output, stage
+    status = CliRunner().invoke(cli, ["status", "--workspace", str(workdir)])
+    assert status.exit_code == 0, status.output
+    assert f"latest model: {model_dir}" in status.output
+    assert f"test  BLEU-4 {metrics['corpus']['Bleu_4']:.3f}" in status.output and "digits exact" in status.output
 
 
 def test_training_writes_tensorboard_curves(evaluated):
