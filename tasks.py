@@ -365,6 +365,18 @@ def startup_problems(argv: list[str]) -> list[str]:
     return problems + command_line
 
 
+def settings_schema() -> list[tuple[str, str, str, str]]:
+    """[(section, key, default as written in a config file, help)] of every project section, in class order."""
+    rows = []
+    for cls in Section.__subclasses__():
+        for name, param in cls.get_params():
+            # luigi 3.8 keeps a parameter's default in Parameter._default (no public accessor)
+            default = param._default
+            shown = "" if default is luigi.parameter._no_value else param.serialize(default)
+            rows.append((cls.get_task_family(), name, shown, param.description or ""))
+    return rows
+
+
 def _config_paths() -> list[str]:
     # luigi 3.8 keeps the files it reads in LuigiConfigParser._config_paths (no public accessor).
     return [p for p in luigi.configuration.get_config()._config_paths if os.path.isfile(p)]

@@ -287,6 +287,32 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
         sys.exit(0 if latest["result"] == "ok" and not missing else 1)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]})
+@click.argument("flags", nargs=-1, type=click.UNPROCESSED)
+@click.option("--json", "as_json", is_flag=True, help="The table as JSON.")
+def settings(flags: tuple[str, ...], as_json: bool) -> None:
+    """Every setting of the pipeline: its value for a run with these FLAGS (luigi-style, e.g.
+    `--training-batch-size 8`) and the config files of $LUIGI_CONFIG_PATH (default configs/luigi.cfg), its
+    default, where the value comes from (flag, file, environment or default), and what it does."""
+    import tasks
+    from pipeline import settings_check
+
+    rows = settings_check.settings_table(tasks.settings_schema(), tasks._config_paths(), list(flags),
+                                         {("workspace", "root"): ("CAPTIONER_WORKDIR",
+                                                                  os.environ.get("CAPTIONER_WORKDIR", ""))})
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(f"config files: {tasks.config_files()}")
+    section = None
+    for row in rows:
+        if row["section"] != section:
+            section = row["section"]
+            click.echo(f"[{section}]")
+        notes = [row["source"]] + ([f"default {row['default']!r}"] if row["source"] != "default" else [])
+        click.echo(f"  {row['key'] + ' = ' + row['value']:<34} # {' · '.join(notes + [row['help']] * bool(row['help']))}")
+
+
 def latest_model(root: Path) -> dict | None:
     """The newest model directory of a workspace with the metrics of the captions it made, per split:
     {"dir", "trained", "metrics": {split: {"path", "summary"}}}; None when there is no model yet.

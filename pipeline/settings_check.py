@@ -61,3 +61,42 @@ def check_flags(unknown_args: list[str], valid_flags) -> list[str]:
             problems.append(f"{flag}: unknown flag{nearest(flag, valid_flags)}. Fix: correct or remove it "
                             "(`luigi --module tasks TASK --help-all` lists every flag).")
     return problems
+
+
+def settings_table(schema_rows, config_paths, argv: list[str], environment: dict) -> list[dict]:
+    """Every project setting with its value and where the value comes from, as Luigi will resolve it:
+    a command-line flag (`--section-key value` or `--section-key=value`) over the last config file that sets
+    it over the default. schema_rows: [(section, key, default, help)]; config_paths in Luigi's read order;
+    environment: {(section, key): (variable, value)} for settings an environment variable fills when they are
+    empty (e.g. [workspace] root ← $CAPTIONER_WORKDIR). → [{"section", "key", "value", "default", "source",
+    "help"}]."""
+    files = {}
+    for path in config_paths:
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(path, encoding="utf-8")
+        for section in parser.sections():
+            for key in parser.options(section):
+                files[(section, key.replace("-", "_"))] = (parser.get(section, key), str(path))
+    flag_names = {f"--{section}-{key}".replace("_", "-"): (section, key) for section, key, _, _ in schema_rows}
+    flags, tokens = {}, list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        name, has_value, value = token.partition("=")
+        if name in flag_names:
+            if not has_value:
+                value = tokens.pop(0) if tokens else ""
+            flags[flag_names[name]] = (value, name)
+    rows = []
+    for section, key, default, help_text in schema_rows:
+        if (section, key) in flags:
+            value, source = flags[(section, key)][0], f"flag {flags[(section, key)][1]}"
+        elif (section, key) in files:
+            value, source = files[(section, key)][0], f"file {files[(section, key)][1]}"
+        else:
+            value, source = default, "default"
+        if value == "" and (section, key) in environment and environment[(section, key)][1]:
+            variable, value = environment[(section, key)]
+            source = f"environment ${variable}"
+        rows.append({"section": section, "key": key, "value": value, "default": default, "source": source,
+                     "help": help_text})
+    return rows

@@ -44,6 +44,24 @@ def test_run_records_and_status(workdir):
     assert result.exit_code == 1 and "MISSING NOW" in result.output
 
 
+def test_settings_shows_each_value_with_its_source(monkeypatch):
+    """`captioner settings`: a value from the config file, one from a flag, one from the environment, one
+    default, each with where it came from."""
+    monkeypatch.setenv("CAPTIONER_WORKDIR", "/srv/captioner-work")
+    result = CliRunner().invoke(cli, ["settings", "--training-epochs", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {(r["section"], r["key"]): r for r in json.loads(result.output)}
+    assert rows[("training", "batch_size")]["value"] == "16"                    # configs/test.cfg
+    assert rows[("training", "batch_size")]["source"] == f"file {TEST_CONFIG}"
+    assert rows[("training", "epochs")]["value"] == "3" and rows[("training", "epochs")]["source"] == \
+        "flag --training-epochs"
+    assert rows[("workspace", "root")]["value"] == "/srv/captioner-work"
+    assert rows[("workspace", "root")]["source"] == "environment $CAPTIONER_WORKDIR"
+    assert rows[("pretrain", "crop")]["source"] == "default" and rows[("pretrain", "crop")]["help"]
+    text = CliRunner().invoke(cli, ["settings", "--training-epochs=3"]).output
+    assert re.search(r"epochs = 3 +# flag --training-epochs · default '20'", text)
+
+
 def test_a_killed_run_shows_as_interrupted_with_what_it_finished(workdir):
     env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
     command = [LUIGI, "--module", "tasks", "ExtractFeatures", "--split", "train", "--features-shard-size", "3"]
