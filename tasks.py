@@ -293,7 +293,7 @@ class evaluation(Section):
                                 description="SPICE needs Java and downloads Stanford CoreNLP models")
     java = luigi.ChoiceParameter(choices=["auto", "yes", "no"], default="auto",
                                  description="auto: use Java when found; no: the Java-free fallback")
-    report_examples = luigi.IntParameter(default=12, description="worst and random images in the HTML report")
+    report_examples = luigi.IntParameter(default=12, description="worst, best and random images each in the HTML report")
 
     def problems(self):
         return self.require(self.report_examples >= 0, "report_examples", "must be 0 or more")
@@ -904,8 +904,21 @@ class EvaluateCaptions(Stage):
                                               manifests.manifest_path(self.input()["annotations"].path, self.split),
                                               java={"auto": None, "yes": True, "no": False}[e.java],
                                               spice=e.spice, examples=e.report_examples,
-                                              dataset_roots=dataset_image_roots())
+                                              dataset_roots=dataset_image_roots(), about=self.about())
         self.counts = metrics["corpus"]
+
+
+    def about(self) -> dict:
+        """What the report evaluates: model, encoder, decoding and config, for the report's head."""
+        captions = self.requires()["captions"]
+        g, identity = generation.read(), encoder_identity()
+        model = g.model or captions.requires()["model"].output().path
+        weights = identity.get("pretrained_on") or identity.get("path") or f"random:{identity.get('seed')}"
+        return {"model": model, "captions": captions.output().path,
+                "encoder": f"InceptionV3 ({identity['weights']}: {weights}), features {store_dir().name}",
+                "decoding": f"beam {g.beam_size}, max length {g.max_length}, length penalty {g.length_penalty}, "
+                            f"<unk> suppressed: {g.suppress_unk}",
+                "config": config_files()}
 
 
 def len_positions() -> int:

@@ -137,12 +137,14 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
     from pipeline.images import iter_batches, load_for_display
     from pipeline.train import load_model
 
+    _check_model_dir(model_dir)
     model, vocab, provenance = load_model(model_dir)
     identity = _training_encoder(provenance, weights, model_dir)
     size = provenance["encoder"]["image_size"]
     forward = features.encoder_forward(identity, size)
     decoder = decode.decoder_fn(model, vocab, beam, max_length)
-    results, done = [], 0
+    results = []
+    order = {str(p): i for i, p in enumerate(images)}
     for keys, batch, failures in iter_batches([(str(p), str(p)) for p in images], size, batch_size=16):
         for key, _, reason in failures:
             results.append({"image": key, "error": reason})
@@ -151,14 +153,13 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
             continue
         tokens, alphas = decoder(forward(batch))[:2]
         for path, row, alpha in zip(keys, tokens.numpy(), alphas.numpy()):
-            done += 1
             results.append({"image": path, "caption": vocab.decode(row)})
-            if plot:
-                out = plot if len(images) == 1 else plot.with_name(f"{plot.stem}-{done}{plot.suffix}")
+            if plot:   # numbered by the image's place on the command line, whatever failed before it
+                number = order[path] + 1
+                out = plot if len(images) == 1 else plot.with_name(f"{plot.stem}-{number}{plot.suffix}")
                 plots.attention_grid(load_for_display(path, 640), results[-1]["caption"].split(),
                                      plots.word_attention(row, alpha), out)
                 results[-1]["plot"] = str(out)
-    order = {str(p): i for i, p in enumerate(images)}
     results.sort(key=lambda r: order[r["image"]])
     if as_json:
         click.echo(json.dumps(results, indent=1))
@@ -167,6 +168,21 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
             if "caption" in r:
                 click.echo(f"{r['image']}: {r['caption']}" + (f"  [{r['plot']}]" if "plot" in r else ""))
     sys.exit(1 if any("error" in r for r in results) else 0)
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    """A ClickException unless `model_dir` is a model directory (models/<fp>); for a folder of them (models/),
+    the message lists the model directories found there, newest first."""
+    if (model_dir / "decoder.weights.h5").is_file():
+        return
+    found = sorted((d for d in model_dir.glob("*/") if (d / "decoder.weights.h5").is_file()),
+                   key=lambda d: (d / "decoder.weights.h5").stat().st_mtime, reverse=True)
+    if found:
+        listing = "\n".join(f"  {d}" for d in found)
+        raise click.ClickException(f"{model_dir} is a folder of models, not a model directory. Pass one of "
+                                   f"them to --model (newest first):\n{listing}")
+    raise click.ClickException(f"{model_dir} is not a model directory (no decoder.weights.h5). Fix: pass "
+                               "--model work/models/<fp>, a TrainDecoder output.")
 
 
 def _training_encoder(provenance: dict, weights: Path | None, model_dir: Path) -> dict:

@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import InputError
+from storage.weights import weights_file_problem
 from storage.workspace import file_sha256
 
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
+# where keras.applications.InceptionV3 downloads it from (keras 3.x: keras/src/applications/inception_v3.py)
+IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/" + IMAGENET_FILE)
 CHANNELS = 2048
 PREPROCESS = "pillow bilinear resize to SxS (no crop), x/127.5-1 (inception_v3.preprocess_input)"
 ENCODER_NAME = "keras.applications.InceptionV3(include_top=False)/mixed10"
@@ -88,6 +91,10 @@ def resolve_weights(spec: str) -> dict:
     if not path.is_file():
         raise InputError(f"[encoder] weights = {spec!r}: no such file {path}. Fix: give the path of an "
                          "InceptionV3 (include_top=False) weights .h5 file, 'imagenet', or 'random:<seed>'.")
+    problem = weights_file_problem(path)
+    if problem:
+        raise InputError(f"[encoder] weights = {spec!r}: {path} {problem}. Fix: give the path of an InceptionV3 "
+                         "(include_top=False) weights .h5 file, 'imagenet', 'digits' or 'random:<seed>'.")
     return {"weights": "file", "path": str(path), "sha256": file_sha256(path)}
 
 
@@ -100,15 +107,15 @@ def digits_identity(path, pretrain_fingerprint: str) -> dict:
 
 def _download_imagenet(path: Path) -> None:
     import keras
-    from keras.src.applications import inception_v3
 
     try:
-        keras.utils.get_file(IMAGENET_FILE, inception_v3.WEIGHTS_PATH_NO_TOP, cache_subdir="models",
+        keras.utils.get_file(IMAGENET_FILE, IMAGENET_URL, cache_subdir="models",
                              cache_dir=str(path.parent.parent), file_hash="bcbd6486424b2319ff4ef7d526e38f63")
     except Exception as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
         raise InputError(
             f"[encoder] weights = imagenet: the ImageNet weights file {path} is missing and could not be "
-            f"downloaded ({type(e).__name__}). Fix: copy {IMAGENET_FILE} (Keras' InceptionV3 no-top weights, "
+            f"downloaded from {IMAGENET_URL}: {reason}. Fix: copy {IMAGENET_FILE} (Keras' InceptionV3 no-top weights, "
             f"md5 bcbd6486424b2319ff4ef7d526e38f63) to {path} (or under $KERAS_HOME/models), or set [encoder] "
             "weights to the path of a weights .h5 file, or to random:<seed> for an offline run without "
             "pretrained weights.") from e

@@ -141,10 +141,14 @@ def digit_metrics(hypotheses: dict, records: dict, attention: dict) -> tuple[dic
 
 
 def evaluate_split(outdir, split: str, results_path, attention_path, manifest_path, java: bool | None = None,
-                   spice: bool = False, examples: int = 12, seed: int = 0, dataset_roots=None) -> dict:
+                   spice: bool = False, examples: int = 12, seed: int = 0, dataset_roots=None,
+                   about: dict | None = None) -> dict:
     """Score a GenerateCaptions output against the split's raw reference captions; write
     `outdir`/<split>.json (corpus + digits + per-image scores) and `outdir`/<split>-report.html.
-    `dataset_roots`: the current [dataset] images, through which the report finds dataset images."""
+    `dataset_roots`: the current [dataset] images, through which the report finds dataset images. `about`:
+    what was evaluated ({label: text}: model, encoder, decoding, config…), shown at the top of the report and
+    kept in the metrics file with the date."""
+    import time
     import json
     from pathlib import Path
 
@@ -163,8 +167,9 @@ def evaluate_split(outdir, split: str, results_path, attention_path, manifest_pa
         if expected[i] is not None:
             entry["digits_exact"] = digit_sequence(hypotheses[i]) == expected[i]
         per_image.append(entry)
+    about = {"evaluated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **(about or {})}
     metrics = {"split": split, **{k: v for k, v in scores.items() if k != "per_image"}, "digits": digits,
-               "per_image": per_image}
+               "about": about, "per_image": per_image}
     manifests.write_json(Path(outdir) / f"{split}.json", metrics)
     log.info("%s split, %d images, tokenizer %s:\n%s", split, len(hypotheses), metrics["tokenizer"],
              summary_table(metrics["corpus"], digits))
@@ -175,7 +180,8 @@ def evaluate_split(outdir, split: str, results_path, attention_path, manifest_pa
 
 def _write_report(path, title: str, metrics: dict, records: dict, attention: dict, expected: dict,
                   examples: int, seed: int) -> None:
-    """The HTML report: the worst CIDEr-D images first, then a random sample, each with per-word attention."""
+    """The HTML report: what was evaluated, the metrics, then the worst CIDEr-D images, the best ones and a
+    random sample, each with per-word attention."""
     import numpy as np
 
     from pipeline.digits import digit_sequence
@@ -186,6 +192,7 @@ def _write_report(path, title: str, metrics: dict, records: dict, attention: dic
     ranked = sorted(scored, key=lambda i: scored[i]["CIDEr"])
     rng = np.random.default_rng(seed)
     chosen = [("Worst CIDEr-D first", i) for i in ranked[:examples]]
+    chosen += [("Best CIDEr-D first", i) for i in ranked[::-1][:min(examples, max(len(ranked) - examples, 0))]]
     chosen += [("Random sample", int(i)) for i in rng.choice(ranked, min(examples, len(ranked)), replace=False)]
     rows = {int(i): k for k, i in enumerate(attention["image_ids"])}
     entries = []
@@ -196,4 +203,4 @@ def _write_report(path, title: str, metrics: dict, records: dict, attention: dic
                         "cider": scored[image_id]["CIDEr"], "words": caption.split(),
                         "alphas": word_attention(attention["tokens"][row], attention["attention"][row]),
                         "expected": expected.get(image_id), "named": digit_sequence(caption)})
-    html_report(path, title, metrics["corpus"], entries, metrics["notes"], metrics["digits"])
+    html_report(path, title, metrics["corpus"], entries, metrics["notes"], metrics["digits"], metrics["about"])

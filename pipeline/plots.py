@@ -201,10 +201,11 @@ def _entry_row(e: dict) -> str:
 
 
 def html_report(path, title: str, corpus: dict, entries: list[dict], notes: list[str] = (),
-                digits: dict | None = None) -> None:
+                digits: dict | None = None, about: dict | None = None) -> None:
     """A static, self-contained HTML page (images embedded). entries: {"section", "image" uint8 (H, W, 3),
     "image_id", "caption", "references", "cider", "words", "alphas" (≥ len(words), P) row k = word k,
-    optional "expected" / "named" digit lists}; digits: the metrics' "digits" dict (evaluate_split)."""
+    optional "expected" / "named" digit lists}; digits: the metrics' "digits" dict (evaluate_split); about:
+    {label: text} of what was evaluated (model, encoder, decoding, config, date)."""
     import html
     import itertools
 
@@ -214,7 +215,11 @@ def html_report(path, title: str, corpus: dict, entries: list[dict], notes: list
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}.att img{margin:1px}"
              ".att figure{display:inline-block;margin:2px;text-align:center;font-size:11px}</style>",
-             f"<h1>{html.escape(title)}</h1>", _metrics_tables(corpus, digits)]
+             f"<h1>{html.escape(title)}</h1>"]
+    if about:
+        parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                                         for k, v in about.items()) + "</table>")
+    parts.append(_metrics_tables(corpus, digits))
     parts += [f"<p><em>{html.escape(n)}</em></p>" for n in notes]
     for section, group in itertools.groupby(entries, key=lambda e: e["section"]):
         parts.append(f"<h2>{html.escape(section)}</h2><table><tr><th>image</th><th>captions</th>"

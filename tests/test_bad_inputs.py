@@ -18,6 +18,8 @@
 | images: CMYK, grayscale, 16-bit,        | load and are extracted                                    | 0    |
 | palette, RGBA, PNG/GIF named .jpg, EXIF |                                                           |      |
 | [encoder] weights: no such file         | stops: section, key, the path, the alternatives           | 35   |
+| [encoder] weights: not InceptionV3's    | stops before any work: "not an HDF5 file" or how many     | 35   |
+| weights (a text file, another network)  | weight arrays it holds against InceptionV3's 376          |      |
 | zero or negative sizes in the config    | stops: config file, section, key, the rule, the fix       | 35   |
 | a non-number where a number belongs     | stops: section, key, "not a valid int"                    | 35   |
 | unknown key or section in a config file | stops before any work: file, section, key, nearest name   | 35   |
@@ -126,6 +128,7 @@ def test_bad_images_are_skipped_with_reasons_and_good_ones_extracted(tmp_path):
 
 BAD_SETTINGS = [
     (("--encoder-weights", "/no/such/weights.h5"), ["[encoder] weights", "/no/such/weights.h5", "random:<seed>"]),
+    (("--encoder-weights", "README.md"), ["[encoder] weights = 'README.md'", "is not an HDF5 file"]),
     (("--features-shard-size", "0"), ["[features] shard_size = 0 must be at least 1"]),
     (("--encoder-batch-size", "-4"), ["[encoder] batch_size = -4 must be at least 1"]),
     (("--encoder-image-size", "0"), ["[encoder] image_size = 0 must be at least 75"]),

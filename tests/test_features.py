@@ -58,6 +58,15 @@ def test_missing_weights_name_the_file_to_place(tmp_path, monkeypatch):
         encoder_lib.resolve_weights("imagenet")
     expected = tmp_path / "keras" / "models" / encoder_lib.IMAGENET_FILE
     assert str(expected) in str(e.value) and "random:<seed>" in str(e.value)
+    assert f"could not be downloaded from {encoder_lib.IMAGENET_URL}: " in str(e.value)   # with the reason
+    assert "(Exception)" not in str(e.value)
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(InputError, match="is not an HDF5 file"):
+        encoder_lib.resolve_weights(str(tmp_path / "notes.txt"))
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["layers/dense/vars/0"] = np.zeros((2, 2))
+    with pytest.raises(InputError, match="holds 1 weight arrays, and InceptionV3 without its top has 376"):
+        encoder_lib.resolve_weights(str(tmp_path / "other.h5"))
     with pytest.raises(InputError, match="no such file"):
         encoder_lib.resolve_weights(str(tmp_path / "nope.h5"))
     with pytest.raises(InputError, match="must be an integer"):

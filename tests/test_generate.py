@@ -130,6 +130,11 @@ def test_generate_and_evaluate_outputs(evaluated):
     report = (metrics_dir / "test-report.html").read_text()
     assert report.count("<img") >= 2 * len(test_ids) and "Worst CIDEr-D first" in report
     model_dir, = workdir.glob("models/*")
+    for about in (f"<th>model</th><td>{model_dir}</td>", "<th>decoding</th><td>beam 3,", "<th>evaluated</th>",
+                  "<th>encoder</th><td>InceptionV3 (random", "<th>config</th>", "<th>CIDEr-D</th>"):
+        assert about in report, about                                            # what was evaluated, when
+    assert metrics["about"]["model"] == str(model_dir)
+    assert "Best CIDEr-D first" in report and "Random sample" in report         # [evaluation] report_examples 2
     last = output.strip().splitlines()[-1]                                        # where the results are
     assert last.startswith("captioner: results: ")
     for path in (model_dir, captions_dir / "test.json", metrics_dir / "test.json", metrics_dir / "test-report.html"):
@@ -172,13 +177,19 @@ def test_plot_attention_and_caption_cli(evaluated, tmp_path):
 
     model_dir, = workdir.glob("models/[!.]*")
     images = sorted(workdir.glob("demo/*/test/*.jpg"))[:2]
-    result = runner.invoke(cli, ["caption", *map(str, images), str(tmp_path / "missing.jpg"), "--model",
-                                 str(model_dir), "--json", "--plot", str(tmp_path / "c.png")])
+    missing = str(tmp_path / "missing.jpg")
+    result = runner.invoke(cli, ["caption", str(images[0]), missing, str(images[1]), "--model", str(model_dir), "--json",
+                                 "--plot", str(tmp_path / "c.png")])
     assert result.exit_code == 1                                                  # one bad path
     listed = json.loads(result.stdout)
-    assert [r["image"] for r in listed] == [*map(str, images), str(tmp_path / "missing.jpg")]
-    assert all(r["caption"] for r in listed[:2]) and listed[2]["error"] == "file not found"
-    assert (tmp_path / "c-1.png").exists() and (tmp_path / "c-2.png").exists()
+    assert [r["image"] for r in listed] == [str(images[0]), missing, str(images[1])]
+    assert listed[0]["caption"] and listed[2]["caption"] and listed[1]["error"] == "file not found"
+    assert (tmp_path / "c-1.png").exists() and (tmp_path / "c-3.png").exists()   # numbered by position
+    assert listed[2]["plot"] == str(tmp_path / "c-3.png") and not (tmp_path / "c-2.png").exists()
+
+    result = runner.invoke(cli, ["caption", str(images[0]), "--model", str(model_dir.parent)])
+    assert result.exit_code != 0 and "is a folder of models" in result.output     # not a traceback
+    assert str(model_dir) in result.output and "Traceback" not in result.output
 
 
 def test_caption_refuses_a_different_encoder(evaluated, tmp_path):
