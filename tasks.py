@@ -31,6 +31,7 @@ import luigi.lock
 import luigi.task_register
 
 from pipeline import annotations, demo as demo_lib, encoder as encoder_lib, features as features_lib
+from pipeline import folders as folders_lib
 from pipeline import pretrain as pretrain_lib, settings_check, train as train_lib, vocabulary as vocab_lib
 from pipeline.errors import InputError
 from storage import manifests, runs, shards, workspace as ws
@@ -878,6 +879,82 @@ class GenerateCaptions(Stage):
                                                "beam_size": g.beam_size, "image_roots": dataset_image_roots()})
 
 
+class CaptionImages(Stage):
+    """Caption every image under a folder, incrementally: folders/<fp>/captions.jsonl (+ .csv, attention.h5,
+    listing.json, report.json). The fingerprint covers the folder's listing (paths, sizes, mtimes), so a changed
+    folder is a new output; features (by content) and captions of files seen before are reused
+    (pipeline/folders.py). Extraction and decoding hold the GPU."""
+    stage = "folders"
+    images = luigi.Parameter(description="folder of images to caption (searched recursively)")
+    expected_files = folders_lib.FILES
+    resources = {"gpu": 1}
+
+    def requires(self):
+        needs = {"pretrained": PretrainDigitsEncoder()} if uses_digits_encoder() else {}
+        if not generation.read().model:
+            needs["model"] = TrainDecoder()
+        return needs
+
+    def folder(self) -> Path:
+        folder = Path(self.images).expanduser().resolve()
+        if not folder.is_dir():
+            raise InputError(f"--images {self.images}: no such folder. Fix: give the folder of images to caption.")
+        return folder
+
+    def listing(self) -> dict:
+        if not hasattr(self, "_listing"):
+            self._listing = folders_lib.list_images(self.folder())
+        return self._listing
+
+    def base_settings(self) -> dict:
+        g = section_values(generation)
+        g.pop("batch_size")
+        if g["model"]:
+            g["model"] = ws.file_sha256(Path(g["model"]) / "decoder.weights.h5")
+        return {**g, "folder": str(self.folder()), "store": store_dir().name}
+
+    def settings(self):
+        return {**self.base_settings(), "listing": folders_lib.listing_fingerprint(self.listing())}
+
+    def previous_output(self) -> Path | None:
+        """The newest earlier output for the same folder, model and decoding (what a rerun reuses)."""
+        base, upstream = self.base_settings(), {t.stage: t.fingerprint() for t in self.upstream_stages()}
+        candidates = []
+        for d in (workspace_root() / self.stage).glob("[!.]*"):
+            if d.name == self.fingerprint() or ws.output_problem(d, ("provenance.json", *self.expected_files)):
+                continue
+            provenance = manifests.read_json(d / "provenance.json")
+            settings = {k: v for k, v in provenance["settings"].items() if k != "listing"}
+            if settings == base and provenance["upstream"] == upstream:
+                candidates.append(d)
+        return max(candidates, key=lambda d: d.stat().st_mtime, default=None)
+
+    def run(self):
+        from pipeline import decode
+        g, e, f = generation.read(), encoder.read(), features.read()
+        model_dir = g.model or self.input()["model"].path
+        trained_on = manifests.read_json(Path(model_dir) / "features.json")["store"]
+        if trained_on != store_dir().name:
+            raise InputError(f"[generation] model = {model_dir} was trained on features of encoder {trained_on}, "
+                             f"but this config's encoder is {store_dir().name}. Fix: use the [encoder] settings "
+                             "the model was trained with, or a model trained on this encoder.")
+        store = store_dir() / "folders"
+        plan = f"folder-{self.fingerprint()}"
+        extract = lambda path, images: features_lib.extract_shard(
+            path, images, encoder_identity(), e.image_size, e.batch_size,
+            {"fingerprint": store_dir().name, "split": "folder", "plan": plan},
+            None if f.compression == "none" else f.compression, e.decode_workers or None,
+            progress_callback=self.report_progress)
+        rows = lambda index: decode.caption_rows(model_dir, train_lib.shard_rows(store, index), g.beam_size,
+                                                 g.max_length, g.length_penalty, g.suppress_unk, g.batch_size,
+                                                 progress_callback=self.report_progress)
+        with self.atomic_output() as tmp:
+            report = folders_lib.caption_folder(tmp, self.folder(), self.listing(), self.previous_output(), store,
+                                                extract, rows, f.shard_size, f"shard-{plan}")
+        self.counts = {k: report[k] for k in ("images", "captioned", "extracted", "decoded", "reused_captions")}
+        self.counts["skipped"] = len(report["skipped"])
+
+
 class EvaluateCaptions(Stage):
     """Score a split's captions: metrics/<fp>/<split>.json and <split>-report.html."""
     stage = "metrics"
@@ -1004,6 +1081,8 @@ def _results_line(tasks: list[dict]) -> str:
             parts.append(f"model {shown(out)}")
         elif t["family"] == "GenerateCaptions":
             parts.append(f"{split} captions {shown(Path(out) / f'{split}.json')}")
+        elif t["family"] == "CaptionImages":
+            parts.append(f"folder captions {shown(Path(out) / 'captions.jsonl')}")
         elif t["family"] == "EvaluateCaptions":
             parts += [f"{split} metrics {shown(Path(out) / f'{split}.json')}",
                       f"{split} report {shown(Path(out) / f'{split}-report.html')}"]

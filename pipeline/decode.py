@@ -200,24 +200,49 @@ def generate(model_dir, by_shard: dict, beam_size: int = 3, max_length: int = 20
 
     by_shard: pipeline.train.shard_rows of the split index.
     Returns (results [{"image_id", "caption"}], image_ids, tokens (n, L), attention (n, L, P) float16)."""
-    import numpy as np
-    from pipeline.progress import Progress
-    from pipeline.train import feature_batches, load_model
+    from pipeline.train import load_model
 
     model, vocab, _ = load_model(model_dir)
     decode = decoder_fn(model, vocab, beam_size, max_length, length_penalty, suppress_unk)
+    ids, tokens, attention, _, captions = decode_rows(decode, vocab, by_shard, batch_size, max_length,
+                                                      progress_callback)
+    results = [{"image_id": int(i), "caption": c} for i, c in zip(ids.tolist(), captions)]
+    return results, ids, tokens, attention
+
+
+def caption_rows(model_dir, by_shard: dict, beam_size: int = 3, max_length: int = 20, length_penalty: float = 1.0,
+                 suppress_unk: bool = True, batch_size: int = 64, progress_callback=None):
+    """Like generate, with each caption's score (beam_fn's normalised log-probability; beam 1 is exactly
+    greedy): → (image_ids, tokens, attention float16, scores, captions), sorted by image id."""
+    from pipeline.train import load_model
+
+    model, vocab, _ = load_model(model_dir)
+    unk = vocab.index["<unk>"] if suppress_unk else None
+    decode = beam_fn(model, beam_size, max_length, vocab.index["<start>"], vocab.index["<end>"], unk, length_penalty)
+    return decode_rows(decode, vocab, by_shard, batch_size, max_length, progress_callback)
+
+
+def decode_rows(decode, vocab, by_shard: dict, batch_size: int, max_length: int, progress_callback=None):
+    """Run a compiled decoder over feature rows (pipeline.train.shard_rows) in batches:
+    → (image_ids, tokens (n, L), attention (n, L, P) float16, scores (n,) or None, captions), sorted by id."""
+    import numpy as np
+    from pipeline.progress import Progress
+    from pipeline.train import feature_batches
+
     progress = Progress(sum(len(rows) for rows in by_shard.values()), "captioning", "images", progress_callback)
-    results, ids, tokens, attention = [], [], [], []
+    ids, tokens, attention, scores = [], [], [], []
     for batch_ids, feats in feature_batches(by_shard, batch_size, 256):
         out = decode(feats)
-        for image_id, row in zip(batch_ids.tolist(), out[0].numpy()):
-            results.append({"image_id": int(image_id), "caption": vocab.decode(row)})
         ids.append(batch_ids)
         tokens.append(out[0].numpy())
         attention.append(out[1].numpy().astype(np.float16))
+        if len(out) > 2:
+            scores.append(out[2].numpy())
         progress.update(len(batch_ids))
-    order = np.argsort(np.concatenate(ids)) if ids else np.zeros(0, int)
-    results = sorted(results, key=lambda r: r["image_id"])
-    stack = lambda parts, empty: np.concatenate(parts)[order] if parts else empty
-    return (results, stack(ids, np.zeros(0, np.int64)), stack(tokens, np.zeros((0, max_length), np.int32)),
-            stack(attention, np.zeros((0, max_length, 0), np.float16)))
+    if not ids:
+        return (np.zeros(0, np.int64), np.zeros((0, max_length), np.int32),
+                np.zeros((0, max_length, 0), np.float16), np.zeros(0, np.float32) if scores is not None else None, [])
+    order = np.argsort(np.concatenate(ids), kind="stable")
+    ids, tokens = np.concatenate(ids)[order], np.concatenate(tokens)[order]
+    return (ids, tokens, np.concatenate(attention)[order], np.concatenate(scores)[order] if scores else None,
+            [vocab.decode(row) for row in tokens])

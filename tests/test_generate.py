@@ -11,7 +11,7 @@ from pipeline.cli import main as cli
 from pipeline.decode import beam_fn, greedy_fn
 from pipeline.evaluate import evaluate, java_available
 from pipeline.model import ShowAttendTell
-from storage import manifests
+from storage import manifests, shards
 from tests.conftest import run_luigi
 
 PAD, START, END, A, B, C = range(6)
@@ -163,6 +163,56 @@ def test_training_writes_tensorboard_curves(evaluated):
     for tag in ("val/Bleu_4", "val/CIDEr_D", "val/distinct_captions", "val/digits_exact", "val/examples"):
         assert len(steps[tag]) == len(history), tag                                 # one point per epoch
     assert max(steps["train/loss"]) == max(steps["val/CIDEr_D"])                    # the same step axis
+
+
+def test_caption_images_captions_a_folder_and_a_rerun_does_only_what_changed(evaluated, tmp_path):
+    """CaptionImages: a nested folder with broken files is captioned (the broken ones skipped with a reason);
+    an unchanged rerun does nothing; after 2 files are added and 1 changed, exactly those 3 are extracted and
+    decoded, and the result still covers the whole folder, each image once."""
+    import shutil
+    from PIL import Image
+    workdir, _ = evaluated
+    demo_images = sorted(workdir.glob("demo/*/train/*.jpg"))
+    folder = tmp_path / "inbox"
+    (folder / "nested" / "deeper").mkdir(parents=True)
+    shutil.copy(demo_images[0], folder / "a.jpg")
+    shutil.copy(demo_images[1], folder / "nested" / "B.JPG")                      # any case
+    Image.open(demo_images[2]).save(folder / "nested" / "deeper" / "c.png")
+    (folder / "broken.jpg").write_text("not an image")
+    (folder / "truncated.jpg").write_bytes(demo_images[3].read_bytes()[:300])
+    (folder / "notes.txt").write_text("not an image file name: ignored")
+
+    def caption_run(expect_ran=True):
+        run = run_luigi("CaptionImages", "--images", str(folder), workdir=workdir)
+        assert run.returncode == 0, run.output
+        assert ("ran successfully" in run.output) == expect_ran, run.output
+        out = max(workdir.glob("folders/[!.]*"), key=lambda d: d.stat().st_mtime)
+        return run.output, out, json.loads((out / "report.json").read_text())
+
+    output, out, report = caption_run()
+    lines = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [line["path"] for line in lines] == ["a.jpg", "nested/B.JPG", "nested/deeper/c.png"]
+    assert all(line["caption"] and line["score"] <= 0 for line in lines)
+    assert sorted(p["path"] for p in report["skipped"]) == ["broken.jpg", "truncated.jpg"]
+    assert all(p["reason"] for p in report["skipped"]) and report["extracted"] == 5
+    assert (out / "captions.csv").read_text().splitlines()[0] == "path,caption,score"
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("captioner: results: ") and f"folder captions {out / 'captions.jsonl'}" in last
+    assert "images/s" in output and "ETA" in output                                 # progress
+    maps = shards.read_attention(out / "attention.h5", json.loads((out / "listing.json").read_text())["a.jpg"][2])
+    assert maps["path"] == str(folder / "a.jpg")
+
+    caption_run(expect_ran=False)                                                   # nothing changed
+
+    shutil.copy(demo_images[4], folder / "nested" / "d.jpg")
+    shutil.copy(demo_images[5], folder / "e.jpeg")
+    shutil.copy(demo_images[6], folder / "a.jpg")                                    # new content, same path
+    _, out2, report = caption_run()
+    assert out2 != out and report["previous_output"] == out.name
+    assert report["extracted"] == 3 and report["decoded"] == 3 and report["reused_captions"] == 2
+    lines = [json.loads(line) for line in (out2 / "captions.jsonl").read_text().splitlines()]
+    assert [line["path"] for line in lines] == ["a.jpg", "e.jpeg", "nested/B.JPG", "nested/d.jpg",
+                                                "nested/deeper/c.png"]
 
 
 def test_plot_attention_and_caption_cli(evaluated, tmp_path):

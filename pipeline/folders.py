@@ -1,0 +1,156 @@
+"""Captioning a folder of new images (the CaptionImages stage), incrementally.
+
+    listing      every image file under the folder (recursive; jpg, jpeg, png, webp, bmp, gif, any case):
+                 {relative path: [size, mtime_ns, content id]}; the stage's fingerprint includes it, so a
+                 folder that changed is a new output and an unchanged one is complete
+    content id   sha256 of the file's bytes as an int64 ≥ 2^62 (never a COCO id): features depend on content
+                 only, so a file is hashed only when its size or mtime changed since the previous output
+    features     the same HDF5 shards as dataset images (storage/shards.py), in the encoder's store under
+                 `folders/`, keyed by content id; a rerun extracts only the ids the store lacks
+    captions     decoded only for ids the previous output of the same folder, model and decoding lacks
+
+Writes captions.jsonl ({"path", "caption", "score"} per captioned image, sorted by path), captions.csv (the
+same), attention.h5 (storage.shards attention format; paths `images:0/<relative path>`, the folder in
+attrs["image_roots"]), listing.json and report.json (counts, what was reused, every skipped file and why).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.progress import Progress
+from storage import manifests, shards
+
+log = logging.getLogger("captioner")
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+FILES = ("captions.jsonl", "captions.csv", "attention.h5", "listing.json", "report.json")
+
+
+def list_images(folder) -> dict[str, list[int]]:
+    """{relative posix path: [size, mtime_ns]} of every image file under `folder`, sorted by path."""
+    folder = Path(folder)
+    found = {}
+    for directory, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in files:
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                path = Path(directory) / name
+                stat = path.stat()
+                found[path.relative_to(folder).as_posix()] = [stat.st_size, stat.st_mtime_ns]
+    return dict(sorted(found.items()))
+
+
+def listing_fingerprint(listing: dict) -> str:
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def content_id(path) -> int:
+    """The image's key in the feature store: its bytes' sha256 as an int64 in [2^62, 2^63)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return (int(digest.hexdigest()[:16], 16) >> 2) | (1 << 62)
+
+
+def read_previous(previous_dir) -> tuple[dict, dict, dict]:
+    """(listing {path: [size, mtime, id]}, captions {id: (caption, score)}, attention {id: (tokens, alphas)}) of
+    an earlier output of the same folder, model and decoding; empty when there is none."""
+    if previous_dir is None:
+        return {}, {}, {}
+    previous_dir = Path(previous_dir)
+    listing = manifests.read_json(previous_dir / "listing.json")
+    captions, ids_of = {}, {path: entry[2] for path, entry in listing.items()}
+    for record in manifests.read_manifest(previous_dir / "captions.jsonl"):
+        captions[ids_of[record["path"]]] = (record["caption"], record["score"])
+    maps = shards.read_all_attention(previous_dir / "attention.h5")
+    attention = {int(i): (t, a) for i, t, a in zip(maps["image_ids"], maps["tokens"], maps["attention"])}
+    return listing, captions, attention
+
+
+def identify(folder, listing: dict, previous_listing: dict) -> dict[str, list[int]]:
+    """{path: [size, mtime, content id]}: ids of files unchanged since the previous output are reused."""
+    out = {}
+    progress = Progress(len(listing), "identifying folder images", "files", every=500)
+    for path, (size, mtime) in listing.items():
+        before = previous_listing.get(path)
+        same = before is not None and before[:2] == [size, mtime]
+        out[path] = [size, mtime, before[2] if same else content_id(Path(folder) / path)]
+        progress.update()
+    return out
+
+
+def caption_folder(outdir, folder, listing: dict, previous_dir, store, extract, decode, shard_size: int,
+                   shard_prefix: str) -> dict:
+    """Stage entry point. store: the folder feature store (a directory of shards); extract(shard path,
+    [[id, folder, path], ...]) writes one shard; decode(index {"images": {id: (shard, row)}}) → (ids, tokens,
+    alphas, scores, captions). Returns the report."""
+    folder, outdir = Path(folder), Path(outdir)
+    previous_listing, previous_captions, previous_attention = read_previous(previous_dir)
+    listing = identify(folder, listing, previous_listing)
+    first_path = {}
+    for path, (_, _, image_id) in listing.items():
+        first_path.setdefault(image_id, path)
+
+    rows, skipped, bad = shards.store_contents(store)
+    for path in bad:
+        log.warning("folder store: %s fails its check; its images are extracted again", path.name)
+    todo = [[image_id, str(folder), path] for image_id, path in first_path.items()
+            if image_id not in rows and image_id not in skipped]
+    log.info("folder %s: %d images (%d distinct contents), %d to extract", folder, len(listing), len(first_path),
+             len(todo))
+    for k, start in enumerate(range(0, len(todo), shard_size)):
+        extract(Path(store) / f"{shard_prefix}-{k:05d}.h5", todo[start:start + shard_size])
+    rows, skipped, _ = shards.store_contents(store)
+
+    wanted = [i for i in first_path if i in rows and i not in previous_captions]
+    captions, attention = dict(previous_captions), dict(previous_attention)
+    if wanted:
+        ids, tokens, alphas, scores, texts = decode({"images": {i: rows[i] for i in wanted}})
+        for image_id, t, a, s, text in zip(ids.tolist(), tokens, alphas, scores.tolist(), texts):
+            captions[image_id] = (text, round(float(s), 5))
+            attention[image_id] = (t, a)
+
+    lines, problems = [], []
+    for path, (_, _, image_id) in listing.items():
+        if image_id in captions and image_id in rows:
+            lines.append({"path": path, "caption": captions[image_id][0], "score": captions[image_id][1]})
+        else:
+            reason = skipped.get(image_id, (None, "no features (extraction failed)"))[1]
+            problems.append({"path": path, "reason": reason})
+            log.warning("skipped %s: %s", folder / path, reason)
+    _write_outputs(outdir, folder, listing, lines, attention)
+    decoded = set(wanted)
+    report = {"folder": str(folder), "images": len(listing), "captioned": len(lines), "skipped": problems,
+              "extracted": len(todo), "decoded": len(decoded),
+              "reused_captions": sum(1 for line in lines if listing[line["path"]][2] not in decoded),
+              "previous_output": Path(previous_dir).name if previous_dir else None}
+    manifests.write_json(outdir / "report.json", report)
+    return report
+
+
+def _write_outputs(outdir: Path, folder: Path, listing: dict, lines: list[dict], attention: dict) -> None:
+    with open(outdir / "captions.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    with open(outdir / "captions.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "caption", "score"])
+        writer.writeheader()
+        writer.writerows(lines)
+    ids = [listing[line["path"]][2] for line in lines]
+    width = max((len(attention[i][0]) for i in ids), default=0)
+    positions = max((attention[i][1].shape[-1] for i in ids), default=0)
+    tokens = np.zeros((len(ids), width), np.int32)
+    alphas = np.zeros((len(ids), width, positions), np.float16)
+    for k, image_id in enumerate(ids):
+        t, a = attention[image_id]
+        tokens[k, :len(t)], alphas[k, :len(a)] = t, a
+    shards.write_attention(outdir / "attention.h5", ids, [f"images:0/{line['path']}" for line in lines], tokens,
+                           alphas, {"image_roots": [str(folder)]})
+    manifests.write_json(outdir / "listing.json", listing)
