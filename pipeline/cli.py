@@ -129,20 +129,34 @@ def verify(directory: Path | None) -> None:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the attention grid to this PNG (OUT-1.png, OUT-2.png, ... for several images).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON list on stdout.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write JSON Lines here: {\"path\", \"caption\", \"score\"} per captioned image "
+                   "(CaptionImages' format; paths relative to a folder argument).")
 def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path | None, plot: Path | None,
-            as_json: bool) -> None:
-    """Caption new IMAGES with the encoder recorded in the model's provenance. Unreadable images get a message
-    and exit code 1; the others are still captioned."""
+            as_json: bool, out: Path | None) -> None:
+    """Caption new IMAGES (files, or folders searched recursively for images) with the encoder recorded in the
+    model's provenance, in one TensorFlow start. Unreadable images get a message and exit code 1; the others are
+    still captioned."""
     from pipeline import decode, features, plots
+    from pipeline.folders import list_images
     from pipeline.images import iter_batches, load_for_display
     from pipeline.train import load_model
+    from storage.workspace import atomic_file
 
     _check_model_dir(model_dir)
+    shown = {}   # image path → how --out names it (relative to its folder argument)
+    for item in images:
+        if item.is_dir():
+            shown.update({str(item / rel): rel for rel in list_images(item)})
+        else:
+            shown[str(item)] = str(item)
+    images = [Path(p) for p in shown]
     model, vocab, provenance = load_model(model_dir)
     identity = _training_encoder(provenance, weights, model_dir)
     size = provenance["encoder"]["image_size"]
     forward = features.encoder_forward(identity, size)
-    decoder = decode.decoder_fn(model, vocab, beam, max_length)
+    unk = vocab.index["<unk>"]   # beam_fn with beam 1 is exactly greedy, and it also gives the score
+    decoder = decode.beam_fn(model, beam, max_length, vocab.index["<start>"], vocab.index["<end>"], unk)
     results = []
     order = {str(p): i for i, p in enumerate(images)}
     for keys, batch, failures in iter_batches([(str(p), str(p)) for p in images], size, batch_size=16):
@@ -151,9 +165,9 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
             click.echo(f"captioner: {key}: {reason}", err=True)
         if not len(keys):
             continue
-        tokens, alphas = decoder(forward(batch))[:2]
-        for path, row, alpha in zip(keys, tokens.numpy(), alphas.numpy()):
-            results.append({"image": path, "caption": vocab.decode(row)})
+        tokens, alphas, scores = decoder(forward(batch))
+        for path, row, alpha, score in zip(keys, tokens.numpy(), alphas.numpy(), scores.numpy()):
+            results.append({"image": path, "caption": vocab.decode(row), "score": round(float(score), 5)})
             if plot:   # numbered by the image's place on the command line, whatever failed before it
                 number = order[path] + 1
                 out = plot if len(images) == 1 else plot.with_name(f"{plot.stem}-{number}{plot.suffix}")
@@ -161,6 +175,12 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
                                      plots.word_attention(row, alpha), out)
                 results[-1]["plot"] = str(out)
     results.sort(key=lambda r: order[r["image"]])
+    if out:
+        with atomic_file(out) as tmp:
+            Path(tmp).write_text("".join(json.dumps({"path": shown[r["image"]], "caption": r["caption"],
+                                                     "score": r["score"]}, ensure_ascii=False) + "\n"
+                                         for r in results if "caption" in r), encoding="utf-8")
+        click.echo(f"captioner: wrote {out}", err=True)
     if as_json:
         click.echo(json.dumps(results, indent=1))
     else:

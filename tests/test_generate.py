@@ -237,6 +237,16 @@ def test_plot_attention_and_caption_cli(evaluated, tmp_path):
     assert (tmp_path / "c-1.png").exists() and (tmp_path / "c-3.png").exists()   # numbered by position
     assert listed[2]["plot"] == str(tmp_path / "c-3.png") and not (tmp_path / "c-2.png").exists()
 
+    folder = tmp_path / "few"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "one.jpg").write_bytes(images[0].read_bytes())
+    (folder / "two.JPEG").write_bytes(images[1].read_bytes())
+    result = runner.invoke(cli, ["caption", str(folder), "--model", str(model_dir), "--out", str(tmp_path / "o.jsonl")])
+    assert result.exit_code == 0, result.output
+    written = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [w["path"] for w in written] == ["sub/one.jpg", "two.JPEG"]                # a folder, recursively
+    assert written[0]["caption"] == listed[0]["caption"] and written[0]["score"] == listed[0]["score"] <= 0
+
     result = runner.invoke(cli, ["caption", str(images[0]), "--model", str(model_dir.parent)])
     assert result.exit_code != 0 and "is a folder of models" in result.output     # not a traceback
     assert str(model_dir) in result.output and "Traceback" not in result.output
