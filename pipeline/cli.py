@@ -190,6 +190,35 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
     sys.exit(1 if any("error" in r for r in results) else 0)
 
 
+@main.command("export")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="InceptionV3 weights file, when it moved since training (checked by sha256).")
+@click.option("--beam", type=click.IntRange(min=1), help="Beam size (default: the model's [generation] setting).")
+@click.option("--max-length", type=click.IntRange(min=1), help="Maximum words (default: the model's).")
+def export_command(model_dir: Path, out_dir: Path, weights: Path | None, beam: int | None,
+                   max_length: int | None) -> None:
+    """Export MODEL_DIR (work/models/<fp>) as a TensorFlow SavedModel in OUT_DIR: encoder with the recorded
+    weights, decoder, vocabulary and beam search; signature serving_default, images (encoded bytes) →
+    captions, scores, attention. Serve it with TF Serving or tf.saved_model.load."""
+    from pipeline import export
+    from pipeline.train import load_model
+
+    _check_model_dir(model_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise click.ClickException(f"{out_dir} exists and is not empty. Fix: remove it or choose another folder "
+                                   "(TF Serving wants <base>/<version>/, e.g. exports/captioner/1).")
+    _, _, provenance = load_model(model_dir)
+    identity = _training_encoder(provenance, weights, model_dir)
+    decoding = json.loads((model_dir / "config.json").read_text()).get("decoding", {})
+    about = export.export(model_dir, out_dir, identity, beam or decoding.get("beam_size", 3),
+                          max_length or decoding.get("max_length", 20), decoding.get("length_penalty", 1.0),
+                          decoding.get("suppress_unk", True))
+    click.echo(f"captioner: exported {model_dir} to {out_dir} (beam {about['decoding']['beam_size']}, "
+               f"{about['image_size']} px); signature serving_default: images → captions, scores, attention")
+
+
 def _check_model_dir(model_dir: Path) -> None:
     """A ClickException unless `model_dir` is a model directory (models/<fp>); for a folder of them (models/),
     the message lists the model directories found there, newest first."""
