@@ -76,19 +76,14 @@ def blocks(rows: list[tuple[int, int]], block_rows: int):
     return out
 
 
-def iterate_images(by_shard: dict, block_rows: int, rng: np.random.Generator | None):
-    """Yield (image_id, features (P, D) float16) for every indexed image once; shuffled when rng is given."""
-    shards = list(by_shard)
-    if rng is not None:
-        shards = [shards[i] for i in rng.permutation(len(shards))]
-    for path in shards:
+def iterate_images(by_shard: dict, block_rows: int):
+    """Yield (image_id, features (P, D) float16) for every indexed image once, in store order."""
+    for path, rows in by_shard.items():
         with h5py.File(path, "r") as f:
             dataset = f["features"]
-            for start, stop, members in blocks(by_shard[path], block_rows):
+            for start, stop, members in blocks(rows, block_rows):
                 block = dataset[start:stop]                       # one contiguous read
-                order = rng.permutation(len(members)) if rng is not None else range(len(members))
-                for i in order:
-                    row, image_id = members[i]
+                for row, image_id in members:
                     yield image_id, block[row - start]
 
 
@@ -107,27 +102,69 @@ def count_pairs(by_shard, captions) -> int:
 
 def pairs_dataset(by_shard, captions, batch_size: int, seed: int, epoch: int, shuffle_buffer: int,
                   block_rows: int, positions: int, channels: int):
-    """tf.data of padded batches (image_ids (B,), features (B, P, D) float16, captions (B, T) int32)."""
+    """tf.data of padded batches (image_ids (B,), features (B, P, D) float16, captions (B, T) int32).
+
+    The epoch's reading plan (epoch_plan) is fixed in numpy first; tf.data then reads one block per element
+    with tf.numpy_function and expands it into (image, caption) pairs.
+
+    tf.data's autotuning is off: its model thread sleeps 10 ms, 20 ms, … 40.96 s between optimisations, and
+    deleting the iterator (every epoch's end) waited for that sleep to end, so every epoch lasted until the
+    next of 0.01·(2^k − 1) s since it began: 40.96 s or 81.91 s instead of 25–45 s on the demo (py-spy
+    showed the wait in RootDataset::Iterator's destructor; TF 2.21). The buffers are sized explicitly."""
     import tensorflow as tf
 
-    def generate():
-        rng = np.random.default_rng([seed, epoch])
-        for image_id, features in iterate_images(by_shard, block_rows, rng):
-            for k in rng.permutation(len(captions.get(image_id, ()))):
-                yield image_id, features, captions[image_id][k]
+    plan = epoch_plan(by_shard, captions, seed, epoch, block_rows)
 
-    ds = tf.data.Dataset.from_generator(generate, output_signature=(
-        tf.TensorSpec((), tf.int64), tf.TensorSpec((positions, channels), tf.float16),
-        tf.TensorSpec((None,), tf.int32)))
+    def load(b):
+        path, start, stop, pairs = plan[int(b)]
+        with h5py.File(path, "r") as f:
+            block = f["features"][start:stop]                     # one contiguous read
+        caps = [captions[image_id][k] for _, image_id, k in pairs]
+        lengths = np.array([len(c) for c in caps], np.int32)
+        padded = np.zeros((len(caps), int(lengths.max(initial=0))), np.int32)
+        for row, c in enumerate(caps):
+            padded[row, :len(c)] = c
+        return (np.array([i for _, i, _ in pairs], np.int64), block,
+                np.array([o for o, _, _ in pairs], np.int32), padded, lengths)
+
+    def read(b):
+        ids, block, offsets, caps, lengths = tf.numpy_function(
+            load, [b], (tf.int64, tf.float16, tf.int32, tf.int32, tf.int32), stateful=False)
+        block.set_shape((None, positions, channels))
+        pairs = tf.data.Dataset.from_tensor_slices((ids, offsets, caps, lengths))
+        return pairs.map(lambda i, o, c, n: (i, tf.gather(block, o), c[:n]))
+
+    ds = tf.data.Dataset.range(len(plan)).flat_map(read)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed * 100003 + epoch, reshuffle_each_iteration=False)
-    return ds.padded_batch(batch_size, padded_shapes=((), (positions, channels), (None,))).prefetch(2)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    ds = ds.padded_batch(batch_size, padded_shapes=((), (positions, channels), (None,))).prefetch(2)
+    return ds.with_options(options)
+
+
+def epoch_plan(by_shard, captions, seed: int, epoch: int, block_rows: int) -> list[tuple]:
+    """The order an epoch reads its pairs in, a pure function of (seed, epoch): shards permuted, each read in
+    contiguous blocks, images permuted within a block, each image's captions permuted.
+    → [(shard path, start row, stop row, [(row - start, image_id, caption index), ...]), ...]."""
+    rng = np.random.default_rng([seed, epoch])
+    shards = list(by_shard)
+    plan = []
+    for s in rng.permutation(len(shards)):
+        for start, stop, members in blocks(by_shard[shards[s]], block_rows):
+            pairs = []
+            for i in rng.permutation(len(members)):
+                row, image_id = members[i]
+                pairs += [(row - start, image_id, int(k)) for k in rng.permutation(len(captions.get(image_id, ())))]
+            if pairs:
+                plan.append((shards[s], start, stop, pairs))
+    return plan
 
 
 def feature_batches(by_shard, batch_size: int, block_rows: int):
     """(image_ids (k,), features (k, P, D) float16) batches of every indexed image, in store order."""
     ids, feats = [], []
-    for image_id, features in iterate_images(by_shard, block_rows, None):
+    for image_id, features in iterate_images(by_shard, block_rows):
         ids.append(image_id)
         feats.append(features)
         if len(ids) == batch_size:
@@ -334,7 +371,7 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
             losses.append((float(loss), float(xent), float(doubly)))
             seen += int(n)
             now = time.monotonic()
-            board.step(int(counters["step"].numpy()), *losses[-1], float(optimizer.learning_rate),
+            board.step(int(counters["step"].numpy()), *losses[-1], float(tf.convert_to_tensor(optimizer.learning_rate)),
                        int(n) / max(now - step_started, 1e-9))
             step_started = now
             if int(counters["step"].numpy()) % settings["checkpoint_every"] == 0:
