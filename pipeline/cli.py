@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline.errors import InputError
+from storage import manifests
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -140,8 +141,7 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
     from pipeline import decode, features, plots
     from pipeline.folders import list_images
     from pipeline.images import iter_batches, load_for_display
-    from pipeline.train import load_model
-    from storage.workspace import atomic_file
+    from pipeline.model import load_model
 
     _check_model_dir(model_dir)
     shown = {}   # image path → how --out names it (relative to its folder argument)
@@ -176,10 +176,8 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
                 results[-1]["plot"] = str(out)
     results.sort(key=lambda r: order[r["image"]])
     if out:
-        with atomic_file(out) as tmp:
-            Path(tmp).write_text("".join(json.dumps({"path": shown[r["image"]], "caption": r["caption"],
-                                                     "score": r["score"]}, ensure_ascii=False) + "\n"
-                                         for r in results if "caption" in r), encoding="utf-8")
+        manifests.write_jsonl(out, ({"path": shown[r["image"]], "caption": r["caption"], "score": r["score"]}
+                                    for r in results if "caption" in r))
         click.echo(f"captioner: wrote {out}", err=True)
     if as_json:
         click.echo(json.dumps(results, indent=1))
@@ -203,7 +201,7 @@ def export_command(model_dir: Path, out_dir: Path, weights: Path | None, beam: i
     weights, decoder, vocabulary and beam search; signature serving_default, images (encoded bytes) →
     captions, scores, attention. Serve it with TF Serving or tf.saved_model.load."""
     from pipeline import export
-    from pipeline.train import load_model
+    from pipeline.model import load_model
 
     _check_model_dir(model_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -211,7 +209,7 @@ def export_command(model_dir: Path, out_dir: Path, weights: Path | None, beam: i
                                    "(TF Serving wants <base>/<version>/, e.g. exports/captioner/1).")
     _, _, provenance = load_model(model_dir)
     identity = _training_encoder(provenance, weights, model_dir)
-    decoding = json.loads((model_dir / "config.json").read_text()).get("decoding", {})
+    decoding = manifests.read_json(model_dir / "config.json").get("decoding", {})
     about = export.export(model_dir, out_dir, identity, beam or decoding.get("beam_size", 3),
                           max_length or decoding.get("max_length", 20), decoding.get("length_penalty", 1.0),
                           decoding.get("suppress_unk", True))
@@ -302,7 +300,7 @@ def plot_attention(captions_dir: Path, image_id: int, out: Path | None) -> None:
         except KeyError:
             continue
         split = attention_file.name[:-len("-attention.h5")]
-        results = json.loads((captions_dir / f"{split}.json").read_text())
+        results = manifests.read_json(captions_dir / f"{split}.json")
         text = next(r["caption"] for r in results if r["image_id"] == image_id)
         out = out or Path(f"attention-{image_id}.png")
         plots.attention_grid(load_for_display(maps["path"], 640), text.split(),
@@ -362,7 +360,7 @@ def settings(flags: tuple[str, ...], as_json: bool) -> None:
     import tasks
     from pipeline import settings_check
 
-    rows = settings_check.settings_table(tasks.settings_schema(), tasks._config_paths(), list(flags),
+    rows = settings_check.settings_table(tasks.settings_schema(), tasks.config_paths(), list(flags),
                                          {("workspace", "root"): ("CAPTIONER_WORKDIR",
                                                                   os.environ.get("CAPTIONER_WORKDIR", ""))})
     if as_json:

@@ -5,7 +5,13 @@ Tokens after <end> are <pad> (0); <end> itself is kept, so `Vocabulary.decode` s
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
+
+from pipeline.inputs import feature_batches
+from pipeline.model import load_model
+from pipeline.progress import Progress
+
 
 def _cache(model) -> dict:
     """Compiled decoders of `model`, kept on the model (they close over it)."""
@@ -198,10 +204,8 @@ def generate(model_dir, by_shard: dict, beam_size: int = 3, max_length: int = 20
              length_penalty: float = 1.0, suppress_unk: bool = True, batch_size: int = 64, progress_callback=None):
     """Caption every image of a split from its feature shards with the model in `model_dir`.
 
-    by_shard: pipeline.train.shard_rows of the split index.
+    by_shard: pipeline.inputs.shard_rows of the split index.
     Returns (results [{"image_id", "caption"}], image_ids, tokens (n, L), attention (n, L, P) float16)."""
-    from pipeline.train import load_model
-
     model, vocab, _ = load_model(model_dir)
     decode = decoder_fn(model, vocab, beam_size, max_length, length_penalty, suppress_unk)
     ids, tokens, attention, _, captions = decode_rows(decode, vocab, by_shard, batch_size, max_length,
@@ -214,8 +218,6 @@ def caption_rows(model_dir, by_shard: dict, beam_size: int = 3, max_length: int 
                  suppress_unk: bool = True, batch_size: int = 64, progress_callback=None):
     """Like generate, with each caption's score (beam_fn's normalised log-probability; beam 1 is exactly
     greedy): → (image_ids, tokens, attention float16, scores, captions), sorted by image id."""
-    from pipeline.train import load_model
-
     model, vocab, _ = load_model(model_dir)
     unk = vocab.index["<unk>"] if suppress_unk else None
     decode = beam_fn(model, beam_size, max_length, vocab.index["<start>"], vocab.index["<end>"], unk, length_penalty)
@@ -223,12 +225,8 @@ def caption_rows(model_dir, by_shard: dict, beam_size: int = 3, max_length: int 
 
 
 def decode_rows(decode, vocab, by_shard: dict, batch_size: int, max_length: int, progress_callback=None):
-    """Run a compiled decoder over feature rows (pipeline.train.shard_rows) in batches:
+    """Run a compiled decoder over feature rows (pipeline.inputs.shard_rows) in batches:
     → (image_ids, tokens (n, L), attention (n, L, P) float16, scores (n,) or None, captions), sorted by id."""
-    import numpy as np
-    from pipeline.progress import Progress
-    from pipeline.train import feature_batches
-
     progress = Progress(sum(len(rows) for rows in by_shard.values()), "captioning", "images", progress_callback)
     ids, tokens, attention, scores = [], [], [], []
     for batch_ids, feats in feature_batches(by_shard, batch_size, 256):

@@ -13,16 +13,11 @@ import shutil
 import subprocess
 
 from pipeline.annotations import normalize_caption
+from pipeline.plots import DIGIT_LABELS, metric_label
 
 log = logging.getLogger("captioner")
 
 CORPUS_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-# pycocoevalcap's "CIDEr" scorer computes CIDEr-D: say so wherever a person reads the score (other metrics
-# keep their JSON key names, which people grep logs for)
-LABELS = {"CIDEr": "CIDEr-D"}
-# the metrics JSON's "digits" shares (pipeline/digits.py), by display label
-DIGIT_LABELS = {"digits_exact": "digits exact", "digit_count_right": "digit count right",
-                "attention_grounding": "attention grounding"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,11 +93,6 @@ def evaluate(references: dict, hypotheses: dict, java: bool | None = None, spice
             "java": use_java, "notes": notes, "n_images": len(ids)}
 
 
-def metric_label(key: str) -> str:
-    """Display name of a corpus metric key ("CIDEr" → "CIDEr-D")."""
-    return LABELS.get(key, key)
-
-
 def summary_table(corpus: dict, digits: dict | None = None) -> str:
     """Readable one-metric-per-line table for the log: the caption metrics, then (when given) the digit metrics
     and caption diversity."""
@@ -149,13 +139,12 @@ def evaluate_split(outdir, split: str, results_path, attention_path, manifest_pa
     what was evaluated ({label: text}: model, encoder, decoding, config…), shown at the top of the report and
     kept in the metrics file with the date."""
     import time
-    import json
     from pathlib import Path
 
     from pipeline.digits import digit_sequence
     from storage import manifests, shards
 
-    results = json.loads(Path(results_path).read_text())
+    results = manifests.read_json(results_path)
     records = {r["image_id"]: r for r in manifests.read_manifest(manifest_path)}
     hypotheses = {r["image_id"]: r["caption"] for r in results}
     scores = evaluate({i: records[i]["raw_captions"] for i in hypotheses}, hypotheses, java=java, spice=spice)

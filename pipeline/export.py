@@ -31,7 +31,7 @@ def export(model_dir, out_dir, identity: dict, beam_size: int, max_length: int, 
     import tensorflow as tf
 
     from pipeline import decode, encoder as encoder_lib
-    from pipeline.train import load_model
+    from pipeline.model import load_model
 
     model, vocab, provenance = load_model(model_dir)
     size = provenance["encoder"]["image_size"]

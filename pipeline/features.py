@@ -78,12 +78,13 @@ def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str) -> d
 
 
 def software_versions() -> dict:
-    import h5py
+    from importlib.metadata import version
+
     import keras
     import PIL
     import tensorflow as tf
     return {"python": sys.version.split()[0], "tensorflow": tf.__version__, "keras": keras.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+            "h5py": version("h5py"), "numpy": np.__version__, "pillow": PIL.__version__}
 
 
 def encoder_forward(identity: dict, image_size: int):

@@ -137,8 +137,7 @@ def caption_folder(outdir, folder, listing: dict, previous_dir, store, extract, 
 
 
 def _write_outputs(outdir: Path, folder: Path, listing: dict, lines: list[dict], attention: dict) -> None:
-    with open(outdir / "captions.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    manifests.write_jsonl(outdir / "captions.jsonl", lines)
     with open(outdir / "captions.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "caption", "score"])
         writer.writeheader()

@@ -23,8 +23,13 @@ attention can step from one digit to the next (README, "What the demo reaches").
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import tensorflow as tf
+
+from pipeline.vocabulary import Vocabulary
+from storage import manifests
 
 
 class ShowAttendTell(keras.Model):
@@ -147,3 +152,15 @@ def caption_loss(logits, alphas, words_out, attention_lambda: float = 1.0):
     coverage = tf.reduce_sum(alphas * mask[:, :, None], axis=1)                  # (B, P): Σ_t α over real steps
     attention = tf.reduce_sum(tf.square(1.0 - coverage)) / tokens
     return xent + attention_lambda * attention, xent, attention
+
+
+def load_model(model_dir):
+    """(model, vocabulary, features provenance) from a model directory (pipeline.train.write_model_dir)."""
+    model_dir = Path(model_dir)
+    config = manifests.read_json(model_dir / "decoder.json")
+    model = ShowAttendTell(**config)
+    provenance = manifests.read_json(model_dir / "features.json")
+    positions = provenance.get("positions", 64)
+    model(tf.zeros((1, positions, config["feature_channels"]), tf.float16), tf.zeros((1, 1), tf.int32))
+    model.load_weights(str(model_dir / "decoder.weights.h5"))
+    return model, Vocabulary.load(model_dir / "vocab.json"), provenance

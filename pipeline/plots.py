@@ -3,6 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# pycocoevalcap's "CIDEr" scorer computes CIDEr-D: say so wherever a person reads the score (other metrics
+# keep their JSON key names, which people grep logs for)
+LABELS = {"CIDEr": "CIDEr-D"}
+# the metrics JSON's "digits" shares (pipeline/digits.py), by display label
+DIGIT_LABELS = {"digits_exact": "digits exact", "digit_count_right": "digit count right",
+                "attention_grounding": "attention grounding"}
+
+
+def metric_label(key: str) -> str:
+    """Display name of a corpus metric key ("CIDEr" → "CIDEr-D")."""
+    return LABELS.get(key, key)
+
 
 def training_curves(history: list[dict], path) -> None:
     """history.json → PNG: training loss with its two parts, and val BLEU-4 / CIDEr-D (/ digits exact) per epoch."""
@@ -160,7 +172,6 @@ def _metrics_tables(corpus: dict, digits: dict | None) -> str:
     the digit metrics and caption diversity."""
     import html
 
-    from pipeline.evaluate import DIGIT_LABELS, metric_label
 
     head = ("<table><tr>" + "".join(f"<th>{html.escape(metric_label(k))}</th>" for k in corpus) + "</tr><tr>"
             + "".join(f"<td>{_score(v)}</td>" for v in corpus.values()) + "</tr></table>")

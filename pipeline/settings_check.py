@@ -2,7 +2,7 @@
 
 Luigi only warns about an unknown key of a known section (UnconsumedParameterWarning), says nothing about an
 unknown section, and lets argparse reject an unknown flag with a usage dump. A typo then silently trains with
-the default. These checks are plain functions over the config files' text and the known names, so tasks.py
+the default. These checks are plain functions over the config files' text and the known names, so tasks/
 (the Luigi wiring) supplies the schema and decides what to do with the problems (stop with exit 35).
 
     schema          {section: {key, ...}} of the project's own sections: every key is checked

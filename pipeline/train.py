@@ -1,12 +1,6 @@
-"""Training the decoder from HDF5 shards: input pipeline, compiled train step, validation, checkpoints.
+"""Training the decoder: compiled train step, validation, checkpoints, the model directory.
 
-Input pipeline (memory O(block + shuffle buffer + batch), never O(dataset)):
-  epoch e, seed s → shard order permuted by rng(s, e); each shard read in contiguous blocks of `block_rows`
-  rows (one h5py slice each, never a long fancy-index list); rows permuted within a block; every image read
-  once and paired with each of its captions; a seeded shuffle buffer mixes pairs across images; batches are
-  padded to their own longest caption. The order is a pure function of (seed, epoch), so a resumed epoch
-  skips exactly the batches it had already trained on.
-
+Input: pipeline/inputs.py (padded (image, caption) batches streamed from the HDF5 shards).
 Training: Adam with global-norm clipping and an optional schedule, a compiled step run under a tf.distribute
 strategy (MirroredStrategy over several GPUs, default strategy otherwise), optional mixed precision and XLA.
 Checkpoints (model, optimizer, counters) every `checkpoint_every` steps and at each epoch end, in a
@@ -20,22 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import math
 import time
-from collections import defaultdict
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from pipeline import digits
+from pipeline.decode import decoder_fn
 from pipeline.errors import InputError
+from pipeline.inputs import caption_ids, count_pairs, feature_batches, feature_statistics, pairs_dataset, shard_rows
+from pipeline.model import ShowAttendTell, caption_loss
 from pipeline.progress import format_seconds
 from pipeline.tensorboard import TrainingBoard
 from pipeline.vocabulary import Vocabulary
-from storage import manifests
+from storage import manifests, shards
 from storage.workspace import atomic_file, write_json
 
 log = logging.getLogger("captioner")
@@ -51,127 +45,6 @@ DEFAULTS = dict(
     decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
 )
 DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions")
-
-
-# ----------------------------------------------------------------------------------------------- data
-
-def shard_rows(store_dir, index: dict) -> dict[str, list[tuple[int, int]]]:
-    """Split index {image_id: [shard, row]} → {shard path: [(row, image_id), ...] sorted by row}."""
-    by_shard = defaultdict(list)
-    for image_id, (shard, row) in index["images"].items():
-        by_shard[str(Path(store_dir) / f"{shard}.h5")].append((int(row), int(image_id)))
-    return {path: sorted(rows) for path, rows in sorted(by_shard.items())}
-
-
-def blocks(rows: list[tuple[int, int]], block_rows: int):
-    """Contiguous row ranges covering `rows` (sorted): [(start, stop, [(row, image_id), ...]), ...]."""
-    out, current = [], []
-    for row, image_id in rows:
-        if current and row - current[0][0] >= block_rows:
-            out.append((current[0][0], current[-1][0] + 1, current))
-            current = []
-        current.append((row, image_id))
-    if current:
-        out.append((current[0][0], current[-1][0] + 1, current))
-    return out
-
-
-def iterate_images(by_shard: dict, block_rows: int):
-    """Yield (image_id, features (P, D) float16) for every indexed image once, in store order."""
-    for path, rows in by_shard.items():
-        with h5py.File(path, "r") as f:
-            dataset = f["features"]
-            for start, stop, members in blocks(rows, block_rows):
-                block = dataset[start:stop]                       # one contiguous read
-                for row, image_id in members:
-                    yield image_id, block[row - start]
-
-
-def caption_ids(records, vocab: Vocabulary) -> dict[int, list[np.ndarray]]:
-    """{image_id: [ids of each caption]} for manifest records, after the vocabulary's length policy."""
-    out = {}
-    for r in records:
-        encoded = [vocab.encode(c) for c in r["captions"]]
-        out[r["image_id"]] = [np.asarray(ids, np.int32) for ids in encoded if ids is not None]
-    return out
-
-
-def count_pairs(by_shard, captions) -> int:
-    return sum(len(captions.get(image_id, ())) for rows in by_shard.values() for _, image_id in rows)
-
-
-def pairs_dataset(by_shard, captions, batch_size: int, seed: int, epoch: int, shuffle_buffer: int,
-                  block_rows: int, positions: int, channels: int):
-    """tf.data of padded batches (image_ids (B,), features (B, P, D) float16, captions (B, T) int32).
-
-    The epoch's reading plan (epoch_plan) is fixed in numpy first; tf.data then reads one block per element
-    with tf.numpy_function and expands it into (image, caption) pairs.
-
-    tf.data's autotuning is off: its model thread sleeps 10 ms, 20 ms, … 40.96 s between optimisations, and
-    deleting the iterator (every epoch's end) waited for that sleep to end, so every epoch lasted until the
-    next of 0.01·(2^k − 1) s since it began: 40.96 s or 81.91 s instead of 25–45 s on the demo (py-spy
-    showed the wait in RootDataset::Iterator's destructor; TF 2.21). The buffers are sized explicitly."""
-    import tensorflow as tf
-
-    plan = epoch_plan(by_shard, captions, seed, epoch, block_rows)
-
-    def load(b):
-        path, start, stop, pairs = plan[int(b)]
-        with h5py.File(path, "r") as f:
-            block = f["features"][start:stop]                     # one contiguous read
-        caps = [captions[image_id][k] for _, image_id, k in pairs]
-        lengths = np.array([len(c) for c in caps], np.int32)
-        padded = np.zeros((len(caps), int(lengths.max(initial=0))), np.int32)
-        for row, c in enumerate(caps):
-            padded[row, :len(c)] = c
-        return (np.array([i for _, i, _ in pairs], np.int64), block,
-                np.array([o for o, _, _ in pairs], np.int32), padded, lengths)
-
-    def read(b):
-        ids, block, offsets, caps, lengths = tf.numpy_function(
-            load, [b], (tf.int64, tf.float16, tf.int32, tf.int32, tf.int32), stateful=False)
-        block.set_shape((None, positions, channels))
-        pairs = tf.data.Dataset.from_tensor_slices((ids, offsets, caps, lengths))
-        return pairs.map(lambda i, o, c, n: (i, tf.gather(block, o), c[:n]))
-
-    ds = tf.data.Dataset.range(len(plan)).flat_map(read)
-    if shuffle_buffer > 1:
-        ds = ds.shuffle(shuffle_buffer, seed=seed * 100003 + epoch, reshuffle_each_iteration=False)
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    ds = ds.padded_batch(batch_size, padded_shapes=((), (positions, channels), (None,))).prefetch(2)
-    return ds.with_options(options)
-
-
-def epoch_plan(by_shard, captions, seed: int, epoch: int, block_rows: int) -> list[tuple]:
-    """The order an epoch reads its pairs in, a pure function of (seed, epoch): shards permuted, each read in
-    contiguous blocks, images permuted within a block, each image's captions permuted.
-    → [(shard path, start row, stop row, [(row - start, image_id, caption index), ...]), ...]."""
-    rng = np.random.default_rng([seed, epoch])
-    shards = list(by_shard)
-    plan = []
-    for s in rng.permutation(len(shards)):
-        for start, stop, members in blocks(by_shard[shards[s]], block_rows):
-            pairs = []
-            for i in rng.permutation(len(members)):
-                row, image_id = members[i]
-                pairs += [(row - start, image_id, int(k)) for k in rng.permutation(len(captions.get(image_id, ())))]
-            if pairs:
-                plan.append((shards[s], start, stop, pairs))
-    return plan
-
-
-def feature_batches(by_shard, batch_size: int, block_rows: int):
-    """(image_ids (k,), features (k, P, D) float16) batches of every indexed image, in store order."""
-    ids, feats = [], []
-    for image_id, features in iterate_images(by_shard, block_rows):
-        ids.append(image_id)
-        feats.append(features)
-        if len(ids) == batch_size:
-            yield np.asarray(ids), np.stack(feats)
-            ids, feats = [], []
-    if ids:
-        yield np.asarray(ids), np.stack(feats)
 
 
 # -------------------------------------------------------------------------------------------- model bits
@@ -202,26 +75,7 @@ def make_strategy(kind: str = "auto"):
 
 
 def build_model(vocab_size: int, settings: dict, channels: int = 2048):
-    from pipeline.model import ShowAttendTell
     return ShowAttendTell(vocab_size, feature_channels=channels, **{k: settings[k] for k in DECODER_KEYS})
-
-
-def feature_statistics(by_shard, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and standard deviation (D,) over every position of every indexed image: one
-    streaming pass of contiguous block reads."""
-    total = total_sq = None
-    count = 0
-    for path, rows in by_shard.items():
-        with h5py.File(path, "r") as f:
-            for start, stop, members in blocks(rows, block_rows):
-                block = f["features"][start:stop][[row - start for row, _ in members]].astype(np.float64)
-                flat = block.reshape(-1, block.shape[-1])
-                total = flat.sum(0) if total is None else total + flat.sum(0)
-                total_sq = (flat ** 2).sum(0) if total_sq is None else total_sq + (flat ** 2).sum(0)
-                count += len(flat)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
-    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
 
 
 def make_optimizer(settings: dict, steps_per_epoch: int):
@@ -243,8 +97,6 @@ def decoded_captions(model, by_shard, vocab: Vocabulary, decoding: dict, batch_s
                      block_rows: int = 256) -> dict[int, str]:
     """{image_id: caption} for every image of a split index, decoded with the [generation] settings `decoding`
     (beam_size, max_length, length_penalty, suppress_unk), as GenerateCaptions decodes."""
-    from pipeline.decode import decoder_fn
-
     decode = decoder_fn(model, vocab, **decoding)
     out = {}
     for ids, feats in feature_batches(by_shard, batch_size, block_rows):
@@ -318,8 +170,7 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
     val_records = manifests.read_manifest(manifests.manifest_path(annotations_dir, "val"))
     val_refs = {r["image_id"]: r["captions"] for r in val_records}
     val_digits = {r["image_id"]: digits.expected_digits(r) for r in val_records}
-    with h5py.File(next(iter(train_rows)), "r") as f:
-        positions, channels = f["features"].shape[1:]
+    positions, channels = shards.feature_shape(next(iter(train_rows)))
     n_pairs = count_pairs(train_rows, captions)
     steps_per_epoch = math.ceil(n_pairs / settings["batch_size"])
     log.info("training on %d (image, caption) pairs from %d shards: %d steps per epoch; validating on %d images",
@@ -342,7 +193,7 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
     history = []
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        history = json.loads(history_path.read_text()) if history_path.exists() else []
+        history = manifests.read_json(history_path) if history_path.exists() else []
         history = history[:int(counters["epoch"].numpy())]   # epochs after the checkpoint are trained again
         log.info("resuming from checkpoint %s: epoch %d, step %d (%d into the epoch), best CIDEr-D %.4f",
                  manager.latest_checkpoint, int(counters["epoch"].numpy()) + 1, int(counters["step"].numpy()),
@@ -423,7 +274,6 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
 
 def make_train_step(model, optimizer, strategy, settings):
     import tensorflow as tf
-    from pipeline.model import caption_loss
 
     replicas = strategy.num_replicas_in_sync
 
@@ -472,18 +322,3 @@ def write_model_dir(outdir, best_weights: Path, model, vocab_path, settings: dic
     write_json(outdir / "features.json", provenance)
     from pipeline.plots import training_curves
     training_curves(history, outdir / "curves.png")
-
-
-def load_model(model_dir):
-    """(model, vocabulary, features provenance) from a model directory written by write_model_dir."""
-    import tensorflow as tf
-    from pipeline.model import ShowAttendTell
-
-    model_dir = Path(model_dir)
-    config = manifests.read_json(model_dir / "decoder.json")
-    model = ShowAttendTell(**config)
-    provenance = manifests.read_json(model_dir / "features.json")
-    positions = provenance.get("positions", 64)
-    model(tf.zeros((1, positions, config["feature_channels"]), tf.float16), tf.zeros((1, 1), tf.int32))
-    model.load_weights(str(model_dir / "decoder.weights.h5"))
-    return model, Vocabulary.load(model_dir / "vocab.json"), provenance

@@ -88,10 +88,17 @@ def latest_other_output(stage_root: str | os.PathLike, current: str | os.PathLik
     return max(done, key=lambda d: (d / REPORT_FILE).stat().st_mtime_ns, default=None)
 
 
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """One JSON object per line (caption lists of CaptionImages and `captioner caption --out`), atomically."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
 def read_json(path: str | os.PathLike):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 __all__ = ["MANIFEST_KEYS", "OPTIONAL_KEYS", "VOCAB_FILE", "REPORT_FILE", "SPLITS", "manifest_path", "write_manifest",
-           "read_manifest", "read_split_assignment", "latest_other_output", "read_json", "write_json"]
+           "read_manifest", "read_split_assignment", "latest_other_output", "read_json", "write_json", "write_jsonl", "root_reference", "resolve_root"]

@@ -176,6 +176,12 @@ def read_attrs(path) -> dict:
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
 
 
+def feature_shape(path) -> tuple[int, int]:
+    """(positions, channels) of a shard's feature rows."""
+    with h5py.File(path, "r") as f:
+        return tuple(int(n) for n in f["features"].shape[1:])
+
+
 def read_rows(path, start: int, stop: int) -> np.ndarray:
     """features[start:stop] of a shard, float16 (stop - start, P, D): one contiguous block read."""
     with h5py.File(path, "r") as f:
@@ -200,6 +206,25 @@ def store_contents(store_dir) -> tuple[dict, dict, list]:
     return rows, skipped, bad
 
 
+class Moments:
+    """Streaming mean and standard deviation per column, in float64: add() blocks of rows (n, D)."""
+
+    def __init__(self):
+        self.count, self.total, self.total_sq = 0, 0.0, 0.0
+
+    def add(self, rows) -> None:
+        rows = np.asarray(rows, np.float64)
+        self.count += len(rows)
+        self.total = self.total + rows.sum(0)
+        self.total_sq = self.total_sq + (rows ** 2).sum(0)
+
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.total / max(self.count, 1))
+
+    def std(self) -> np.ndarray:
+        return np.sqrt(np.maximum(self.total_sq / max(self.count, 1) - self.mean() ** 2, 0.0))
+
+
 def describe_shard(path, stats: bool = False) -> dict:
     """Everything `captioner inspect` shows of one shard; stats=True adds mean/std/zero fraction/non-finite
     counts of the features, computed in blocks of rows."""
@@ -215,19 +240,17 @@ def describe_shard(path, stats: bool = False) -> dict:
             "skipped": [{"image_id": i, "path": p, "reason": r} for i, p, r in read_skipped(path)],
         }
         if stats:
-            total = total_sq = zeros = nonfinite = count = 0
+            moments, zeros, nonfinite = Moments(), 0, 0
             for start in range(0, feats.shape[0], 256):
                 block = feats[start:start + 256].astype(np.float64)
                 finite = np.isfinite(block)
                 nonfinite += int((~finite).sum())
                 block = np.where(finite, block, 0.0)
-                total += block.sum()
-                total_sq += (block ** 2).sum()
+                moments.add(block.reshape(-1, 1))
                 zeros += int((block == 0).sum())
-                count += block.size
-            mean = total / max(count, 1)
-            info["stats"] = {"mean": float(mean), "std": float(np.sqrt(max(total_sq / max(count, 1) - mean ** 2, 0))),
-                             "zero_fraction": zeros / max(count, 1), "nonfinite": nonfinite}
+            info["stats"] = {"mean": float(moments.mean()[0]) if moments.count else 0.0,
+                             "std": float(moments.std()[0]) if moments.count else 0.0,
+                             "zero_fraction": zeros / max(moments.count, 1), "nonfinite": nonfinite}
     return info
 
 

@@ -147,6 +147,26 @@ def atomic_dir(final: str | os.PathLike):
         raise
 
 
+@contextlib.contextmanager
+def atomic_files(directory: str | os.PathLike, last: str):
+    """Yield an empty temporary directory inside `directory` (created if needed). When the block succeeds, each
+    file it holds replaces the file of that name in `directory`, `last` last, each fsync'ed: whoever finds
+    `last` finds the others complete. For outputs that share a directory (one split's results beside
+    another's)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory / last)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory / last), dir=directory))
+    try:
+        yield tmp
+        for name in sorted((p.name for p in tmp.iterdir() if p.name != last), key=str) + [last]:
+            fsync_path(tmp / name)
+            os.replace(tmp / name, directory / name)
+        fsync_path(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def portable(path: str | os.PathLike, root: str | os.PathLike) -> str:
     """How an artifact refers to `path`: relative to the workspace `root` when inside it, so the workspace can
     be copied or mounted elsewhere; absolute otherwise (dataset images, weights files outside)."""

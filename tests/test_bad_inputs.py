@@ -170,6 +170,6 @@ def test_missing_dataset_paths_are_refused_before_any_work(tmp_path):
     cfg.write_text(cfg.read_text().replace(f"annotations = {coco}", f"annotations = {tmp_path / 'nope.json'}"))
     run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w", timeout=60)
     assert run.returncode == 35, run.output
-    assert f"[dataset] annotations = " in run.output and "nope.json, which is not a file" in run.output
+    assert "[dataset] annotations = " in run.output and "nope.json, which is not a file" in run.output
     assert "no-such-images, which is not a directory" in run.output         # both problems in one run
     assert not list((tmp_path / "w").glob("annotations/*"))

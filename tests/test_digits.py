@@ -178,7 +178,7 @@ def write_split(tmp_path, records, captions, tokens, attention):
 
 
 class Collect(logging.Handler):
-    """Collects the "captioner" log directly (tasks.py turns its propagation to the root logger off)."""
+    """Collects the "captioner" log directly (tasks/config.py turns its propagation to the root logger off)."""
     def __init__(self):
         super().__init__(logging.INFO)
         self.text = ""

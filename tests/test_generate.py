@@ -11,7 +11,7 @@ from pipeline.cli import main as cli
 from pipeline.decode import beam_fn, greedy_fn
 from pipeline.evaluate import evaluate, java_available
 from pipeline.model import ShowAttendTell
-from storage import manifests, shards
+from storage import manifests, shards, workspace as ws
 from tests.conftest import run_luigi
 
 PAD, START, END, A, B, C = range(6)
@@ -145,6 +145,22 @@ def test_generate_and_evaluate_outputs(evaluated):
     assert status.exit_code == 0, status.output
     assert f"latest model: {model_dir}" in status.output
     assert f"test  BLEU-4 {metrics['corpus']['Bleu_4']:.3f}" in status.output and "digits exact" in status.output
+
+
+def test_val_and_test_results_of_one_model_share_one_directory(evaluated):
+    workdir, _ = evaluated
+    captions_dir, = workdir.glob("captions/[!.]*")
+    before = {p.name: p.stat().st_mtime_ns for p in captions_dir.iterdir()}
+    run = run_luigi("EvaluateCaptions", "--split", "val", workdir=workdir)
+    assert run.returncode == 0, run.output
+    assert "2 ran successfully" in run.output                                    # val captions and metrics only
+    assert [p.name for p in workdir.glob("captions/[!.]*")] == [captions_dir.name]
+    assert {"val.json", "val-attention.h5", "test.json", "test-attention.h5"} <= {p.name for p in captions_dir.iterdir()}
+    assert all(captions_dir.joinpath(name).stat().st_mtime_ns == t for name, t in before.items()
+               if name.startswith("test"))                                         # the test split untouched
+    metrics_dir, = workdir.glob("metrics/[!.]*")
+    assert {"val.json", "val-report.html", "test.json", "test-report.html"} <= {p.name for p in metrics_dir.iterdir()}
+    assert not ws.leftover_temporaries(workdir)
 
 
 def test_training_writes_tensorboard_curves(evaluated):

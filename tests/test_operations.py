@@ -11,7 +11,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main as cli
@@ -126,6 +125,7 @@ def test_a_damaged_shard_is_extracted_again_before_training(workdir):
     run = run_luigi("TrainDecoder", "--training-epochs", "1", workdir=workdir)
     assert run.returncode == 0, run.output
     assert f"shard {path.name} is damaged" in run.output and "extracted again" in run.output
+    assert f"- 1 ExtractShard(plan={path.stem.split('-')[1]}" in run.output     # through the scheduler
     assert shards.check_shard(path, deep=True) == []
     after = all_features(workdir)
     assert sorted(after) == sorted(before)

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from pipeline import train as train_lib
+from pipeline import inputs, train as train_lib
 from storage import shards
 from tests.conftest import REPO, TEST_CONFIG, run_luigi
 
@@ -30,9 +30,9 @@ def make_store(tmp_path):
 
 
 def epoch_pairs(store, index, captions, epoch, batch_size=7, block_rows=3):
-    by_shard = train_lib.shard_rows(store, index)
+    by_shard = inputs.shard_rows(store, index)
     out, widths_ok = [], True
-    for ids, feats, caps in train_lib.pairs_dataset(by_shard, captions, batch_size, seed=1, epoch=epoch,
+    for ids, feats, caps in inputs.pairs_dataset(by_shard, captions, batch_size, seed=1, epoch=epoch,
                                                     shuffle_buffer=5, block_rows=block_rows, positions=4, channels=8):
         ids, feats, caps = ids.numpy(), feats.numpy(), caps.numpy()
         assert (feats[:, 0, 0] == ids).all()                                  # features belong to the id
@@ -54,7 +54,7 @@ def test_every_pair_exactly_once_per_epoch_deterministic_per_epoch(tmp_path):
 
 def test_feature_statistics_match_numpy(tmp_path):
     store, index, captions = make_store(tmp_path)
-    mean, std = train_lib.feature_statistics(train_lib.shard_rows(store, index), block_rows=3)
+    mean, std = inputs.feature_statistics(inputs.shard_rows(store, index), block_rows=3)
     values = np.array([float(i) for i in index["images"]])                 # every feature of image i equals i
     np.testing.assert_allclose(mean, np.full(8, values.mean()), rtol=1e-6)
     np.testing.assert_allclose(std, np.full(8, values.std()), rtol=1e-5)
@@ -62,7 +62,7 @@ def test_feature_statistics_match_numpy(tmp_path):
 
 def test_blocks_are_contiguous_and_bounded():
     rows = [(0, 10), (1, 11), (2, 12), (5, 13), (9, 14), (10, 15)]
-    assert train_lib.blocks(rows, 4) == [(0, 3, rows[:3]), (5, 6, rows[3:4]), (9, 11, rows[4:])]
+    assert inputs.blocks(rows, 4) == [(0, 3, rows[:3]), (5, 6, rows[3:4]), (9, 11, rows[4:])]
 
 
 def checkpoint_steps(workdir):

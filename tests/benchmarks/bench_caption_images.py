@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline import decode, features, folders  # noqa: E402
 from pipeline.demo import write_demo_dataset  # noqa: E402
-from pipeline.train import load_model, shard_rows  # noqa: E402
+from pipeline.inputs import shard_rows  # noqa: E402
+from pipeline.model import load_model  # noqa: E402
 from storage import shards  # noqa: E402
 from storage.workspace import file_sha256, resolve  # noqa: E402
 

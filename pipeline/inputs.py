@@ -1,0 +1,147 @@
+"""The decoder's input pipeline from HDF5 feature shards (read through storage/shards.py).
+
+Memory is O(block + shuffle buffer + batch), never O(dataset):
+  split index → shard_rows {shard path: [(row, image_id)]} → blocks: contiguous row ranges of at most
+  `block_rows` rows, each one read (never a long fancy-index list).
+  Training (pairs_dataset): epoch e, seed s → epoch_plan: shards permuted by rng(s, e), rows permuted within a
+  block, each image paired with each of its captions; a seeded shuffle buffer mixes pairs across images;
+  batches padded to their own longest caption. The order is a pure function of (seed, epoch), so a resumed
+  epoch skips exactly the batches it had already trained on.
+  Decoding and statistics (feature_batches, feature_statistics): every image once, in store order.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.vocabulary import Vocabulary
+from storage import shards
+
+
+def shard_rows(store_dir, index: dict) -> dict[str, list[tuple[int, int]]]:
+    """Split index {image_id: [shard, row]} → {shard path: [(row, image_id), ...] sorted by row}."""
+    by_shard = defaultdict(list)
+    for image_id, (shard, row) in index["images"].items():
+        by_shard[str(Path(store_dir) / f"{shard}.h5")].append((int(row), int(image_id)))
+    return {path: sorted(rows) for path, rows in sorted(by_shard.items())}
+
+
+def blocks(rows: list[tuple[int, int]], block_rows: int):
+    """Contiguous row ranges covering `rows` (sorted): [(start, stop, [(row, image_id), ...]), ...]."""
+    out, current = [], []
+    for row, image_id in rows:
+        if current and row - current[0][0] >= block_rows:
+            out.append((current[0][0], current[-1][0] + 1, current))
+            current = []
+        current.append((row, image_id))
+    if current:
+        out.append((current[0][0], current[-1][0] + 1, current))
+    return out
+
+
+def iterate_images(by_shard: dict, block_rows: int):
+    """Yield (image_id, features (P, D) float16) for every indexed image once, in store order."""
+    for path, rows in by_shard.items():
+        for start, stop, members in blocks(rows, block_rows):
+            block = shards.read_rows(path, start, stop)           # one contiguous read
+            for row, image_id in members:
+                yield image_id, block[row - start]
+
+
+def caption_ids(records, vocab: Vocabulary) -> dict[int, list[np.ndarray]]:
+    """{image_id: [ids of each caption]} for manifest records, after the vocabulary's length policy."""
+    out = {}
+    for r in records:
+        encoded = [vocab.encode(c) for c in r["captions"]]
+        out[r["image_id"]] = [np.asarray(ids, np.int32) for ids in encoded if ids is not None]
+    return out
+
+
+def count_pairs(by_shard, captions) -> int:
+    return sum(len(captions.get(image_id, ())) for rows in by_shard.values() for _, image_id in rows)
+
+
+def pairs_dataset(by_shard, captions, batch_size: int, seed: int, epoch: int, shuffle_buffer: int,
+                  block_rows: int, positions: int, channels: int):
+    """tf.data of padded batches (image_ids (B,), features (B, P, D) float16, captions (B, T) int32).
+
+    The epoch's reading plan (epoch_plan) is fixed in numpy first; tf.data then reads one block per element
+    with tf.numpy_function and expands it into (image, caption) pairs.
+
+    tf.data's autotuning is off: its model thread sleeps 10 ms, 20 ms, … 40.96 s between optimisations, and
+    deleting the iterator (every epoch's end) waited for that sleep to end, so every epoch lasted until the
+    next of 0.01·(2^k − 1) s since it began: 40.96 s or 81.91 s instead of 25–45 s on the demo (py-spy
+    showed the wait in RootDataset::Iterator's destructor; TF 2.21). The buffers are sized explicitly."""
+    import tensorflow as tf
+
+    plan = epoch_plan(by_shard, captions, seed, epoch, block_rows)
+
+    def load(b):
+        path, start, stop, pairs = plan[int(b)]
+        block = shards.read_rows(path, start, stop)               # one contiguous read
+        caps = [captions[image_id][k] for _, image_id, k in pairs]
+        lengths = np.array([len(c) for c in caps], np.int32)
+        padded = np.zeros((len(caps), int(lengths.max(initial=0))), np.int32)
+        for row, c in enumerate(caps):
+            padded[row, :len(c)] = c
+        return (np.array([i for _, i, _ in pairs], np.int64), block,
+                np.array([o for o, _, _ in pairs], np.int32), padded, lengths)
+
+    def read(b):
+        ids, block, offsets, caps, lengths = tf.numpy_function(
+            load, [b], (tf.int64, tf.float16, tf.int32, tf.int32, tf.int32), stateful=False)
+        block.set_shape((None, positions, channels))
+        pairs = tf.data.Dataset.from_tensor_slices((ids, offsets, caps, lengths))
+        return pairs.map(lambda i, o, c, n: (i, tf.gather(block, o), c[:n]))
+
+    ds = tf.data.Dataset.range(len(plan)).flat_map(read)
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=seed * 100003 + epoch, reshuffle_each_iteration=False)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    ds = ds.padded_batch(batch_size, padded_shapes=((), (positions, channels), (None,))).prefetch(2)
+    return ds.with_options(options)
+
+
+def epoch_plan(by_shard, captions, seed: int, epoch: int, block_rows: int) -> list[tuple]:
+    """The order an epoch reads its pairs in, a pure function of (seed, epoch): shards permuted, each read in
+    contiguous blocks, images permuted within a block, each image's captions permuted.
+    → [(shard path, start row, stop row, [(row - start, image_id, caption index), ...]), ...]."""
+    rng = np.random.default_rng([seed, epoch])
+    shards = list(by_shard)
+    plan = []
+    for s in rng.permutation(len(shards)):
+        for start, stop, members in blocks(by_shard[shards[s]], block_rows):
+            pairs = []
+            for i in rng.permutation(len(members)):
+                row, image_id = members[i]
+                pairs += [(row - start, image_id, int(k)) for k in rng.permutation(len(captions.get(image_id, ())))]
+            if pairs:
+                plan.append((shards[s], start, stop, pairs))
+    return plan
+
+
+def feature_batches(by_shard, batch_size: int, block_rows: int):
+    """(image_ids (k,), features (k, P, D) float16) batches of every indexed image, in store order."""
+    ids, feats = [], []
+    for image_id, features in iterate_images(by_shard, block_rows):
+        ids.append(image_id)
+        feats.append(features)
+        if len(ids) == batch_size:
+            yield np.asarray(ids), np.stack(feats)
+            ids, feats = [], []
+    if ids:
+        yield np.asarray(ids), np.stack(feats)
+
+
+def feature_statistics(by_shard, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (D,) over every position of every indexed image: one
+    streaming pass of contiguous block reads."""
+    moments = shards.Moments()
+    for path, rows in by_shard.items():
+        for start, stop, members in blocks(rows, block_rows):
+            block = shards.read_rows(path, start, stop)[[row - start for row, _ in members]]
+            moments.add(block.reshape(-1, block.shape[-1]))
+    return moments.mean().astype(np.float32), np.maximum(moments.std(), 1e-3).astype(np.float32)

@@ -1,0 +1,417 @@
+"""Configuration: the config sections (checked when read), the strict startup check, the per-workspace lock."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import luigi
+import luigi.configuration
+import luigi.cmdline_parser
+import luigi.lock
+import luigi.task_register
+
+from pipeline import settings_check, vocabulary as vocab_lib
+from pipeline.errors import InputError
+from storage import workspace as ws
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "configs" / "luigi.cfg"
+
+# With LUIGI_CONFIG_PATH unset, `luigi --module tasks ...` uses the demo config (local scheduler, retcodes).
+# The module is imported while luigi parses the command line, before it reads [core] and [retcode].
+if "LUIGI_CONFIG_PATH" not in os.environ:
+    luigi.configuration.add_config_path(str(DEFAULT_CONFIG))
+
+# luigi exits 0 on failures unless [retcode] says otherwise; a config without that section still fails loudly.
+RETCODES = {"already_running": 10, "missing_data": 20, "not_run": 25, "task_failed": 30, "scheduling_error": 35,
+            "unhandled_exception": 40}
+for _key, _code in RETCODES.items():
+    if not luigi.configuration.get_config().has_option("retcode", _key):
+        luigi.configuration.get_config().set("retcode", _key, str(_code))
+
+log = logging.getLogger("captioner")
+if not log.handlers:   # luigi configures only its own loggers; ours reports progress, rates and problems
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s: [captioner] %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+
+# ------------------------------------------------------------------------------------------ configuration
+
+def config_files() -> str:
+    """The config files in effect, for error messages."""
+    return ", ".join(config_paths()) or "(no config file)"
+
+
+class Section(luigi.Config):
+    """A config section whose values are checked when it is read: a bad value stops the run with a message
+    naming the config file, the section, the key and the fix."""
+
+    @classmethod
+    def read(cls):
+        """The section's values, checked: use `dataset.read()`, not `dataset()`."""
+        section = cls.get_task_family()
+        for name, param in cls.get_params():
+            try:
+                param.task_value(section, name)
+            except Exception as e:   # luigi's own parse error does not say which key
+                kind = type(param).__name__.replace("Parameter", "").lower() or "string"
+                raise InputError(f"[{section}] {name}: not a valid {kind} ({e}). Fix: {cls._where(name)}.") from e
+        instance = cls()
+        problems = instance.problems()
+        if problems:
+            raise InputError("; ".join(problems))
+        return instance
+
+    @classmethod
+    def _where(cls, key: str) -> str:
+        section = cls.get_task_family()
+        return (f"set [{section}] {key} in {config_files()} "
+                f"(or --{section}-{key.replace('_', '-')} on the command line)")
+
+    def problems(self) -> list[str]:
+        """Range checks; each problem is '[section] key = value rule. Fix: ...'."""
+        return []
+
+    def require(self, condition: bool, key: str, rule: str) -> list[str]:
+        if condition:
+            return []
+        return [f"[{self.get_task_family()}] {key} = {getattr(self, key)!r} {rule}. Fix: {self._where(key)}."]
+
+
+def comma_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class workspace(Section):
+    """[workspace]"""
+    root = luigi.Parameter(default="", description="Workspace directory; empty: $CAPTIONER_WORKDIR or ./work")
+
+
+class dataset(Section):
+    """[dataset] which captions and images, and how they are split."""
+    source = luigi.ChoiceParameter(choices=["demo", "coco"], default="demo")
+    annotations = luigi.Parameter(default="", description="Comma-separated COCO caption files (source=coco)")
+    images = luigi.Parameter(default="", description="Comma-separated image roots, same order as annotations")
+    karpathy_split = luigi.Parameter(default="", description="Karpathy dataset_coco.json; empty: fractions")
+    val_fraction = luigi.FloatParameter(default=0.05)
+    test_fraction = luigi.FloatParameter(default=0.05)
+    seed = luigi.IntParameter(default=0)
+
+    def problems(self):
+        out = self.require(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+        out += self.require(0 <= self.test_fraction < 1, "test_fraction", "must be in [0, 1)")
+        out += self.require(self.val_fraction + self.test_fraction < 1, "test_fraction",
+                            "plus val_fraction must be below 1")
+        if self.source == "coco":
+            files, roots = comma_list(self.annotations), comma_list(self.images)
+            out += self.require(bool(files), "annotations", "is empty but source = coco needs caption files")
+            out += self.require(len(files) == len(roots), "images",
+                                f"lists {len(roots)} image roots for {len(files)} annotation files; "
+                                "give one root per file, same order")
+            for path in files:
+                out += self.require(os.path.isfile(path), "annotations", f"names {path}, which is not a file")
+            for path in roots:
+                out += self.require(os.path.isdir(os.path.expanduser(path)), "images",
+                                    f"names {path}, which is not a directory")
+            if self.karpathy_split:
+                out += self.require(os.path.isfile(self.karpathy_split), "karpathy_split", "is not a file")
+        return out
+
+
+class demo(Section):
+    """[demo] the built-in handwritten-digits dataset."""
+    train_images = luigi.IntParameter(default=800)
+    val_images = luigi.IntParameter(default=100)
+    test_images = luigi.IntParameter(default=100)
+    seed = luigi.IntParameter(default=1797)
+
+    def problems(self):
+        out = []
+        for key in ("train_images", "val_images", "test_images"):
+            out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
+        return out
+
+
+class vocabulary(Section):
+    """[vocabulary]"""
+    min_count = luigi.IntParameter(default=5)
+    max_size = luigi.IntParameter(default=0, description="0: no cap")
+    max_length = luigi.IntParameter(default=20, description="words per caption, <start>/<end> excluded")
+    length_policy = luigi.ChoiceParameter(choices=list(vocab_lib.LENGTH_POLICIES), default="truncate")
+
+    def problems(self):
+        return (self.require(self.min_count >= 1, "min_count", "must be at least 1")
+                + self.require(self.max_size == 0 or self.max_size > len(vocab_lib.SPECIALS), "max_size",
+                               "must be 0 (no cap) or larger than the 4 special tokens")
+                + self.require(self.max_length >= 1, "max_length", "must be at least 1"))
+
+
+class encoder(Section):
+    """[encoder] InceptionV3 feature extractor."""
+    weights = luigi.Parameter(default="imagenet",
+                              description="imagenet | digits | path to a weights .h5 | random:<seed>")
+    image_size = luigi.IntParameter(default=299, description="input side in pixels; 299 gives 8x8 positions")
+    batch_size = luigi.IntParameter(default=32, description="images per forward pass")
+    decode_workers = luigi.IntParameter(default=0, description="image decoding threads; 0: one per CPU core")
+
+    def problems(self):
+        return (self.require(self.image_size >= 75, "image_size", "must be at least 75 (InceptionV3's minimum)")
+                + self.require(self.batch_size >= 1, "batch_size", "must be at least 1")
+                + self.require(self.decode_workers >= 0, "decode_workers", "must be 0 (auto) or more"))
+
+
+class pretrain(Section):
+    """[pretrain] the built-in digits encoder (pipeline/pretrain.py), used when [encoder] weights = digits."""
+    steps = luigi.IntParameter(default=250, description="training steps on crops (phase 1)")
+    batch_size = luigi.IntParameter(default=64, description="scene crops per step")
+    crop = luigi.IntParameter(default=75, description="crop side in px; 75 has one mixed10 cell, 107 has 2x2")
+    learning_rate = luigi.FloatParameter(default=1e-3, description="Adam peak rate (warm-up, then cosine decay)")
+    warmup_steps = luigi.IntParameter(default=20)
+    scene_steps = luigi.IntParameter(default=90, description="training steps on whole 299-px scenes (phase 2)")
+    scene_batch_size = luigi.IntParameter(default=16, description="whole scenes per step")
+    seed = luigi.IntParameter(default=0)
+    bn_scenes = luigi.IntParameter(default=128, description="299-px scenes that re-estimate the batch norms")
+    val_scenes = luigi.IntParameter(default=128, description="held-out val-pool scenes the report's accuracy uses")
+    bfloat16 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                   description="bfloat16 compute (fast on CPUs with AMX / AVX-512 BF16, GPUs)")
+
+    def problems(self):
+        out = []
+        for key in ("steps", "batch_size", "scene_batch_size", "bn_scenes", "val_scenes"):
+            out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
+        for key in ("warmup_steps", "scene_steps"):
+            out += self.require(getattr(self, key) >= 0, key, "must be 0 or more")
+        out += self.require(self.crop >= 75, "crop", "must be at least 75 (InceptionV3's minimum)")
+        return out + self.require(self.learning_rate > 0, "learning_rate", "must be positive")
+
+
+class features(Section):
+    """[features] the HDF5 shard store."""
+    shard_size = luigi.IntParameter(default=1000, description="images per shard")
+    compression = luigi.ChoiceParameter(choices=["none", "gzip", "lzf"], default="none")
+
+    def problems(self):
+        return self.require(self.shard_size >= 1, "shard_size", "must be at least 1")
+
+
+class decoder(Section):
+    """[decoder] Show-Attend-Tell model sizes (pipeline/model.py)."""
+    feature_dim = luigi.IntParameter(default=512, description="features projected to this size once per image")
+    attention_dim = luigi.IntParameter(default=512)
+    embed_dim = luigi.IntParameter(default=256)
+    units = luigi.IntParameter(default=512, description="LSTM (or GRU) units")
+    dropout = luigi.FloatParameter(default=0.5)
+    cell = luigi.ChoiceParameter(choices=["lstm", "gru"], default="lstm")
+    positions = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                    description="add each cell's row and column to its projected features")
+
+    def problems(self):
+        out = []
+        for key in ("feature_dim", "attention_dim", "embed_dim", "units"):
+            out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
+        return out + self.require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+
+
+class training(Section):
+    """[training] pipeline/train.py."""
+    epochs = luigi.IntParameter(default=20)
+    batch_size = luigi.IntParameter(default=64)
+    learning_rate = luigi.FloatParameter(default=4e-4)
+    lr_schedule = luigi.ChoiceParameter(choices=["constant", "cosine", "exponential"], default="constant")
+    lr_decay = luigi.FloatParameter(default=0.8, description="per-epoch factor of the exponential schedule")
+    clip_norm = luigi.FloatParameter(default=5.0, description="global gradient norm clip; 0: none")
+    attention_lambda = luigi.FloatParameter(default=1.0, description="doubly stochastic attention weight")
+    patience = luigi.IntParameter(default=5, description="epochs without a better val CIDEr-D before stopping")
+    checkpoint_every = luigi.IntParameter(default=500, description="steps between checkpoints")
+    shuffle_buffer = luigi.IntParameter(default=1000, description="(image, caption) pairs")
+    block_rows = luigi.IntParameter(default=256, description="rows per contiguous HDF5 read")
+    seed = luigi.IntParameter(default=0)
+    mixed_precision = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    jit_compile = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    strategy = luigi.ChoiceParameter(choices=["auto", "default", "mirrored"], default="auto")
+    val_batch_size = luigi.IntParameter(default=128)
+    cpu_devices = luigi.IntParameter(default=1, description="split the CPU into N logical devices (tests)")
+    verify_shards = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                        description="read every shard's checksums before training")
+
+    def problems(self):
+        out = []
+        for key in ("epochs", "batch_size", "patience", "checkpoint_every", "block_rows", "val_batch_size",
+                    "cpu_devices"):
+            out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
+        out += self.require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be 0 or more")
+        out += self.require(self.learning_rate > 0, "learning_rate", "must be positive")
+        return out + self.require(self.clip_norm >= 0, "clip_norm", "must be 0 (no clipping) or positive")
+
+
+class generation(Section):
+    """[generation] caption decoding (pipeline/decode.py)."""
+    beam_size = luigi.IntParameter(default=3, description="1: greedy")
+    max_length = luigi.IntParameter(default=20, description="words, <end> included")
+    length_penalty = luigi.FloatParameter(default=1.0, description="beam score / length^this; 0: none")
+    suppress_unk = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    batch_size = luigi.IntParameter(default=64)
+    model = luigi.Parameter(default="", description="model directory; empty: TrainDecoder's for this config")
+
+    def problems(self):
+        out = self.require(self.beam_size >= 1, "beam_size", "must be at least 1")
+        out += self.require(self.max_length >= 1, "max_length", "must be at least 1")
+        out += self.require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        if self.model:
+            out += self.require(os.path.isfile(os.path.join(self.model, "decoder.weights.h5")), "model",
+                                "is not a model directory (no decoder.weights.h5 in it)")
+        return out
+
+
+class evaluation(Section):
+    """[evaluation] pipeline/evaluate.py."""
+    spice = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                description="SPICE needs Java and downloads Stanford CoreNLP models")
+    java = luigi.ChoiceParameter(choices=["auto", "yes", "no"], default="auto",
+                                 description="auto: use Java when found; no: the Java-free fallback")
+    report_examples = luigi.IntParameter(default=12, description="worst, best and random images each in the HTML report")
+
+    def problems(self):
+        return self.require(self.report_examples >= 0, "report_examples", "must be 0 or more")
+
+
+def check_every_section() -> None:
+    """Read (and so check) every project section once per process: InputError listing every problem.
+    Runs before any work: at import for the luigi command (startup_problems), else at the first completeness
+    check."""
+    global _sections_checked
+    if not _sections_checked:
+        problems = section_problems()
+        if problems:
+            raise InputError("\n  ".join(["configuration problems:", *problems]))
+        _sections_checked = True
+
+
+_sections_checked = False
+
+
+def section_problems() -> list[str]:
+    """Every project section's value problems (bad numbers, ranges, missing dataset paths), all of them."""
+    problems = []
+    for section in Section.__subclasses__():
+        try:
+            section.read()
+        except InputError as e:
+            problems.append(str(e))
+    return problems
+
+
+def startup_problems(argv: list[str]) -> list[str]:
+    """Everything wrong with a `luigi --module tasks ...` command line and its config files, found before anything
+    runs and reported together: unknown sections and keys in the config files, unknown flags, an unknown task,
+    root-task values that do not parse (`--split tset`), each with the nearest valid name
+    (pipeline/settings_check.py); and, when luigi can parse the command line, every section's values."""
+    register = luigi.task_register.Register
+    schema = {cls.get_task_family(): {name for name, _ in cls.get_params()} for cls in Section.__subclasses__()}
+    problems = [p for path in config_paths() for p in
+                settings_check.check_config_file(path, schema, set(register.task_names()))]
+    known, unknown = _parse_luigi_flags(argv)
+    root = known.root_task
+    flags = {"--" + (name if without_section else f"{family}_{name}").replace("_", "-")
+             for family, without_section, name, _ in register.get_all_params()}
+    command_line = []
+    if root and root not in register.task_names():
+        command_line.append(f"{root}: unknown task{settings_check.nearest(root, register.task_names())}.")
+    elif root:
+        task = register.get_task_cls(root)
+        flags |= {"--" + name.replace("_", "-") for name, _ in task.get_params()}
+        for name, param in task.get_params():
+            value = getattr(known, name, None)
+            if value is not None:
+                try:
+                    param.parse(value)
+                except Exception as e:
+                    choices = getattr(param, "_choices", None)
+                    rule = f"one of {', '.join(sorted(map(str, choices)))}" if choices else str(e)
+                    command_line.append(f"--{name.replace('_', '-')} {value}: {root} needs {rule}"
+                                        f"{settings_check.nearest(value, map(str, choices or ()))}.")
+    command_line += settings_check.check_flags(unknown, flags)
+    if not command_line:   # luigi can parse it: check the values as the run will see them, flags applied
+        global _sections_checked
+        with luigi.cmdline_parser.CmdlineParser.global_instance(argv):
+            values = section_problems()
+        luigi.task_register.Register.clear_instance_cache()
+        _sections_checked = not values   # the run sees the same values: complete() need not read them again
+        problems += values
+    return problems + command_line
+
+
+def settings_schema() -> list[tuple[str, str, str, str]]:
+    """[(section, key, default as written in a config file, help)] of every project section, in class order."""
+    rows = []
+    for cls in Section.__subclasses__():
+        for name, param in cls.get_params():
+            # luigi 3.8 keeps a parameter's default in Parameter._default (no public accessor)
+            default = param._default
+            shown = "" if default is luigi.parameter._no_value else param.serialize(default)
+            rows.append((cls.get_task_family(), name, shown, param.description or ""))
+    return rows
+
+
+def config_paths() -> list[str]:
+    # luigi 3.8 keeps the files it reads in LuigiConfigParser._config_paths (no public accessor).
+    return [p for p in luigi.configuration.get_config()._config_paths if os.path.isfile(p)]
+
+
+def _parse_luigi_flags(argv):
+    # luigi 3.8 builds its argparse parser in CmdlineParser._build_parser (no public accessor); parsing with it
+    # is how luigi itself sees the command line.
+    from luigi.cmdline_parser import CmdlineParser
+    root = CmdlineParser._build_parser().parse_known_args(argv)[0].root_task
+    return CmdlineParser._build_parser(root_task=root).parse_known_args(argv)
+
+
+def lock_on_workspace(argv: list[str]) -> str | None:
+    """Put luigi's pid lock (`[core] lock_pid_dir`, unless configured) in <workspace>/.locks, so it is keyed on
+    the workspace and the command line together. Returns why this run must not start — the same command is
+    running on this workspace, with its pid — or None. (Luigi then takes the lock itself, as always.)"""
+    config = luigi.configuration.get_config()
+    known, _ = _parse_luigi_flags(argv)
+    root = ws.workspace_root(known.workspace_root or workspace.read().root)
+    pid_dir = known.core_lock_pid_dir or (config.get("core", "lock_pid_dir") if config.has_option(
+        "core", "lock_pid_dir") else None)
+    if pid_dir is None:
+        pid_dir = str(root / ".locks")
+        config.set("core", "lock_pid_dir", pid_dir)
+    Path(pid_dir).mkdir(parents=True, exist_ok=True)
+    if known.core_no_lock:
+        return None
+    _, command, pid_file = luigi.lock.get_info(pid_dir)
+    try:
+        pids = {int(line) for line in Path(pid_file).read_text().split() if line.isdigit()}
+    except OSError:
+        pids = set()
+    holders = sorted(pid for pid in pids if pid != os.getpid() and luigi.lock.getpcmd(pid) == command)
+    if not holders:
+        return None
+    return (f"the same command is already running on workspace {root} (pid "
+            f"{', '.join(map(str, holders))}; lock {pid_file}). Fix: wait for it, or use another workspace "
+            "([workspace] root or CAPTIONER_WORKDIR).")
+
+
+def launched_by_luigi_cli() -> bool:
+    """Whether this module is being imported by the `luigi` command (or `python -m luigi`) parsing sys.argv."""
+    program = Path(sys.argv[0])
+    return program.name == "luigi" or (program.name == "__main__.py" and program.parent.name == "luigi")
+
+
+
+def section_values(section) -> dict:
+    """Every key of a config section, as read (and checked)."""
+    values = section.read()
+    return {name: getattr(values, name) for name, _ in section.get_params()}
+
+
+def workspace_root() -> Path:
+    return ws.workspace_root(workspace.read().root)
