@@ -36,7 +36,7 @@ log = logging.getLogger("captioner")
 
 DEFAULTS = dict(
     # [decoder]
-    feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm",
+    feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm", positions=False,
     # [training]
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
     attention_lambda=1.0, patience=5, checkpoint_every=500, shuffle_buffer=1000, block_rows=256, seed=0,

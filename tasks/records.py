@@ -67,7 +67,7 @@ def _at_exit():
     """Write the run record, then repeat why we failed after Luigi's summary, where a cron mail shows it."""
     if os.getpid() != _RUN["pid"]:   # a forked worker: the main process reports
         return
-    failures = list(_failures)
+    failures, finished = list(_failures), None
     try:
         run = {**_RUN, "command": sys.argv, "config": config_files()}
         finished = runs.finish(workspace_root(), run, list(dict.fromkeys(_failures)))

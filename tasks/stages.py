@@ -96,6 +96,11 @@ class SplitStage(Stage):
     val and test results of one model sit side by side (`<stage>/<fp>/{val,test}.json` + companions); the
     split's .json is written last and marks it complete."""
     split = luigi.ChoiceParameter(choices=list(manifests.SPLITS), default="test")
+    companion = ""   # the file written beside each split's .json, e.g. "-attention.h5" for test-attention.h5
+
+    @property
+    def expected_files(self):
+        return f"{self.split}.json", f"{self.split}{self.companion}"
 
     def directory(self) -> Path:
         return workspace_root() / self.stage / self.fingerprint()
@@ -451,6 +456,16 @@ class TrainDecoder(Stage):
                              "to other rows (an image file changed since). The split indexes were removed. Fix: rerun.")
 
 
+def checked_model_dir(model_dir) -> str:
+    """`model_dir`, or an InputError when it was trained on another encoder's features than this config's."""
+    trained_on = manifests.read_json(Path(model_dir) / "features.json")["store"]
+    if trained_on != store_dir().name:
+        raise InputError(f"[generation] model = {model_dir} was trained on features of encoder {trained_on}, "
+                         f"but this config's encoder is {store_dir().name}. Fix: use the [encoder] settings "
+                         "the model was trained with, or a model trained on this encoder.")
+    return model_dir
+
+
 def validation_decoding() -> dict:
     """The [generation] settings TrainDecoder validates with: the best epoch is the best for GenerateCaptions."""
     g = generation.read()
@@ -461,12 +476,8 @@ def validation_decoding() -> dict:
 class GenerateCaptions(SplitStage):
     """Caption a split: captions/<fp>/<split>.json (COCO results format) + <split>-attention.h5; one directory
     per model and decoding, whatever the split."""
-    stage = "captions"
+    stage, companion = "captions", "-attention.h5"
     version = 2   # 2: one directory for all splits
-
-    @property
-    def expected_files(self):
-        return f"{self.split}.json", f"{self.split}-attention.h5"
 
     def requires(self):
         needs = {"features": ExtractFeatures(split=self.split)}
@@ -490,12 +501,7 @@ class GenerateCaptions(SplitStage):
     def run(self):
         from pipeline import decode
         g = generation.read()
-        model_dir = g.model or self.input()["model"].path
-        trained_on = manifests.read_json(Path(model_dir) / "features.json")["store"]
-        if trained_on != store_dir().name:
-            raise InputError(f"[generation] model = {model_dir} was trained on features of encoder {trained_on}, "
-                             f"but this config's encoder is {store_dir().name}. Fix: use the [encoder] settings "
-                             "the model was trained with, or a model trained on this encoder.")
+        model_dir = checked_model_dir(g.model or self.input()["model"].path)
         index = manifests.read_json(self.input()["features"].path)
         results, ids, tokens, attention = decode.generate(
             model_dir, inputs.shard_rows(store_dir(), index), g.beam_size, g.max_length, g.length_penalty,
@@ -563,12 +569,7 @@ class CaptionImages(Stage):
     def run(self):
         from pipeline import decode
         g, e, f = generation.read(), encoder.read(), features.read()
-        model_dir = g.model or self.input()["model"].path
-        trained_on = manifests.read_json(Path(model_dir) / "features.json")["store"]
-        if trained_on != store_dir().name:
-            raise InputError(f"[generation] model = {model_dir} was trained on features of encoder {trained_on}, "
-                             f"but this config's encoder is {store_dir().name}. Fix: use the [encoder] settings "
-                             "the model was trained with, or a model trained on this encoder.")
+        model_dir = checked_model_dir(g.model or self.input()["model"].path)
         store = store_dir() / "folders"
         plan = f"folder-{self.fingerprint()}"
         extract = lambda path, images: features_lib.extract_shard(
@@ -589,12 +590,8 @@ class CaptionImages(Stage):
 class EvaluateCaptions(SplitStage):
     """Score a split's captions: metrics/<fp>/<split>.json and <split>-report.html, one directory per captions
     directory."""
-    stage = "metrics"
+    stage, companion = "metrics", "-report.html"
     version = 2   # 2: one directory for all splits
-
-    @property
-    def expected_files(self):
-        return f"{self.split}.json", f"{self.split}-report.html"
 
     def requires(self):
         return {"captions": GenerateCaptions(split=self.split), "annotations": ExtractAnnotations()}
@@ -615,7 +612,6 @@ class EvaluateCaptions(SplitStage):
                                               spice=e.spice, examples=e.report_examples,
                                               dataset_roots=dataset_image_roots(), about=self.about())
         self.counts = metrics["corpus"]
-
 
     def about(self) -> dict:
         """What the report evaluates: model, encoder, decoding and config, for the report's head."""

@@ -20,7 +20,6 @@ memory: a child process trains one epoch from a store of 4 shards, another from 
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -158,6 +157,15 @@ def speed(batches_per_method=6, runs=3):
     print(f"ours / tutorial {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})")
 
 
+def proc_status_mib(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MiB, from /proc (Linux). Not getrusage's ru_maxrss: Linux
+    keeps that high-water mark across fork + exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
 def memory_child(shards_count: int):
     """Build a store of `shards_count` shards and train one epoch on it; print peak RSS in MiB."""
     import json
@@ -189,11 +197,11 @@ def memory_child(shards_count: int):
     import tensorflow as tf  # noqa: F401  (the loaded runtime: TensorFlow and a model like the one trained)
     loaded = train_lib.build_model(100, {**train_lib.DEFAULTS, **settings})
     loaded(tf.zeros((1, 64, 2048), tf.float16), tf.zeros((1, 1), tf.int32))
-    runtime_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    runtime_mib = proc_status_mib("VmRSS")
     train_lib.train_decoder(tmp / "model", tmp / "ckpt", tmp / "store", index, val_index, ann, tmp / "vocab.json",
                             settings)
     print(json.dumps({"shards": shards_count, "runtime_mib": runtime_mib,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mib": proc_status_mib("VmHWM")}))
 
 
 def memory():
