@@ -373,7 +373,8 @@ def settings(flags: tuple[str, ...], as_json: bool) -> None:
             section = row["section"]
             click.echo(f"[{section}]")
         notes = [row["source"]] + ([f"default {row['default']!r}"] if row["source"] != "default" else [])
-        click.echo(f"  {row['key'] + ' = ' + row['value']:<34} # {' · '.join(notes + [row['help']] * bool(row['help']))}")
+        notes += [row["help"]] if row["help"] else []
+        click.echo(f"  {row['key'] + ' = ' + row['value']:<34} # {' · '.join(notes)}")
 
 
 def latest_model(root: Path) -> dict | None:
@@ -381,8 +382,6 @@ def latest_model(root: Path) -> dict | None:
     {"dir", "trained", "metrics": {split: {"path", "summary"}}}; None when there is no model yet.
     Follows provenance: metrics/<fp> ← captions/<fp> ← models/<fp>."""
     import time
-
-    from storage import manifests
 
     models = [d for d in (root / "models").glob("[!.]*") if (d / "decoder.weights.h5").is_file()]
     if not models:
