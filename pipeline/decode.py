@@ -239,7 +239,7 @@ def decode_rows(decode, vocab, by_shard: dict, batch_size: int, max_length: int,
         progress.update(len(batch_ids))
     if not ids:
         return (np.zeros(0, np.int64), np.zeros((0, max_length), np.int32),
-                np.zeros((0, max_length, 0), np.float16), np.zeros(0, np.float32) if scores is not None else None, [])
+                np.zeros((0, max_length, 0), np.float16), np.zeros(0, np.float32), [])
     order = np.argsort(np.concatenate(ids), kind="stable")
     ids, tokens = np.concatenate(ids)[order], np.concatenate(tokens)[order]
     return (ids, tokens, np.concatenate(attention)[order], np.concatenate(scores)[order] if scores else None,

@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.progress import Progress
 from storage import manifests, shards
+from storage.workspace import file_sha256
 
 log = logging.getLogger("captioner")
 
@@ -53,11 +54,7 @@ def listing_fingerprint(listing: dict) -> str:
 
 def content_id(path) -> int:
     """The image's key in the feature store: its bytes' sha256 as an int64 in [2^62, 2^63)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return (int(digest.hexdigest()[:16], 16) >> 2) | (1 << 62)
+    return (int(file_sha256(path)[:16], 16) >> 2) | (1 << 62)
 
 
 def read_previous(previous_dir) -> tuple[dict, dict, dict]:

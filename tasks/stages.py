@@ -456,6 +456,16 @@ class TrainDecoder(Stage):
                              "to other rows (an image file changed since). The split indexes were removed. Fix: rerun.")
 
 
+def generation_settings() -> dict:
+    """The [generation] values that change captions (not batch_size); an explicit model directory is
+    identified by its weights."""
+    g = section_values(generation)
+    g.pop("batch_size")
+    if g["model"]:
+        g["model"] = ws.file_sha256(Path(g["model"]) / "decoder.weights.h5")
+    return g
+
+
 def checked_model_dir(model_dir) -> str:
     """`model_dir`, or an InputError when it was trained on another encoder's features than this config's."""
     trained_on = manifests.read_json(Path(model_dir) / "features.json")["store"]
@@ -486,11 +496,7 @@ class GenerateCaptions(SplitStage):
         return needs
 
     def settings(self):
-        g = section_values(generation)
-        g.pop("batch_size")
-        if g["model"]:   # an explicit model directory is identified by its weights
-            g["model"] = ws.file_sha256(Path(g["model"]) / "decoder.weights.h5")
-        return g
+        return generation_settings()
 
     def upstream_stages(self):
         """The model and the split-independent feature plan (not the split's index): one fingerprint for all
@@ -544,11 +550,7 @@ class CaptionImages(Stage):
         return self._listing
 
     def base_settings(self) -> dict:
-        g = section_values(generation)
-        g.pop("batch_size")
-        if g["model"]:
-            g["model"] = ws.file_sha256(Path(g["model"]) / "decoder.weights.h5")
-        return {**g, "folder": str(self.folder()), "store": store_dir().name}
+        return {**generation_settings(), "folder": str(self.folder()), "store": store_dir().name}
 
     def settings(self):
         return {**self.base_settings(), "listing": folders_lib.listing_fingerprint(self.listing())}
