@@ -1,6 +1,6 @@
 """Caption decoding speed on the same features, side by side in one process (not run by pytest).
 
-    python tests/benchmarks/bench_decode.py [--images 256] [--batch 64]
+    python tests/benchmarks/bench_decode.py [--images 256] [--batch 64] [--runs 3]
 
 Compares captions/s of
   loop      the TensorFlow tutorial's `evaluate`: one image at a time, a Python loop over steps, eager calls
@@ -14,6 +14,7 @@ comparison is per step of work.
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ def main():
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--loop-images", type=int, default=16, help="the loop is slow: time it on fewer")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     tf.keras.utils.set_random_seed(0)
     model = ShowAttendTell(VOCAB, feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.0)
@@ -62,23 +64,29 @@ def main():
     model.logits.bias.assign(model.logits.bias.numpy() + np.eye(VOCAB, dtype=np.float32)[END] * -1e4)
     batches = [features[i:i + args.batch] for i in range(0, args.images, args.batch)]
 
-    def rate(fn, n):
-        fn()                                              # trace / warm up
+    def seconds(fn):
         start = time.perf_counter()
         fn()
-        return n / (time.perf_counter() - start)
+        return time.perf_counter() - start
 
     greedy = greedy_fn(model, MAX_LEN, 1, END)
     beam = beam_fn(model, 3, MAX_LEN, 1, END)
-    loop_rate = rate(lambda: tutorial_loop(model, features[:args.loop_images]), args.loop_images)
-    greedy_rate = rate(lambda: [greedy(b)[0].numpy() for b in batches], args.images)
-    beam_rate = rate(lambda: [beam(b)[0].numpy() for b in batches], args.images)
+    methods = {"loop": (lambda: tutorial_loop(model, features[:args.loop_images]), args.loop_images),
+               "greedy": (lambda: [greedy(b)[0].numpy() for b in batches], args.images),
+               "beam 3": (lambda: [beam(b)[0].numpy() for b in batches], args.images)}
+    for fn, _ in methods.values():                        # trace / warm up every method alike
+        fn()
+    rates = {name: [] for name in methods}
+    for _ in range(args.runs):                            # alternating runs
+        for name, (fn, n) in methods.items():
+            rates[name].append(n / seconds(fn))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}; "
-          f"decoder 512/512/256, vocab {VOCAB}, {MAX_LEN} steps, batch {args.batch}")
-    print(f"per-image Python loop  {loop_rate:8.1f} captions/s")
-    print(f"batched greedy         {greedy_rate:8.1f} captions/s   {greedy_rate / loop_rate:6.1f}x the loop")
-    print(f"batched beam 3         {beam_rate:8.1f} captions/s   {beam_rate / loop_rate:6.1f}x the loop")
-
+          f"decoder 512/512/256, vocab {VOCAB}, {MAX_LEN} steps, batch {args.batch}; {args.runs} alternating runs "
+          "after a warm-up (median, min–max)")
+    for name, r in rates.items():
+        ratios = [x / y for x, y in zip(r, rates["loop"])]
+        print(f"{name:<7} {statistics.median(r):8.1f} captions/s ({min(r):.1f}–{max(r):.1f})   "
+              f"{statistics.median(ratios):6.1f}x the loop ({min(ratios):.1f}–{max(ratios):.1f})")
 
 if __name__ == "__main__":
     main()

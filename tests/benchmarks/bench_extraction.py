@@ -12,6 +12,7 @@ and the ratios ours/bare and ours/tutorial, plus bytes per image on disk of each
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     import tensorflow as tf
 
@@ -46,14 +48,13 @@ def main():
     identity = encoder_lib.resolve_weights("random:0")
     forward = features.encoder_forward(identity, 299)
     batches = [np.stack([load_image(p, 299) for p in paths[i:i + args.batch]]) for i in range(0, len(paths), args.batch)]
-    forward(batches[0])                                         # build and trace once, outside every timing
-
-    bare_s, _ = timed(lambda: [forward(b).numpy() for b in batches])
-
     items = [[i, str(Path(p).parent), Path(p).name] for i, p in enumerate(paths)]
-    shard = tmp / "store" / "shard-bench-train-00000.h5"
-    ours_s, summary = timed(lambda: features.extract_shard(shard, items, identity, 299, args.batch, {}))
-    assert summary["rows"] == len(paths)
+    shards_made = []
+
+    def ours():
+        shard = tmp / "store" / f"shard-bench-train-{len(shards_made):05d}.h5"   # a new shard every run
+        shards_made.append(shard)
+        assert features.extract_shard(shard, items, identity, 299, args.batch, {})["rows"] == len(paths)
 
     model = encoder_lib.build_inception(identity, 299)          # the tutorial's image_features_extract_model
 
@@ -71,16 +72,28 @@ def main():
                 np.save(str(tmp / "npy" / Path(p.numpy().decode()).name) + ".npy", f.numpy())
 
     (tmp / "npy").mkdir()
-    tutorial_s, _ = timed(tutorial)
+    sides = {"bare": lambda: [forward(b).numpy() for b in batches], "ours": ours, "tutorial": tutorial}
+    for fn in sides.values():                                   # build, trace and warm every side alike
+        fn()
+    seconds = {name: [] for name in sides}
+    for _ in range(args.runs):                                  # alternating runs
+        for name, fn in sides.items():
+            seconds[name].append(timed(fn)[0])
+    shard = shards_made[-1]
     npy_bytes = sum(f.stat().st_size for f in (tmp / "npy").glob("*.npy")) / len(paths)
     shard_bytes = shard.stat().st_size / len(paths)
 
     n = len(paths)
+    rate = {name: [n / t for t in ts] for name, ts in seconds.items()}
+    ratio = lambda a, b: [x / y for x, y in zip(rate[a], rate[b])]
+    show = lambda values, fmt: f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}; "
-          f"{n} demo images, batch {args.batch}, 299x299, random:0 weights")
-    print(f"bare forward      {n / bare_s:7.2f} images/s")
-    print(f"ours (full task)  {n / ours_s:7.2f} images/s   = {bare_s / ours_s:.1%} of bare forward")
-    print(f"tutorial baseline {n / tutorial_s:7.2f} images/s   ours/tutorial = {tutorial_s / ours_s:.2f}x")
+          f"{n} demo images, batch {args.batch}, 299x299, random:0 weights; {args.runs} alternating runs after a "
+          "warm-up (median, min–max)")
+    print(f"bare forward      {show(rate['bare'], '{:.2f}')} images/s")
+    print(f"ours (full task)  {show(rate['ours'], '{:.2f}')} images/s   = {show(ratio('ours', 'bare'), '{:.0%}')} of bare")
+    print(f"tutorial baseline {show(rate['tutorial'], '{:.2f}')} images/s   ours/tutorial = "
+          f"{show(ratio('ours', 'tutorial'), '{:.2f}')}x")
     print(f"bytes per image: ours {shard_bytes / 1024:.1f} KiB (float16 HDF5), tutorial {npy_bytes / 1024:.1f} KiB "
           f"(float32 .npy)  ratio {npy_bytes / shard_bytes:.2f}x")
 
