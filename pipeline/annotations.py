@@ -214,10 +214,44 @@ def extract_annotations(annotation_files, image_roots, karpathy_split=None, val_
     Returns (splits, report): splits maps 'train'/'val'/'test' to manifest records (sorted by image id),
     report holds counts and every problem found (see PROBLEM_KINDS)."""
     problems = defaultdict(list)
-    images = {}          # image id → record
-    seen_caption_ids = set()
-    captions = defaultdict(list)   # image id → [(raw, normalised)]
+    images, captions = _read_caption_files(annotation_files, image_roots, problems)
+    usable = _usable_records(images, captions, problems, progress_callback)
+    if karpathy_split:
+        split_of = load_karpathy_split(karpathy_split)
+        for record in usable:
+            if record["image_id"] not in split_of:
+                problems["image_not_in_split"].append({"image_id": record["image_id"], "path": record["path"]})
+    else:
+        split_of = split_by_fraction([r["image_id"] for r in usable], val_fraction, test_fraction, seed)
+    splits = {name: [] for name in SPLITS}
+    for record in usable:
+        if record["image_id"] in split_of:
+            splits[split_of[record["image_id"]]].append(record)
 
+    report = {
+        "annotation_files": [str(p) for p in annotation_files],
+        "image_roots": [str(Path(r).expanduser().resolve()) for r in image_roots],
+        "split_method": f"karpathy:{karpathy_split}" if karpathy_split else
+                        f"fractions(val={val_fraction}, test={test_fraction}, seed={seed})",
+        "normalisation": "NFKC, lowercase, non-alphanumerics to spaces, inner apostrophes kept, spaces collapsed",
+        "splits": {name: {"images": len(recs), "captions": sum(len(r["captions"]) for r in recs)}
+                   for name, recs in splits.items()},
+        "problem_counts": {kind: len(problems[kind]) for kind in PROBLEM_KINDS},
+        "problems": {kind: problems[kind] for kind in PROBLEM_KINDS if problems[kind]},
+    }
+    for kind, count in report["problem_counts"].items():
+        if count:
+            log.warning("annotations: %d × %s (first: %s) — skipped, listed in report.json",
+                        count, kind, problems[kind][0])
+    log.info("annotations: %s", ", ".join(f"{s} {c['images']} images / {c['captions']} captions"
+                                          for s, c in report["splits"].items()))
+    return splits, report
+
+
+def _read_caption_files(annotation_files, image_roots, problems) -> tuple[dict, dict]:
+    """(images {id: manifest record without captions}, captions {id: [(raw, normalised)]}) of every file;
+    duplicates, captions of unknown images and empty captions go to `problems`."""
+    images, captions, seen_caption_ids = {}, defaultdict(list), set()
     for path, root in zip(annotation_files, image_roots):
         file_images, file_annotations, file_problems = load_coco_captions(path)
         for kind, instances in file_problems.items():
@@ -248,7 +282,12 @@ def extract_annotations(annotation_files, image_roots, karpathy_split=None, val_
                 continue
             captions[ann["image_id"]].append((ann["caption"], normalised))
         log.info("read %s: %d images, %d captions", path, len(file_images), len(file_annotations))
+    return images, captions
 
+
+def _usable_records(images: dict, captions: dict, problems, progress_callback) -> list[dict]:
+    """The records, sorted by image id, of images that have captions and an image file; the others go to
+    `problems`."""
     progress = Progress(len(images), "checking image files", "images", progress_callback)
     usable = []
     for image_id in sorted(images):
@@ -264,38 +303,7 @@ def extract_annotations(annotation_files, image_roots, karpathy_split=None, val_
         record["raw_captions"] = [raw for raw, _ in captions[image_id]]
         record["captions"] = [norm for _, norm in captions[image_id]]
         usable.append(record)
-
-    if karpathy_split:
-        split_of = load_karpathy_split(karpathy_split)
-        for record in usable:
-            if record["image_id"] not in split_of:
-                problems["image_not_in_split"].append({"image_id": record["image_id"], "path": record["path"]})
-    else:
-        split_of = split_by_fraction([r["image_id"] for r in usable], val_fraction, test_fraction, seed)
-
-    splits = {name: [] for name in SPLITS}
-    for record in usable:
-        if record["image_id"] in split_of:
-            splits[split_of[record["image_id"]]].append(record)
-
-    report = {
-        "annotation_files": [str(p) for p in annotation_files],
-        "image_roots": [str(Path(r).expanduser().resolve()) for r in image_roots],
-        "split_method": f"karpathy:{karpathy_split}" if karpathy_split else
-                        f"fractions(val={val_fraction}, test={test_fraction}, seed={seed})",
-        "normalisation": "NFKC, lowercase, non-alphanumerics to spaces, inner apostrophes kept, spaces collapsed",
-        "splits": {name: {"images": len(recs), "captions": sum(len(r["captions"]) for r in recs)}
-                   for name, recs in splits.items()},
-        "problem_counts": {kind: len(problems[kind]) for kind in PROBLEM_KINDS},
-        "problems": {kind: problems[kind] for kind in PROBLEM_KINDS if problems[kind]},
-    }
-    for kind, count in report["problem_counts"].items():
-        if count:
-            log.warning("annotations: %d × %s (first: %s) — skipped, listed in report.json",
-                        count, kind, problems[kind][0])
-    log.info("annotations: %s", ", ".join(f"{s} {c['images']} images / {c['captions']} captions"
-                                          for s, c in report["splits"].items()))
-    return splits, report
+    return usable
 
 
 def make_annotations(outdir: str | os.PathLike, annotation_files, image_roots, karpathy_split=None,

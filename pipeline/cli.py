@@ -278,10 +278,9 @@ def _configured_image_roots() -> list[str] | None:
     (they may be mounted elsewhere than when the captions were generated); else None (the recorded roots)."""
     if not os.environ.get("LUIGI_CONFIG_PATH"):
         return None
-    import luigi.configuration
+    from tasks.context import dataset_image_roots   # the same parsing the pipeline's stages use
 
-    roots = luigi.configuration.get_config().get("dataset", "images", "")
-    return [str(Path(r.strip()).expanduser().resolve()) for r in roots.split(",") if r.strip()] or None
+    return dataset_image_roots() or None
 
 
 @main.command("plot-attention")

@@ -88,7 +88,10 @@ def beam_fn(model, beam_size: int, max_length: int, start_id: int, end_id: int, 
       * Hypotheses still active after L steps (images that did not stop) join the finished set, normalised by
         L^penalty (they have L words and no <end>). The winner is the best normalised finished hypothesis.
     With `unk_id`, <unk> gets log-probability -inf (never chosen; the others are not renormalised).
-    All B×K hypotheses advance together in one tf.while_loop."""
+    All B×K hypotheses advance together in one tf.while_loop.
+
+    Longer than ~50 lines on purpose: the search is one compiled loop whose eleven state tensors are threaded
+    through one body; split into functions, the same state would have to be passed through each of them."""
     key = ("beam", beam_size, max_length, start_id, end_id, unk_id, length_penalty)
     if key in _cache(model):
         return _cache(model)[key]

@@ -5,12 +5,13 @@ samples, values 0..16, 43 writers), so the demo needs no download. The output de
 through the same code path as real COCO: COCO-style caption JSON per split, COCO-2014-style file
 names, and a Karpathy-style split file.
 """
-import json
 import os
 import re
 
 import numpy as np
 from PIL import Image
+
+from storage.workspace import write_json
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COUNT_WORDS = (None, "one", "two", "three", "four")  # indexed by number of digits (1..4)
@@ -154,58 +155,58 @@ def write_demo_dataset(outdir, train_images: int, val_images: int, test_images: 
         raise ValueError(f"{outdir} is not empty; refusing to mix demo datasets")
     rng = np.random.default_rng(seed)
     digits = load_digits()
-    templates = caption_templates()
     pools = sample_pools(rng, len(digits.target))
-
     # Sparse, sorted ids (like COCO's) so code that confuses ids with list indices fails loudly.
     total = sum(counts.values())
     ids = iter(np.sort(rng.choice(999_999, size=total, replace=False) + 1).tolist())
 
-    done, ann_id, sent_id, n_gray, karpathy = 0, 1, 0, 0, []
+    karpathy, n_gray = [], 0
     for split in SPLITS:
-        n_split = counts[split]
         os.makedirs(os.path.join(outdir, split))
         # A deterministic number of grayscale images (>= 1 once a split has 10) so tests can rely on it.
-        n_split_gray = max(round(GRAYSCALE_FRACTION * n_split), 1 if n_split >= 10 else 0)
-        gray = set(rng.choice(n_split, size=n_split_gray, replace=False).tolist()) if n_split else set()
+        n_split_gray = max(round(GRAYSCALE_FRACTION * counts[split]), 1 if counts[split] >= 10 else 0)
+        gray = set(rng.choice(counts[split], size=n_split_gray, replace=False).tolist()) if counts[split] else set()
         images, annotations = [], []
-        for i in range(n_split):
-            image_id = next(ids)
-            n = int(rng.integers(1, 5))
-            samples = rng.choice(pools[split], size=n).tolist()
-            labels = [int(digits.target[k]) for k in samples]
-            pixels, boxes = render_scene(rng, digits.images, samples)
-            height, width = pixels.shape[:2]
-            img = Image.fromarray(pixels, "RGB")
-            if i in gray:
-                img = img.convert("L")
-                n_gray += 1
-            file_name = f"digits_{split}_{image_id:012d}.jpg"
-            img.save(os.path.join(outdir, split, file_name), "JPEG", quality=JPEG_QUALITY)
-
-            words = [NUMBER_WORDS[d] for d in labels]
-            captions = [templates[t](words) for t in rng.choice(len(templates), CAPTIONS_PER_IMAGE, replace=False)]
-            images.append({"id": image_id, "file_name": file_name, "width": width, "height": height,
-                           "license": 1, "date_captured": DATE_CAPTURED,
-                           "digits": labels, "digit_boxes": [list(b) for b in boxes],
-                           "digit_samples": samples})
-            sentences = []
-            for caption in captions:
-                annotations.append({"id": ann_id, "image_id": image_id, "caption": caption})
-                sentences.append({"raw": caption, "tokens": re.findall(r"[a-z]+", caption.lower()),
-                                  "imgid": len(karpathy), "sentid": sent_id})
-                ann_id += 1
-                sent_id += 1
-            karpathy.append({"cocoid": image_id, "filepath": split, "filename": file_name, "split": split,
-                             "imgid": len(karpathy), "sentids": [s["sentid"] for s in sentences],
-                             "sentences": sentences})
-            done += 1
+        for i in range(counts[split]):
+            image, captions = _write_image(rng, outdir, split, next(ids), digits, pools[split], i in gray)
+            image_annotations, entry = _caption_entries(image, captions, split, imgid=len(karpathy))
+            images.append(image)
+            annotations += image_annotations
+            karpathy.append(entry)
+            n_gray += i in gray
             if progress is not None:
-                progress(done, total)
-        coco = {"info": INFO, "licenses": LICENSES, "images": images, "annotations": annotations}
-        with open(os.path.join(outdir, f"captions_{split}.json"), "w", encoding="utf-8") as f:
-            f.write(json.dumps(coco))
-
-    with open(os.path.join(outdir, "karpathy_split.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps({"dataset": "digits", "images": karpathy}))
+                progress(len(karpathy), total)
+        write_json(os.path.join(outdir, f"captions_{split}.json"),
+                   {"info": INFO, "licenses": LICENSES, "images": images, "annotations": annotations}, indent=None)
+    write_json(os.path.join(outdir, "karpathy_split.json"), {"dataset": "digits", "images": karpathy}, indent=None)
     return {"splits": counts, "captions": total * CAPTIONS_PER_IMAGE, "grayscale_images": n_gray, "seed": seed}
+
+
+def _write_image(rng, outdir, split: str, image_id: int, digits, pool, grayscale: bool) -> tuple[dict, list[str]]:
+    """Render, save and caption one scene of 1–4 digits from `pool`: → (COCO image entry, its captions)."""
+    samples = rng.choice(pool, size=int(rng.integers(1, 5))).tolist()
+    labels = [int(digits.target[k]) for k in samples]
+    pixels, boxes = render_scene(rng, digits.images, samples)
+    height, width = pixels.shape[:2]
+    img = Image.fromarray(pixels, "RGB")
+    if grayscale:
+        img = img.convert("L")
+    file_name = f"digits_{split}_{image_id:012d}.jpg"
+    img.save(os.path.join(outdir, split, file_name), "JPEG", quality=JPEG_QUALITY)
+    words = [NUMBER_WORDS[d] for d in labels]
+    templates = caption_templates()
+    captions = [templates[t](words) for t in rng.choice(len(templates), CAPTIONS_PER_IMAGE, replace=False)]
+    return ({"id": image_id, "file_name": file_name, "width": width, "height": height, "license": 1,
+             "date_captured": DATE_CAPTURED, "digits": labels, "digit_boxes": [list(b) for b in boxes],
+             "digit_samples": samples}, captions)
+
+
+def _caption_entries(image: dict, captions: list[str], split: str, imgid: int) -> tuple[list[dict], dict]:
+    """(COCO annotations, Karpathy-split entry) of the `imgid`-th image. Every image has CAPTIONS_PER_IMAGE
+    captions, so sentence ids run on from imgid × CAPTIONS_PER_IMAGE and annotation ids are sentence ids + 1."""
+    first = imgid * CAPTIONS_PER_IMAGE
+    sentences = [{"raw": c, "tokens": re.findall(r"[a-z]+", c.lower()), "imgid": imgid, "sentid": first + k}
+                 for k, c in enumerate(captions)]
+    annotations = [{"id": s["sentid"] + 1, "image_id": image["id"], "caption": s["raw"]} for s in sentences]
+    return annotations, {"cocoid": image["id"], "filepath": split, "filename": image["file_name"], "split": split,
+                         "imgid": imgid, "sentids": [s["sentid"] for s in sentences], "sentences": sentences}

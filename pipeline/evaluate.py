@@ -44,6 +44,19 @@ def tokenize(references: dict, hypotheses: dict, use_java: bool) -> tuple[dict, 
             {i: [normalize_caption(c)] for i, c in hypotheses.items()})
 
 
+def validation_scores(references: dict, hypotheses: dict) -> dict:
+    """What training validates each epoch with: BLEU-4 and CIDEr-D (pycocoevalcap scorers on the manifests'
+    normalised captions; no Java needed)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    gts = {i: references[i] for i in hypotheses}
+    res = {i: [hypotheses[i] or "<empty>"] for i in hypotheses}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"Bleu_4": float(bleu[3]), "CIDEr": float(cider)}
+
+
 def evaluate(references: dict, hypotheses: dict, java: bool | None = None, spice: bool = False) -> dict:
     """Score `hypotheses` {image_id: caption} against `references` {image_id: [captions]} (every hypothesis
     id must have references). Returns {"corpus": {metric: score | None}, "per_image": {id: {metric: score}},

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline import encoder as encoder_lib, images
 from pipeline.errors import InputError
 from pipeline.progress import Progress
-from storage import manifests, shards
+from storage import manifests, shards, workspace
 
 log = logging.getLogger("captioner")
 
@@ -107,7 +107,8 @@ def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_s
     """Extract features of `image_list` ([[image_id, root, path], ...]) into the shard `out_path`.
     Undecodable images are recorded in the shard's `skipped` dataset, never stored as zeros. The encoder's
     provenance (weights identity, image size, preprocessing, software versions) goes into the attrs, plus
-    `attrs` given by the caller (store fingerprint, split, plan)."""
+    `attrs` given by the caller (store fingerprint, split, plan). compression: gzip, lzf, or none / None."""
+    compression = None if compression in (None, "none") else compression
     forward = encoder_forward(identity, image_size)
     positions = encoder_lib.grid_size(image_size) ** 2
     name = Path(out_path).stem
@@ -132,6 +133,33 @@ def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_s
     log.info("%s: %d rows, %d skipped, %.1f images/s", name, summary["rows"], summary["skipped"],
              summary["images_per_second"])
     return summary
+
+
+def extract_planned_shard(store_dir, plan_name: str, shard: str, image_root, options: dict,
+                          progress_callback=None) -> dict:
+    """Extract the shard `shard` of the plan `plans/<plan_name>.json` of the store into `<shard>.h5`.
+    image_root(reference) → the directory a manifest root reference names; options: extract_shard's identity,
+    image_size, batch_size, compression and workers."""
+    store_dir = Path(store_dir)
+    plan = manifests.read_json(store_dir / "plans" / f"{plan_name}.json")
+    entry = next(s for s in plan["shards"] if s["name"] == shard)
+    roots = {root: str(image_root(root)) for root in {root for _, root, _ in entry["images"]}}
+    images = [[i, roots[root], rel] for i, root, rel in entry["images"]]
+    attrs = {"fingerprint": store_dir.name, "split": entry["split"], "plan": plan_name}
+    return extract_shard(store_dir / f"{shard}.h5", images, attrs=attrs, progress_callback=progress_callback,
+                         **options)
+
+
+def plan_repair(annotations_dir, store_dir, split: str, shard_size: int) -> dict | None:
+    """A plan for the images of `split` that an earlier plan's shards should hold but no longer do (a shard was
+    damaged or deleted since), written to the store's plans/ as `repair-<fp>.json`; None when nothing is lost."""
+    todo, _ = images_to_extract(annotations_dir, store_dir, split)
+    if not todo:
+        return None
+    name = "repair-" + workspace.fingerprint("repair", {"images": [i for i, _, _ in todo]})
+    repair = plan_shards(name, {split: todo}, shard_size)
+    manifests.write_json(Path(store_dir) / "plans" / f"{name}.json", repair, indent=None)
+    return repair
 
 
 def _write_shard(out_path, items, forward, image_size, batch_size, workers, positions, attrs, compression,

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.progress import Progress
-from storage import manifests, shards
-from storage.workspace import file_sha256
+from storage import manifests, shards, workspace
 
 log = logging.getLogger("captioner")
 
@@ -54,7 +53,7 @@ def listing_fingerprint(listing: dict) -> str:
 
 def content_id(path) -> int:
     """The image's key in the feature store: its bytes' sha256 as an int64 in [2^62, 2^63)."""
-    return (int(file_sha256(path)[:16], 16) >> 2) | (1 << 62)
+    return (int(workspace.file_sha256(path)[:16], 16) >> 2) | (1 << 62)
 
 
 def read_previous(previous_dir) -> tuple[dict, dict, dict]:
@@ -84,6 +83,20 @@ def identify(folder, listing: dict, previous_listing: dict) -> dict[str, list[in
     return out
 
 
+def previous_output(stage_dir, current: str, settings: dict, upstream: dict) -> Path | None:
+    """The newest complete output in `stage_dir` other than `current` made with the same settings (the folder
+    listing aside) and upstream: what a rerun on a changed folder reuses."""
+    candidates = []
+    for d in Path(stage_dir).glob("[!.]*"):
+        if d.name == current or workspace.output_problem(d, ("provenance.json", *FILES)):
+            continue
+        provenance = manifests.read_json(d / "provenance.json")
+        if ({k: v for k, v in provenance["settings"].items() if k != "listing"} == settings
+                and provenance["upstream"] == upstream):
+            candidates.append(d)
+    return max(candidates, key=lambda d: d.stat().st_mtime, default=None)
+
+
 def caption_folder(outdir, folder, listing: dict, previous_dir, store, extract, decode, shard_size: int,
                    shard_prefix: str) -> dict:
     """Stage entry point. store: the folder feature store (a directory of shards); extract(shard path,
@@ -103,9 +116,11 @@ def caption_folder(outdir, folder, listing: dict, previous_dir, store, extract, 
             if image_id not in rows and image_id not in skipped]
     log.info("folder %s: %d images (%d distinct contents), %d to extract", folder, len(listing), len(first_path),
              len(todo))
-    for k, start in enumerate(range(0, len(todo), shard_size)):
-        extract(Path(store) / f"{shard_prefix}-{k:05d}.h5", todo[start:start + shard_size])
-    rows, skipped, _ = shards.store_contents(store)
+    new_shards = [Path(store) / f"{shard_prefix}-{k:05d}.h5" for k in range(-(-len(todo) // shard_size))]
+    for k, path in enumerate(new_shards):
+        extract(path, todo[k * shard_size:(k + 1) * shard_size])
+    new_rows, new_skipped, _ = shards.store_contents(store, [p for p in new_shards if p.exists()])
+    rows, skipped = {**new_rows, **rows}, {**new_skipped, **skipped}
 
     wanted = [i for i in first_path if i in rows and i not in previous_captions]
     captions, attention = dict(previous_captions), dict(previous_attention)

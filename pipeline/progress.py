@@ -1,5 +1,5 @@
 """Progress reporting for long loops: log lines with counts, items/s and ETA, plus an optional callback
-(tasks/stages.py forwards it to Luigi's progress percentage and status message)."""
+(tasks/base.py forwards it to Luigi's progress percentage and status message)."""
 from __future__ import annotations
 
 import logging

@@ -18,12 +18,14 @@ import logging
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from pipeline import digits
 from pipeline.decode import decoder_fn
 from pipeline.errors import InputError
+from pipeline.evaluate import validation_scores
 from pipeline.inputs import caption_ids, count_pairs, feature_batches, feature_statistics, pairs_dataset, shard_rows
 from pipeline.model import ShowAttendTell, caption_loss
 from pipeline.progress import format_seconds
@@ -106,18 +108,6 @@ def decoded_captions(model, by_shard, vocab: Vocabulary, decoding: dict, batch_s
     return out
 
 
-def score(references: dict, hypotheses: dict) -> dict:
-    """BLEU-4 and CIDEr-D (pycocoevalcap scorers on our normalised tokens; no Java needed)."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
-    gts = {i: references[i] for i in hypotheses}
-    res = {i: [hypotheses[i] or "<empty>"] for i in hypotheses}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
-    return {"Bleu_4": float(bleu[3]), "CIDEr": float(cider)}
-
-
 # ---------------------------------------------------------------------------------------------- training
 
 def train_decoder(outdir, checkpoint_dir, store_dir, train_index: dict, val_index: dict, annotations_dir,
@@ -159,117 +149,150 @@ def exclusive_lock(path: Path):
 
 def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, annotations_dir, vocab_path,
            settings: dict, provenance, progress_callback) -> list:
+    """train_decoder's run: the data, the (restored) training state, epochs until `epochs` or `patience` epochs
+    without a better val CIDEr-D, then the model directory with the best epoch's weights."""
     import keras
-    import tensorflow as tf
 
     vocab = Vocabulary.load(vocab_path)
     keras.utils.set_random_seed(settings["seed"])
+    data = _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings["batch_size"])
+    state = _TrainingState(Path(checkpoint_dir), data, len(vocab), settings)
+    train_step = make_train_step(state.model, state.optimizer, state.strategy, settings)
+    board = TrainingBoard(checkpoint_dir)
+    while state["epoch"] < settings["epochs"] and state["bad_epochs"] < settings["patience"]:
+        losses, seen, seconds = _train_epoch(state, data, train_step, board, settings, progress_callback)
+        _end_epoch(state, data, vocab, losses, seen, seconds, board, settings)
+    board.close()
+    if state["bad_epochs"] >= settings["patience"]:
+        log.info("early stop: no better val CIDEr-D for %d epochs", settings["patience"])
+    write_model_dir(outdir, state.best_weights, state.model, vocab_path, settings, state.history, provenance or {})
+    return state.history
 
+
+def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, batch_size: int) -> SimpleNamespace:
+    """Train rows and caption ids; val rows, references and expected digits; feature shape; steps per epoch."""
     train_rows, val_rows = shard_rows(store_dir, train_index), shard_rows(store_dir, val_index)
     captions = caption_ids(manifests.read_manifest(manifests.manifest_path(annotations_dir, "train")), vocab)
     val_records = manifests.read_manifest(manifests.manifest_path(annotations_dir, "val"))
-    val_refs = {r["image_id"]: r["captions"] for r in val_records}
-    val_digits = {r["image_id"]: digits.expected_digits(r) for r in val_records}
     positions, channels = shards.feature_shape(next(iter(train_rows)))
     n_pairs = count_pairs(train_rows, captions)
-    steps_per_epoch = math.ceil(n_pairs / settings["batch_size"])
+    data = SimpleNamespace(train_rows=train_rows, val_rows=val_rows, captions=captions, positions=positions,
+                           channels=channels, steps_per_epoch=math.ceil(n_pairs / batch_size),
+                           val_refs={r["image_id"]: r["captions"] for r in val_records},
+                           val_digits={r["image_id"]: digits.expected_digits(r) for r in val_records})
     log.info("training on %d (image, caption) pairs from %d shards: %d steps per epoch; validating on %d images",
-             n_pairs, len(train_rows), steps_per_epoch, len(val_index["images"]))
+             n_pairs, len(train_rows), data.steps_per_epoch, len(val_index["images"]))
+    return data
 
-    strategy = make_strategy(settings["strategy"])
-    log.info("strategy %s over %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
-    with strategy.scope():
-        model = build_model(len(vocab), settings, channels)
-        model(tf.zeros((1, positions, channels), tf.float16), tf.zeros((1, 1), tf.int32))   # create variables
-        optimizer = make_optimizer(settings, steps_per_epoch)
-        optimizer.build(model.trainable_variables)
-        counters = {name: tf.Variable(value, trainable=False, name=name, dtype=dtype)
-                    for name, value, dtype in (("epoch", 0, tf.int64), ("step", 0, tf.int64),
-                                               ("step_in_epoch", 0, tf.int64), ("best", -1.0, tf.float64),
-                                               ("bad_epochs", 0, tf.int64))}
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, **counters)
-    manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
-    history_path = checkpoint_dir / "history.json"
-    history = []
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        history = manifests.read_json(history_path) if history_path.exists() else []
-        history = history[:int(counters["epoch"].numpy())]   # epochs after the checkpoint are trained again
-        log.info("resuming from checkpoint %s: epoch %d, step %d (%d into the epoch), best CIDEr-D %.4f",
-                 manager.latest_checkpoint, int(counters["epoch"].numpy()) + 1, int(counters["step"].numpy()),
-                 int(counters["step_in_epoch"].numpy()), float(counters["best"].numpy()))
 
-    if not manager.latest_checkpoint:   # a resumed run restored them with the checkpoint
-        mean, std = feature_statistics(train_rows, settings["block_rows"])
-        model.feature_mean.assign(mean)
-        model.feature_std.assign(std)
-    train_step = make_train_step(model, optimizer, strategy, settings)
-    board = TrainingBoard(checkpoint_dir)
-    best_weights = checkpoint_dir / "best.weights.h5"
-    total_steps = steps_per_epoch * settings["epochs"]
-    while int(counters["epoch"].numpy()) < settings["epochs"] and int(counters["bad_epochs"].numpy()) < settings["patience"]:
-        epoch = int(counters["epoch"].numpy())
-        skip = int(counters["step_in_epoch"].numpy())
-        ds = pairs_dataset(train_rows, captions, settings["batch_size"], settings["seed"], epoch,
-                           settings["shuffle_buffer"], settings["block_rows"], positions, channels).skip(skip)
-        ds = strategy.experimental_distribute_dataset(ds.map(lambda ids, f, c: (f, c)))
-        start, last_log, seen, losses = time.monotonic(), time.monotonic(), 0, []
-        step_started = start
-        for features, caps in ds:
-            loss, xent, doubly, n = train_step(features, caps)
-            counters["step"].assign_add(1)
-            counters["step_in_epoch"].assign_add(1)
-            losses.append((float(loss), float(xent), float(doubly)))
-            seen += int(n)
-            now = time.monotonic()
-            board.step(int(counters["step"].numpy()), *losses[-1], float(tf.convert_to_tensor(optimizer.learning_rate)),
-                       int(n) / max(now - step_started, 1e-9))
-            step_started = now
-            if int(counters["step"].numpy()) % settings["checkpoint_every"] == 0:
-                manager.save(checkpoint_number=counters["step"])
-            if time.monotonic() - last_log > 10 or int(counters["step_in_epoch"].numpy()) == steps_per_epoch:
-                last_log, elapsed = time.monotonic(), time.monotonic() - start
-                step_now, in_epoch = int(counters["step"].numpy()), int(counters["step_in_epoch"].numpy())
-                _report(progress_callback, epoch, settings["epochs"], in_epoch, steps_per_epoch, step_now,
-                        total_steps, float(loss), float(xent), float(doubly), seen / max(elapsed, 1e-9),
-                        (total_steps - step_now) * elapsed / max(in_epoch - skip, 1))
-        seconds = time.monotonic() - start
-        hyps = decoded_captions(model, val_rows, vocab, settings["decoding"], settings["val_batch_size"],
-                                settings["block_rows"])
-        scores = score(val_refs, hyps)
-        improved = scores["CIDEr"] > float(counters["best"].numpy())
-        if improved:
-            with atomic_file(best_weights, suffix=".weights.h5") as tmp:
-                model.save_weights(str(tmp))
-            counters["best"].assign(scores["CIDEr"])
-            counters["bad_epochs"].assign(0)
-        else:
-            counters["bad_epochs"].assign_add(1)
-        means = np.mean(losses, axis=0).tolist() if losses else [None] * 3
-        exact = digits.digits_exact(hyps, val_digits)   # None unless the captions name digits (the demo)
-        history.append({"epoch": epoch + 1, "loss": means[0], "xent": means[1], "attention": means[2],
-                        "attention_lambda": settings["attention_lambda"], "val_Bleu_4": scores["Bleu_4"],
-                        "val_CIDEr": scores["CIDEr"], "val_digits_exact": exact,
-                        "val_distinct": digits.distinct_captions(hyps), "seconds": round(seconds, 2),
-                        "captions_per_second": round(seen / max(seconds, 1e-9), 1), "best": improved,
-                        "example": next(iter(hyps.values()), "")})
-        log.info("epoch %d/%d: loss %.4f (xent %.4f + %g × attention %.4f), val BLEU-4 %.4f, CIDEr-D %.4f%s, "
-                 "%s%.0fs, %.1f captions/s", epoch + 1, settings["epochs"], means[0] or float("nan"),
-                 means[1] or float("nan"), settings["attention_lambda"], means[2] or float("nan"), scores["Bleu_4"],
-                 scores["CIDEr"], " (best)" if improved else "",
-                 f"digits exact {exact:.3f}, " if exact is not None else "", seconds,
-                 history[-1]["captions_per_second"])
-        board.epoch(int(counters["step"].numpy()), scores, exact, history[-1]["val_distinct"], hyps, val_refs)
-        counters["epoch"].assign_add(1)
-        counters["step_in_epoch"].assign(0)
-        manager.save(checkpoint_number=counters["step"])
-        write_json(history_path, history)
-    board.close()
-    if int(counters["bad_epochs"].numpy()) >= settings["patience"]:
-        log.info("early stop: no better val CIDEr-D for %d epochs", settings["patience"])
+class _TrainingState:
+    """Model, optimizer, counters and history of one training, checkpointed together in `checkpoint_dir` and
+    restored from its latest checkpoint. state[name] reads a counter: epoch, step, step_in_epoch, best (val
+    CIDEr-D), bad_epochs."""
 
-    write_model_dir(outdir, best_weights, model, vocab_path, settings, history, provenance or {})
-    return history
+    def __init__(self, checkpoint_dir: Path, data, vocab_size: int, settings: dict):
+        import tensorflow as tf
+
+        self.strategy = make_strategy(settings["strategy"])
+        log.info("strategy %s over %d replica(s)", type(self.strategy).__name__, self.strategy.num_replicas_in_sync)
+        with self.strategy.scope():
+            self.model = build_model(vocab_size, settings, data.channels)
+            self.model(tf.zeros((1, data.positions, data.channels), tf.float16), tf.zeros((1, 1), tf.int32))
+            self.optimizer = make_optimizer(settings, data.steps_per_epoch)
+            self.optimizer.build(self.model.trainable_variables)
+            self.counters = {name: tf.Variable(value, trainable=False, name=name, dtype=dtype)
+                             for name, value, dtype in (("epoch", 0, tf.int64), ("step", 0, tf.int64),
+                                                        ("step_in_epoch", 0, tf.int64), ("best", -1.0, tf.float64),
+                                                        ("bad_epochs", 0, tf.int64))}
+        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, **self.counters)
+        self.manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
+        self.history_path, self.best_weights = checkpoint_dir / "history.json", checkpoint_dir / "best.weights.h5"
+        self.history = []
+        if self.manager.latest_checkpoint:
+            checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+            history = manifests.read_json(self.history_path) if self.history_path.exists() else []
+            self.history = history[:self["epoch"]]   # epochs after the checkpoint are trained again
+            log.info("resuming from checkpoint %s: epoch %d, step %d (%d into the epoch), best CIDEr-D %.4f",
+                     self.manager.latest_checkpoint, self["epoch"] + 1, self["step"], self["step_in_epoch"],
+                     self["best"])
+        else:   # a resumed run restored them with the checkpoint
+            mean, std = feature_statistics(data.train_rows, settings["block_rows"])
+            self.model.feature_mean.assign(mean)
+            self.model.feature_std.assign(std)
+
+    def __getitem__(self, name: str):
+        return self.counters[name].numpy().item()
+
+    def save(self) -> None:
+        self.manager.save(checkpoint_number=self.counters["step"])
+
+
+def _train_epoch(state: _TrainingState, data, train_step, board, settings: dict, progress_callback):
+    """One epoch, or its rest after a resume mid-epoch: → (per-step (loss, xent, attention), captions, seconds).
+    Checkpoints every `checkpoint_every` steps; logs progress every 10 s."""
+    import tensorflow as tf
+
+    epoch, skip = state["epoch"], state["step_in_epoch"]
+    total_steps = data.steps_per_epoch * settings["epochs"]
+    ds = pairs_dataset(data.train_rows, data.captions, settings["batch_size"], settings["seed"], epoch,
+                       settings["shuffle_buffer"], settings["block_rows"], data.positions, data.channels).skip(skip)
+    ds = state.strategy.experimental_distribute_dataset(ds.map(lambda ids, f, c: (f, c)))
+    start = last_log = step_started = time.monotonic()
+    seen, losses = 0, []
+    for features, caps in ds:
+        loss, xent, doubly, n = train_step(features, caps)
+        state.counters["step"].assign_add(1)
+        state.counters["step_in_epoch"].assign_add(1)
+        losses.append((float(loss), float(xent), float(doubly)))
+        seen += int(n)
+        now = time.monotonic()
+        board.step(state["step"], *losses[-1], float(tf.convert_to_tensor(state.optimizer.learning_rate)),
+                   int(n) / max(now - step_started, 1e-9))
+        step_started = now
+        if state["step"] % settings["checkpoint_every"] == 0:
+            state.save()
+        if now - last_log > 10 or state["step_in_epoch"] == data.steps_per_epoch:
+            last_log, elapsed = now, now - start
+            _report(progress_callback, epoch, settings["epochs"], state["step_in_epoch"], data.steps_per_epoch,
+                    state["step"], total_steps, *losses[-1], seen / max(elapsed, 1e-9),
+                    (total_steps - state["step"]) * elapsed / max(state["step_in_epoch"] - skip, 1))
+    return losses, seen, time.monotonic() - start
+
+
+def _end_epoch(state: _TrainingState, data, vocab, losses: list, seen: int, seconds: float, board,
+               settings: dict) -> None:
+    """Validate the epoch's weights decoding as GenerateCaptions will, keep them when val CIDEr-D improved,
+    record the epoch (history, log, TensorBoard) and checkpoint."""
+    hyps = decoded_captions(state.model, data.val_rows, vocab, settings["decoding"], settings["val_batch_size"],
+                            settings["block_rows"])
+    scores = validation_scores(data.val_refs, hyps)
+    improved = scores["CIDEr"] > state["best"]
+    if improved:
+        with atomic_file(state.best_weights, suffix=".weights.h5") as tmp:
+            state.model.save_weights(str(tmp))
+        state.counters["best"].assign(scores["CIDEr"])
+        state.counters["bad_epochs"].assign(0)
+    else:
+        state.counters["bad_epochs"].assign_add(1)
+    means = np.mean(losses, axis=0).tolist() if losses else [None] * 3
+    exact = digits.digits_exact(hyps, data.val_digits)   # None unless the captions name digits (the demo)
+    state.history.append({"epoch": state["epoch"] + 1, "loss": means[0], "xent": means[1], "attention": means[2],
+                          "attention_lambda": settings["attention_lambda"], "val_Bleu_4": scores["Bleu_4"],
+                          "val_CIDEr": scores["CIDEr"], "val_digits_exact": exact,
+                          "val_distinct": digits.distinct_captions(hyps), "seconds": round(seconds, 2),
+                          "captions_per_second": round(seen / max(seconds, 1e-9), 1), "best": improved,
+                          "example": next(iter(hyps.values()), "")})
+    log.info("epoch %d/%d: loss %.4f (xent %.4f + %g × attention %.4f), val BLEU-4 %.4f, CIDEr-D %.4f%s, "
+             "%s%.0fs, %.1f captions/s", state["epoch"] + 1, settings["epochs"], means[0] or float("nan"),
+             means[1] or float("nan"), settings["attention_lambda"], means[2] or float("nan"), scores["Bleu_4"],
+             scores["CIDEr"], " (best)" if improved else "",
+             f"digits exact {exact:.3f}, " if exact is not None else "", seconds,
+             state.history[-1]["captions_per_second"])
+    board.epoch(state["step"], scores, exact, state.history[-1]["val_distinct"], hyps, data.val_refs)
+    state.counters["epoch"].assign_add(1)
+    state.counters["step_in_epoch"].assign(0)
+    state.save()
+    write_json(state.history_path, state.history)
 
 
 def make_train_step(model, optimizer, strategy, settings):

@@ -188,13 +188,14 @@ def read_rows(path, start: int, stop: int) -> np.ndarray:
         return f["features"][start:stop]
 
 
-def store_contents(store_dir) -> tuple[dict, dict, list]:
-    """What a store holds: ({image_id: (shard name, row)}, {image_id: (shard name, reason)}, bad shards).
+def store_contents(store_dir, paths=None) -> tuple[dict, dict, list]:
+    """What a store holds (or only its shards `paths`): ({image_id: (shard name, row)}, {image_id: (shard name,
+    reason)}, bad shards).
 
     Shards failing the quick check are listed as bad and their images count as absent, so the pipeline
     re-extracts them. An image in two shards (two overlapping plans) resolves to the first shard by name."""
     rows, skipped, bad = {}, {}, []
-    for path in list_shards(store_dir):
+    for path in sorted(paths) if paths is not None else list_shards(store_dir):
         if check_shard(path):
             bad.append(path)
             continue

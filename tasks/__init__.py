@@ -5,9 +5,14 @@
     luigi --module tasks EvaluateCaptions --split test
     LUIGI_CONFIG_PATH=configs/coco2014.cfg luigi --module tasks TrainDecoder
 
-    config.py   the config sections (checked when read), the strict startup check, the per-workspace lock
-    stages.py   the tasks (the DAG is drawn in ARCHITECTURE.md)
-    records.py  run records (runs/*.json), failures repeated last, the final `captioner: results` line
+    config.py      the config sections (checked when read), the strict startup check, the per-workspace lock
+    base.py        Stage: a fingerprinted output directory written atomically; the shard targets
+    context.py     what the config names, resolved for the library (image roots, input files, decoding)
+    features.py    the data half of the DAG: demo → annotations → vocabulary; digits encoder → feature store
+    captioning.py  the model half: TrainDecoder → GenerateCaptions → EvaluateCaptions; CaptionImages
+    records.py     run records (runs/*.json), failures repeated last, the final `captioner: results` line
+
+The DAG is drawn in ARCHITECTURE.md.
 
 Each task's output is `<workspace>/<stage>/<fingerprint>`, where the fingerprint hashes the task's significant
 settings and every upstream fingerprint (storage/workspace.py). Each run() calls one pipeline function inside
@@ -24,9 +29,9 @@ import luigi.configuration
 from tasks import records  # noqa: F401  (importing it registers the run-record event handlers)
 from tasks.config import (config_files, config_paths, launched_by_luigi_cli, lock_on_workspace, settings_schema,
                           startup_problems)
-from tasks.stages import (BuildVocabulary, CaptionImages, EvaluateCaptions, ExtractAnnotations, ExtractFeatures,
-                          ExtractShard, GenerateCaptions, MakeDemoDataset, PlanShards, PretrainDigitsEncoder,
-                          TrainDecoder, store_dir)
+from tasks.captioning import CaptionImages, EvaluateCaptions, GenerateCaptions, TrainDecoder
+from tasks.features import (BuildVocabulary, ExtractAnnotations, ExtractFeatures, ExtractShard, MakeDemoDataset,
+                            PlanShards, PretrainDigitsEncoder, store_dir)
 
 __all__ = ["BuildVocabulary", "CaptionImages", "EvaluateCaptions", "ExtractAnnotations", "ExtractFeatures",
            "ExtractShard", "GenerateCaptions", "MakeDemoDataset", "PlanShards", "PretrainDigitsEncoder",

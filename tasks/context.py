@@ -1,0 +1,83 @@
+"""What the current configuration names, resolved for the library: image roots, input files, decoding settings.
+Read through the config sections of tasks/config.py; used by the stages (tasks/features.py, tasks/captioning.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import encoder as encoder_lib
+from pipeline.errors import InputError
+from storage import manifests, workspace as ws
+from tasks.config import (comma_list, config_files, dataset, encoder, generation, section_values,
+                          workspace_root)
+
+
+def dataset_image_roots() -> list[str]:
+    """The current config's `[dataset] images` (what `images:<k>` root references resolve through)."""
+    return [str(Path(r).expanduser().resolve()) for r in comma_list(dataset.read().images)]
+
+
+def image_root(reference: str) -> Path:
+    """The directory a manifest's root reference names under the current config (storage.manifests)."""
+    try:
+        return manifests.resolve_root(reference, workspace_root(), dataset_image_roots())
+    except ValueError as e:
+        raise InputError(f"{config_files()}: [dataset] images: {e}") from e
+
+
+def annotation_inputs(demo_dir: Path | None) -> tuple[list[str], list[str], str]:
+    """(annotation files, image roots, karpathy split file or '') of `[dataset]`, or of the demo dataset written
+    in `demo_dir`."""
+    if demo_dir is not None:
+        return ([str(demo_dir / f"captions_{s}.json") for s in manifests.SPLITS],
+                [str(demo_dir / s) for s in manifests.SPLITS], str(demo_dir / "karpathy_split.json"))
+    d = dataset.read()
+    return comma_list(d.annotations), comma_list(d.images), d.karpathy_split
+
+
+def annotation_settings(files: list[str], karpathy: str) -> dict:
+    """ExtractAnnotations' significant settings. COCO caption and split files count by content, not by path (the
+    files and image roots may move to another host or mount); the demo's by its upstream fingerprint."""
+    d = dataset.read()
+    s = {"source": d.source, "seed": d.seed, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction}
+    if d.source == "coco":
+        s["annotations"] = [identify_input(f, "annotations") for f in files]
+        s["karpathy_split"] = identify_input(karpathy, "karpathy_split") if karpathy else ""
+    if s.get("karpathy_split") or d.source == "demo":
+        for key in ("seed", "val_fraction", "test_fraction"):   # unused with a split file
+            s.pop(key)
+    return s
+
+
+def identify_input(path: str, key: str) -> str:
+    """sha256 of an input file, or an InputError naming the [dataset] key when it cannot be read."""
+    try:
+        return ws.file_sha256(path)
+    except OSError as e:
+        raise InputError(f"{config_files()}: [dataset] {key}: cannot read {path}: {e.strerror}. "
+                         "Fix: correct the path in the config.") from e
+
+
+def generation_settings() -> dict:
+    """The [generation] values that change captions (not batch_size); an explicit model directory is
+    identified by its weights."""
+    g = section_values(generation)
+    g.pop("batch_size")
+    if g["model"]:
+        g["model"] = ws.file_sha256(Path(g["model"]) / "decoder.weights.h5")
+    return g
+
+
+def validation_decoding() -> dict:
+    """The [generation] settings TrainDecoder validates with: the best epoch is the best for GenerateCaptions."""
+    g = generation.read()
+    return {"beam_size": g.beam_size, "max_length": g.max_length, "length_penalty": g.length_penalty,
+            "suppress_unk": g.suppress_unk}
+
+
+def uses_digits_encoder() -> bool:
+    return encoder.read().weights.strip() == "digits"
+
+
+def len_positions() -> int:
+    """Attention positions of the configured image size (64 at 299 px)."""
+    return encoder_lib.grid_size(encoder.read().image_size) ** 2
