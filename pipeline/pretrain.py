@@ -5,8 +5,9 @@ features. This module trains `keras.applications.InceptionV3(include_top=False)`
 handwritten digits (the demo's TRAIN pool only, so val/test digits stay unseen) and saves the base network's
 weights, which the encoder then loads like any weights file.
 
-Data: demo scenes (pipeline/demo.py: 1–4 digits, tint, noise, 5% grayscale, JPEG q90), resized to S×S (299)
-exactly as feature extraction resizes them (Pillow bilinear, no crop).
+Data: demo scenes (pipeline/demo.py: 1–4 digits, tint, noise, 5% grayscale, JPEG q90), resized to S×S
+(S = scene_size: the stage passes `[encoder] image_size`, 299) exactly as feature extraction resizes them
+(Pillow bilinear, no crop).
 
 Target: per mixed10 cell. InceptionV3's cell (i, j) is centred on input pixel (37.5 + 32 i, 37.5 + 32 j) (its
 strided layers are 'valid'); its label is the digit whose box contains that point, or 10 = background.

@@ -88,7 +88,8 @@ class PretrainDigitsEncoder(Stage):
     expected_files = (pretrain_lib.WEIGHTS_FILE, manifests.REPORT_FILE)
 
     def settings(self):
-        return {**section_values(pretrain), "pool_seed": demo.read().seed}
+        # trained, batch-norm re-estimated and checked on scenes of the size the encoder will see
+        return {**section_values(pretrain), "pool_seed": demo.read().seed, "scene_size": encoder.read().image_size}
 
     def weights_path(self) -> Path:
         return Path(self.output().path) / pretrain_lib.WEIGHTS_FILE
