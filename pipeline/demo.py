@@ -154,7 +154,7 @@ def write_demo_dataset(outdir, train_images: int, val_images: int, test_images: 
     if os.listdir(outdir):
         raise ValueError(f"{outdir} is not empty; refusing to mix demo datasets")
     rng = np.random.default_rng(seed)
-    digits = load_digits()
+    digits, templates = load_digits(), caption_templates()
     pools = sample_pools(rng, len(digits.target))
     # Sparse, sorted ids (like COCO's) so code that confuses ids with list indices fails loudly.
     total = sum(counts.values())
@@ -168,7 +168,8 @@ def write_demo_dataset(outdir, train_images: int, val_images: int, test_images: 
         gray = set(rng.choice(counts[split], size=n_split_gray, replace=False).tolist()) if counts[split] else set()
         images, annotations = [], []
         for i in range(counts[split]):
-            image, captions = _write_image(rng, outdir, split, next(ids), digits, pools[split], i in gray)
+            image, captions = _write_image(rng, outdir, split, next(ids), digits, templates, pools[split],
+                                           i in gray)
             image_annotations, entry = _caption_entries(image, captions, split, imgid=len(karpathy))
             images.append(image)
             annotations += image_annotations
@@ -182,7 +183,8 @@ def write_demo_dataset(outdir, train_images: int, val_images: int, test_images: 
     return {"splits": counts, "captions": total * CAPTIONS_PER_IMAGE, "grayscale_images": n_gray, "seed": seed}
 
 
-def _write_image(rng, outdir, split: str, image_id: int, digits, pool, grayscale: bool) -> tuple[dict, list[str]]:
+def _write_image(rng, outdir, split: str, image_id: int, digits, templates, pool,
+                 grayscale: bool) -> tuple[dict, list[str]]:
     """Render, save and caption one scene of 1–4 digits from `pool`: → (COCO image entry, its captions)."""
     samples = rng.choice(pool, size=int(rng.integers(1, 5))).tolist()
     labels = [int(digits.target[k]) for k in samples]
@@ -194,7 +196,6 @@ def _write_image(rng, outdir, split: str, image_id: int, digits, pool, grayscale
     file_name = f"digits_{split}_{image_id:012d}.jpg"
     img.save(os.path.join(outdir, split, file_name), "JPEG", quality=JPEG_QUALITY)
     words = [NUMBER_WORDS[d] for d in labels]
-    templates = caption_templates()
     captions = [templates[t](words) for t in rng.choice(len(templates), CAPTIONS_PER_IMAGE, replace=False)]
     return ({"id": image_id, "file_name": file_name, "width": width, "height": height, "license": 1,
              "date_captured": DATE_CAPTURED, "digits": labels, "digit_boxes": [list(b) for b in boxes],

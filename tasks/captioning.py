@@ -39,9 +39,9 @@ class TrainDecoder(Stage):
 
     def run(self):
         from pipeline import train   # TensorFlow: imported by the worker that trains, never by the scheduler
-        if training.read().verify_shards:   # never train on damaged features: re-extract them first
-            yield from self.repair_damaged_shards()
         indexes = {s: manifests.read_json(self.input()[s].path) for s in ("train", "val")}
+        if training.read().verify_shards:   # never train on damaged features: re-extract them first
+            yield from self.repair_damaged_shards(list(indexes.values()))
         with self.atomic_output() as tmp:
             history = train.train_decoder(tmp, workspace_root() / "checkpoints" / self.fingerprint(), store_dir(),
                                           indexes["train"], indexes["val"], self.requires()["vocabulary"].input().path,
@@ -60,11 +60,10 @@ class TrainDecoder(Stage):
                 "train_index": ws.portable(self.input()["train"].path, root),
                 "val_index": ws.portable(self.input()["val"].path, root)}
 
-    def repair_damaged_shards(self):
+    def repair_damaged_shards(self, indexes: list[dict]):
         """Deep-check the shards the split indexes use; damaged ones are moved aside and their re-extraction is
         yielded to the scheduler (ExtractShard: [resources] hold). Luigi calls run() again once they are done;
         the indexes must then still find every image at its row, else they are removed and the run fails."""
-        indexes = [manifests.read_json(self.input()[s].path) for s in ("train", "val")]
         damaged = features_lib.quarantine_damaged(store_dir(), indexes)
         if damaged:
             yield [ExtractShard(plan=features_lib.plan_of(name), shard=name) for name in damaged]
