@@ -138,7 +138,7 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
     """Caption new IMAGES (files, or folders searched recursively for images) with the encoder recorded in the
     model's provenance, in one TensorFlow start. Unreadable images get a message and exit code 1; the others are
     still captioned."""
-    from pipeline import decode, features, plots
+    from pipeline import decode, encoder as encoder_lib, features, plots
     from pipeline.folders import list_images
     from pipeline.images import iter_batches, load_for_display
     from pipeline.model import load_model
@@ -153,8 +153,8 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
     images = [Path(p) for p in shown]
     model, vocab, provenance = load_model(model_dir)
     identity = _training_encoder(provenance, weights, model_dir)
-    size = provenance["encoder"]["image_size"]
-    forward = features.encoder_forward(identity, size)
+    size, layer = provenance["encoder"]["image_size"], encoder_lib.layer_of(provenance["encoder"]["encoder"])
+    forward = features.encoder_forward(identity, size, layer)
     unk = vocab.index["<unk>"]   # beam_fn with beam 1 is exactly greedy, and it also gives the score
     decoder = decode.beam_fn(model, beam, max_length, vocab.index["<start>"], vocab.index["<end>"], unk)
     results = []
@@ -172,7 +172,7 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
                 number = order[path] + 1
                 out = plot if len(images) == 1 else plot.with_name(f"{plot.stem}-{number}{plot.suffix}")
                 plots.attention_grid(load_for_display(path, 640), results[-1]["caption"].split(),
-                                     plots.word_attention(row, alpha), out)
+                                     plots.word_attention(row, alpha), out, layer=layer)
                 results[-1]["plot"] = str(out)
     results.sort(key=lambda r: order[r["image"]])
     if out:
@@ -240,8 +240,11 @@ def _training_encoder(provenance: dict, weights: Path | None, model_dir: Path) -
     from storage.workspace import file_sha256, resolve
 
     recorded = provenance["encoder"]
-    expected = {"encoder": encoder_lib.ENCODER_NAME, "preprocess": encoder_lib.PREPROCESS,
-                "schema_version": shards.SCHEMA_VERSION}
+    if encoder_lib.layer_of(recorded.get("encoder", "")) is None:
+        raise click.ClickException(f"the model was trained on features of {recorded.get('encoder')!r}; this version "
+                                   f"extracts {encoder_lib.encoder_name('<layer>')} with <layer> one of "
+                                   f"{', '.join(encoder_lib.LAYERS)}. Refusing to mix them.")
+    expected = {"preprocess": encoder_lib.PREPROCESS, "schema_version": shards.SCHEMA_VERSION}
     for key, value in expected.items():
         if recorded.get(key) != value:
             raise click.ClickException(f"the model was trained on features with {key} = {recorded.get(key)!r}; "
@@ -303,7 +306,7 @@ def plot_attention(captions_dir: Path, image_id: int, out: Path | None) -> None:
         text = next(r["caption"] for r in results if r["image_id"] == image_id)
         out = out or Path(f"attention-{image_id}.png")
         plots.attention_grid(load_for_display(maps["path"], 640), text.split(),
-                             plots.word_attention(maps["tokens"], maps["attention"]), out)
+                             plots.word_attention(maps["tokens"], maps["attention"]), out, layer=maps["layer"])
         click.echo(f"{out}: {text}")
         return
     raise click.ClickException(f"image {image_id} is not in any *-attention.h5 under {captions_dir}")

@@ -7,8 +7,9 @@ word is a COUNT when one of the next two tokens starts with "digit" or "number" 
 
 Attention geometry. The encoder resizes the whole image to S×S without cropping, and its feature grid has
 side × side cells (P = side² attention positions, row-major). InceptionV3's strided layers are 'valid', so
-cell k is centred on input pixel 37.5 + 32·k (at S = 299: 37.5 … 261.5) and owns the input up to the
-midpoints between centres, e = pipeline.encoder.cell_edges(side) as fractions of S. So in ORIGINAL image
+cell k is centred on input pixel offset + stride·k (mixed10: 37.5 + 32·k, at S = 299 37.5 … 261.5; mixed7:
+21.5 + 16·k) and owns the input up to the midpoints between centres, e = pipeline.encoder.cell_edges(side,
+layer) as fractions of S. So in ORIGINAL image
 pixels (width W, height H) cell p = r·side + c covers
 
     x ∈ [e[c]·W, e[c+1]·W),   y ∈ [e[r]·H, e[r+1]·H)
@@ -25,7 +26,7 @@ from collections import Counter
 import numpy as np
 
 from pipeline.annotations import normalize_caption
-from pipeline.encoder import cell_edges, grid_side
+from pipeline.encoder import DEFAULT_LAYER, cell_edges, grid_side
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _VALUE = {word: value for value, word in enumerate(NUMBER_WORDS)}
@@ -84,13 +85,15 @@ def distinct_captions(hypotheses: dict) -> int:
     return len({normalize_caption(c) for c in hypotheses.values()})
 
 
-def cell_rectangle(cell: int, side: int, image_size: tuple[float, float]) -> tuple[float, float, float, float]:
-    """(x0, y0, x1, y1) in original pixels of attention cell `cell` (row-major over a side × side grid on the
-    whole image, which the encoder squashed to a square without cropping), where InceptionV3's cell really
-    looks (pipeline.encoder.cell_edges: centred on 37.5 + 32·k of 299 px). image_size = (W, H)."""
+def cell_rectangle(cell: int, side: int, image_size: tuple[float, float],
+                   layer: str = DEFAULT_LAYER) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) in original pixels of attention cell `cell` (row-major over a side × side grid of
+    `layer` on the whole image, which the encoder squashed to a square without cropping), where InceptionV3's
+    cell really looks (pipeline.encoder.cell_edges: mixed10's centred on 37.5 + 32·k of 299 px). image_size =
+    (W, H)."""
     width, height = image_size
     row, col = divmod(int(cell), side)
-    edges = cell_edges(side)
+    edges = cell_edges(side, layer)
     return edges[col] * width, edges[row] * height, edges[col + 1] * width, edges[row + 1] * height
 
 
@@ -101,29 +104,31 @@ def overlaps(rect: tuple[float, float, float, float], box) -> bool:
     return min(x1, x + w) > max(x0, x) and min(y1, y + h) > max(y0, y)
 
 
-def grounded_digit_words(words: list[str], attention, boxes, image_size) -> tuple[int, int]:
+def grounded_digit_words(words: list[str], attention, boxes, image_size,
+                         layer: str = DEFAULT_LAYER) -> tuple[int, int]:
     """(grounded, emitted) digit words of one generated caption. attention (T, P): row t is the attention
-    when words[t] was chosen (T ≥ len(words)); boxes [[x, y, w, h], ...] left to right in original pixels;
-    image_size (W, H). The k-th digit word emitted is matched to the k-th box; digit words beyond the
-    boxes are not grounded."""
+    when words[t] was chosen (T ≥ len(words)), over the grid of `layer`; boxes [[x, y, w, h], ...] left to
+    right in original pixels; image_size (W, H). The k-th digit word emitted is matched to the k-th box; digit
+    words beyond the boxes are not grounded."""
     attention = np.asarray(attention, np.float32)
     side = grid_side(attention.shape[1])
     emitted = digit_words(words)
-    grounded = sum(overlaps(cell_rectangle(int(np.argmax(attention[pos])), side, image_size), boxes[k])
+    grounded = sum(overlaps(cell_rectangle(int(np.argmax(attention[pos])), side, image_size, layer), boxes[k])
                    for k, (pos, _) in enumerate(emitted) if k < len(boxes))
     return grounded, len(emitted)
 
 
-def attention_grounding(words: dict, attention: dict, boxes: dict, sizes: dict) -> float | None:
+def attention_grounding(words: dict, attention: dict, boxes: dict, sizes: dict,
+                        layer: str = DEFAULT_LAYER) -> float | None:
     """Share of emitted digit words, over all images with box information, whose argmax attention cell
     overlaps that digit's box (see grounded_digit_words). Dicts by image id: words {id: [str]}, attention
-    {id: (T, P)}, boxes {id: [[x, y, w, h], ...] | None}, sizes {id: (W, H) | None}. Images without boxes or
-    size are skipped; None when no image has them (e.g. COCO) or no digit word was emitted: never 0 for
-    "not measured"."""
+    {id: (T, P)} over the grid of `layer`, boxes {id: [[x, y, w, h], ...] | None}, sizes {id: (W, H) | None}.
+    Images without boxes or size are skipped; None when no image has them (e.g. COCO) or no digit word was
+    emitted: never 0 for "not measured"."""
     grounded = emitted = 0
     for i, image_boxes in boxes.items():
         if image_boxes is None or sizes.get(i) is None or i not in words:
             continue
-        hit, total = grounded_digit_words(words[i], attention[i], image_boxes, sizes[i])
+        hit, total = grounded_digit_words(words[i], attention[i], image_boxes, sizes[i], layer)
         grounded, emitted = grounded + hit, emitted + total
     return grounded / emitted if emitted else None

@@ -1,7 +1,10 @@
 """InceptionV3 image encoder: weights resolution (imagenet | weights file | random:<seed>) and model building.
 
     uint8 images (B, S, S, 3) → inception_v3.preprocess_input (x / 127.5 − 1) → InceptionV3(include_top=False)
-    → mixed10 (B, S', S', 2048) → features (B, S'·S', 2048), positions row-major; S = 299 gives 8×8 = 64.
+    → `layer` (B, S', S', D) → features (B, S'·S', D), positions row-major. At S = 299:
+      mixed10  the last block (the TF tutorial's features): 8×8 = 64 positions of D = 2048;
+      mixed7   the last 17×17 block: 289 positions of D = 768, cells 16 px apart instead of 32 (the network
+               above it is not run). Show, Attend and Tell used a 14×14 grid (VGG conv5).
 
 Weights:
   imagenet       Keras' cached file ~/.keras/models/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5
@@ -30,9 +33,13 @@ from storage.workspace import file_sha256
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 # where keras.applications.InceptionV3 downloads it from (keras 3.x: keras/src/applications/inception_v3.py)
 IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/" + IMAGENET_FILE)
-CHANNELS = 2048
+# The feature layers `[encoder] layer` offers: their channels, and where cell k of their grid is centred on the
+# input (offset + stride·k pixels: InceptionV3's strided layers are 'valid', so the grid does not span the input).
+LAYERS = {"mixed10": {"channels": 2048, "stride": 32, "offset": 37.5},
+          "mixed7": {"channels": 768, "stride": 16, "offset": 21.5}}
+DEFAULT_LAYER = "mixed10"
 PREPROCESS = "pillow bilinear resize to SxS (no crop), x/127.5-1 (inception_v3.preprocess_input)"
-ENCODER_NAME = "keras.applications.InceptionV3(include_top=False)/mixed10"
+_NAME_PREFIX = "keras.applications.InceptionV3(include_top=False)/"
 DIGITS_PROVENANCE = "pretrained on scikit-learn handwritten digits (pipeline/pretrain.py), not ImageNet"
 
 
@@ -40,15 +47,27 @@ def keras_cache_file() -> Path:
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser() / "models" / IMAGENET_FILE
 
 
-def grid_size(image_size: int) -> int:
-    """Side of InceptionV3's mixed10 grid for an S×S input: 8 at 299 (its strided layers are all 'valid')."""
+def encoder_name(layer: str = DEFAULT_LAYER) -> str:
+    """What the features are, as recorded in the store's fingerprint, its shards and the models trained on it."""
+    return _NAME_PREFIX + layer
+
+
+def layer_of(name: str) -> str | None:
+    """The layer of an encoder_name(), or None when `name` is not one this version extracts."""
+    layer = name[len(_NAME_PREFIX):] if name.startswith(_NAME_PREFIX) else None
+    return layer if layer in LAYERS else None
+
+
+def grid_size(image_size: int, layer: str = DEFAULT_LAYER) -> int:
+    """Side of InceptionV3's grid at `layer` for an S×S input: at 299, 8 for mixed10 and 17 for mixed7 (its
+    strided layers are all 'valid')."""
     s = (image_size - 3) // 2 + 1       # conv 3×3 stride 2
     s = s - 2                           # conv 3×3
     s = (s - 3) // 2 + 1                # max-pool 3×3 stride 2
     s = s - 2                           # conv 3×3
     s = (s - 3) // 2 + 1                # max-pool 3×3 stride 2
-    s = (s - 3) // 2 + 1                # mixed3 reduction
-    return (s - 3) // 2 + 1             # mixed8 reduction
+    s = (s - 3) // 2 + 1                # mixed3 reduction: mixed4 … mixed7
+    return s if layer == "mixed7" else (s - 3) // 2 + 1             # mixed8 reduction: mixed8 … mixed10
 
 
 def grid_side(positions: int) -> int:
@@ -59,15 +78,17 @@ def grid_side(positions: int) -> int:
     return side
 
 
-def cell_edges(side: int) -> list[float]:
-    """Where the side × side mixed10 cells lie on the (squashed, square) input, as fractions 0..1 of its side.
+def cell_edges(side: int, layer: str = DEFAULT_LAYER) -> list[float]:
+    """Where the side × side cells of `layer` lie on the (squashed, square) input, as fractions 0..1 of its side.
 
-    InceptionV3's strided layers are 'valid', so cell k is centred on input pixel 37.5 + 32·k of the smallest
-    input with that grid (S = 32·side + 43: 299 for 8×8), not on (k + ½)·S/side: at 299 px the grid's centres
-    run from 37.5 to 261.5. Each cell owns the input up to the midpoints between neighbouring centres (the
-    first and last cells reach the borders). Used by the attention pictures and attention grounding."""
-    size = 32 * side + 43
-    centres = [37.5 + 32 * k for k in range(side)]
+    InceptionV3's strided layers are 'valid', so cell k is centred on input pixel offset + stride·k (LAYERS) of
+    the smallest input with that grid (S = stride·side + 2·offset − stride: 299 for mixed10's 8×8 and mixed7's
+    17×17), not on (k + ½)·S/side: at 299 px mixed10's centres run from 37.5 to 261.5. Each cell owns the
+    input up to the midpoints between neighbouring centres (the first and last cells reach the borders). Used by
+    the attention pictures and attention grounding."""
+    stride, offset = LAYERS[layer]["stride"], LAYERS[layer]["offset"]
+    size = stride * side + 2 * offset - stride
+    centres = [offset + stride * k for k in range(side)]
     middles = [(a + b) / 2 / size for a, b in zip(centres, centres[1:])]
     return [0.0, *middles, 1.0]
 
@@ -151,13 +172,22 @@ def build_inception(identity: dict, image_size: int):
     return model
 
 
-def build_encoder(identity: dict, image_size: int):
-    """uint8 (B, S, S, 3) → float32 (B, P, 2048) Keras model (P = grid_size(S)²)."""
+def truncated(inception, layer: str):
+    """InceptionV3 ending at `layer` (the blocks above it are not run)."""
     import keras
 
-    inception = build_inception(identity, image_size)
+    if layer == inception.layers[-1].name:
+        return inception
+    return keras.Model(inception.input, inception.get_layer(layer).output, name=f"inception_v3_{layer}")
+
+
+def build_encoder(identity: dict, image_size: int, layer: str = DEFAULT_LAYER):
+    """uint8 (B, S, S, 3) → float32 (B, P, D) Keras model (P = grid_size(S, layer)², D = the layer's channels)."""
+    import keras
+
+    inception = truncated(build_inception(identity, image_size), layer)
     images = keras.Input((image_size, image_size, 3), dtype="uint8", name="images")
     x = keras.applications.inception_v3.preprocess_input(keras.ops.cast(images, "float32"))
     grid = inception(x, training=False)
-    features = keras.layers.Reshape((-1, CHANNELS), name="positions")(grid)
+    features = keras.layers.Reshape((-1, LAYERS[layer]["channels"]), name="positions")(grid)
     return keras.Model(images, features, name="encoder")

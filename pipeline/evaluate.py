@@ -137,7 +137,7 @@ def digit_metrics(hypotheses: dict, records: dict, attention: dict) -> tuple[dic
         maps[i] = word_attention(attention["tokens"][rows[i]], attention["attention"][rows[i]])
     block = {"digits_exact": dg.digits_exact(hypotheses, expected),
              "digit_count_right": dg.digit_count_right(hypotheses, expected),
-             "attention_grounding": dg.attention_grounding(words, maps, boxes, sizes),
+             "attention_grounding": dg.attention_grounding(words, maps, boxes, sizes, attention["layer"]),
              "distinct_captions": dg.distinct_captions(hypotheses), "images": len(hypotheses),
              "images_with_digits": sum(e is not None for e in expected.values()), "images_with_boxes": len(boxes)}
     return block, expected
@@ -204,5 +204,6 @@ def _write_report(path, title: str, metrics: dict, records: dict, attention: dic
                         "caption": caption, "references": records[image_id]["raw_captions"],
                         "cider": scored[image_id]["CIDEr"], "words": caption.split(),
                         "alphas": word_attention(attention["tokens"][row], attention["attention"][row]),
+                        "layer": attention["layer"],
                         "expected": expected.get(image_id), "named": digit_sequence(caption)})
     html_report(path, title, metrics["corpus"], entries, metrics["notes"], metrics["digits"], metrics["about"])

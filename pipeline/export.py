@@ -34,8 +34,8 @@ def export(model_dir, out_dir, identity: dict, beam_size: int, max_length: int, 
     from pipeline.model import load_model
 
     model, vocab, provenance = load_model(model_dir)
-    size = provenance["encoder"]["image_size"]
-    encoder = encoder_lib.build_encoder(identity, size)
+    size, layer = provenance["encoder"]["image_size"], encoder_lib.layer_of(provenance["encoder"]["encoder"])
+    encoder = encoder_lib.build_encoder(identity, size, layer)
     unk = vocab.index["<unk>"] if suppress_unk else None
     search = decode.beam_fn(model, beam_size, max_length, vocab.index["<start>"], vocab.index["<end>"], unk,
                             length_penalty)
@@ -66,7 +66,7 @@ def export(model_dir, out_dir, identity: dict, beam_size: int, max_length: int, 
 
     module = Captioner()
     about = {"model": str(model_dir), "encoder": {k: v for k, v in identity.items() if k != "path"},
-             "image_size": size, "positions": provenance.get("positions", 64),
+             "image_size": size, "layer": layer, "positions": provenance.get("positions", 64),
              "decoding": {"beam_size": beam_size, "max_length": max_length, "length_penalty": length_penalty,
                           "suppress_unk": suppress_unk},
              "signature": {"inputs": {"images": "tf.string [batch], encoded JPEG/PNG bytes"},

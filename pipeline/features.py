@@ -87,12 +87,12 @@ def software_versions() -> dict:
             "h5py": version("h5py"), "numpy": np.__version__, "pillow": PIL.__version__}
 
 
-def encoder_forward(identity: dict, image_size: int):
-    """A compiled uint8 (B, S, S, 3) → float16 (B, P, 2048) function, built once per process and setting."""
-    key = (tuple(sorted(identity.items())), image_size)
+def encoder_forward(identity: dict, image_size: int, layer: str = encoder_lib.DEFAULT_LAYER):
+    """A compiled uint8 (B, S, S, 3) → float16 (B, P, D) function, built once per process and setting."""
+    key = (tuple(sorted(identity.items())), image_size, layer)
     if key not in _encoders:
         import tensorflow as tf
-        model = encoder_lib.build_encoder(identity, image_size)
+        model = encoder_lib.build_encoder(identity, image_size, layer)
 
         @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.uint8)])
         def forward(batch):
@@ -103,22 +103,24 @@ def encoder_forward(identity: dict, image_size: int):
 
 
 def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_size: int, attrs: dict,
-                  compression: str | None = None, workers: int | None = None, progress_callback=None) -> dict:
+                  compression: str | None = None, workers: int | None = None, progress_callback=None,
+                  layer: str = encoder_lib.DEFAULT_LAYER) -> dict:
     """Extract features of `image_list` ([[image_id, root, path], ...]) into the shard `out_path`.
     Undecodable images are recorded in the shard's `skipped` dataset, never stored as zeros. The encoder's
     provenance (weights identity, image size, preprocessing, software versions) goes into the attrs, plus
-    `attrs` given by the caller (store fingerprint, split, plan). compression: gzip, lzf, or none / None."""
+    `attrs` given by the caller (store fingerprint, split, plan). compression: gzip, lzf, or none / None.
+    layer: the InceptionV3 layer the features come from (pipeline.encoder.LAYERS)."""
     compression = None if compression in (None, "none") else compression
-    forward = encoder_forward(identity, image_size)
-    positions = encoder_lib.grid_size(image_size) ** 2
+    forward = encoder_forward(identity, image_size, layer)
+    shape = encoder_lib.grid_size(image_size, layer) ** 2, encoder_lib.LAYERS[layer]["channels"]
     name = Path(out_path).stem
     progress = Progress(len(image_list), name, "images", progress_callback)
     items = [((image_id, rel), str(Path(root) / rel)) for image_id, root, rel in image_list]
-    attrs = {**encoder_lib.weights_attrs(identity), "encoder": encoder_lib.ENCODER_NAME, "image_size": image_size,
-             "preprocess": encoder_lib.PREPROCESS, "software": software_versions(), **attrs}
+    attrs = {**encoder_lib.weights_attrs(identity), "encoder": encoder_lib.encoder_name(layer), "layer": layer,
+             "image_size": image_size, "preprocess": encoder_lib.PREPROCESS, "software": software_versions(), **attrs}
     start = time.monotonic()
     try:
-        summary = _write_shard(out_path, items, forward, image_size, batch_size, workers, positions, attrs,
+        summary = _write_shard(out_path, items, forward, image_size, batch_size, workers, shape, attrs,
                                compression, progress)
     except OSError as e:
         free = shutil.disk_usage(Path(out_path).parent).free
@@ -162,9 +164,9 @@ def plan_repair(annotations_dir, store_dir, split: str, shard_size: int) -> dict
     return repair
 
 
-def _write_shard(out_path, items, forward, image_size, batch_size, workers, positions, attrs, compression,
+def _write_shard(out_path, items, forward, image_size, batch_size, workers, shape, attrs, compression,
                  progress) -> dict:
-    with shards.ShardWriter(out_path, positions, encoder_lib.CHANNELS, attrs, compression) as writer:
+    with shards.ShardWriter(out_path, *shape, attrs, compression) as writer:
         for keys, batch, failures in images.iter_batches(items, image_size, batch_size, workers=workers):
             if len(keys):
                 features = forward(batch).numpy()

@@ -98,10 +98,10 @@ def previous_output(stage_dir, current: str, settings: dict, upstream: dict) -> 
 
 
 def caption_folder(outdir, folder, listing: dict, previous_dir, store, extract, decode, shard_size: int,
-                   shard_prefix: str) -> dict:
+                   shard_prefix: str, layer: str) -> dict:
     """Stage entry point. store: the folder feature store (a directory of shards); extract(shard path,
     [[id, folder, path], ...]) writes one shard; decode(index {"images": {id: (shard, row)}}) → (ids, tokens,
-    alphas, scores, captions). Returns the report."""
+    alphas, scores, captions); layer: the encoder layer whose grid the attention maps cover. Returns the report."""
     folder, outdir = Path(folder), Path(outdir)
     previous_listing, previous_captions, previous_attention = read_previous(previous_dir)
     listing = identify(folder, listing, previous_listing)
@@ -138,7 +138,7 @@ def caption_folder(outdir, folder, listing: dict, previous_dir, store, extract, 
             reason = skipped.get(image_id, (None, "no features (extraction failed)"))[1]
             problems.append({"path": path, "reason": reason})
             log.warning("skipped %s: %s", folder / path, reason)
-    _write_outputs(outdir, folder, listing, lines, attention)
+    _write_outputs(outdir, folder, listing, lines, attention, layer)
     decoded = set(wanted)
     report = {"folder": str(folder), "images": len(listing), "captioned": len(lines), "skipped": problems,
               "extracted": len(todo), "decoded": len(decoded),
@@ -148,7 +148,8 @@ def caption_folder(outdir, folder, listing: dict, previous_dir, store, extract, 
     return report
 
 
-def _write_outputs(outdir: Path, folder: Path, listing: dict, lines: list[dict], attention: dict) -> None:
+def _write_outputs(outdir: Path, folder: Path, listing: dict, lines: list[dict], attention: dict,
+                   layer: str) -> None:
     manifests.write_jsonl(outdir / "captions.jsonl", lines)
     with open(outdir / "captions.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "caption", "score"])
@@ -163,5 +164,5 @@ def _write_outputs(outdir: Path, folder: Path, listing: dict, lines: list[dict],
         t, a = attention[image_id]
         tokens[k, :len(t)], alphas[k, :len(a)] = t, a
     shards.write_attention(outdir / "attention.h5", ids, [f"images:0/{line['path']}" for line in lines], tokens,
-                           alphas, {"image_roots": [str(folder)]})
+                           alphas, {"image_roots": [str(folder)], "layer": layer})
     manifests.write_json(outdir / "listing.json", listing)

@@ -71,8 +71,8 @@ def attention_scale(alphas) -> float:
     return max(float(alphas.max()) if alphas.size else 0.0, 1e-12)
 
 
-def attention_maps(alphas, image_size: tuple[int, int], vmax: float | None = None):
-    """alphas (T, P) with P a square grid (64 → 8×8, row-major like the features) → (T, H, W) float32
+def attention_maps(alphas, image_size: tuple[int, int], vmax: float | None = None, layer: str = "mixed10"):
+    """alphas (T, P) with P a square grid of `layer` (64 → 8×8, row-major like the features) → (T, H, W) float32
     maps in [0, 1], upsampled smoothly to the image's (W, H) where the cells look (_place_grid). Every word
     shares ONE scale: map = weight / vmax, vmax defaulting to attention_scale(alphas) (the image's largest weight), so
     1.0 is the strongest attention of the whole caption and uniform attention stays at (1/P) / vmax."""
@@ -83,20 +83,25 @@ def attention_maps(alphas, image_size: tuple[int, int], vmax: float | None = Non
     alphas = np.asarray(alphas, np.float32)
     side = grid_side(alphas.shape[1])
     vmax = attention_scale(alphas) if vmax is None else vmax
-    maps = [_place_grid(alpha.reshape(side, side) / np.float32(vmax), image_size) for alpha in alphas]
+    maps = [_place_grid(alpha.reshape(side, side) / np.float32(vmax), image_size, layer) for alpha in alphas]
     return np.stack(maps) if maps else np.zeros((0, image_size[1], image_size[0]), np.float32)
 
 
-def _place_grid(grid, image_size: tuple[int, int]):
-    """A side × side map drawn where InceptionV3's cells look (pipeline.encoder.cell_edges): cells 32 px apart
-    with their centres 37.5 px in from the borders of the 32·side + 43 px input, edges extended to the
-    borders, then stretched to the image's (W, H) as the encoder squashed it."""
+def _place_grid(grid, image_size: tuple[int, int], layer: str):
+    """A side × side map drawn where InceptionV3's cells look (pipeline.encoder.cell_edges): for mixed10, cells
+    32 px apart with their centres 37.5 px in from the borders of the 32·side + 43 px input (mixed7: 16 px,
+    21.5 px, 16·side + 27 px), edges extended to the borders, then stretched to the image's (W, H) as the
+    encoder squashed it."""
     import numpy as np
     from PIL import Image
 
-    side = grid.shape[0]
-    cells = np.asarray(Image.fromarray(grid, mode="F").resize((32 * side, 32 * side), Image.BICUBIC))
-    square = np.pad(cells, ((21, 22), (21, 22)), mode="edge")            # 32·side + 43 px, centres at 37.5 + 32k
+    from pipeline.encoder import LAYERS
+
+    side, stride, offset = grid.shape[0], LAYERS[layer]["stride"], LAYERS[layer]["offset"]
+    cells = np.asarray(Image.fromarray(grid, mode="F").resize((stride * side, stride * side), Image.BICUBIC))
+    before = int(offset - stride / 2)                                      # 21 px for mixed10, 13 for mixed7
+    after = int(2 * offset - stride) - before                              # centres at offset + stride·k
+    square = np.pad(cells, ((before, after), (before, after)), mode="edge")
     return np.asarray(Image.fromarray(square, mode="F").resize(image_size, Image.BILINEAR)).clip(0, 1)
 
 
@@ -109,11 +114,11 @@ def scale_note(alphas) -> str:
             f"uniform attention = 1/{positions} = {1 / positions:.3f}")
 
 
-def attention_grid(image, words: list[str], alphas, path, columns: int = 4) -> None:
+def attention_grid(image, words: list[str], alphas, path, columns: int = 4, layer: str = "mixed10") -> None:
     """One panel per generated word: the image with that word's attention overlaid, titled with the word and
     its largest weight. All panels share one colour scale (attention_maps), shown by a colourbar in
-    attention-weight units with the uniform level 1/P marked. image: uint8 (H, W, 3); alphas (≥ len(words), P),
-    row k = word k (see word_attention)."""
+    attention-weight units with the uniform level 1/P marked. image: uint8 (H, W, 3); alphas (≥ len(words), P)
+    over the grid of `layer`, row k = word k (see word_attention)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,7 +131,7 @@ def attention_grid(image, words: list[str], alphas, path, columns: int = 4) -> N
     height, width = image.shape[:2]
     alphas = np.asarray(alphas, np.float32)[:len(words)]
     vmax = attention_scale(alphas)
-    maps = attention_maps(alphas, (width, height), vmax)
+    maps = attention_maps(alphas, (width, height), vmax, layer)
     rows = max(1, -(-len(words) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns + 1, 3 * rows * height / width + 0.4 * rows + 0.5),
                              layout="constrained")
@@ -200,7 +205,7 @@ def _entry_row(e: dict) -> str:
     import numpy as np
 
     alphas = np.asarray(e["alphas"], np.float32)[:len(e["words"])]
-    maps = attention_maps(alphas, (e["image"].shape[1], e["image"].shape[0]))
+    maps = attention_maps(alphas, (e["image"].shape[1], e["image"].shape[0]), layer=e.get("layer", "mixed10"))
     figures = "".join(f"<figure><img src='{_thumbnail_data_uri(e['image'], 72, m)}'>"
                       f"<figcaption>{html.escape(w)} ({a.max():.2f})</figcaption></figure>"
                       for w, m, a in zip(e["words"], maps, alphas))

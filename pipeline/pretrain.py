@@ -9,17 +9,20 @@ Data: demo scenes (pipeline/demo.py: 1–4 digits, tint, noise, 5% grayscale, JP
 (S = scene_size: the stage passes `[encoder] image_size`, 299) exactly as feature extraction resizes them
 (Pillow bilinear, no crop).
 
-Target: per mixed10 cell. InceptionV3's cell (i, j) is centred on input pixel (37.5 + 32 i, 37.5 + 32 j) (its
-strided layers are 'valid'); its label is the digit whose box contains that point, or 10 = background.
+Target: per cell of the feature layer (`layer`: mixed10 or mixed7, pipeline.encoder.LAYERS; the network above
+it is not run). InceptionV3's cell (i, j) is centred on input pixel (offset + stride·i, offset + stride·j)
+(mixed10: 37.5 + 32 i; mixed7: 21.5 + 16 i; its strided layers are 'valid'); its label is the digit whose box
+contains that point, or 10 = background.
 
-    images uint8 (B, C, C, 3) → preprocess_input → InceptionV3 base → mixed10 (B, g, g, 2048)
+    images uint8 (B, C, C, 3) → preprocess_input → InceptionV3 up to `layer` (B, g, g, D)
     → 1×1 convolution → logits (B, g, g, 11) → cross-entropy per cell
 
 Two phases, then one fix-up:
 1. Crops (`steps` × `batch_size`): square windows around one digit (or anywhere) resized to C×C (C = `crop`,
-   75 px, InceptionV3's minimum and cheapest input, one cell). Teaches the glyphs fast: ~120 crops/s on 2 cores.
+   75 px, InceptionV3's minimum and cheapest input: one mixed10 cell, 3×3 mixed7 cells). Teaches the glyphs
+   fast: ~120 crops/s on 2 cores.
 2. Whole scenes (`scene_steps` × `scene_batch_size`): the 299-px scenes the encoder will see, every one of the
-   8×8 cells labelled (a digit too small to contain a cell centre labels its nearest cell; background cells
+   8×8 (17×17) cells labelled (a digit too small to contain a cell centre labels its nearest cell; background cells
    weigh BACKGROUND_WEIGHT). Teaches the scale, the layout and the neighbours of the real input: ~10 scenes/s.
 3. Every batch norm's statistics are re-estimated on `bn_scenes` whole 299-px train-pool scenes
    (recalibrate_batchnorm), in float32, where the encoder is used.
@@ -43,31 +46,25 @@ import numpy as np
 from PIL import Image
 
 from pipeline import demo
+from pipeline.encoder import LAYERS, grid_size, truncated
 from pipeline.progress import Progress, format_seconds
 
 log = logging.getLogger("captioner")
 
 WEIGHTS_FILE = "inception_v3_digits.weights.h5"
 BACKGROUND = 10
-CELL_STRIDE, CELL_OFFSET = 32, 37.5   # mixed10 cell centres in input pixels (see the module docstring)
 BACKGROUND_WEIGHT = 0.3   # scene phase: ~90% of a scene's cells are background
 DEFAULTS = dict(steps=250, batch_size=64, crop=75, learning_rate=1e-3, warmup_steps=20, seed=0, bfloat16=True,
-                scene_steps=90, scene_batch_size=16, scene_size=299, crops_per_scene=3, val_crops=512,
-                val_scenes=128, bn_scenes=128, pool_seed=1797)
+                scene_steps=90, scene_batch_size=16, scene_size=299, layer="mixed10", crops_per_scene=3,
+                val_crops=512, val_scenes=128, bn_scenes=128, pool_seed=1797)
 
 
-def cell_grid(crop: int) -> int:
-    """Side of the mixed10 grid for a crop×crop input (same formula as pipeline.encoder.grid_size)."""
-    from pipeline.encoder import grid_size
-    return grid_size(crop)
-
-
-def cell_labels(boxes, x0: float, y0: float, crop: int, scale: float = 1.0) -> np.ndarray:
-    """(g, g) int labels of the cells of a crop whose top-left corner is (x0, y0) in scene pixels and whose
-    pixels are `scale` scene pixels each: the digit whose box (x, y, w, h, label) contains the cell's centre,
-    else BACKGROUND."""
-    g = cell_grid(crop)
-    centres = (CELL_OFFSET + CELL_STRIDE * np.arange(g)) * scale
+def cell_labels(boxes, x0: float, y0: float, crop: int, layer: str, scale: float = 1.0) -> np.ndarray:
+    """(g, g) int labels of the `layer` cells of a crop whose top-left corner is (x0, y0) in scene pixels and
+    whose pixels are `scale` scene pixels each: the digit whose box (x, y, w, h, label) contains the cell's
+    centre, else BACKGROUND."""
+    g, stride, offset = grid_size(crop, layer), LAYERS[layer]["stride"], LAYERS[layer]["offset"]
+    centres = (offset + stride * np.arange(g)) * scale
     labels = np.full((g, g), BACKGROUND, np.int32)
     for x, y, w, h, label in boxes:
         rows = (y0 + centres >= y) & (y0 + centres < y + h)
@@ -76,13 +73,13 @@ def cell_labels(boxes, x0: float, y0: float, crop: int, scale: float = 1.0) -> n
     return labels
 
 
-def scene_labels(boxes, size: int) -> np.ndarray:
+def scene_labels(boxes, size: int, layer: str) -> np.ndarray:
     """(g, g) labels of a whole size×size scene: cell_labels, plus each digit on the cell nearest its centre
-    (a digit narrower than the 32-px cell stride may contain no cell centre)."""
-    labels = cell_labels(boxes, 0, 0, size)
-    g = labels.shape[0]
+    (a digit narrower than the cell stride may contain no cell centre)."""
+    labels = cell_labels(boxes, 0, 0, size, layer)
+    g, stride, offset = labels.shape[0], LAYERS[layer]["stride"], LAYERS[layer]["offset"]
     for x, y, w, h, label in boxes:
-        nearest = lambda centre: int(np.clip(round((centre - CELL_OFFSET) / CELL_STRIDE), 0, g - 1))
+        nearest = lambda centre: int(np.clip(round((centre - offset) / stride), 0, g - 1))
         labels[nearest(y + h / 2), nearest(x + w / 2)] = label
     return labels
 
@@ -104,7 +101,7 @@ def render_scene(rng, digit_images, targets, pool, size: int) -> tuple[np.ndarra
     return np.asarray(image, np.uint8), scaled
 
 
-def sample_crops(rng, scene, boxes, crop: int, n: int):
+def sample_crops(rng, scene, boxes, crop: int, n: int, layer: str):
     """n square windows of a scene resized to crop×crop: → [(uint8 (crop, crop, 3), labels (g, g))].
 
     Five in six frame one digit whole — side 1.05–1.4 × its larger side, centre jittered by up to 15% —
@@ -124,7 +121,7 @@ def sample_crops(rng, scene, boxes, crop: int, n: int):
             x0 = min(max(cx - side / 2, 0), size - side)
             y0 = min(max(cy - side / 2, 0), size - side)
         window = image.resize((crop, crop), Image.Resampling.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
-        out.append((np.asarray(window, np.uint8), cell_labels(boxes, x0, y0, crop, side / crop)))
+        out.append((np.asarray(window, np.uint8), cell_labels(boxes, x0, y0, crop, layer, side / crop)))
     return out
 
 
@@ -135,7 +132,8 @@ def crop_batches(seed: int, pool, settings: dict):
     crops, labels = [], []
     while True:
         scene, boxes = render_scene(rng, digits.images, digits.target, pool, settings["scene_size"])
-        for image, label in sample_crops(rng, scene, boxes, settings["crop"], settings["crops_per_scene"]):
+        for image, label in sample_crops(rng, scene, boxes, settings["crop"], settings["crops_per_scene"],
+                                         settings["layer"]):
             crops.append(image)
             labels.append(label)
             if len(crops) == settings["batch_size"]:
@@ -143,13 +141,13 @@ def crop_batches(seed: int, pool, settings: dict):
                 crops, labels = [], []
 
 
-def scene_batches(seed: int, pool, batch_size: int, size: int):
+def scene_batches(seed: int, pool, batch_size: int, size: int, layer: str):
     """Endless (scenes uint8 (B, size, size, 3), labels (B, g, g)) batches of whole scenes of `pool`'s digits."""
     digits = demo.load_digits()
     rng = np.random.default_rng(seed)
     while True:
         scenes = [render_scene(rng, digits.images, digits.target, pool, size) for _ in range(batch_size)]
-        yield np.stack([s for s, _ in scenes]), np.stack([scene_labels(boxes, size) for _, boxes in scenes])
+        yield np.stack([s for s, _ in scenes]), np.stack([scene_labels(boxes, size, layer) for _, boxes in scenes])
 
 
 def pools(pool_seed: int) -> dict:
@@ -157,15 +155,17 @@ def pools(pool_seed: int) -> dict:
     return demo.sample_pools(np.random.default_rng(pool_seed), len(demo.load_digits().target))
 
 
-def build_classifier(side: int, like=None):
-    """(base InceptionV3(include_top=False) at side×side, model uint8 images → logits (B, g, g, 11) float32);
-    with `like` (another such model), starting from its weights (InceptionV3's weights fit any input size)."""
+def build_classifier(side: int, layer: str, like=None):
+    """(base InceptionV3(include_top=False) at side×side, model uint8 images → logits (B, g, g, 11) float32 from
+    `layer`); with `like` (another such model), starting from its weights (InceptionV3's weights fit any input
+    size). The base's blocks above `layer` are not trained (and stay as initialised in the saved file)."""
     import keras
 
     base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(side, side, 3))
     images = keras.Input((side, side, 3), dtype="uint8", name="images")
     x = keras.applications.inception_v3.preprocess_input(keras.ops.cast(images, "float32"))
-    logits = keras.layers.Conv2D(BACKGROUND + 1, 1, dtype="float32", name="cell_logits")(base(x))
+    features = truncated(base, layer)(x)
+    logits = keras.layers.Conv2D(BACKGROUND + 1, 1, dtype="float32", name="cell_logits")(features)
     model = keras.Model(images, logits, name="digits_pretraining")
     if like is not None:
         model.set_weights(like.get_weights())
@@ -185,13 +185,13 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
     size, seed = settings["scene_size"], settings["seed"]
     started = time.monotonic()
     try:
-        _, model = build_classifier(settings["crop"])
+        _, model = build_classifier(settings["crop"], settings["layer"])
         crop_losses = _fit(model, crop_batches(seed, split_pools["train"], settings), settings["steps"],
                            settings, "crops", 1.0, progress_callback)
         crop_accuracy = evaluate(model, split_pools["val"], settings)
-        scene_base, scene_model = build_classifier(size, like=model)
+        scene_base, scene_model = build_classifier(size, settings["layer"], like=model)
         scene_losses = _fit(scene_model, scene_batches(seed + 1, split_pools["train"], settings["scene_batch_size"],
-                                                       size),
+                                                       size, settings["layer"]),
                             settings["scene_steps"], settings, "scenes", BACKGROUND_WEIGHT, progress_callback)
     finally:   # extraction later in this process must build a float32 encoder
         keras.mixed_precision.set_global_policy(policy)
@@ -202,8 +202,8 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
     total = time.monotonic() - started
     report = {"pretrained_on": "scikit-learn handwritten digits (load_digits), the demo's train pool "
                                f"([demo] seed {settings['pool_seed']}), never ImageNet",
-              "task": "name the digit (or background) under each mixed10 cell: of windows of 299-px scenes "
-                      "resized to the crop size, then of whole 299-px scenes",
+              "task": f"name the digit (or background) under each {settings['layer']} cell: of windows of "
+                      f"{size}-px scenes resized to the crop size, then of whole {size}-px scenes",
               "settings": settings, "train_samples": len(split_pools["train"]),
               "seconds": round(total, 1), "training_seconds": round(seconds, 1),
               "final_loss": {"crops": _tail_mean(crop_losses), "scenes": _tail_mean(scene_losses)},
@@ -276,6 +276,7 @@ def recalibrate_batchnorm(base, pool, settings: dict):
     scene = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(size, size, 3))
     scene.set_weights(base.get_weights())
     norms = [layer for layer in scene.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    run = truncated(scene, settings["layer"])   # the batch norms above the feature layer are never used
     digits, rng = demo.load_digits(), np.random.default_rng(settings["seed"] + 7)
     batch = 16
     progress = Progress(settings["bn_scenes"], "re-estimating batch norm on scenes", "scenes", every=10)
@@ -283,7 +284,7 @@ def recalibrate_batchnorm(base, pool, settings: dict):
         scenes = np.stack([render_scene(rng, digits.images, digits.target, pool, size)[0] for _ in range(batch)])
         for layer in norms:
             layer.momentum = 1.0 - 1.0 / (k + 1)
-        scene(keras.applications.inception_v3.preprocess_input(scenes.astype(np.float32)), training=True)
+        run(keras.applications.inception_v3.preprocess_input(scenes.astype(np.float32)), training=True)
         progress.update(batch)
     for layer in norms:
         layer.momentum = 0.99   # Keras' InceptionV3 default, should anyone train it further
@@ -313,7 +314,8 @@ def evaluate_scenes(base, head, pool, settings: dict) -> dict:
     import keras
 
     batch = 16
-    batches = scene_batches(settings["seed"] + 1_000_003, pool, batch, settings["scene_size"])
+    batches = scene_batches(settings["seed"] + 1_000_003, pool, batch, settings["scene_size"], settings["layer"])
+    base = truncated(base, settings["layer"])
     n = max(1, settings["val_scenes"] // batch)
     model = lambda scenes: head(base(keras.applications.inception_v3.preprocess_input(scenes.astype(np.float32)),
                                      training=False))

@@ -2,8 +2,9 @@
 
 One shard = one HDF5 file `shard-<plan>-<split>-<k>.h5` in the store directory `features/<encoder-fp>/`:
 
-    features    float16 (n, P, D)   encoder output per image, P = positions (64 = 8×8 at 299 px, row-major),
-                                    D = channels (2048); chunks (1, P, D): one image per chunk, each with a
+    features    float16 (n, P, D)   encoder output per image, P = positions (row-major; at 299 px 64 = 8×8 for
+                                    mixed10, 289 = 17×17 for mixed7), D = channels (2048, 768: attrs "layer");
+                                    chunks (1, P, D): one image per chunk, each with a
                                     fletcher32 checksum (HDF5 refuses to return a damaged chunk)
     image_ids   int64 (n,)          COCO image ids, row order
     paths       utf-8 str (n,)      image path relative to its image root
@@ -267,6 +268,8 @@ def find_image(path, image_id: int) -> int | None:
 #   the workspace holding the file (it lies in <workspace>/captions/<fp>/) for images inside it, `images:<k>/...`
 #   for the k-th configured image root (attrs["image_roots"]: the roots when the file was written); tokens int32 (n, T) (0 = padding),
 #   attention float16 (n, T, P): the weights over the P positions when each word was chosen.
+#   attrs["layer"]: the InceptionV3 layer whose grid the positions are (pipeline.encoder.LAYERS); files written
+#   before it was recorded are mixed10's.
 
 
 def _image_path(attention_file, stored: str, dataset_roots: list[str]) -> str:
@@ -300,8 +303,9 @@ def write_attention(path, image_ids, paths, tokens, attention, attrs: dict) -> N
 
 
 def read_attention(path, image_id: int, dataset_roots=None) -> dict:
-    """{"path", "tokens" (T,), "attention" (T, P) float32} of one image from an attention-maps file; image paths
-    of `images:<k>` roots resolve through `dataset_roots` (the current [dataset] images), else the recorded ones."""
+    """{"path", "tokens" (T,), "attention" (T, P) float32, "layer"} of one image from an attention-maps file;
+    image paths of `images:<k>` roots resolve through `dataset_roots` (the current [dataset] images), else the
+    recorded ones."""
     with h5py.File(path, "r") as f:
         rows = np.flatnonzero(f["image_ids"][:] == image_id)
         if not len(rows):
@@ -309,14 +313,18 @@ def read_attention(path, image_id: int, dataset_roots=None) -> dict:
         row = int(rows[0])
         return {"path": _image_path(path, f["paths"].asstr()[row], _dataset_roots(f, dataset_roots)),
                 "tokens": f["tokens"][row],
-                "attention": f["attention"][row].astype(np.float32)}
+                "attention": f["attention"][row].astype(np.float32), "layer": _layer(f)}
 
 
 def read_all_attention(path, dataset_roots=None) -> dict:
     """The whole attention-maps file in one read: {"image_ids" (n,), "paths" [str], "tokens" (n, T),
-    "attention" (n, T, P) float16 as stored} (for evaluation, which needs every image's maps)."""
+    "attention" (n, T, P) float16 as stored, "layer"} (for evaluation, which needs every image's maps)."""
     with h5py.File(path, "r") as f:
         roots = _dataset_roots(f, dataset_roots)
         return {"image_ids": f["image_ids"][:], "paths": [_image_path(path, p, roots) for p in f["paths"].asstr()[:]],
                 "tokens": f["tokens"][:],
-                "attention": f["attention"][:]}
+                "attention": f["attention"][:], "layer": _layer(f)}
+
+
+def _layer(f) -> str:
+    return str(f.attrs.get("layer", "mixed10"))

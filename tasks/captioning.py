@@ -11,7 +11,7 @@ from pipeline.errors import InputError
 from storage import manifests, shards, workspace as ws
 from tasks import context
 from tasks.base import SplitStage, Stage
-from tasks.config import (config_files, decoder, evaluation, features, generation, section_values, training,
+from tasks.config import (config_files, decoder, encoder, evaluation, features, generation, section_values, training,
                           workspace_root)
 from tasks.features import (BuildVocabulary, ExtractAnnotations, ExtractFeatures, ExtractShard, PretrainDigitsEncoder,
                             encoder_identity, extraction_options, store_dir, store_settings)
@@ -128,7 +128,8 @@ class GenerateCaptions(SplitStage):
             shards.write_attention(tmp / f"{self.split}-attention.h5", ids, [paths[int(i)] for i in ids], tokens,
                                    attention, {"model": ws.portable(model_dir, workspace_root()),
                                                "beam_size": generation.read().beam_size,
-                                               "image_roots": context.dataset_image_roots()})
+                                               "image_roots": context.dataset_image_roots(),
+                                               "layer": encoder.read().layer})
 
 
 class CaptionImages(Stage):
@@ -177,7 +178,7 @@ class CaptionImages(Stage):
                                                {t.stage: t.fingerprint() for t in self.upstream_stages()})
         with self.atomic_output() as tmp:
             report = folders_lib.caption_folder(tmp, self.folder(), self.listing(), previous, store, extract, rows,
-                                                features.read().shard_size, f"shard-{plan}")
+                                                features.read().shard_size, f"shard-{plan}", encoder.read().layer)
         self.counts = {k: report[k] for k in ("images", "captioned", "extracted", "decoded", "reused_captions")}
         self.counts["skipped"] = len(report["skipped"])
 

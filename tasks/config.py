@@ -12,7 +12,7 @@ import luigi.cmdline_parser
 import luigi.lock
 import luigi.task_register
 
-from pipeline import settings_check, vocabulary as vocab_lib
+from pipeline import encoder as encoder_lib, settings_check, vocabulary as vocab_lib
 from pipeline.errors import InputError
 from storage import workspace as ws
 
@@ -156,7 +156,9 @@ class encoder(Section):
     """[encoder] InceptionV3 feature extractor."""
     weights = luigi.Parameter(default="imagenet",
                               description="imagenet | digits | path to a weights .h5 | random:<seed>")
-    image_size = luigi.IntParameter(default=299, description="input side in pixels; 299 gives 8x8 positions")
+    image_size = luigi.IntParameter(default=299, description="input side in pixels")
+    layer = luigi.ChoiceParameter(choices=list(encoder_lib.LAYERS), default=encoder_lib.DEFAULT_LAYER,
+                                  description="features from mixed10 (8x8x2048 at 299 px) or mixed7 (17x17x768)")
     batch_size = luigi.IntParameter(default=32, description="images per forward pass")
     decode_workers = luigi.IntParameter(default=0, description="image decoding threads; 0: one per CPU core")
 

@@ -80,4 +80,4 @@ def uses_digits_encoder() -> bool:
 
 def len_positions() -> int:
     """Attention positions of the configured image size (64 at 299 px)."""
-    return encoder_lib.grid_size(encoder.read().image_size) ** 2
+    return encoder_lib.grid_size(encoder.read().image_size, encoder.read().layer) ** 2

@@ -88,8 +88,10 @@ class PretrainDigitsEncoder(Stage):
     expected_files = (pretrain_lib.WEIGHTS_FILE, manifests.REPORT_FILE)
 
     def settings(self):
-        # trained, batch-norm re-estimated and checked on scenes of the size the encoder will see
-        return {**section_values(pretrain), "pool_seed": demo.read().seed, "scene_size": encoder.read().image_size}
+        # trained, batch-norm re-estimated and checked on scenes of the size the encoder will see, at its layer
+        e = encoder.read()
+        return {**section_values(pretrain), "pool_seed": demo.read().seed, "scene_size": e.image_size,
+                "layer": e.layer}
 
     def weights_path(self) -> Path:
         return Path(self.output().path) / pretrain_lib.WEIGHTS_FILE
@@ -119,7 +121,8 @@ _identities: dict = {}
 def store_settings() -> dict:
     """Everything that determines feature values: the encoder fingerprint covers exactly this."""
     identity = {k: v for k, v in encoder_identity().items() if k != "path"}   # a moved file is the same file
-    return {"encoder": encoder_lib.ENCODER_NAME, **identity, "image_size": encoder.read().image_size,
+    e = encoder.read()
+    return {"encoder": encoder_lib.encoder_name(e.layer), **identity, "image_size": e.image_size,
             "preprocess": encoder_lib.PREPROCESS, "dtype": "float16", "schema_version": shards.SCHEMA_VERSION}
 
 
@@ -131,7 +134,7 @@ def store_dir() -> Path:
 def extraction_options() -> dict:
     """pipeline.features.extract_shard's encoder and I/O arguments under the current config."""
     e = encoder.read()
-    return {"identity": encoder_identity(), "image_size": e.image_size, "batch_size": e.batch_size,
+    return {"identity": encoder_identity(), "image_size": e.image_size, "layer": e.layer, "batch_size": e.batch_size,
             "compression": features.read().compression, "workers": e.decode_workers or None}
 
 

@@ -73,9 +73,9 @@ def test_distinct_captions_compares_normalised_captions():
 W, H, SIDE = 160, 80, 4          # cells about 50, 30, 30, 50 px wide and 25, 15, 15, 25 px high (cell_edges)
 
 
-def one_hot(*cells):
-    """Attention rows (len(cells), 16) peaked at the given cells (a little spread elsewhere)."""
-    rows = np.full((len(cells), SIDE * SIDE), 0.01, np.float32)
+def one_hot(*cells, side=SIDE):
+    """Attention rows (len(cells), side²) peaked at the given cells (a little spread elsewhere)."""
+    rows = np.full((len(cells), side * side), 0.01, np.float32)
     for t, cell in enumerate(cells):
         rows[t, cell] = 1.0
     return rows / rows.sum(1, keepdims=True)
@@ -90,6 +90,20 @@ def test_cell_geometry_follows_the_squashed_image():
         (85.5 / 171 * W, 53.5 / 171 * H, 117.5 / 171 * W, 85.5 / 171 * H))
     assert dg.overlaps((0, 0, 40, 20), [39, 19, 5, 5])
     assert not dg.overlaps((0, 0, 40, 20), [40, 0, 10, 10])                 # touching edges: zero area
+
+
+def test_mixed7_cells_are_16_px_apart_from_21_5():
+    # mixed7 at 299 px: 17×17 cells centred at 21.5 + 16k, split at the midpoints 29.5, 45.5, …, 269.5
+    edges = cell_edges(17, "mixed7")
+    assert len(edges) == 18 and edges[1] * 299 == pytest.approx(29.5) and edges[16] * 299 == pytest.approx(269.5)
+    assert dg.cell_rectangle(18, 17, (299, 299), "mixed7") == pytest.approx((29.5, 29.5, 45.5, 45.5))
+    # a digit at x 30–45 is grounded by mixed7's column 1 but not by column 2
+    words, boxes = ["seven"], [[30, 30, 15, 15]]
+    assert dg.grounded_digit_words(words, one_hot(18, side=17), boxes, (299, 299), "mixed7") == (1, 1)
+    assert dg.grounded_digit_words(words, one_hot(19, side=17), boxes, (299, 299), "mixed7") == (0, 1)
+    # the picture puts the peak where the cell looks: cell (1, 1) at (37.5, 37.5) of 299 px
+    maps = attention_maps(one_hot(18, side=17), (299, 299), layer="mixed7")
+    assert np.unravel_index(np.argmax(maps[0]), maps[0].shape) == pytest.approx((37, 37), abs=2)
 
 
 def test_grounding_matches_kth_digit_word_to_kth_box_and_ignores_count_words():

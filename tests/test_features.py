@@ -35,6 +35,9 @@ def demo_images(tmp_path_factory):
 
 def test_grid_size_matches_inception():
     assert encoder_lib.grid_size(299) == 8 and encoder_lib.grid_size(75) == 1
+    assert encoder_lib.grid_size(299, "mixed7") == 17 and encoder_lib.grid_size(75, "mixed7") == 3
+    assert encoder_lib.layer_of(encoder_lib.encoder_name("mixed7")) == "mixed7"
+    assert encoder_lib.layer_of("keras.applications.InceptionV3(include_top=False)/mixed3") is None
 
 
 def test_weights_file_gives_the_same_features_as_the_model_it_was_saved_from(tmp_path, demo_images):

@@ -6,18 +6,22 @@ import numpy as np
 import pytest
 
 from pipeline import demo, pretrain
+from pipeline.encoder import grid_size
 from storage import workspace as ws
 from tests.conftest import run_luigi
 
 
 def test_cell_labels_mark_the_digit_under_each_cell_centre():
-    # a 107-px crop has a 2×2 grid with centres at 37.5 and 69.5 px
-    assert pretrain.cell_grid(107) == 2
-    labels = pretrain.cell_labels([(60, 0, 20, 50, 7)], x0=0, y0=0, crop=107)   # covers x 60–80, y 0–50
+    # a 107-px crop has a 2×2 mixed10 grid with centres at 37.5 and 69.5 px
+    assert grid_size(107) == 2
+    labels = pretrain.cell_labels([(60, 0, 20, 50, 7)], 0, 0, 107, "mixed10")   # covers x 60–80, y 0–50
     np.testing.assert_array_equal(labels, [[10, 7], [10, 10]])
     # the same box seen from a crop shifted 30 px right lands under the left column
-    labels = pretrain.cell_labels([(60, 0, 20, 50, 7)], x0=30, y0=0, crop=107)
+    labels = pretrain.cell_labels([(60, 0, 20, 50, 7)], 30, 0, 107, "mixed10")
     np.testing.assert_array_equal(labels, [[7, 10], [10, 10]])
+    # mixed7: a 75-px crop has 3×3 cells centred at 21.5, 37.5 and 53.5 px; x 30–45, y 0–40 holds two of them
+    np.testing.assert_array_equal(pretrain.cell_labels([(30, 0, 15, 40, 2)], 0, 0, 75, "mixed7"),
+                                  [[10, 2, 10], [10, 2, 10], [10, 10, 10]])
 
 
 def test_pretraining_sees_only_the_demo_train_pool(tmp_path):
@@ -34,23 +38,26 @@ def test_pretraining_sees_only_the_demo_train_pool(tmp_path):
 def test_cell_labels_follow_a_resized_window():
     # a 150-px scene window shown at 75 px: the single cell's centre is scene pixel (x0 + 75, y0 + 75)
     box = [(100, 100, 40, 40, 3)]
-    assert pretrain.cell_labels(box, 30, 30, crop=75, scale=2.0).tolist() == [[3]]
-    assert pretrain.cell_labels(box, 0, 0, crop=75, scale=2.0).tolist() == [[10]]
+    assert pretrain.cell_labels(box, 30, 30, 75, "mixed10", scale=2.0).tolist() == [[3]]
+    assert pretrain.cell_labels(box, 0, 0, 75, "mixed10", scale=2.0).tolist() == [[10]]
 
 
 def test_scene_labels_give_every_digit_a_cell():
     # cell centres of a 299-px scene: 37.5 + 32k. A 20-px-wide digit at x 42–62 contains no centre column
     # (37.5, 69.5): it still labels its nearest cell, and only that one
-    labels = pretrain.scene_labels([(42, 100, 20, 80, 4), (200, 20, 60, 60, 9)], 299)
+    labels = pretrain.scene_labels([(42, 100, 20, 80, 4), (200, 20, 60, 60, 9)], 299, "mixed10")
     assert labels.shape == (8, 8)
     assert labels[3, 0] == 4 and (labels == 4).sum() == 1             # centre (52, 140): row 3 (133.5)
-    assert pretrain.cell_labels([(42, 100, 20, 80, 4)], 0, 0, 299).max() == pretrain.BACKGROUND
+    assert pretrain.cell_labels([(42, 100, 20, 80, 4)], 0, 0, 299, "mixed10").max() == pretrain.BACKGROUND
     # x 200–260 holds column 6's centre (229.5), y 20–80 rows 0 and 1 (37.5, 69.5)
     assert np.argwhere(labels == 9).tolist() == [[0, 6], [1, 6]]
+    # mixed7's 17×17 cells, centred on 21.5 + 16k: x 42–62 holds column 2 (53.5), y 100–180 rows 5–9
+    fine = pretrain.scene_labels([(42, 100, 20, 80, 4)], 299, "mixed7")
+    assert fine.shape == (17, 17) and np.argwhere(fine == 4).tolist() == [[r, 2] for r in range(5, 10)]
 
 
 def test_scene_batches_are_whole_scenes_with_every_digit_labelled():
-    scenes, labels = next(pretrain.scene_batches(0, pretrain.pools(1797)["train"], 6, 299))
+    scenes, labels = next(pretrain.scene_batches(0, pretrain.pools(1797)["train"], 6, 299, "mixed10"))
     assert scenes.shape == (6, 299, 299, 3) and scenes.dtype == np.uint8 and labels.shape == (6, 8, 8)
     assert all(1 <= len(set(row[row != pretrain.BACKGROUND].tolist())) <= 4 for row in labels.reshape(6, -1))
 
@@ -63,18 +70,18 @@ def test_the_scene_phase_learns_from_whole_labelled_scenes():
     images = keras.Input((299, 299, 3), dtype="uint8")
     cells = keras.layers.AveragePooling2D(75, strides=32)(keras.ops.cast(images, "float32") / 255.0)   # 8×8
     model = keras.Model(images, keras.layers.Conv2D(pretrain.BACKGROUND + 1, 1)(cells))
-    batches = pretrain.scene_batches(0, pretrain.pools(1797)["train"], 8, 299)
+    batches = pretrain.scene_batches(0, pretrain.pools(1797)["train"], 8, 299, "mixed10")
     settings = {**pretrain.DEFAULTS, "learning_rate": 0.05, "warmup_steps": 1}
     losses = pretrain._fit(model, batches, 12, settings, "scenes", pretrain.BACKGROUND_WEIGHT, None)
     assert len(losses) == 12 and np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
 
 
-@pytest.mark.parametrize("crop", [75, 107])
-def test_crops_frame_digits_and_background(crop):
-    settings = {**pretrain.DEFAULTS, "batch_size": 96, "crop": crop}
+@pytest.mark.parametrize("crop,layer", [(75, "mixed10"), (107, "mixed10"), (75, "mixed7")])
+def test_crops_frame_digits_and_background(crop, layer):
+    settings = {**pretrain.DEFAULTS, "batch_size": 96, "crop": crop, "layer": layer}
     crops, labels = next(pretrain.crop_batches(0, pretrain.pools(1797)["train"], settings))
-    g = pretrain.cell_grid(crop)
+    g = grid_size(crop, layer)
     assert crops.shape == (96, crop, crop, 3) and crops.dtype == np.uint8
     assert labels.shape == (96, g, g)
     share = float(np.mean(labels != pretrain.BACKGROUND))
@@ -83,7 +90,7 @@ def test_crops_frame_digits_and_background(crop):
 
 
 def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
-    args = ["--split", "val", "--encoder-weights", "digits", "--pretrain-bn-scenes", "16",
+    args = ["--split", "val", "--encoder-weights", "digits", "--encoder-layer", "mixed7", "--pretrain-bn-scenes", "16",
             "--pretrain-steps", "3", "--pretrain-batch-size", "4", "--pretrain-scene-steps", "0",
             "--pretrain-val-scenes", "16"]   # the scene phase compiles InceptionV3 at 299 px: tested below, small
     first = run_luigi("ExtractFeatures", *args, workdir=workdir)
@@ -92,6 +99,7 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     weights = encoder_dir / pretrain.WEIGHTS_FILE
     report = json.loads((encoder_dir / "report.json").read_text())
     assert report["settings"]["steps"] == 3 and "never ImageNet" in report["pretrained_on"]
+    assert report["settings"]["layer"] == "mixed7" and "mixed7 cell" in report["task"]
     assert report["held_out"]["pool"] == "val"
     for phase in ("crops", "scenes"):
         assert 0 <= report["held_out"][phase]["digit_cells"] <= 1 and report["held_out"][phase]["digit_cell_count"]
@@ -105,8 +113,9 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
             assert f.attrs["weights"] == "digits" and f.attrs["pretrain"] == encoder_dir.name
             assert f.attrs["weights_sha256"] == ws.file_sha256(weights)
             assert "scikit-learn" in f.attrs["pretrained_on"] and "not ImageNet" in f.attrs["pretrained_on"]
+            assert f.attrs["layer"] == "mixed7" and f.attrs["encoder"].endswith("/mixed7")
             features = f["features"][:].astype(np.float32)
-            assert np.isfinite(features).all()
+            assert features.shape[1:] == (17 * 17, 768) and np.isfinite(features).all()
             # batch norms re-estimated on scenes: activations at the scale they were normalised to, not
             # the thousands a crop-trained network gives on a 299-px scene
             assert 0 < features.mean() < 10
