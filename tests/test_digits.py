@@ -177,7 +177,7 @@ def test_summary_table_and_html_report_show_cider_d_digits_and_diversity(tmp_pat
     assert "digits exact" in page and "3 distinct captions / 4 images" in page and "uniform attention = 1/16" in page
 
 
-def write_split(tmp_path, records, captions, tokens, attention):
+def write_split(tmp_path, records, captions, tokens, attention, attrs=None):
     """A tiny GenerateCaptions output + manifest for evaluate_split (images are plain grey JPEGs)."""
     paths = []
     for r in records:
@@ -188,7 +188,8 @@ def write_split(tmp_path, records, captions, tokens, attention):
         f.writelines(json.dumps(r) + "\n" for r in records)
     (tmp_path / "test.json").write_text(json.dumps([{"image_id": r["image_id"], "caption": c}
                                                     for r, c in zip(records, captions)]))
-    shards.write_attention(tmp_path / "att.h5", [r["image_id"] for r in records], paths, tokens, attention, {})
+    shards.write_attention(tmp_path / "att.h5", [r["image_id"] for r in records], paths, tokens, attention,
+                           attrs or {})
 
 
 class Collect(logging.Handler):
@@ -228,6 +229,22 @@ def test_evaluate_split_adds_digit_metrics(tmp_path):
     assert json.loads((tmp_path / "out" / "test.json").read_text())["digits"] == d
     assert "digits exact" in collect.text and "CIDEr-D" in collect.text
     assert "digits exact" in (tmp_path / "out" / "test-report.html").read_text()
+
+
+@pytest.mark.parametrize("layer,grounded", [("mixed7", 1.0), (None, 0.0)])
+def test_evaluate_split_places_cells_where_the_attention_files_layer_looks(tmp_path, layer, grounded):
+    # a 17×17 map peaked at cell (1, 1): mixed7's cell spans 29.5–45.5 px of 299, so it overlaps a digit at
+    # 44–45 px; a file without a layer attr is read as mixed10 (a 17×17 mixed10 grid: 587 px input, cell 1 at
+    # 53.5–85.5 px of it = 27.3–43.6 of 299), which misses it
+    records = [{"image_id": 1, "captions": ["a seven"], "digits": [7], "digit_boxes": [[44, 44, 1, 1]],
+                "width": 299, "height": 299}]
+    attention = one_hot(18, 18, side=17)[None]
+    write_split(tmp_path, records, ["a seven"], np.array([[4, 5]], np.int32), attention,
+                {"layer": layer} if layer else None)
+    assert shards.read_all_attention(tmp_path / "att.h5")["layer"] == (layer or "mixed10")
+    metrics = evaluate_split(tmp_path / "out", "test", tmp_path / "test.json", tmp_path / "att.h5",
+                             tmp_path / "test.jsonl", java=False, examples=1)
+    assert metrics["digits"]["attention_grounding"] == grounded
 
 
 def test_evaluate_split_without_digit_fields_reports_null_not_zero(tmp_path):
