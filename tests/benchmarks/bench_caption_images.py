@@ -68,7 +68,7 @@ def main():
         out = tmp / f"out-{time.monotonic_ns()}"
         out.mkdir()
         folders.caption_folder(out, folder, listing, None, store, extract,
-                               lambda index: rows(index, store), 250, "shard-folder-bench")
+                               lambda index: rows(index, store), 250, "shard-folder-bench", "mixed10")
 
     def timed(fn):
         store = tmp / f"store-{time.monotonic_ns()}"
