@@ -33,10 +33,11 @@ from storage.workspace import file_sha256
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
 # where keras.applications.InceptionV3 downloads it from (keras 3.x: keras/src/applications/inception_v3.py)
 IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/" + IMAGENET_FILE)
-# The feature layers `[encoder] layer` offers: their channels, and where cell k of their grid is centred on the
-# input (offset + stride·k pixels: InceptionV3's strided layers are 'valid', so the grid does not span the input).
-LAYERS = {"mixed10": {"channels": 2048, "stride": 32, "offset": 37.5},
-          "mixed7": {"channels": 768, "stride": 16, "offset": 21.5}}
+# The feature layers `[encoder] layer` offers: their channels, how many stride-2 reduction blocks (mixed3,
+# mixed8) lie between the stem and them, and where cell k of their grid is centred on the input (offset +
+# stride·k pixels: InceptionV3's strided layers are 'valid', so the grid does not span the input).
+LAYERS = {"mixed10": {"channels": 2048, "reductions": 2, "stride": 32, "offset": 37.5},
+          "mixed7": {"channels": 768, "reductions": 1, "stride": 16, "offset": 21.5}}
 DEFAULT_LAYER = "mixed10"
 PREPROCESS = "pillow bilinear resize to SxS (no crop), x/127.5-1 (inception_v3.preprocess_input)"
 _NAME_PREFIX = "keras.applications.InceptionV3(include_top=False)/"
@@ -66,8 +67,9 @@ def grid_size(image_size: int, layer: str = DEFAULT_LAYER) -> int:
     s = (s - 3) // 2 + 1                # max-pool 3×3 stride 2
     s = s - 2                           # conv 3×3
     s = (s - 3) // 2 + 1                # max-pool 3×3 stride 2
-    s = (s - 3) // 2 + 1                # mixed3 reduction: mixed4 … mixed7
-    return s if layer == "mixed7" else (s - 3) // 2 + 1             # mixed8 reduction: mixed8 … mixed10
+    for _ in range(LAYERS[layer]["reductions"]):
+        s = (s - 3) // 2 + 1            # mixed3 reduction (→ mixed4 … mixed7), mixed8's (→ mixed8 … mixed10)
+    return s
 
 
 def grid_side(positions: int) -> int:
@@ -76,6 +78,11 @@ def grid_side(positions: int) -> int:
     if side * side != positions:
         raise ValueError(f"{positions} attention positions are not a square grid")
     return side
+
+
+def cell_centres(side: int, layer: str = DEFAULT_LAYER) -> np.ndarray:
+    """Input pixel on which each of the side cells of a row (or column) of `layer` is centred: offset + stride·k."""
+    return LAYERS[layer]["offset"] + LAYERS[layer]["stride"] * np.arange(side)
 
 
 def cell_edges(side: int, layer: str = DEFAULT_LAYER) -> list[float]:
@@ -88,7 +95,7 @@ def cell_edges(side: int, layer: str = DEFAULT_LAYER) -> list[float]:
     the attention pictures and attention grounding."""
     stride, offset = LAYERS[layer]["stride"], LAYERS[layer]["offset"]
     size = stride * side + 2 * offset - stride
-    centres = [offset + stride * k for k in range(side)]
+    centres = cell_centres(side, layer).tolist()
     middles = [(a + b) / 2 / size for a, b in zip(centres, centres[1:])]
     return [0.0, *middles, 1.0]
 

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import demo
-from pipeline.encoder import LAYERS, grid_size, truncated
+from pipeline.encoder import LAYERS, cell_centres, grid_size, truncated
 from pipeline.progress import Progress, format_seconds
 
 log = logging.getLogger("captioner")
@@ -63,8 +63,8 @@ def cell_labels(boxes, x0: float, y0: float, crop: int, layer: str, scale: float
     """(g, g) int labels of the `layer` cells of a crop whose top-left corner is (x0, y0) in scene pixels and
     whose pixels are `scale` scene pixels each: the digit whose box (x, y, w, h, label) contains the cell's
     centre, else BACKGROUND."""
-    g, stride, offset = grid_size(crop, layer), LAYERS[layer]["stride"], LAYERS[layer]["offset"]
-    centres = (offset + stride * np.arange(g)) * scale
+    g = grid_size(crop, layer)
+    centres = cell_centres(g, layer) * scale
     labels = np.full((g, g), BACKGROUND, np.int32)
     for x, y, w, h, label in boxes:
         rows = (y0 + centres >= y) & (y0 + centres < y + h)
