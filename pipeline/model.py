@@ -7,6 +7,7 @@ H recurrent units, E word embedding size, V vocabulary, T caption steps.
     a = relu(W_a x + W_p pos)               (B, P, F)  projected once per sequence; pos (P, 16): each cell's
                                                        row and column as sin/cos at 4 frequencies (optional)
     k = U a                                 (B, P, A)  attention keys, also once per sequence
+                                                       (positions = "keys": a = relu(W_a x), k = U relu(W_a x + W_p pos))
     h0, c0 = tanh(W_h mean(a)), tanh(W_c mean(a))
     step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state
              α = softmax(e);  z = β Σ α a   (B, F)     β = sigmoid(w_β h), a gating scalar
@@ -17,9 +18,13 @@ Loss (Xu et al. eq. 14, per caption): Σ_t −log p(y_t) + λ Σ_i (1 − Σ_t �
 summed over the batch and divided by the batch's real tokens, so the cross-entropy part is the usual per-token
 mean and the doubly stochastic part is on the same per-word footing (see caption_loss).
 
-The position encoding (`positions = True`; not in the paper) tells the decoder where each cell is. Convolutional
-features say little about absolute position, and a caption that reads digits left to right needs it: with it, the
-attention can step from one digit to the next (README, "What the demo reaches").
+The position encoding (not in the paper) tells the decoder where each cell is. Convolutional features say little
+about absolute position, and a caption that reads digits left to right needs it: with it, the attention can step
+from one digit to the next (README, "What the demo reaches"). `positions`:
+    False    none (the paper);
+    True     added to the projected features: the keys (where to look) and the context (what is read) both see them;
+    "keys"   added to the attention keys only: the attention knows where each cell is, the context reads the cells'
+             contents alone (on the demo it attends to the digit itself more often; README, "A finer grid").
 """
 from __future__ import annotations
 
@@ -32,19 +37,24 @@ from pipeline.vocabulary import Vocabulary
 from storage import manifests
 
 
+POSITIONS = (False, True, "keys")   # [decoder] positions = false | true | keys (see the module docstring)
+
+
 class ShowAttendTell(keras.Model):
     """Call: (features (B, P, D) float, words_in (B, T) int) → (logits (B, T, V), alphas (B, T, P))."""
 
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
                  units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
-                 positions: bool = False, **kwargs):
+                 positions: bool | str = False, **kwargs):
         super().__init__(**kwargs)
         self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
                            embed_dim=embed_dim, units=units, dropout=dropout, cell=cell,
                            feature_channels=feature_channels, positions=positions)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
-        self.units, self.cell_kind = units, cell
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        self.units, self.cell_kind, self.positions_in = units, cell, positions
         self.project = keras.layers.Dense(feature_dim, name="project_features")
         self.project_positions = (keras.layers.Dense(feature_dim, use_bias=False, name="project_positions")
                                   if positions else None)
@@ -80,12 +90,16 @@ class ShowAttendTell(keras.Model):
         """features (B, P, D) → (a (B, P, F), keys (B, P, A), initial state [h, c] or [h])."""
         features = (tf.cast(features, tf.float32) - self.feature_mean) / self.feature_std
         a = self.project(tf.cast(features, self.compute_dtype))
+        placed = None
         if self.project_positions is not None:
-            a = a + self.project_positions(tf.cast(position_encoding(tf.shape(features)[1]), self.compute_dtype))
+            placed = a + self.project_positions(tf.cast(position_encoding(tf.shape(features)[1]), self.compute_dtype))
+            if self.positions_in is True:
+                a, placed = placed, None
         a = tf.nn.relu(a)
+        keys = self.keys(a if placed is None else tf.nn.relu(placed))
         mean = tf.reduce_mean(a, axis=1)
         state = [self.init_h(mean), self.init_c(mean)] if self.cell_kind == "lstm" else [self.init_h(mean)]
-        return a, self.keys(a), state
+        return a, keys, state
 
     def attend(self, a, keys, h):
         """One attention read: → (context z (B, F) gated by β, α (B, P))."""

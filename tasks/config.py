@@ -60,7 +60,7 @@ class Section(luigi.Config):
             try:
                 param.task_value(section, name)
             except Exception as e:   # luigi's own parse error does not say which key
-                kind = type(param).__name__.replace("Parameter", "").lower() or "string"
+                kind = getattr(param, "kind", type(param).__name__.replace("Parameter", "").lower() or "string")
                 raise InputError(f"[{section}] {name}: not a valid {kind} ({e}). Fix: {cls._where(name)}.") from e
         instance = cls()
         problems = instance.problems()
@@ -202,6 +202,25 @@ class features(Section):
         return self.require(self.shard_size >= 1, "shard_size", "must be at least 1")
 
 
+class PositionsParameter(luigi.Parameter):
+    """[decoder] positions = false | true | keys → False, True or "keys" (pipeline.model.POSITIONS): no cell
+    positions, added to the projected features, or added to the attention keys only. Booleans for the first two
+    keep the fingerprints and decoder.json files written before `keys` existed."""
+    VALUES = {"false": False, "true": True, "keys": "keys"}
+    kind = "choice"   # for Section.read's message
+
+    def parse(self, x):
+        if isinstance(x, bool) or x == "keys":
+            return x
+        value = self.VALUES.get(str(x).strip().lower())
+        if value is None:
+            raise ValueError(f"{x!r} is not one of false, true, keys")
+        return value
+
+    def serialize(self, x):
+        return x if isinstance(x, str) else str(x).lower()
+
+
 class decoder(Section):
     """[decoder] Show-Attend-Tell model sizes (pipeline/model.py)."""
     feature_dim = luigi.IntParameter(default=512, description="features projected to this size once per image")
@@ -210,8 +229,7 @@ class decoder(Section):
     units = luigi.IntParameter(default=512, description="LSTM (or GRU) units")
     dropout = luigi.FloatParameter(default=0.5)
     cell = luigi.ChoiceParameter(choices=["lstm", "gru"], default="lstm")
-    positions = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                    description="add each cell's row and column to its projected features")
+    positions = PositionsParameter(default=True)
 
     def problems(self):
         out = []

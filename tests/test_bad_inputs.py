@@ -137,6 +137,7 @@ BAD_SETTINGS = [
     (("--decoder-units", "-1"), ["[decoder] units = -1 must be at least 1"]),
     (("--generation-beam-size", "0"), ["[generation] beam_size = 0 must be at least 1"]),
     (("--training-batch-size", "lots"), ["[training] batch_size: not a valid int"]),
+    (("--decoder-positions", "maybe"), ["[decoder] positions: not a valid choice", "not one of false, true, keys"]),
 ]
 
 

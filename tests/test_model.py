@@ -38,7 +38,7 @@ def test_attention_weights_sum_to_one_per_step():
     np.testing.assert_allclose(tf.reduce_sum(alphas, -1).numpy(), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("positions", [False, True])
+@pytest.mark.parametrize("positions", [False, True, "keys"])
 def test_only_the_position_encoding_tells_where_a_cell_is(positions):
     # the same cells in another order: without positions the decoder is blind to the order (its attention
     # follows the cells, its words do not change); with them it sees a different image
@@ -49,9 +49,27 @@ def test_only_the_position_encoding_tells_where_a_cell_is(positions):
     logits, alphas = model(features, words)
     logits_moved, alphas_moved = model(tf.gather(features, order, axis=1), words)
     same = np.allclose(logits.numpy(), logits_moved.numpy(), atol=1e-5)
-    assert same != positions
+    assert same != bool(positions)
     if not positions:
         np.testing.assert_allclose(tf.gather(alphas, order, axis=2).numpy(), alphas_moved.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("positions", [True, "keys"])
+def test_keys_positions_place_the_attention_keys_only(positions):
+    # what the context reads (a) follows the cells when they move unless positions are added to it; the keys
+    # (where to look) always carry the positions
+    model = small_model(positions=positions)
+    features = tf.random.stateless_normal((1, P, D), seed=(5, 6))
+    order = np.random.default_rng(1).permutation(P)
+    a, keys, _ = model.encode(features)
+    a_moved, keys_moved, _ = model.encode(tf.gather(features, order, axis=1))
+    assert np.allclose(tf.gather(a, order, axis=1).numpy(), a_moved.numpy(), atol=1e-6) == (positions == "keys")
+    assert not np.allclose(tf.gather(keys, order, axis=1).numpy(), keys_moved.numpy(), atol=1e-5)
+
+
+def test_unknown_positions_value_is_refused():
+    with pytest.raises(ValueError, match="positions must be one of"):
+        small_model(positions="values")
 
 
 def test_position_encoding_is_distinct_per_cell():
