@@ -37,6 +37,9 @@ def training_curves(history: list[dict], path) -> None:
     right.plot(epochs, [h["val_CIDEr"] for h in history], marker="s", label="CIDEr-D")
     if history and history[0].get("val_digits_exact") is not None:
         right.plot(epochs, [h["val_digits_exact"] for h in history], marker="^", label="digits exact")
+    kept = [h["epoch"] for h in history if h.get("best")]
+    if kept:   # the epoch whose weights the model directory holds ([training] select_by)
+        right.axvline(kept[-1], color="gray", linestyle=":", label=f"kept: epoch {kept[-1]}")
     right.set(xlabel="epoch", title="validation, decoded as GenerateCaptions decodes")
     right.legend()
     for ax in (left, right):

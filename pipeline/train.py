@@ -6,8 +6,9 @@ strategy (MirroredStrategy over several GPUs, default strategy otherwise), optio
 Checkpoints (model, optimizer, counters) every `checkpoint_every` steps and at each epoch end, in a
 directory outside the task output. Each epoch ends with free-running decoding of the val split with the
 [generation] settings (beam, length penalty, <unk> suppression: what GenerateCaptions will run) scored with
-BLEU-4 and CIDEr-D; the best-CIDEr-D weights are kept; training stops early after `patience` epochs without a
-better CIDEr-D. Loss parts, learning rate, speed and validation scores also go to TensorBoard
+BLEU-4 and CIDEr-D (and digits exact when the val images have digit labels); the best epoch's weights are
+kept — best by val CIDEr-D, or with `select_by = digits_exact` by val digits exact, CIDEr-D breaking ties
+(selection_key) — and training stops early after `patience` epochs without a better one. Loss parts, learning rate, speed and validation scores also go to TensorBoard
 (pipeline/tensorboard.py: checkpoints/<fp>/tensorboard/).
 """
 from __future__ import annotations
@@ -41,12 +42,21 @@ DEFAULTS = dict(
     feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm", positions=False,
     # [training]
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
-    attention_lambda=1.0, patience=5, checkpoint_every=500, shuffle_buffer=1000, block_rows=256, seed=0,
+    attention_lambda=1.0, patience=5, select_by="cider", checkpoint_every=500, shuffle_buffer=1000, block_rows=256, seed=0,
     mixed_precision=False, jit_compile=False, strategy="auto", val_batch_size=128, cpu_devices=1,
     # [generation]: validation decodes exactly as GenerateCaptions will, so the best epoch is chosen for it
     decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
 )
 DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions")
+SELECT_BY = ("cider", "digits_exact")
+SELECTION_NAMES = {"cider": "CIDEr-D", "digits_exact": "digits exact (CIDEr-D breaking ties)"}
+
+
+def selection_key(entry: dict, select_by: str) -> tuple:
+    """What ranks an epoch's history entry: (val CIDEr-D,) or (val digits exact, val CIDEr-D)."""
+    if select_by == "digits_exact":
+        return entry["val_digits_exact"], entry["val_CIDEr"]
+    return (entry["val_CIDEr"],)
 
 
 # -------------------------------------------------------------------------------------------- model bits
@@ -150,12 +160,15 @@ def exclusive_lock(path: Path):
 def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, annotations_dir, vocab_path,
            settings: dict, provenance, progress_callback) -> list:
     """train_decoder's run: the data, the (restored) training state, epochs until `epochs` or `patience` epochs
-    without a better val CIDEr-D, then the model directory with the best epoch's weights."""
+    without a better epoch (`select_by`), then the model directory with the best epoch's weights."""
     import keras
 
     vocab = Vocabulary.load(vocab_path)
     keras.utils.set_random_seed(settings["seed"])
     data = _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings["batch_size"])
+    if settings["select_by"] == "digits_exact" and not any(data.val_digits.values()):
+        raise InputError("[training] select_by = digits_exact, but no val image has digits to name (no \"digits\" "
+                         "labels, no digit words in its references). Fix: select_by = cider.")
     state = _TrainingState(Path(checkpoint_dir), data, len(vocab), settings)
     train_step = make_train_step(state.model, state.optimizer, state.strategy, settings)
     board = TrainingBoard(checkpoint_dir)
@@ -164,7 +177,8 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
         _end_epoch(state, data, vocab, losses, seen, seconds, board, settings)
     board.close()
     if state["bad_epochs"] >= settings["patience"]:
-        log.info("early stop: no better val CIDEr-D for %d epochs", settings["patience"])
+        log.info("early stop: no better val %s for %d epochs", SELECTION_NAMES[settings["select_by"]],
+                 settings["patience"])
     write_model_dir(outdir, state.best_weights, state.model, vocab_path, settings, state.history, provenance or {})
     return state.history
 
@@ -187,8 +201,8 @@ def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, batch_
 
 class _TrainingState:
     """Model, optimizer, counters and history of one training, checkpointed together in `checkpoint_dir` and
-    restored from its latest checkpoint. state[name] reads a counter: epoch, step, step_in_epoch, best (val
-    CIDEr-D), bad_epochs."""
+    restored from its latest checkpoint. state[name] reads a counter: epoch, step, step_in_epoch, best (the best
+    epoch's val CIDEr-D, or digits exact with select_by = digits_exact), bad_epochs."""
 
     def __init__(self, checkpoint_dir: Path, data, vocab_size: int, settings: dict):
         import tensorflow as tf
@@ -212,9 +226,9 @@ class _TrainingState:
             checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
             history = manifests.read_json(self.history_path) if self.history_path.exists() else []
             self.history = history[:self["epoch"]]   # epochs after the checkpoint are trained again
-            log.info("resuming from checkpoint %s: epoch %d, step %d (%d into the epoch), best CIDEr-D %.4f",
+            log.info("resuming from checkpoint %s: epoch %d, step %d (%d into the epoch), best val %s %.4f",
                      self.manager.latest_checkpoint, self["epoch"] + 1, self["step"], self["step_in_epoch"],
-                     self["best"])
+                     SELECTION_NAMES[settings["select_by"]], self["best"])
         else:   # a resumed run restored them with the checkpoint
             mean, std = feature_statistics(data.train_rows, settings["block_rows"])
             self.model.feature_mean.assign(mean)
@@ -261,27 +275,29 @@ def _train_epoch(state: _TrainingState, data, train_step, board, settings: dict,
 
 def _end_epoch(state: _TrainingState, data, vocab, losses: list, seen: int, seconds: float, board,
                settings: dict) -> None:
-    """Validate the epoch's weights decoding as GenerateCaptions will, keep them when val CIDEr-D improved,
-    record the epoch (history, log, TensorBoard) and checkpoint."""
+    """Validate the epoch's weights decoding as GenerateCaptions will, keep them when the epoch is the best so
+    far (selection_key), record the epoch (history, log, TensorBoard) and checkpoint."""
     hyps = decoded_captions(state.model, data.val_rows, vocab, settings["decoding"], settings["val_batch_size"],
                             settings["block_rows"])
     scores = validation_scores(data.val_refs, hyps)
-    improved = scores["CIDEr"] > state["best"]
+    means = np.mean(losses, axis=0).tolist() if losses else [None] * 3
+    exact = digits.digits_exact(hyps, data.val_digits)   # None unless the captions name digits (the demo)
+    entry = {"epoch": state["epoch"] + 1, "loss": means[0], "xent": means[1], "attention": means[2],
+             "attention_lambda": settings["attention_lambda"], "val_Bleu_4": scores["Bleu_4"],
+             "val_CIDEr": scores["CIDEr"], "val_digits_exact": exact,
+             "val_distinct": digits.distinct_captions(hyps), "seconds": round(seconds, 2),
+             "captions_per_second": round(seen / max(seconds, 1e-9), 1), "best": False,
+             "example": next(iter(hyps.values()), "")}
+    key = lambda e: selection_key(e, settings["select_by"])
+    improved = entry["best"] = all(key(entry) > key(e) for e in state.history)
     if improved:
         with atomic_file(state.best_weights, suffix=".weights.h5") as tmp:
             state.model.save_weights(str(tmp))
-        state.counters["best"].assign(scores["CIDEr"])
+        state.counters["best"].assign(key(entry)[0])
         state.counters["bad_epochs"].assign(0)
     else:
         state.counters["bad_epochs"].assign_add(1)
-    means = np.mean(losses, axis=0).tolist() if losses else [None] * 3
-    exact = digits.digits_exact(hyps, data.val_digits)   # None unless the captions name digits (the demo)
-    state.history.append({"epoch": state["epoch"] + 1, "loss": means[0], "xent": means[1], "attention": means[2],
-                          "attention_lambda": settings["attention_lambda"], "val_Bleu_4": scores["Bleu_4"],
-                          "val_CIDEr": scores["CIDEr"], "val_digits_exact": exact,
-                          "val_distinct": digits.distinct_captions(hyps), "seconds": round(seconds, 2),
-                          "captions_per_second": round(seen / max(seconds, 1e-9), 1), "best": improved,
-                          "example": next(iter(hyps.values()), "")})
+    state.history.append(entry)
     log.info("epoch %d/%d: loss %.4f (xent %.4f + %g × attention %.4f), val BLEU-4 %.4f, CIDEr-D %.4f%s, "
              "%s%.0fs, %.1f captions/s", state["epoch"] + 1, settings["epochs"], means[0] or float("nan"),
              means[1] or float("nan"), settings["attention_lambda"], means[2] or float("nan"), scores["Bleu_4"],

@@ -34,8 +34,12 @@ class TrainDecoder(Stage):
     def training_settings(self) -> dict:
         return {**section_values(decoder), **section_values(training), "decoding": context.validation_decoding()}
 
+    # Keys added after models were trained, left out of the fingerprint at their default: those models stay found.
+    added_later = {"select_by": "cider"}
+
     def settings(self):
-        return {k: v for k, v in self.training_settings().items() if k not in self.operational}
+        return {k: v for k, v in self.training_settings().items()
+                if k not in self.operational and (k not in self.added_later or self.added_later[k] != v)}
 
     def run(self):
         from pipeline import train   # TensorFlow: imported by the worker that trains, never by the scheduler
@@ -48,7 +52,9 @@ class TrainDecoder(Stage):
                                           Path(self.input()["vocabulary"].path) / manifests.VOCAB_FILE,
                                           self.training_settings(), self.features_provenance(),
                                           progress_callback=self.report_progress)
-        self.counts = {"epochs": len(history), "best_val_CIDEr": max((h["val_CIDEr"] for h in history), default=None)}
+        kept = [h for h in history if h["best"]][-1:]
+        self.counts = {"epochs": len(history), "kept_epoch": kept[0]["epoch"] if kept else None,
+                       "best_val_CIDEr": max((h["val_CIDEr"] for h in history), default=None)}
 
     def features_provenance(self) -> dict:
         """The model's features.json: the store, the encoder and its weights file, the split indexes."""

@@ -247,7 +247,10 @@ class training(Section):
     lr_decay = luigi.FloatParameter(default=0.8, description="per-epoch factor of the exponential schedule")
     clip_norm = luigi.FloatParameter(default=5.0, description="global gradient norm clip; 0: none")
     attention_lambda = luigi.FloatParameter(default=1.0, description="doubly stochastic attention weight")
-    patience = luigi.IntParameter(default=5, description="epochs without a better val CIDEr-D before stopping")
+    patience = luigi.IntParameter(default=5, description="epochs without a better val score before stopping")
+    select_by = luigi.ChoiceParameter(choices=["cider", "digits_exact"], default="cider",
+                                      description="the val score that picks the best epoch (digits_exact: "
+                                                  "digit datasets; CIDEr-D breaks its ties)")
     checkpoint_every = luigi.IntParameter(default=500, description="steps between checkpoints")
     shuffle_buffer = luigi.IntParameter(default=1000, description="(image, caption) pairs")
     block_rows = luigi.IntParameter(default=256, description="rows per contiguous HDF5 read")

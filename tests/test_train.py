@@ -71,7 +71,7 @@ def checkpoint_steps(workdir):
 
 def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     workdir = tmp_path / "w"
-    args = ["--training-epochs", "3", "--training-checkpoint-every", "3"]
+    args = ["--training-epochs", "3", "--training-checkpoint-every", "3", "--training-select-by", "digits_exact"]
     assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
     env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "luigi"), "--module", "tasks",
@@ -92,6 +92,9 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     assert max(checkpoint_steps(workdir)) == 3 * steps_per_epoch
     history = json.loads(next(workdir.glob("models/*/history.json")).read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]         # no epoch lost or repeated
+    # the epochs kept as best, across the resume: each better than every earlier one by (digits exact, CIDEr-D)
+    keys = [(h["val_digits_exact"], h["val_CIDEr"]) for h in history]
+    assert [h["best"] for h in history] == [all(k > earlier for earlier in keys[:i]) for i, k in enumerate(keys)]
     model_dir, = workdir.glob("models/[!.]*")
     assert not list(workdir.glob("models/.tmp-*"))           # the killed run's temporary was cleaned up
     for name in ("decoder.weights.h5", "decoder.json", "vocab.json", "config.json", "features.json", "curves.png",
