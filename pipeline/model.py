@@ -6,8 +6,8 @@ H recurrent units, E word embedding size, V vocabulary, T caption steps.
     x = (features − μ) / σ                  (B, P, D)  per-channel statistics of the training features
     a = relu(W_a x + W_p pos)               (B, P, F)  projected once per sequence; pos (P, 16): each cell's
                                                        row and column as sin/cos at 4 frequencies (optional)
-    k = U a                                 (B, P, A)  attention keys, also once per sequence
-                                                       (positions = "keys": a = relu(W_a x), k = U relu(W_a x + W_p pos))
+    k = U a                                 (B, P, A)  attention keys, also once per sequence (positions =
+                                                       "keys": a = relu(W_a x), k = U relu(W_a x + W_p pos))
     h0, c0 = tanh(W_h mean(a)), tanh(W_c mean(a))
     step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state
              α = softmax(e);  z = β Σ α a   (B, F)     β = sigmoid(w_β h), a gating scalar
@@ -24,7 +24,7 @@ from one digit to the next (README, "What the demo reaches"). `positions`:
     False    none (the paper);
     True     added to the projected features: the keys (where to look) and the context (what is read) both see them;
     "keys"   added to the attention keys only: the attention knows where each cell is, the context reads the cells'
-             contents alone (on the demo it attends to the digit itself more often; README, "A finer grid").
+             contents alone (on the demo it attends to the digit itself more often: README, "Session 6").
 """
 from __future__ import annotations
 

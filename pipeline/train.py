@@ -8,8 +8,8 @@ directory outside the task output. Each epoch ends with free-running decoding of
 [generation] settings (beam, length penalty, <unk> suppression: what GenerateCaptions will run) scored with
 BLEU-4 and CIDEr-D (and digits exact when the val images have digit labels); the best epoch's weights are
 kept — best by val CIDEr-D, or with `select_by = digits_exact` by val digits exact, CIDEr-D breaking ties
-(selection_key) — and training stops early after `patience` epochs without a better one. Loss parts, learning rate, speed and validation scores also go to TensorBoard
-(pipeline/tensorboard.py: checkpoints/<fp>/tensorboard/).
+(selection_key) — and training stops early after `patience` epochs without a better one. Loss parts, learning
+rate, speed and validation scores also go to TensorBoard (pipeline/tensorboard.py: checkpoints/<fp>/tensorboard/).
 """
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ DEFAULTS = dict(
     feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm", positions=False,
     # [training]
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
-    attention_lambda=1.0, patience=5, select_by="cider", checkpoint_every=500, shuffle_buffer=1000, block_rows=256, seed=0,
+    attention_lambda=1.0, patience=5, select_by="cider", checkpoint_every=500, shuffle_buffer=1000, block_rows=256,
+    seed=0,
     mixed_precision=False, jit_compile=False, strategy="auto", val_batch_size=128, cpu_devices=1,
     # [generation]: validation decodes exactly as GenerateCaptions will, so the best epoch is chosen for it
     decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
 )
 DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions")
-SELECT_BY = ("cider", "digits_exact")
 SELECTION_NAMES = {"cider": "CIDEr-D", "digits_exact": "digits exact (CIDEr-D breaking ties)"}
 
 
