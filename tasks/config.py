@@ -210,11 +210,11 @@ class PositionsParameter(luigi.Parameter):
     kind = "choice"   # for Section.read's message
 
     def parse(self, x):
-        if isinstance(x, bool) or x == "keys":
+        if isinstance(x, bool):
             return x
         value = self.VALUES.get(str(x).strip().lower())
         if value is None:
-            raise ValueError(f"{x!r} is not one of false, true, keys")
+            raise ValueError(f"{x!r} is not one of {', '.join(self.VALUES)}")
         return value
 
     def serialize(self, x):
