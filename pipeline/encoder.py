@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import InputError
-from storage.weights import weights_file_problem
+from storage.weights import CELL_HEAD_FILE, read_cell_head, weights_file_problem
 from storage.workspace import file_sha256
 
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -38,6 +38,15 @@ IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/in
 # stride·k pixels: InceptionV3's strided layers are 'valid', so the grid does not span the input).
 LAYERS = {"mixed10": {"channels": 2048, "reductions": 2, "stride": 32, "offset": 37.5},
           "mixed7": {"channels": 768, "reductions": 1, "stride": 16, "offset": 21.5}}
+# `<layer>+cell_scores` (weights = digits only): the layer's features, then the digits encoder's per-cell head
+# output appended to each cell: 11 probabilities (digits 0–9, background; a softmax of the 1×1 convolution its
+# pretraining trained to name what lies under that cell, storage.weights.CELL_HEAD_FILE). Local by construction,
+# they let the decoder's attention keys find the digits (`[decoder] attention_keys = cell_scores`). Probabilities,
+# not logits: a background cell's digit logits still vary with the digit beside it, and the decoder's per-channel
+# standardisation magnifies that (README, "Session 7").
+CELL_SCORES = 11
+LAYERS.update({f"{name}+cell_scores": {**spec, "channels": spec["channels"] + CELL_SCORES, "base": name,
+                                       "cell_scores": CELL_SCORES} for name, spec in list(LAYERS.items())})
 DEFAULT_LAYER = "mixed10"
 PREPROCESS = "pillow bilinear resize to SxS (no crop), x/127.5-1 (inception_v3.preprocess_input)"
 _NAME_PREFIX = "keras.applications.InceptionV3(include_top=False)/"
@@ -188,13 +197,36 @@ def truncated(inception, layer: str):
     return keras.Model(inception.input, inception.get_layer(layer).output, name=f"inception_v3_{layer}")
 
 
+def base_layer(layer: str) -> str:
+    """The InceptionV3 layer a LAYERS entry reads: `mixed7` for both mixed7 and mixed7+cell_scores."""
+    return LAYERS[layer].get("base", layer)
+
+
+def cell_head_file(identity: dict, layer: str) -> Path:
+    """The per-cell head file whose scores `layer` (a `+cell_scores` layer) appends; InputError for weights other
+    than digits, which have no such head."""
+    if identity["weights"] != "digits":
+        raise InputError(f"[encoder] layer = {layer} appends the per-cell digit scores of the digits encoder's "
+                         f"pretraining head, and [encoder] weights is {identity['weights']!r}. Fix: set weights = "
+                         f"digits, or layer = {base_layer(layer)}.")
+    return Path(identity["path"]).parent / CELL_HEAD_FILE
+
+
 def build_encoder(identity: dict, image_size: int, layer: str = DEFAULT_LAYER):
-    """uint8 (B, S, S, 3) → float32 (B, P, D) Keras model (P = grid_size(S, layer)², D = the layer's channels)."""
+    """uint8 (B, S, S, 3) → float32 (B, P, D) Keras model (P = grid_size(S, layer)², D = the layer's channels;
+    a `+cell_scores` layer: the base layer's channels, then its cell head's scores)."""
     import keras
 
-    inception = truncated(build_inception(identity, image_size), layer)
+    head_file = cell_head_file(identity, layer) if LAYERS[layer].get("cell_scores") else None
+    inception = truncated(build_inception(identity, image_size), base_layer(layer))
     images = keras.Input((image_size, image_size, 3), dtype="uint8", name="images")
     x = keras.applications.inception_v3.preprocess_input(keras.ops.cast(images, "float32"))
     grid = inception(x, training=False)
+    if head_file is not None:
+        kernel, bias, _ = read_cell_head(head_file)
+        head = keras.layers.Dense(len(bias), activation="softmax", name="cell_scores")
+        scores = head(grid)
+        head.set_weights([kernel, bias])
+        grid = keras.layers.Concatenate(name="features_and_scores")([grid, scores])
     features = keras.layers.Reshape((-1, LAYERS[layer]["channels"]), name="positions")(grid)
     return keras.Model(images, features, name="encoder")

@@ -25,6 +25,12 @@ from one digit to the next (README, "What the demo reaches"). `positions`:
     True     added to the projected features: the keys (where to look) and the context (what is read) both see them;
     "keys"   added to the attention keys only: the attention knows where each cell is, the context reads the cells'
              contents alone (on the demo it attends to the digit itself more often: README, "Session 6").
+
+`key_channels` (k > 0: `[decoder] attention_keys = cell_scores`, features of a `+cell_scores` layer) splits each
+cell's features: the last k channels (the digits encoder's per-cell scores, local by construction) make the keys,
+k = U relu(W_s s + W_p pos), and the other channels the context, a = relu(W_a x). A mixed7 cell sees far beyond
+itself, so with keys from the features the attention can read a digit from a background cell beside it; keys from
+the cell's own scores can only find the digit where it is (README, "Session 7").
 """
 from __future__ import annotations
 
@@ -45,17 +51,21 @@ class ShowAttendTell(keras.Model):
 
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
                  units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
-                 positions: bool | str = False, **kwargs):
+                 positions: bool | str = False, key_channels: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
                            embed_dim=embed_dim, units=units, dropout=dropout, cell=cell,
-                           feature_channels=feature_channels, positions=positions)
+                           feature_channels=feature_channels, positions=positions, key_channels=key_channels)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-        self.units, self.cell_kind, self.positions_in = units, cell, positions
+        if not 0 <= key_channels < feature_channels:
+            raise ValueError(f"key_channels must be in [0, {feature_channels}), got {key_channels}")
+        self.units, self.cell_kind, self.positions_in, self.key_channels = units, cell, positions, key_channels
         self.project = keras.layers.Dense(feature_dim, name="project_features")
+        self.project_scores = (keras.layers.Dense(feature_dim, name="project_key_channels")
+                               if key_channels else None)
         self.project_positions = (keras.layers.Dense(feature_dim, use_bias=False, name="project_positions")
                                   if positions else None)
         self.keys = keras.layers.Dense(attention_dim, use_bias=False, name="attention_keys")
@@ -88,15 +98,21 @@ class ShowAttendTell(keras.Model):
 
     def encode(self, features):
         """features (B, P, D) → (a (B, P, F), keys (B, P, A), initial state [h, c] or [h])."""
-        features = (tf.cast(features, tf.float32) - self.feature_mean) / self.feature_std
-        a = self.project(tf.cast(features, self.compute_dtype))
-        placed = None
-        if self.project_positions is not None:
-            placed = a + self.project_positions(tf.cast(position_encoding(tf.shape(features)[1]), self.compute_dtype))
-            if self.positions_in is True:
-                a, placed = placed, None
+        features = tf.cast((tf.cast(features, tf.float32) - self.feature_mean) / self.feature_std, self.compute_dtype)
+        if self.key_channels:   # the last key_channels channels (cell scores) make the keys, the rest the context
+            features, scores = features[..., :-self.key_channels], features[..., -self.key_channels:]
+        a = self.project(features)
+        where = (self.project_positions(tf.cast(position_encoding(tf.shape(features)[1]), self.compute_dtype))
+                 if self.project_positions is not None else None)
+        if self.positions_in is True:
+            a = a + where
+        key_input = None   # None: the keys are computed from a
+        if self.key_channels:
+            key_input = self.project_scores(scores) + (where if where is not None else 0)
+        elif self.positions_in == "keys":
+            key_input = a + where
         a = tf.nn.relu(a)
-        keys = self.keys(a if placed is None else tf.nn.relu(placed))
+        keys = self.keys(a if key_input is None else tf.nn.relu(key_input))
         mean = tf.reduce_mean(a, axis=1)
         state = [self.init_h(mean), self.init_c(mean)] if self.cell_kind == "lstm" else [self.init_h(mean)]
         return a, keys, state

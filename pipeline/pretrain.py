@@ -48,6 +48,7 @@ from PIL import Image
 from pipeline import demo
 from pipeline.encoder import LAYERS, cell_centres, grid_size, truncated
 from pipeline.progress import Progress, format_seconds
+from storage.weights import CELL_HEAD_FILE, write_cell_head
 
 log = logging.getLogger("captioner")
 
@@ -173,7 +174,8 @@ def build_classifier(side: int, layer: str, like=None):
 
 
 def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
-    """Train and write `outdir`/WEIGHTS_FILE (the base network, float32) and return the report dict."""
+    """Train and write `outdir`/WEIGHTS_FILE (the base network, float32) and CELL_HEAD_FILE (the per-cell digit
+    head, for the features of `<layer>+cell_scores`), and return the report dict."""
     import keras
 
     settings = {**DEFAULTS, **settings}
@@ -198,6 +200,9 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
     seconds = time.monotonic() - started
     final = recalibrate_batchnorm(scene_base, split_pools["train"], settings)
     final.save_weights(str(Path(outdir) / WEIGHTS_FILE))
+    kernel, bias = scene_model.get_layer("cell_logits").get_weights()
+    write_cell_head(Path(outdir) / CELL_HEAD_FILE, kernel.reshape(kernel.shape[-2:]), bias, settings["layer"],
+                    [str(d) for d in range(BACKGROUND)] + ["background"])
     scene_accuracy = evaluate_scenes(final, scene_model.get_layer("cell_logits"), split_pools["val"], settings)
     total = time.monotonic() - started
     report = {"pretrained_on": "scikit-learn handwritten digits (load_digits), the demo's train pool "

@@ -26,6 +26,7 @@ import numpy as np
 from pipeline import digits
 from pipeline.decode import decoder_fn
 from pipeline.errors import InputError
+from pipeline.encoder import LAYERS
 from pipeline.evaluate import validation_scores
 from pipeline.inputs import caption_ids, count_pairs, feature_batches, feature_statistics, pairs_dataset, shard_rows
 from pipeline.model import ShowAttendTell, caption_loss
@@ -40,6 +41,7 @@ log = logging.getLogger("captioner")
 DEFAULTS = dict(
     # [decoder]
     feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm", positions=False,
+    attention_keys="features",
     # [training]
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
     attention_lambda=1.0, patience=5, select_by="cider", checkpoint_every=500, shuffle_buffer=1000, block_rows=256,
@@ -86,8 +88,22 @@ def make_strategy(kind: str = "auto"):
     return tf.distribute.get_strategy()
 
 
-def build_model(vocab_size: int, settings: dict, channels: int = 2048):
-    return ShowAttendTell(vocab_size, feature_channels=channels, **{k: settings[k] for k in DECODER_KEYS})
+def build_model(vocab_size: int, settings: dict, channels: int = 2048, layer: str | None = None):
+    return ShowAttendTell(vocab_size, feature_channels=channels, key_channels=key_channels(settings, layer),
+                          **{k: settings[k] for k in DECODER_KEYS})
+
+
+def key_channels(settings: dict, layer: str | None) -> int:
+    """How many trailing feature channels the attention keys are computed from: 0 (all features) for
+    `attention_keys = features`; for `cell_scores`, the cell scores of a `+cell_scores` layer."""
+    if settings["attention_keys"] == "features":
+        return 0
+    n = LAYERS.get(layer, {}).get("cell_scores", 0) if layer else 0
+    if not n:
+        raise InputError(f"[decoder] attention_keys = cell_scores: the features ({layer}) carry no cell scores. "
+                         f"Fix: set [encoder] layer = {layer or 'mixed7'}+cell_scores (with weights = digits), or "
+                         "[decoder] attention_keys = features.")
+    return n
 
 
 def make_optimizer(settings: dict, steps_per_epoch: int):
@@ -189,9 +205,10 @@ def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, batch_
     captions = caption_ids(manifests.read_manifest(manifests.manifest_path(annotations_dir, "train")), vocab)
     val_records = manifests.read_manifest(manifests.manifest_path(annotations_dir, "val"))
     positions, channels = shards.feature_shape(next(iter(train_rows)))
+    layer = shards.read_attrs(next(iter(train_rows))).get("layer")
     n_pairs = count_pairs(train_rows, captions)
     data = SimpleNamespace(train_rows=train_rows, val_rows=val_rows, captions=captions, positions=positions,
-                           channels=channels, steps_per_epoch=math.ceil(n_pairs / batch_size),
+                           channels=channels, layer=layer, steps_per_epoch=math.ceil(n_pairs / batch_size),
                            val_refs={r["image_id"]: r["captions"] for r in val_records},
                            val_digits={r["image_id"]: digits.expected_digits(r) for r in val_records})
     log.info("training on %d (image, caption) pairs from %d shards: %d steps per epoch; validating on %d images",
@@ -210,7 +227,7 @@ class _TrainingState:
         self.strategy = make_strategy(settings["strategy"])
         log.info("strategy %s over %d replica(s)", type(self.strategy).__name__, self.strategy.num_replicas_in_sync)
         with self.strategy.scope():
-            self.model = build_model(vocab_size, settings, data.channels)
+            self.model = build_model(vocab_size, settings, data.channels, data.layer)
             self.model(tf.zeros((1, data.positions, data.channels), tf.float16), tf.zeros((1, 1), tf.int32))
             self.optimizer = make_optimizer(settings, data.steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)

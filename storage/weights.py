@@ -28,3 +28,24 @@ def weights_file_problem(path: str | os.PathLike) -> str | None:
         return (f"holds {len(arrays)} weight arrays, and InceptionV3 without its top has "
                 f"{INCEPTION_V3_NO_TOP_ARRAYS} (is it another network, or include_top=True?)")
     return None
+
+
+# The digits encoder's per-cell head (pipeline/pretrain.py): the 1×1 convolution that names the digit (or
+# background) under each cell of its feature layer, saved beside the InceptionV3 weights. Features of the layer
+# `<layer>+cell_scores` append its output (pipeline/encoder.py).
+CELL_HEAD_FILE = "cell_head.h5"
+
+
+def write_cell_head(path, kernel, bias, layer: str, classes: list[str]) -> None:
+    """kernel (D, K) float32, bias (K,): scores = features (…, D) @ kernel + bias, one per class."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("kernel", data=kernel.astype("float32"))
+        f.create_dataset("bias", data=bias.astype("float32"))
+        f.attrs["layer"] = layer
+        f.attrs["classes"] = ",".join(classes)
+
+
+def read_cell_head(path) -> tuple:
+    """(kernel (D, K), bias (K,), layer) of a cell head file."""
+    with h5py.File(path, "r") as f:
+        return f["kernel"][:], f["bias"][:], str(f.attrs["layer"])

@@ -158,12 +158,17 @@ class encoder(Section):
                               description="imagenet | digits | path to a weights .h5 | random:<seed>")
     image_size = luigi.IntParameter(default=299, description="input side in pixels")
     layer = luigi.ChoiceParameter(choices=list(encoder_lib.LAYERS), default=encoder_lib.DEFAULT_LAYER,
-                                  description="features from mixed10 (8x8x2048 at 299 px) or mixed7 (17x17x768)")
+                                  description="features from mixed10 (8x8x2048 at 299 px) or mixed7 (17x17x768); "
+                                              "<layer>+cell_scores (weights = digits): plus the 11 per-cell digit "
+                                              "scores of the digits encoder's head")
     batch_size = luigi.IntParameter(default=32, description="images per forward pass")
     decode_workers = luigi.IntParameter(default=0, description="image decoding threads; 0: one per CPU core")
 
     def problems(self):
         return (self.require(self.image_size >= 75, "image_size", "must be at least 75 (InceptionV3's minimum)")
+                + self.require(not encoder_lib.LAYERS[self.layer].get("cell_scores") or self.weights == "digits",
+                               "layer", f"needs weights = digits (the scores come from its pretraining head); use "
+                                        f"{encoder_lib.base_layer(self.layer)} with other weights")
                 + self.require(self.batch_size >= 1, "batch_size", "must be at least 1")
                 + self.require(self.decode_workers >= 0, "decode_workers", "must be 0 (auto) or more"))
 
@@ -230,11 +235,19 @@ class decoder(Section):
     dropout = luigi.FloatParameter(default=0.5)
     cell = luigi.ChoiceParameter(choices=["lstm", "gru"], default="lstm")
     positions = PositionsParameter(default=True)
+    attention_keys = luigi.ChoiceParameter(choices=["features", "cell_scores"], default="features",
+                                           description="what the attention keys are computed from: the features, "
+                                                       "or (features of a +cell_scores layer) the cell scores alone")
 
     def problems(self):
         out = []
         for key in ("feature_dim", "attention_dim", "embed_dim", "units"):
             out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
+        if self.attention_keys == "cell_scores":   # checked here, not after pretraining and extraction
+            layer = encoder.read().layer
+            out += self.require(encoder_lib.LAYERS[layer].get("cell_scores"), "attention_keys",
+                                f"needs features with cell scores, and [encoder] layer = {layer}; set it to "
+                                f"{encoder_lib.base_layer(layer)}+cell_scores (weights = digits)")
         return out + self.require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
 
 

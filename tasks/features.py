@@ -10,6 +10,7 @@ from pipeline import annotations, demo as demo_lib, encoder as encoder_lib, feat
 from pipeline import pretrain as pretrain_lib, vocabulary as vocab_lib
 from pipeline.progress import Progress
 from storage import manifests, shards, workspace as ws
+from storage.weights import CELL_HEAD_FILE
 from tasks import context
 from tasks.base import ReportsProgress, ShardTarget, SplitIndexTarget, Stage
 from tasks.config import dataset, demo, encoder, features, pretrain, section_values, vocabulary, workspace_root
@@ -85,13 +86,14 @@ class PretrainDigitsEncoder(Stage):
     """InceptionV3 pretrained on scikit-learn digits (the demo's train pool): encoders/<fp>/ with the weights
     file and report.json (held-out accuracy, steps, seconds). Feeds ExtractShard when [encoder] weights = digits."""
     stage = "encoders"
-    expected_files = (pretrain_lib.WEIGHTS_FILE, manifests.REPORT_FILE)
+    version = 2   # 2: the per-cell head saved beside the weights (for `<layer>+cell_scores` features)
+    expected_files = (pretrain_lib.WEIGHTS_FILE, CELL_HEAD_FILE, manifests.REPORT_FILE)
 
     def settings(self):
         # trained, batch-norm re-estimated and checked on scenes of the size the encoder will see, at its layer
         e = encoder.read()
         return {**section_values(pretrain), "pool_seed": demo.read().seed, "scene_size": e.image_size,
-                "layer": e.layer}
+                "layer": encoder_lib.base_layer(e.layer)}
 
     def weights_path(self) -> Path:
         return Path(self.output().path) / pretrain_lib.WEIGHTS_FILE

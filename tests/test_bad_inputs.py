@@ -138,6 +138,10 @@ BAD_SETTINGS = [
     (("--generation-beam-size", "0"), ["[generation] beam_size = 0 must be at least 1"]),
     (("--training-batch-size", "lots"), ["[training] batch_size: not a valid int"]),
     (("--decoder-positions", "maybe"), ["[decoder] positions: not a valid choice", "not one of false, true, keys"]),
+    (("--encoder-layer", "mixed7+cell_scores"), ["[encoder] layer = 'mixed7+cell_scores' needs weights = digits",
+                                                 "use mixed7 with other weights"]),
+    (("--decoder-attention-keys", "cell_scores"), ["[decoder] attention_keys = 'cell_scores' needs features with "
+                                                   "cell scores", "set it to mixed10+cell_scores"]),
 ]
 
 

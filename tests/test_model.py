@@ -10,9 +10,9 @@ from pipeline.model import ShowAttendTell, caption_loss
 P, D, V = 16, 32, 12
 
 
-def small_model(cell="lstm", dropout=0.0, positions=False):
+def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0):
     model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell,
-                           feature_channels=D, positions=positions)
+                           feature_channels=D, positions=positions, key_channels=key_channels)
     model(tf.zeros((1, P, D)), tf.zeros((1, 1), tf.int32))
     return model
 
@@ -65,6 +65,33 @@ def test_keys_positions_place_the_attention_keys_only(positions):
     a_moved, keys_moved, _ = model.encode(tf.gather(features, order, axis=1))
     assert np.allclose(tf.gather(a, order, axis=1).numpy(), a_moved.numpy(), atol=1e-6) == (positions == "keys")
     assert not np.allclose(tf.gather(keys, order, axis=1).numpy(), keys_moved.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", [False, "keys"])
+def test_key_channels_make_the_keys_and_the_other_channels_the_context(positions):
+    # attention_keys = cell_scores: the last K channels (the cell scores) decide where to look, and only that;
+    # the others are what is read, and only that
+    K = 5
+    model = small_model(positions=positions, key_channels=K)
+    features = tf.random.stateless_normal((2, P, D), seed=(9, 10))
+    other_content = tf.concat([tf.random.stateless_normal((2, P, D - K), seed=(11, 12)), features[..., -K:]], -1)
+    other_scores = tf.concat([features[..., :-K], tf.random.stateless_normal((2, P, K), seed=(13, 14))], -1)
+    a, keys, _ = model.encode(features)
+    a_content, keys_content, _ = model.encode(other_content)
+    a_scores, keys_scores, _ = model.encode(other_scores)
+    np.testing.assert_allclose(keys.numpy(), keys_content.numpy(), atol=1e-6)
+    np.testing.assert_allclose(a.numpy(), a_scores.numpy(), atol=1e-6)
+    assert not np.allclose(a.numpy(), a_content.numpy(), atol=1e-3)
+    assert not np.allclose(keys.numpy(), keys_scores.numpy(), atol=1e-3)
+    # with positions = keys the keys still tell the cells apart when their scores are all alike
+    same_scores = tf.concat([features[..., :-K], tf.ones((2, P, K))], -1)
+    _, keys_alike, _ = model.encode(same_scores)
+    assert np.allclose(keys_alike[:, :1].numpy(), keys_alike.numpy(), atol=1e-6) == (not positions)
+
+
+def test_key_channels_must_leave_channels_to_read():
+    with pytest.raises(ValueError, match="key_channels"):
+        small_model(key_channels=D)
 
 
 def test_unknown_positions_value_is_refused():

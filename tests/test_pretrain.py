@@ -8,6 +8,7 @@ import pytest
 from pipeline import demo, pretrain
 from pipeline.encoder import grid_size
 from storage import workspace as ws
+from storage.weights import CELL_HEAD_FILE, read_cell_head
 from tests.conftest import run_luigi
 
 
@@ -120,6 +121,24 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
             # the thousands a crop-trained network gives on a 299-px scene
             assert 0 < features.mean() < 10
 
+    # the per-cell head is saved beside the weights; mixed7+cell_scores appends its scores to the same encoder's
+    # mixed7 features (no second pretraining: it trains the base layer), in a store of its own
+    kernel, bias, layer = read_cell_head(encoder_dir / CELL_HEAD_FILE)
+    assert kernel.shape == (768, 11) and bias.shape == (11,) and layer == "mixed7"
+    scored = run_luigi("ExtractFeatures", *args[:4], "--encoder-layer", "mixed7+cell_scores", *args[6:],
+                       workdir=workdir)
+    assert scored.returncode == 0, scored.output
+    assert len(list((workdir / "encoders").iterdir())) == 1 and len(list((workdir / "features").iterdir())) == 2
+    (scored_shard, *_) = [p for p in sorted(workdir.glob("features/*/shard-*.h5")) if p not in shards]
+    with h5py.File(scored_shard) as f, h5py.File(shards[0]) as plain:
+        assert f.attrs["layer"] == "mixed7+cell_scores" and f.attrs["encoder"].endswith("/mixed7+cell_scores")
+        features = f["features"][:].astype(np.float32)
+        assert features.shape[1:] == (17 * 17, 768 + 11)
+        np.testing.assert_array_equal(features[..., :768], plain["features"][:].astype(np.float32))
+        logits = features[..., :768] @ kernel + bias
+        expected = np.exp(logits - logits.max(-1, keepdims=True))
+        np.testing.assert_allclose(features[..., 768:], expected / expected.sum(-1, keepdims=True), atol=0.01)
+
     mtime = weights.stat().st_mtime_ns
     again = run_luigi("ExtractFeatures", *args, workdir=workdir)
     assert again.returncode == 0, again.output
@@ -128,4 +147,4 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     # another pretraining setting is another encoder: a new weights directory and a new feature store
     other = run_luigi("PlanShards", "--encoder-weights", "digits", "--pretrain-steps", "4", workdir=workdir)
     assert other.returncode == 0, other.output
-    assert len(list((workdir / "features").iterdir())) == 2
+    assert len(list((workdir / "features").iterdir())) == 3
