@@ -9,7 +9,8 @@ H recurrent units, E word embedding size, V vocabulary, T caption steps.
     k = U a                                 (B, P, A)  attention keys, also once per sequence (positions =
                                                        "keys": a = relu(W_a x), k = U relu(W_a x + W_p pos))
     h0, c0 = tanh(W_h mean(a)), tanh(W_c mean(a))
-    step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state
+    step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state (coverage = True:
+                                                       + W_c Σ_{t'<t} α_t', carried as the last state tensor)
              α = softmax(e);  z = β Σ α a   (B, F)     β = sigmoid(w_β h), a gating scalar
              h, c = LSTM([E y_{t-1}; z], (h, c))
     logits = L_o dropout(E y_{t-1} + L_h h + L_z z)    deep output, for all steps at once after the loop
@@ -51,11 +52,12 @@ class ShowAttendTell(keras.Model):
 
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
                  units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
-                 positions: bool | str = False, key_channels: int = 0, **kwargs):
+                 positions: bool | str = False, key_channels: int = 0, coverage: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
                            embed_dim=embed_dim, units=units, dropout=dropout, cell=cell,
-                           feature_channels=feature_channels, positions=positions, key_channels=key_channels)
+                           feature_channels=feature_channels, positions=positions, key_channels=key_channels,
+                           coverage=coverage)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
         if positions not in POSITIONS:
@@ -69,6 +71,8 @@ class ShowAttendTell(keras.Model):
         self.project_positions = (keras.layers.Dense(feature_dim, use_bias=False, name="project_positions")
                                   if positions else None)
         self.keys = keras.layers.Dense(attention_dim, use_bias=False, name="attention_keys")
+        self.coverage = (keras.layers.Dense(attention_dim, use_bias=False, name="attention_coverage")
+                         if coverage else None)
         self.query = keras.layers.Dense(attention_dim, name="attention_query")
         self.score = keras.layers.Dense(1, use_bias=False, name="attention_score")
         self.gate = keras.layers.Dense(1, activation="sigmoid", name="beta_gate")
@@ -115,21 +119,28 @@ class ShowAttendTell(keras.Model):
         keys = self.keys(a if key_input is None else tf.nn.relu(key_input))
         mean = tf.reduce_mean(a, axis=1)
         state = [self.init_h(mean), self.init_c(mean)] if self.cell_kind == "lstm" else [self.init_h(mean)]
+        if self.coverage is not None:   # Σ α so far per cell, carried as the last state tensor
+            state.append(tf.zeros(tf.shape(a)[:2], tf.float32))
         return a, keys, state
 
-    def attend(self, a, keys, h):
+    def attend(self, a, keys, h, coverage=None):
         """One attention read: → (context z (B, F) gated by β, α (B, P))."""
-        e = tf.squeeze(self.score(tf.tanh(keys + self.query(h)[:, None, :])), -1)
+        scores = keys + self.query(h)[:, None, :]
+        if coverage is not None:
+            scores += self.coverage(tf.cast(coverage[..., None], scores.dtype))
+        e = tf.squeeze(self.score(tf.tanh(scores)), -1)
         alpha = tf.nn.softmax(tf.cast(e, tf.float32), axis=-1)
         z = tf.einsum("bp,bpf->bf", tf.cast(alpha, a.dtype), a)
         return self.gate(h) * z, alpha
 
     def step(self, word_embedding, a, keys, state, training=False):
         """One decoder step: → (h (B, H), z (B, F), α (B, P), new state)."""
-        z, alpha = self.attend(a, keys, state[0])
-        h, new_state = self.cell(tf.concat([word_embedding, z], -1), state, training=training)
-        new_state = new_state if isinstance(new_state, (list, tuple)) else [new_state]
-        return h, z, alpha, list(new_state)
+        coverage = state[-1] if self.coverage is not None else None
+        cell_state = state[:-1] if coverage is not None else state
+        z, alpha = self.attend(a, keys, state[0], coverage)
+        h, new_state = self.cell(tf.concat([word_embedding, z], -1), cell_state, training=training)
+        new_state = list(new_state) if isinstance(new_state, (list, tuple)) else [new_state]
+        return h, z, alpha, new_state + ([coverage + alpha] if coverage is not None else [])
 
     def output_logits(self, word_embedding, h, z, training=False):
         """Deep output layer: (..., E), (..., H), (..., F) → logits (..., V)."""

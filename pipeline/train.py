@@ -41,7 +41,7 @@ log = logging.getLogger("captioner")
 DEFAULTS = dict(
     # [decoder]
     feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm", positions=False,
-    attention_keys="features",
+    attention_keys="features", coverage=False,
     # [training]
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
     attention_lambda=1.0, patience=5, select_by="cider", checkpoint_every=500, shuffle_buffer=1000, block_rows=256,
@@ -50,7 +50,7 @@ DEFAULTS = dict(
     # [generation]: validation decodes exactly as GenerateCaptions will, so the best epoch is chosen for it
     decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
 )
-DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions")
+DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions", "coverage")
 SELECTION_NAMES = {"cider": "CIDEr-D", "digits_exact": "digits exact (CIDEr-D breaking ties)"}
 
 

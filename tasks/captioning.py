@@ -35,7 +35,7 @@ class TrainDecoder(Stage):
         return {**section_values(decoder), **section_values(training), "decoding": context.validation_decoding()}
 
     # Keys added after models were trained, left out of the fingerprint at their default: those models stay found.
-    added_later = {"select_by": "cider", "attention_keys": "features"}
+    added_later = {"select_by": "cider", "attention_keys": "features", "coverage": False}
 
     def settings(self):
         return {k: v for k, v in self.training_settings().items()

@@ -238,6 +238,8 @@ class decoder(Section):
     attention_keys = luigi.ChoiceParameter(choices=["features", "cell_scores"], default="features",
                                            description="what the attention keys are computed from: the features, "
                                                        "or (features of a +cell_scores layer) the cell scores alone")
+    coverage = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                   description="the attention sees how much each cell was attended so far")
 
     def problems(self):
         out = []

@@ -10,9 +10,9 @@ from pipeline.model import ShowAttendTell, caption_loss
 P, D, V = 16, 32, 12
 
 
-def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0):
+def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0, coverage=False):
     model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell,
-                           feature_channels=D, positions=positions, key_channels=key_channels)
+                           feature_channels=D, positions=positions, key_channels=key_channels, coverage=coverage)
     model(tf.zeros((1, P, D)), tf.zeros((1, 1), tf.int32))
     return model
 
@@ -87,6 +87,26 @@ def test_key_channels_make_the_keys_and_the_other_channels_the_context(positions
     same_scores = tf.concat([features[..., :-K], tf.ones((2, P, K))], -1)
     _, keys_alike, _ = model.encode(same_scores)
     assert np.allclose(keys_alike[:, :1].numpy(), keys_alike.numpy(), atol=1e-6) == (not positions)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_coverage_carries_the_attention_so_far_and_steers_the_next(cell):
+    # [decoder] coverage: the last state tensor is Σ α of the steps so far; it enters the attention scores, so
+    # the same state with another history attends elsewhere
+    model = small_model(cell=cell, coverage=True)
+    features = tf.random.stateless_normal((2, P, D), seed=(15, 16))
+    a, keys, state = model.encode(features)
+    assert len(state) == (3 if cell == "lstm" else 2) and not np.any(state[-1].numpy())
+    embedding = model.embed(tf.constant([1, 1]))
+    _, _, alpha1, state = model.step(embedding, a, keys, state)
+    _, _, alpha2, state = model.step(embedding, a, keys, state)
+    np.testing.assert_allclose(state[-1].numpy(), (alpha1 + alpha2).numpy(), rtol=1e-6)
+    _, _, fresh, _ = model.step(embedding, a, keys, state[:-1] + [tf.zeros_like(state[-1])])
+    _, _, seen, _ = model.step(embedding, a, keys, state)
+    assert not np.allclose(fresh.numpy(), seen.numpy(), atol=1e-6)
+    # and it trains and decodes like any other state (the teacher-forced pass runs the same steps)
+    logits, alphas = model(features, tf.constant([[1, 4, 5, 6]] * 2))
+    assert logits.shape == (2, 4, V) and np.isfinite(logits.numpy()).all()
 
 
 def test_key_channels_must_leave_channels_to_read():
