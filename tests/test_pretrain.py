@@ -4,8 +4,10 @@ import json
 import h5py
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from pipeline import demo, pretrain
+from pipeline.cli import main as cli
 from pipeline.encoder import grid_size
 from storage import workspace as ws
 from storage.weights import CELL_HEAD_FILE, read_cell_head
@@ -138,6 +140,18 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
         logits = features[..., :768] @ kernel + bias
         expected = np.exp(logits - logits.max(-1, keepdims=True))
         np.testing.assert_allclose(features[..., 768:], expected / expected.sum(-1, keepdims=True), atol=0.01)
+
+    # a decoder whose attention keys come from the scores, and captioning a new image with it (the CLI rebuilds
+    # the encoder, head included, from the model's provenance)
+    trained = run_luigi("TrainDecoder", *args[2:4], "--encoder-layer", "mixed7+cell_scores", *args[6:],
+                        "--decoder-attention-keys", "cell_scores", workdir=workdir)
+    assert trained.returncode == 0, trained.output
+    (model_dir,) = workdir.glob("models/[!.]*")
+    assert json.loads((model_dir / "decoder.json").read_text())["key_channels"] == 11
+    image = sorted(workdir.glob("demo/*/test/*.jpg"))[0]
+    captioned = CliRunner().invoke(cli, ["caption", str(image), "--model", str(model_dir), "--json"])
+    assert captioned.exit_code == 0, captioned.output
+    assert json.loads(captioned.stdout)[0]["caption"]
 
     mtime = weights.stat().st_mtime_ns
     again = run_luigi("ExtractFeatures", *args, workdir=workdir)
