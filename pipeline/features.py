@@ -116,6 +116,8 @@ def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_s
     name = Path(out_path).stem
     progress = Progress(len(image_list), name, "images", progress_callback)
     items = [((image_id, rel), str(Path(root) / rel)) for image_id, root, rel in image_list]
+    if encoder_lib.LAYERS[layer].get("cell_scores"):   # the head whose scores the last channels are
+        attrs = {"cell_head_sha256": workspace.file_sha256(encoder_lib.cell_head_file(identity, layer)), **attrs}
     attrs = {**encoder_lib.weights_attrs(identity), "encoder": encoder_lib.encoder_name(layer), "layer": layer,
              "image_size": image_size, "preprocess": encoder_lib.PREPROCESS, "software": software_versions(), **attrs}
     start = time.monotonic()

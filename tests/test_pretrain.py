@@ -134,6 +134,7 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     (scored_shard, *_) = [p for p in sorted(workdir.glob("features/*/shard-*.h5")) if p not in shards]
     with h5py.File(scored_shard) as f, h5py.File(shards[0]) as plain:
         assert f.attrs["layer"] == "mixed7+cell_scores" and f.attrs["encoder"].endswith("/mixed7+cell_scores")
+        assert f.attrs["cell_head_sha256"] == ws.file_sha256(encoder_dir / CELL_HEAD_FILE)
         features = f["features"][:].astype(np.float32)
         assert features.shape[1:] == (17 * 17, 768 + 11)
         np.testing.assert_array_equal(features[..., :768], plain["features"][:].astype(np.float32))
