@@ -150,8 +150,9 @@ class ShowAttendTell(keras.Model):
 
     def call(self, features, words_in, training=False):
         a, keys, state = self.encode(features)
+        # T static when the trace knows it: XLA (jit_compile) needs fixed-size TensorArrays and loop bounds
+        steps = words_in.shape[1] if words_in.shape[1] is not None else tf.shape(words_in)[1]
         embedded = self.embed(words_in)                       # (B, T, E), all steps at once
-        steps = tf.shape(words_in)[1]
         time_major = tf.transpose(embedded, [1, 0, 2])
         hs = tf.TensorArray(self.compute_dtype, size=steps)
         zs = tf.TensorArray(self.compute_dtype, size=steps)
@@ -161,7 +162,8 @@ class ShowAttendTell(keras.Model):
             h, z, alpha, state = self.step(time_major[t], a, keys, state, training=training)
             return t + 1, state, hs.write(t, h), zs.write(t, z), alphas.write(t, alpha)
 
-        _, _, hs, zs, alphas = tf.while_loop(lambda t, *_: t < steps, body, (0, state, hs, zs, alphas))
+        _, _, hs, zs, alphas = tf.while_loop(lambda t, *_: t < steps, body, (0, state, hs, zs, alphas),
+                                             maximum_iterations=steps)
         h_all = tf.transpose(hs.stack(), [1, 0, 2])
         z_all = tf.transpose(zs.stack(), [1, 0, 2])
         logits = self.output_logits(embedded, h_all, z_all, training=training)

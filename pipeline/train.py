@@ -345,7 +345,8 @@ def make_train_step(model, optimizer, strategy, settings):
         optimizer.apply(grads, model.trainable_variables)
         return loss, xent, doubly, tf.shape(captions)[0]
 
-    @tf.function(jit_compile=settings["jit_compile"], reduce_retracing=True)
+    # XLA compiles one program per batch shape anyway, and needs each trace's caption length to be static
+    @tf.function(jit_compile=settings["jit_compile"], reduce_retracing=not settings["jit_compile"])
     def step(features, captions):
         loss, xent, doubly, n = strategy.run(replica_step, args=(features, captions))
         mean = tf.distribute.ReduceOp.MEAN

@@ -175,3 +175,20 @@ def test_memorises_a_few_captions_and_greedy_returns_them(cell):
     want[:, :5] = captions.numpy()[:, 1:]
     np.testing.assert_array_equal(tokens.numpy(), want)        # exact, <end> included, <pad> after
     np.testing.assert_allclose(tf.reduce_sum(alphas[:, :3], -1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_the_xla_train_step_matches_the_plain_one():
+    """[training] jit_compile = true: XLA compiles the step (one program per caption length) and trains the same
+    model: same losses step after step, batches of two caption lengths alternating."""
+    features = tf.random.stateless_normal((2, P, D), seed=(7, 8))
+    batches = [tf.constant([[1, 4, 5, 2], [1, 7, 2, 0]]), tf.constant([[1, 4, 5, 6, 7, 2], [1, 9, 2, 0, 0, 0]])]
+    losses = {}
+    for jit in (False, True):
+        tf.keras.utils.set_random_seed(0)
+        model = small_model()
+        settings = {**train_lib.DEFAULTS, "jit_compile": jit}
+        optimizer = train_lib.make_optimizer(settings, steps_per_epoch=1)
+        step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
+        losses[jit] = [float(step(features, batch)[0]) for batch in batches * 3]
+    assert losses[False][0] != losses[False][2]   # it trains
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
