@@ -56,7 +56,7 @@ WEIGHTS_FILE = "inception_v3_digits.weights.h5"
 BACKGROUND = 10
 BACKGROUND_WEIGHT = 0.3   # scene phase: ~90% of a scene's cells are background
 DEFAULTS = dict(steps=250, batch_size=64, crop=75, learning_rate=1e-3, warmup_steps=20, seed=0, bfloat16=True,
-                scene_steps=90, scene_batch_size=16, scene_size=299, layer="mixed10", crops_per_scene=3,
+                scene_steps=90, scene_batch_size=16, scene_train_from="", scene_size=299, layer="mixed10", crops_per_scene=3,
                 val_crops=512, val_scenes=128, bn_scenes=128, pool_seed=1797)
 
 
@@ -173,6 +173,17 @@ def build_classifier(side: int, layer: str, like=None):
     return base, model
 
 
+def freeze_below(base, block: str) -> None:
+    """Keep every layer of `base` below InceptionV3 block `block` (e.g. mixed3) as it is: the scene phase then
+    computes no gradients for the stem and the 35×35 blocks, the costliest part of a 299-px backward pass (README,
+    "Session 8": 2.4 → 1.1 s per step of 16 scenes), while the crop phase has taught them the strokes. Frozen batch
+    norms normalise with their moving statistics until recalibrate_batchnorm re-estimates them all. "": none."""
+    if block:
+        names = [layer.name for layer in base.layers]
+        for layer in base.layers[:names.index(block)]:
+            layer.trainable = False
+
+
 def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
     """Train and write `outdir`/WEIGHTS_FILE (the base network, float32) and CELL_HEAD_FILE (the per-cell digit
     head, for the features of `<layer>+cell_scores`), and return the report dict."""
@@ -192,13 +203,14 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
                            settings, "crops", 1.0, progress_callback)
         crop_accuracy = evaluate(model, split_pools["val"], settings)
         scene_base, scene_model = build_classifier(size, settings["layer"], like=model)
+        freeze_below(scene_base, settings["scene_train_from"])
         scene_losses = _fit(scene_model, scene_batches(seed + 1, split_pools["train"], settings["scene_batch_size"],
                                                        size, settings["layer"]),
                             settings["scene_steps"], settings, "scenes", BACKGROUND_WEIGHT, progress_callback)
     finally:   # extraction later in this process must build a float32 encoder
         keras.mixed_precision.set_global_policy(policy)
     seconds = time.monotonic() - started
-    final = recalibrate_batchnorm(scene_base, split_pools["train"], settings)
+    final = recalibrate_batchnorm(scene_base, split_pools["train"], settings, settings["scene_train_from"])
     final.save_weights(str(Path(outdir) / WEIGHTS_FILE))
     kernel, bias = scene_model.get_layer("cell_logits").get_weights()
     write_cell_head(Path(outdir) / CELL_HEAD_FILE, kernel.reshape(kernel.shape[-2:]), bias, settings["layer"],
@@ -265,9 +277,11 @@ def _fit(model, batches, steps: int, settings: dict, what: str, background_weigh
     return losses
 
 
-def recalibrate_batchnorm(base, pool, settings: dict):
+def recalibrate_batchnorm(base, pool, settings: dict, from_block: str = ""):
     """InceptionV3 at the scene size with `base`'s weights and every BatchNormalization's moving mean and
-    variance re-estimated on `bn_scenes` whole train-pool scenes at that size.
+    variance re-estimated on `bn_scenes` whole train-pool scenes at that size — from block `from_block` up when
+    the scene phase trained only those (scene_train_from): the blocks above were trained on the frozen layers'
+    normalisation, and re-estimating theirs too would shift what those blocks see (held-out digit cells 0.54).
 
     Why: a network trained on small crops normalises with statistics of small crops. On a 299-px scene the
     upper blocks see 8×8 maps of mostly background, and with crop statistics their activations blow up
@@ -280,7 +294,10 @@ def recalibrate_batchnorm(base, pool, settings: dict):
     size = settings["scene_size"]
     scene = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(size, size, 3))
     scene.set_weights(base.get_weights())
-    norms = [layer for layer in scene.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    first = [layer.name for layer in scene.layers].index(from_block) if from_block else 0
+    norms = [layer for layer in scene.layers[first:] if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in scene.layers[:first]:
+        layer.trainable = False   # batch norms then normalise with their moving statistics in training mode
     run = truncated(scene, settings["layer"])   # the batch norms above the feature layer are never used
     digits, rng = demo.load_digits(), np.random.default_rng(settings["seed"] + 7)
     batch = 16
@@ -293,6 +310,8 @@ def recalibrate_batchnorm(base, pool, settings: dict):
         progress.update(batch)
     for layer in norms:
         layer.momentum = 0.99   # Keras' InceptionV3 default, should anyone train it further
+    for layer in scene.layers[:first]:
+        layer.trainable = True
     return scene
 
 

@@ -182,6 +182,9 @@ class pretrain(Section):
     warmup_steps = luigi.IntParameter(default=20)
     scene_steps = luigi.IntParameter(default=90, description="training steps on whole 299-px scenes (phase 2)")
     scene_batch_size = luigi.IntParameter(default=16, description="whole scenes per step")
+    scene_train_from = luigi.ChoiceParameter(choices=[""] + [f"mixed{i}" for i in range(11)], default="",
+                                             description="phase 2 trains this block and those above it; the "
+                                                         "layers below keep their phase-1 weights (empty: all)")
     seed = luigi.IntParameter(default=0)
     bn_scenes = luigi.IntParameter(default=128, description="299-px scenes that re-estimate the batch norms")
     val_scenes = luigi.IntParameter(default=128, description="held-out val-pool scenes the report's accuracy uses")
@@ -195,6 +198,9 @@ class pretrain(Section):
         for key in ("warmup_steps", "scene_steps"):
             out += self.require(getattr(self, key) >= 0, key, "must be 0 or more")
         out += self.require(self.crop >= 75, "crop", "must be at least 75 (InceptionV3's minimum)")
+        layer = encoder_lib.base_layer(encoder.read().layer)
+        out += self.require(not self.scene_train_from or int(self.scene_train_from[5:]) <= int(layer[5:]),
+                            "scene_train_from", f"must be empty or a block at or below the feature layer {layer}")
         return out + self.require(self.learning_rate > 0, "learning_rate", "must be positive")
 
 

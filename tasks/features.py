@@ -92,7 +92,10 @@ class PretrainDigitsEncoder(Stage):
     def settings(self):
         # trained, batch-norm re-estimated and checked on scenes of the size the encoder will see, at its layer
         e = encoder.read()
-        return {**section_values(pretrain), "pool_seed": demo.read().seed, "scene_size": e.image_size,
+        values = section_values(pretrain)
+        if not values["scene_train_from"]:   # its default: encoders pretrained before it existed keep their fingerprint
+            del values["scene_train_from"]
+        return {**values, "pool_seed": demo.read().seed, "scene_size": e.image_size,
                 "layer": encoder_lib.base_layer(e.layer)}
 
     def weights_path(self) -> Path:

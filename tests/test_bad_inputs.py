@@ -142,6 +142,8 @@ BAD_SETTINGS = [
                                                  "use mixed7 with other weights"]),
     (("--decoder-attention-keys", "cell_scores"), ["[decoder] attention_keys = 'cell_scores' needs features with "
                                                    "cell scores", "set it to mixed10+cell_scores"]),
+    (("--pretrain-scene-train-from", "mixed9", "--encoder-layer", "mixed7"),
+     ["[pretrain] scene_train_from = 'mixed9' must be empty or a block at or below the feature layer mixed7"]),
 ]
 
 

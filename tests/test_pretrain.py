@@ -80,6 +80,37 @@ def test_the_scene_phase_learns_from_whole_labelled_scenes():
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
 
 
+def test_scene_train_from_keeps_the_layers_below_that_block():
+    """[pretrain] scene_train_from = mixed3: a phase-2 step on real InceptionV3 changes mixed3 and above, never a
+    weight (or batch-norm statistic) below it."""
+    import keras
+    keras.utils.set_random_seed(0)
+    base, model = pretrain.build_classifier(75, "mixed7")
+    pretrain.freeze_below(base, "mixed3")
+    names = [layer.name for layer in base.layers]
+    below = [w for layer in base.layers[:names.index("mixed3")] for w in layer.weights]
+    above = [w for layer in base.layers[names.index("mixed3"):] for w in layer.trainable_weights]
+    assert below and above
+    before = [w.numpy().copy() for w in below + above]
+    batches = pretrain.crop_batches(0, pretrain.pools(1797)["train"], {**pretrain.DEFAULTS, "layer": "mixed7",
+                                                                        "batch_size": 4})
+    pretrain._fit(model, batches, 2, {**pretrain.DEFAULTS, "warmup_steps": 0}, "scenes", 1.0, None)
+    after = [w.numpy() for w in below + above]
+    assert all(np.array_equal(b, a) for b, a in zip(before[:len(below)], after[:len(below)]))
+    assert sum(not np.array_equal(b, a) for b, a in zip(before[len(below):], after[len(below):])) > len(above) // 2
+
+    # the batch-norm re-estimation leaves the frozen layers' statistics too: the blocks above trained on them
+    settings = {**pretrain.DEFAULTS, "layer": "mixed7", "scene_size": 75, "bn_scenes": 16}
+    scene = pretrain.recalibrate_batchnorm(base, pretrain.pools(1797)["train"], settings, "mixed3")
+    stats = lambda model: [(layer.name, layer.moving_mean.numpy()) for layer in model.layers
+                           if isinstance(layer, keras.layers.BatchNormalization)]
+    frozen = set(names[:names.index("mixed3")])
+    used = set(names[:names.index("mixed7")])   # the blocks above the feature layer are never run
+    for (name, old), (_, new) in zip(stats(base), stats(scene)):
+        if name in used:
+            assert np.array_equal(old, new) == (name in frozen), name
+
+
 @pytest.mark.parametrize("crop,layer", [(75, "mixed10"), (107, "mixed10"), (75, "mixed7")])
 def test_crops_frame_digits_and_background(crop, layer):
     settings = {**pretrain.DEFAULTS, "batch_size": 96, "crop": crop, "layer": layer}
