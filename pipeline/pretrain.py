@@ -23,9 +23,10 @@ Two phases, then one fix-up:
    fast: ~120 crops/s on 2 cores.
 2. Whole scenes (`scene_steps` × `scene_batch_size`): the 299-px scenes the encoder will see, every one of the
    8×8 (17×17) cells labelled (a digit too small to contain a cell centre labels its nearest cell; background cells
-   weigh BACKGROUND_WEIGHT). Teaches the scale, the layout and the neighbours of the real input: ~10 scenes/s.
-3. Every batch norm's statistics are re-estimated on `bn_scenes` whole 299-px train-pool scenes
-   (recalibrate_batchnorm), in float32, where the encoder is used.
+   weigh BACKGROUND_WEIGHT). Teaches the scale, the layout and the neighbours of the real input: ~6 scenes/s, or
+   ~12 with `scene_train_from = mixed3` (only that block and those above it trained: freeze_below).
+3. Every batch norm's statistics (those phase 2 trained) are re-estimated on `bn_scenes` whole 299-px train-pool
+   scenes (recalibrate_batchnorm), in float32, where the encoder is used.
 
 Measured (README, "What the demo reaches"): a linear probe of the mixed10 cell under each val-pool digit's centre
 names the digit 74% of the time after crops alone (350 steps), 95% after 250 crop steps + 90 scene steps.
@@ -56,8 +57,8 @@ WEIGHTS_FILE = "inception_v3_digits.weights.h5"
 BACKGROUND = 10
 BACKGROUND_WEIGHT = 0.3   # scene phase: ~90% of a scene's cells are background
 DEFAULTS = dict(steps=250, batch_size=64, crop=75, learning_rate=1e-3, warmup_steps=20, seed=0, bfloat16=True,
-                scene_steps=90, scene_batch_size=16, scene_train_from="", scene_size=299, layer="mixed10", crops_per_scene=3,
-                val_crops=512, val_scenes=128, bn_scenes=128, pool_seed=1797)
+                scene_steps=90, scene_batch_size=16, scene_train_from="", scene_size=299, layer="mixed10",
+                crops_per_scene=3, val_crops=512, val_scenes=128, bn_scenes=128, pool_seed=1797)
 
 
 def cell_labels(boxes, x0: float, y0: float, crop: int, layer: str, scale: float = 1.0) -> np.ndarray:
@@ -175,9 +176,10 @@ def build_classifier(side: int, layer: str, like=None):
 
 def freeze_below(base, block: str) -> None:
     """Keep every layer of `base` below InceptionV3 block `block` (e.g. mixed3) as it is: the scene phase then
-    computes no gradients for the stem and the 35×35 blocks, the costliest part of a 299-px backward pass (README,
-    "Session 8": 2.4 → 1.1 s per step of 16 scenes), while the crop phase has taught them the strokes. Frozen batch
-    norms normalise with their moving statistics until recalibrate_batchnorm re-estimates them all. "": none."""
+    computes no gradients for the stem and the 35×35 blocks, the costliest part of a 299-px backward pass (a step
+    of 16 scenes in 0.45× the time: tests/benchmarks/bench_pretrain_freeze.py), while the crop phase has taught
+    them the strokes. Frozen batch norms normalise with their moving (crop-phase) statistics, and
+    recalibrate_batchnorm leaves those as they are. "": freeze nothing."""
     if block:
         names = [layer.name for layer in base.layers]
         for layer in base.layers[:names.index(block)]:
