@@ -296,10 +296,8 @@ def recalibrate_batchnorm(base, pool, settings: dict, from_block: str = ""):
     size = settings["scene_size"]
     scene = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(size, size, 3))
     scene.set_weights(base.get_weights())
-    first = [layer.name for layer in scene.layers].index(from_block) if from_block else 0
-    norms = [layer for layer in scene.layers[first:] if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in scene.layers[:first]:
-        layer.trainable = False   # batch norms then normalise with their moving statistics in training mode
+    freeze_below(scene, from_block)   # frozen batch norms normalise with their moving statistics in training mode
+    norms = [layer for layer in scene.layers if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
     run = truncated(scene, settings["layer"])   # the batch norms above the feature layer are never used
     digits, rng = demo.load_digits(), np.random.default_rng(settings["seed"] + 7)
     batch = 16
@@ -312,7 +310,7 @@ def recalibrate_batchnorm(base, pool, settings: dict, from_block: str = ""):
         progress.update(batch)
     for layer in norms:
         layer.momentum = 0.99   # Keras' InceptionV3 default, should anyone train it further
-    for layer in scene.layers[:first]:
+    for layer in scene.layers:
         layer.trainable = True
     return scene
 

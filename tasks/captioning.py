@@ -34,12 +34,11 @@ class TrainDecoder(Stage):
     def training_settings(self) -> dict:
         return {**section_values(decoder), **section_values(training), "decoding": context.validation_decoding()}
 
-    # Keys added after models were trained, left out of the fingerprint at their default: those models stay found.
     added_later = {"select_by": "cider", "attention_keys": "features", "coverage": False}
 
     def settings(self):
-        return {k: v for k, v in self.training_settings().items()
-                if k not in self.operational and (k not in self.added_later or self.added_later[k] != v)}
+        return {k: v for k, v in self.without_added_later(self.training_settings()).items()
+                if k not in self.operational}
 
     def run(self):
         from pipeline import train   # TensorFlow: imported by the worker that trains, never by the scheduler

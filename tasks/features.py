@@ -88,15 +88,13 @@ class PretrainDigitsEncoder(Stage):
     stage = "encoders"
     version = 2   # 2: the per-cell head saved beside the weights (for `<layer>+cell_scores` features)
     expected_files = (pretrain_lib.WEIGHTS_FILE, CELL_HEAD_FILE, manifests.REPORT_FILE)
+    added_later = {"scene_train_from": ""}
 
     def settings(self):
         # trained, batch-norm re-estimated and checked on scenes of the size the encoder will see, at its layer
         e = encoder.read()
-        values = section_values(pretrain)
-        if not values["scene_train_from"]:   # its default: encoders pretrained before it existed keep their fingerprint
-            del values["scene_train_from"]
-        return {**values, "pool_seed": demo.read().seed, "scene_size": e.image_size,
-                "layer": encoder_lib.base_layer(e.layer)}
+        return {**self.without_added_later(section_values(pretrain)), "pool_seed": demo.read().seed,
+                "scene_size": e.image_size, "layer": encoder_lib.base_layer(e.layer)}
 
     def weights_path(self) -> Path:
         return Path(self.output().path) / pretrain_lib.WEIGHTS_FILE
