@@ -48,7 +48,8 @@ POSITIONS = (False, True, "keys")   # [decoder] positions = false | true | keys 
 
 
 class ShowAttendTell(keras.Model):
-    """Call: (features (B, P, D) float, words_in (B, T) int) → (logits (B, T, V), alphas (B, T, P))."""
+    """Call: (features (B, P, D) float, words_in (B, T) int) → (logits (B, T, V), alphas (B, T, P)); words_in
+    (B, C, T) gives (B·C, T, V) and (B·C, T, P) (see call)."""
 
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
                  units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
@@ -149,7 +150,14 @@ class ShowAttendTell(keras.Model):
     # -- teacher-forced pass over whole captions ------------------------------------------------------------
 
     def call(self, features, words_in, training=False):
+        """words_in (B, T), one caption per image; or (B, C, T), C captions per image (training with
+        group_captions): each image is encoded once and its projection repeated for its C captions, as
+        self-critical.pytorch does (seq_per_img), and the outputs are (B·C, T, …), image by image."""
         a, keys, state = self.encode(features)
+        if words_in.shape.rank == 3:
+            per_image = tf.shape(words_in)[1]
+            a, keys, state = tf.nest.map_structure(lambda x: tf.repeat(x, per_image, axis=0), (a, keys, state))
+            words_in = tf.reshape(words_in, [-1, words_in.shape[2] or tf.shape(words_in)[2]])
         # T static when the trace knows it: XLA (jit_compile) needs fixed-size TensorArrays and loop bounds
         steps = words_in.shape[1] if words_in.shape[1] is not None else tf.shape(words_in)[1]
         embedded = self.embed(words_in)                       # (B, T, E), all steps at once

@@ -57,7 +57,7 @@ WEIGHTS_FILE = "inception_v3_digits.weights.h5"
 BACKGROUND = 10
 BACKGROUND_WEIGHT = 0.3   # scene phase: ~90% of a scene's cells are background
 DEFAULTS = dict(steps=250, batch_size=64, crop=75, learning_rate=1e-3, warmup_steps=20, seed=0, bfloat16=True,
-                scene_steps=90, scene_batch_size=16, scene_train_from="", scene_size=299, layer="mixed10",
+                scene_steps=90, scene_batch_size=16, scene_train_from="all", scene_size=299, layer="mixed10",
                 crops_per_scene=3, val_crops=512, val_scenes=128, bn_scenes=128, pool_seed=1797)
 
 
@@ -179,8 +179,8 @@ def freeze_below(base, block: str) -> None:
     computes no gradients for the stem and the 35×35 blocks, the costliest part of a 299-px backward pass (a step
     of 16 scenes in 0.45× the time: tests/benchmarks/bench_pretrain_freeze.py), while the crop phase has taught
     them the strokes. Frozen batch norms normalise with their moving (crop-phase) statistics, and
-    recalibrate_batchnorm leaves those as they are. "": freeze nothing."""
-    if block:
+    recalibrate_batchnorm leaves those as they are. "all" (or ""): freeze nothing."""
+    if block not in ("all", ""):
         names = [layer.name for layer in base.layers]
         for layer in base.layers[:names.index(block)]:
             layer.trainable = False

@@ -28,7 +28,8 @@ from pipeline.decode import decoder_fn
 from pipeline.errors import InputError
 from pipeline.encoder import LAYERS
 from pipeline.evaluate import validation_scores
-from pipeline.inputs import caption_ids, count_pairs, feature_batches, feature_statistics, pairs_dataset, shard_rows
+from pipeline.inputs import (batches_per_epoch, caption_ids, count_pairs, feature_batches, feature_statistics,
+                             pairs_dataset, shard_rows)
 from pipeline.model import ShowAttendTell, caption_loss
 from pipeline.progress import format_seconds
 from pipeline.tensorboard import TrainingBoard
@@ -44,7 +45,8 @@ DEFAULTS = dict(
     attention_keys="features", coverage=False,
     # [training]
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
-    attention_lambda=1.0, patience=5, select_by="cider", checkpoint_every=500, shuffle_buffer=1000, block_rows=256,
+    attention_lambda=1.0, patience=5, select_by="cider", group_captions=False, bucket_width=0, checkpoint_every=500,
+    shuffle_buffer=1000, block_rows=256,
     seed=0,
     mixed_precision=False, jit_compile=False, strategy="auto", val_batch_size=128, cpu_devices=1,
     # [generation]: validation decodes exactly as GenerateCaptions will, so the best epoch is chosen for it
@@ -181,7 +183,7 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
 
     vocab = Vocabulary.load(vocab_path)
     keras.utils.set_random_seed(settings["seed"])
-    data = _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings["batch_size"])
+    data = _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings)
     if settings["select_by"] == "digits_exact" and not any(data.val_digits.values()):
         raise InputError("[training] select_by = digits_exact, but no val image has digits to name (no \"digits\" "
                          "labels, no digit words in its references). Fix: select_by = cider.")
@@ -199,20 +201,31 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
     return state.history
 
 
-def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, batch_size: int) -> SimpleNamespace:
-    """Train rows and caption ids; val rows, references and expected digits; feature shape; steps per epoch."""
+def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings: dict) -> SimpleNamespace:
+    """Train rows and caption ids; val rows, references and expected digits; feature shape; the batch (pairs, or
+    with group_captions whole images: as many as hold about batch_size captions) and steps per epoch."""
     train_rows, val_rows = shard_rows(store_dir, train_index), shard_rows(store_dir, val_index)
     captions = caption_ids(manifests.read_manifest(manifests.manifest_path(annotations_dir, "train")), vocab)
     val_records = manifests.read_manifest(manifests.manifest_path(annotations_dir, "val"))
     positions, channels = shards.feature_shape(next(iter(train_rows)))
     layer = shards.read_attrs(next(iter(train_rows))).get("layer")
-    n_pairs = count_pairs(train_rows, captions)
+    n_pairs, n_images = count_pairs(train_rows, captions)
+    if settings["group_captions"]:
+        batch = max(1, round(settings["batch_size"] * n_images / max(n_pairs, 1)))
+        steps = math.ceil(n_images / batch)
+    else:
+        batch = settings["batch_size"]
+        steps = batches_per_epoch(train_rows, captions, batch, settings["bucket_width"])
     data = SimpleNamespace(train_rows=train_rows, val_rows=val_rows, captions=captions, positions=positions,
-                           channels=channels, layer=layer, steps_per_epoch=math.ceil(n_pairs / batch_size),
+                           channels=channels, layer=layer, batch=batch, steps_per_epoch=steps,
                            val_refs={r["image_id"]: r["captions"] for r in val_records},
                            val_digits={r["image_id"]: digits.expected_digits(r) for r in val_records})
-    log.info("training on %d (image, caption) pairs from %d shards: %d steps per epoch; validating on %d images",
-             n_pairs, len(train_rows), data.steps_per_epoch, len(val_index["images"]))
+    log.info("training on %d (image, caption) pairs of %d images from %d shards, batches of %s: %d steps per epoch; "
+             "validating on %d images", n_pairs, n_images, len(train_rows),
+             f"{batch} images with all their captions" if settings["group_captions"] else
+             f"{batch} pairs" + (f" of similar caption lengths (bands of {settings['bucket_width']} tokens)"
+                                 if settings["bucket_width"] else ""),
+             data.steps_per_epoch, len(val_index["images"]))
     return data
 
 
@@ -265,8 +278,9 @@ def _train_epoch(state: _TrainingState, data, train_step, board, settings: dict,
 
     epoch, skip = state["epoch"], state["step_in_epoch"]
     total_steps = data.steps_per_epoch * settings["epochs"]
-    ds = pairs_dataset(data.train_rows, data.captions, settings["batch_size"], settings["seed"], epoch,
-                       settings["shuffle_buffer"], settings["block_rows"], data.positions, data.channels).skip(skip)
+    ds = pairs_dataset(data.train_rows, data.captions, data.batch, settings["seed"], epoch, settings["shuffle_buffer"],
+                       settings["block_rows"], data.positions, data.channels, settings["group_captions"],
+                       settings["bucket_width"]).skip(skip)
     ds = state.strategy.experimental_distribute_dataset(ds.map(lambda ids, f, c: (f, c)))
     start = last_log = step_started = time.monotonic()
     seen, losses = 0, []
@@ -334,16 +348,17 @@ def make_train_step(model, optimizer, strategy, settings):
     replicas = strategy.num_replicas_in_sync
 
     def replica_step(features, captions):
-        words_in, words_out = captions[:, :-1], captions[:, 1:]
+        words_in, words_out = captions[..., :-1], captions[..., 1:]   # (B, T) or, grouped, (B, C, T)
         with tf.GradientTape() as tape:
             logits, alphas = model(features, words_in, training=True)
+            words_out = tf.reshape(words_out, tf.shape(logits)[:2])
             loss, xent, doubly = caption_loss(logits, alphas, words_out, settings["attention_lambda"])
             scaled = loss / replicas
             if settings["mixed_precision"]:
                 scaled = optimizer.scale_loss(scaled)
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
-        return loss, xent, doubly, tf.shape(captions)[0]
+        return loss, xent, doubly, tf.reduce_sum(tf.cast(captions[..., 0] != 0, tf.int32))   # real captions
 
     # XLA compiles one program per batch shape anyway, and needs each trace's caption length to be static
     @tf.function(jit_compile=settings["jit_compile"], reduce_retracing=not settings["jit_compile"])

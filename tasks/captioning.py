@@ -34,7 +34,8 @@ class TrainDecoder(Stage):
     def training_settings(self) -> dict:
         return {**section_values(decoder), **section_values(training), "decoding": context.validation_decoding()}
 
-    added_later = {"select_by": "cider", "attention_keys": "features", "coverage": False}
+    added_later = {"select_by": "cider", "attention_keys": "features", "coverage": False, "group_captions": False,
+                   "bucket_width": 0}
 
     def settings(self):
         return {k: v for k, v in self.without_added_later(self.training_settings()).items()

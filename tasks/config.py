@@ -182,9 +182,10 @@ class pretrain(Section):
     warmup_steps = luigi.IntParameter(default=20)
     scene_steps = luigi.IntParameter(default=90, description="training steps on whole 299-px scenes (phase 2)")
     scene_batch_size = luigi.IntParameter(default=16, description="whole scenes per step")
-    scene_train_from = luigi.ChoiceParameter(choices=[""] + [f"mixed{i}" for i in range(11)], default="",
+    scene_train_from = luigi.ChoiceParameter(choices=["all", ""] + [f"mixed{i}" for i in range(11)], default="all",
                                              description="phase 2 trains this block and those above it; the "
-                                                         "layers below keep their phase-1 weights (empty: all)")
+                                                         "layers below keep their phase-1 weights (all, or empty: "
+                                                         "every layer)")
     seed = luigi.IntParameter(default=0)
     bn_scenes = luigi.IntParameter(default=128, description="299-px scenes that re-estimate the batch norms")
     val_scenes = luigi.IntParameter(default=128, description="held-out val-pool scenes the report's accuracy uses")
@@ -199,8 +200,8 @@ class pretrain(Section):
             out += self.require(getattr(self, key) >= 0, key, "must be 0 or more")
         out += self.require(self.crop >= 75, "crop", "must be at least 75 (InceptionV3's minimum)")
         layer = encoder_lib.base_layer(encoder.read().layer)
-        out += self.require(not self.scene_train_from or int(self.scene_train_from[5:]) <= int(layer[5:]),
-                            "scene_train_from", f"must be empty or a block at or below the feature layer {layer}")
+        out += self.require(self.scene_train_from in ("all", "") or int(self.scene_train_from[5:]) <= int(layer[5:]),
+                            "scene_train_from", f"must be all or a block at or below the feature layer {layer}")
         return out + self.require(self.learning_rate > 0, "learning_rate", "must be positive")
 
 
@@ -272,8 +273,13 @@ class training(Section):
     select_by = luigi.ChoiceParameter(choices=["cider", "digits_exact"], default="cider",
                                       description="the val score that picks the best epoch (digits_exact: "
                                                   "digit datasets; CIDEr-D breaks its ties)")
+    group_captions = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                         description="batches of whole images with all their captions (about "
+                                                     "batch_size captions): features projected once per image")
+    bucket_width = luigi.IntParameter(default=0, description="batches of pairs whose caption lengths fall in the "
+                                                             "same band of this many tokens; 0: any lengths")
     checkpoint_every = luigi.IntParameter(default=500, description="steps between checkpoints")
-    shuffle_buffer = luigi.IntParameter(default=1000, description="(image, caption) pairs")
+    shuffle_buffer = luigi.IntParameter(default=1000, description="(image, caption) pairs, or grouped images")
     block_rows = luigi.IntParameter(default=256, description="rows per contiguous HDF5 read")
     seed = luigi.IntParameter(default=0)
     mixed_precision = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
@@ -290,6 +296,10 @@ class training(Section):
                     "cpu_devices"):
             out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
         out += self.require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be 0 or more")
+        out += self.require(self.bucket_width >= 0, "bucket_width", "must be 0 (off) or more")
+        out += self.require(not (self.bucket_width and self.group_captions), "bucket_width",
+                            "buckets pairs by caption length, and group_captions = true batches whole images; "
+                            "set one of them off")
         out += self.require(self.learning_rate > 0, "learning_rate", "must be positive")
         return out + self.require(self.clip_norm >= 0, "clip_norm", "must be 0 (no clipping) or positive")
 

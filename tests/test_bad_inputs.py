@@ -143,7 +143,9 @@ BAD_SETTINGS = [
     (("--decoder-attention-keys", "cell_scores"), ["[decoder] attention_keys = 'cell_scores' needs features with "
                                                    "cell scores", "set it to mixed10+cell_scores"]),
     (("--pretrain-scene-train-from", "mixed9", "--encoder-layer", "mixed7"),
-     ["[pretrain] scene_train_from = 'mixed9' must be empty or a block at or below the feature layer mixed7"]),
+     ["[pretrain] scene_train_from = 'mixed9' must be all or a block at or below the feature layer mixed7"]),
+    (("--training-bucket-width", "3", "--training-group-captions", "true"),
+     ["[training] bucket_width = 3 buckets pairs by caption length", "set one of them off"]),
 ]
 
 

@@ -75,6 +75,22 @@ def test_fingerprints_change_exactly_downstream_of_a_changed_setting():
     assert fingerprints("--dataset-val-fraction", "0.3") == base
 
 
+def test_settings_added_later_keep_the_fingerprints_of_older_outputs():
+    """A key added to a stage after its outputs existed changes its fingerprint only when set off its default
+    (Stage.added_later): models and encoders made before it stay valid."""
+    def stage_fingerprints(*argv):
+        import tasks
+        luigi.task_register.Register.clear_instance_cache()
+        with luigi.cmdline_parser.CmdlineParser.global_instance(["TrainDecoder", *argv]):
+            return tasks.PretrainDigitsEncoder().fingerprint(), tasks.TrainDecoder().fingerprint()
+    encoder, decoder = stage_fingerprints()
+    assert stage_fingerprints("--pretrain-scene-train-from", "all") == (encoder, decoder)
+    assert stage_fingerprints("--pretrain-scene-train-from", "mixed3")[0] != encoder
+    assert stage_fingerprints("--training-group-captions", "false") == (encoder, decoder)
+    grouped = stage_fingerprints("--training-group-captions", "true")
+    assert grouped[0] == encoder and grouped[1] != decoder
+
+
 def write_coco_dataset(tmp_path, captions):
     images = tmp_path / "images"
     images.mkdir()

@@ -192,3 +192,22 @@ def test_the_xla_train_step_matches_the_plain_one():
         losses[jit] = [float(step(features, batch)[0]) for batch in batches * 3]
     assert losses[False][0] != losses[False][2]   # it trains
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_grouped_captions_train_as_the_same_pairs():
+    """[training] group_captions: a step on (images, their captions (B, C, T)) computes what a step on the pairs
+    (each image's features repeated per caption) does — one projection per image instead of per caption — and
+    counts only real captions (an all-padding row fills a missing one)."""
+    features = tf.random.stateless_normal((2, P, D), seed=(3, 4))
+    grouped = tf.constant([[[1, 4, 5, 2], [1, 7, 2, 0]], [[1, 9, 9, 2], [0, 0, 0, 0]]])
+    results = {}
+    for name, (feats, caps) in {"grouped": (features, grouped),
+                                "pairs": (tf.repeat(features, 2, axis=0), tf.reshape(grouped, (4, 4)))}.items():
+        tf.keras.utils.set_random_seed(0)
+        model = small_model()
+        optimizer = train_lib.make_optimizer(train_lib.DEFAULTS, steps_per_epoch=1)
+        step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), train_lib.DEFAULTS)
+        results[name] = [[float(x) for x in step(feats, caps)] for _ in range(3)]
+    assert results["grouped"][0][0] != results["grouped"][2][0]   # it trains
+    assert [r[3] for r in results["grouped"]] == [3, 3, 3]        # captions counted: the padding row is not one
+    np.testing.assert_allclose(results["grouped"], results["pairs"], rtol=1e-5)

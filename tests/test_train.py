@@ -52,6 +52,42 @@ def test_every_pair_exactly_once_per_epoch_deterministic_per_epoch(tmp_path):
     assert collections.Counter(second) == expected and second != first      # reshuffled across epochs
 
 
+def test_grouped_batches_hold_whole_images_and_every_pair_once(tmp_path):
+    store, index, captions = make_store(tmp_path)
+    by_shard = inputs.shard_rows(store, index)
+    seen = []
+    for ids, feats, caps in inputs.pairs_dataset(by_shard, captions, 3, seed=1, epoch=0, shuffle_buffer=4,
+                                                 block_rows=3, positions=4, channels=8, group=True):
+        ids, feats, caps = ids.numpy(), feats.numpy(), caps.numpy()
+        assert len(ids) <= 3 and len(set(ids.tolist())) == len(ids)             # whole, distinct images
+        assert (feats[:, 0, 0] == ids).all()
+        assert caps.shape[1] == max(len(captions[i]) for i in ids)              # padded to the most captions
+        for i, group in zip(ids, caps):
+            real = [tuple(c[c != 0]) for c in group if c.any()]
+            assert len(real) == len(captions[i])                                  # all of the image's captions
+            seen += [(int(i), c) for c in real]
+    assert collections.Counter(seen) == collections.Counter((i, tuple(c)) for i, caps in captions.items()
+                                                            for c in caps)
+
+
+def test_length_buckets_pad_less_and_keep_every_pair_once(tmp_path):
+    store, index, captions = make_store(tmp_path)
+    by_shard = inputs.shard_rows(store, index)
+    expected = collections.Counter((i, tuple(c)) for i, caps in captions.items() for c in caps)
+    for width in (0, 2):
+        seen, batches = [], 0
+        for ids, feats, caps in inputs.pairs_dataset(by_shard, captions, 4, seed=1, epoch=0, shuffle_buffer=5,
+                                                     block_rows=3, positions=4, channels=8, bucket_width=width):
+            ids, caps = ids.numpy(), caps.numpy()
+            lengths = (caps != 0).sum(1)
+            if width:   # every caption of a batch in one band of `width` tokens
+                assert len(set((lengths // width).tolist())) == 1
+            seen += [(int(i), tuple(c[:n])) for i, c, n in zip(ids, caps, lengths)]
+            batches += 1
+        assert collections.Counter(seen) == expected
+        assert batches == inputs.batches_per_epoch(by_shard, captions, 4, width)   # what the schedule counts on
+
+
 def test_feature_statistics_match_numpy(tmp_path):
     store, index, captions = make_store(tmp_path)
     mean, std = inputs.feature_statistics(inputs.shard_rows(store, index), block_rows=3)
@@ -107,9 +143,10 @@ def test_training_under_a_two_device_strategy(tmp_path):
     assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
     assert run_luigi("ExtractFeatures", "--split", "train", workdir=workdir).returncode == 0
     run = run_luigi("TrainDecoder", "--training-strategy", "mirrored", "--training-cpu-devices", "2",
-                    "--training-epochs", "1", workdir=workdir)
+                    "--training-epochs", "1", "--training-group-captions", "true", workdir=workdir)
     assert run.returncode == 0, run.output
     assert "MirroredStrategy over 2 replica(s)" in run.output
+    assert "images with all their captions" in run.output     # grouped batches, split between the replicas
     history = json.loads(next(workdir.glob("models/*/history.json")).read_text())
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
 

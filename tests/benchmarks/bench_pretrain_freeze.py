@@ -58,7 +58,8 @@ def main():
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     images = tf.constant(np.random.default_rng(0).integers(0, 256, (16, 299, 299, 3)).astype(np.uint8))
-    names = {"": "all layers (default)", "mixed0": "scene_train_from = mixed0", "mixed3": "scene_train_from = mixed3"}
+    names = {"all": "all layers (the class default)", "mixed0": "scene_train_from = mixed0",
+             "mixed3": "scene_train_from = mixed3"}
     steps = {block: variant(block, images) for block in names}
     times = {block: [] for block in names}
     for _ in range(args.runs):
@@ -68,7 +69,7 @@ def main():
                 float(step())
             times[block].append((time.perf_counter() - started) / args.steps)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}")
-    base = statistics.median(times[""])
+    base = statistics.median(times["all"])
     for block, label in names.items():
         t = times[block]
         print(f"{label:<28} {statistics.median(t):.2f} s/step (min {min(t):.2f}, max {max(t):.2f}), "
