@@ -5,8 +5,9 @@ Memory is O(block + shuffle buffer + batch), never O(dataset):
   `block_rows` rows, each one read (never a long fancy-index list).
   Training (pairs_dataset): epoch e, seed s → epoch_plan: shards permuted by rng(s, e), rows permuted within a
   block, each image paired with each of its captions; a seeded shuffle buffer mixes pairs across images;
-  batches padded to their own longest caption (or, grouped, of whole images with all their captions). The order is a pure function of (seed, epoch), so a resumed
-  epoch skips exactly the batches it had already trained on.
+  batches padded to their own longest caption (optionally of similar lengths; or of whole images with all their
+  captions). The order is a pure function of (seed, epoch), so a resumed epoch skips exactly the batches it had
+  already trained on.
   Decoding and statistics (feature_batches, feature_statistics): every image once, in store order.
 """
 from __future__ import annotations

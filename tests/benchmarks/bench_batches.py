@@ -61,7 +61,7 @@ def make_batches(rng):
     features = rng.standard_normal((IMAGES, P, D)).astype(np.float16)
     lengths = np.clip(np.round(rng.lognormal(np.log(9.2), 0.25, (IMAGES, PER_IMAGE))), 5, 17).astype(int)
     pairs = rng.permutation(IMAGES * PER_IMAGE)
-    by_band = sorted(pairs, key=lambda k: lengths.flat[k] // 3)          # then cut into batches of 32
+    by_band = np.array(sorted(pairs, key=lambda k: lengths.flat[k] // 3))   # then cut into batches of 32
     out = {"pairs": [], "buckets of 3": [], "grouped 6 x 5": []}
     for name, order in (("pairs", pairs), ("buckets of 3", by_band)):
         for start in range(0, len(order), BATCH):
