@@ -28,24 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-P, D, V, IMAGES, PER_IMAGE, BATCH = 289, 779, 60, 384, 5, 32
+from tests.benchmarks.bench_xla import D, P, V, train_step  # noqa: E402   the demo's decoder and its train step
 
-
-def train_step():
-    import keras
-    import tensorflow as tf
-
-    from pipeline.model import ShowAttendTell
-    from pipeline.train import DEFAULTS, make_optimizer, make_train_step
-
-    keras.utils.set_random_seed(0)
-    settings = {**DEFAULTS, "attention_lambda": 0.0}
-    model = ShowAttendTell(V, feature_channels=D, key_channels=11, positions="keys", attention_dim=128,
-                           feature_dim=256, embed_dim=128, units=256, dropout=0.3)
-    model(tf.zeros((1, P, D), tf.float16), tf.zeros((1, 1), tf.int32))
-    optimizer = make_optimizer(settings, 100)
-    optimizer.build(model.trainable_variables)
-    return make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
+IMAGES, PER_IMAGE, BATCH = 384, 5, 32
 
 
 def padded(lengths, rng):
@@ -85,7 +70,7 @@ def main():
     batches = make_batches(np.random.default_rng(0))
     steps, rates = {}, {name: [] for name in batches}
     for name in batches:
-        steps[name] = train_step()
+        steps[name] = train_step(jit=False)
         for batch in batches[name]:
             float(steps[name](*batch)[0])
     for _ in range(args.runs):
