@@ -179,8 +179,8 @@ def freeze_below(base, block: str) -> None:
     computes no gradients for the stem and the 35×35 blocks, the costliest part of a 299-px backward pass (a step
     of 16 scenes in 0.45× the time: tests/benchmarks/bench_pretrain_freeze.py), while the crop phase has taught
     them the strokes. Frozen batch norms normalise with their moving (crop-phase) statistics, and
-    recalibrate_batchnorm leaves those as they are. "all" (or ""): freeze nothing."""
-    if block not in ("all", ""):
+    recalibrate_batchnorm leaves those as they are. "all": freeze nothing."""
+    if block != "all":
         names = [layer.name for layer in base.layers]
         for layer in base.layers[:names.index(block)]:
             layer.trainable = False
@@ -279,7 +279,7 @@ def _fit(model, batches, steps: int, settings: dict, what: str, background_weigh
     return losses
 
 
-def recalibrate_batchnorm(base, pool, settings: dict, from_block: str = ""):
+def recalibrate_batchnorm(base, pool, settings: dict, from_block: str = "all"):
     """InceptionV3 at the scene size with `base`'s weights and every BatchNormalization's moving mean and
     variance re-estimated on `bn_scenes` whole train-pool scenes at that size — from block `from_block` up when
     the scene phase trained only those (scene_train_from): the blocks above were trained on the frozen layers'

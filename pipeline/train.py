@@ -212,20 +212,17 @@ def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settin
     n_pairs, n_images = count_pairs(train_rows, captions)
     if settings["group_captions"]:
         batch = max(1, round(settings["batch_size"] * n_images / max(n_pairs, 1)))
-        steps = math.ceil(n_images / batch)
+        steps, what = math.ceil(n_images / batch), f"{batch} images with all their captions"
     else:
-        batch = settings["batch_size"]
-        steps = batches_per_epoch(train_rows, captions, batch, settings["bucket_width"])
+        batch, width = settings["batch_size"], settings["bucket_width"]
+        steps = batches_per_epoch(train_rows, captions, batch, width)
+        what = f"{batch} pairs" + (f" of similar caption lengths (bands of {width} tokens)" if width else "")
     data = SimpleNamespace(train_rows=train_rows, val_rows=val_rows, captions=captions, positions=positions,
                            channels=channels, layer=layer, batch=batch, steps_per_epoch=steps,
                            val_refs={r["image_id"]: r["captions"] for r in val_records},
                            val_digits={r["image_id"]: digits.expected_digits(r) for r in val_records})
     log.info("training on %d (image, caption) pairs of %d images from %d shards, batches of %s: %d steps per epoch; "
-             "validating on %d images", n_pairs, n_images, len(train_rows),
-             f"{batch} images with all their captions" if settings["group_captions"] else
-             f"{batch} pairs" + (f" of similar caption lengths (bands of {settings['bucket_width']} tokens)"
-                                 if settings["bucket_width"] else ""),
-             data.steps_per_epoch, len(val_index["images"]))
+             "validating on %d images", n_pairs, n_images, len(train_rows), what, steps, len(val_index["images"]))
     return data
 
 

@@ -173,6 +173,16 @@ class encoder(Section):
                 + self.require(self.decode_workers >= 0, "decode_workers", "must be 0 (auto) or more"))
 
 
+class BlockParameter(luigi.ChoiceParameter):
+    """[pretrain] scene_train_from: `all` or an InceptionV3 block; empty, its first spelling, is read as `all`, so
+    the library and the fingerprint see one spelling (encoders pretrained before either keep theirs)."""
+
+    kind = "choice"   # for Section.read's message
+
+    def normalize(self, x):
+        return super().normalize(x or "all")
+
+
 class pretrain(Section):
     """[pretrain] the built-in digits encoder (pipeline/pretrain.py), used when [encoder] weights = digits."""
     steps = luigi.IntParameter(default=250, description="training steps on crops (phase 1)")
@@ -182,10 +192,9 @@ class pretrain(Section):
     warmup_steps = luigi.IntParameter(default=20)
     scene_steps = luigi.IntParameter(default=90, description="training steps on whole 299-px scenes (phase 2)")
     scene_batch_size = luigi.IntParameter(default=16, description="whole scenes per step")
-    scene_train_from = luigi.ChoiceParameter(choices=["all", ""] + [f"mixed{i}" for i in range(11)], default="all",
-                                             description="phase 2 trains this block and those above it; the "
-                                                         "layers below keep their phase-1 weights (all, or empty: "
-                                                         "every layer)")
+    scene_train_from = BlockParameter(choices=["all"] + [f"mixed{i}" for i in range(11)], default="all",
+                                      description="phase 2 trains this block and those above it; the layers below "
+                                                  "keep their phase-1 weights (all, or empty: every layer)")
     seed = luigi.IntParameter(default=0)
     bn_scenes = luigi.IntParameter(default=128, description="299-px scenes that re-estimate the batch norms")
     val_scenes = luigi.IntParameter(default=128, description="held-out val-pool scenes the report's accuracy uses")
@@ -200,7 +209,7 @@ class pretrain(Section):
             out += self.require(getattr(self, key) >= 0, key, "must be 0 or more")
         out += self.require(self.crop >= 75, "crop", "must be at least 75 (InceptionV3's minimum)")
         layer = encoder_lib.base_layer(encoder.read().layer)
-        out += self.require(self.scene_train_from in ("all", "") or int(self.scene_train_from[5:]) <= int(layer[5:]),
+        out += self.require(self.scene_train_from == "all" or int(self.scene_train_from[5:]) <= int(layer[5:]),
                             "scene_train_from", f"must be all or a block at or below the feature layer {layer}")
         return out + self.require(self.learning_rate > 0, "learning_rate", "must be positive")
 

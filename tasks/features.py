@@ -93,9 +93,7 @@ class PretrainDigitsEncoder(Stage):
     def settings(self):
         # trained, batch-norm re-estimated and checked on scenes of the size the encoder will see, at its layer
         e = encoder.read()
-        values = section_values(pretrain)
-        values["scene_train_from"] = values["scene_train_from"] or "all"   # empty: the first spelling of all
-        return {**self.without_added_later(values), "pool_seed": demo.read().seed,
+        return {**self.without_added_later(section_values(pretrain)), "pool_seed": demo.read().seed,
                 "scene_size": e.image_size, "layer": encoder_lib.base_layer(e.layer)}
 
     def weights_path(self) -> Path:

@@ -85,6 +85,12 @@ def test_settings_added_later_keep_the_fingerprints_of_older_outputs():
             return tasks.PretrainDigitsEncoder().fingerprint(), tasks.TrainDecoder().fingerprint()
     encoder, decoder = stage_fingerprints()
     assert stage_fingerprints("--pretrain-scene-train-from", "all") == (encoder, decoder)
+    config = luigi.configuration.get_config()
+    config.set("pretrain", "scene_train_from", "")           # the first spelling of all, in a config file
+    try:
+        assert stage_fingerprints() == (encoder, decoder)
+    finally:
+        config.remove_option("pretrain", "scene_train_from")
     assert stage_fingerprints("--pretrain-scene-train-from", "mixed3")[0] != encoder
     assert stage_fingerprints("--training-group-captions", "false") == (encoder, decoder)
     grouped = stage_fingerprints("--training-group-captions", "true")
