@@ -79,11 +79,14 @@ def scene_labels(boxes, size: int, layer: str) -> np.ndarray:
     """(g, g) labels of a whole size×size scene: cell_labels, plus each digit on the cell nearest its centre
     (a digit narrower than the cell stride may contain no cell centre)."""
     labels = cell_labels(boxes, 0, 0, size, layer)
-    g, stride, offset = labels.shape[0], LAYERS[layer]["stride"], LAYERS[layer]["offset"]
     for x, y, w, h, label in boxes:
-        nearest = lambda centre: int(np.clip(round((centre - offset) / stride), 0, g - 1))
-        labels[nearest(y + h / 2), nearest(x + w / 2)] = label
+        labels[nearest_cell(y + h / 2, labels.shape[0], layer), nearest_cell(x + w / 2, labels.shape[0], layer)] = label
     return labels
+
+
+def nearest_cell(centre: float, g: int, layer: str) -> int:
+    """The row (or column) of the `layer` cell whose centre is nearest pixel row (column) `centre`, of g."""
+    return int(np.clip(round((centre - LAYERS[layer]["offset"]) / LAYERS[layer]["stride"]), 0, g - 1))
 
 
 def render_scene(rng, digit_images, targets, pool, size: int) -> tuple[np.ndarray, list[tuple]]:
@@ -231,8 +234,9 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
                                       **scene_accuracy},
                            "crops": {"what": f"{settings['crop']}-px crops of val-pool scenes after the crop "
                                              "phase", **crop_accuracy}}}
-    log.info("digits encoder trained in %s; held-out (val pool) accuracy on scene cells: digits %.3f, "
-             "background %.3f", format_seconds(total), scene_accuracy["digit_cells"],
+    log.info("digits encoder trained in %s; held-out (val pool) scenes: %.3f of the digits read right "
+             "(%.3f of the scenes wholly), cells: digits %.3f, background %.3f", format_seconds(total),
+             scene_accuracy["digits"], scene_accuracy["scenes_all_digits_right"], scene_accuracy["digit_cells"],
              scene_accuracy["background_cells"])
     return report
 
@@ -329,29 +333,59 @@ def evaluate(model, pool, settings: dict) -> dict:
     """Accuracy on `val_crops` crops of scenes drawn from `pool` (a held-out pool), with a fixed seed."""
     batches = crop_batches(settings["seed"] + 1_000_003, pool, {**settings, "batch_size": 64})
     n = max(1, settings["val_crops"] // 64)
-    return {**_accuracy((next(batches), model) for _ in range(n)), "crops": n * 64}
+    return {**_accuracy((labels, model(images)) for images, labels in (next(batches) for _ in range(n))),
+            "crops": n * 64}
 
 
 def evaluate_scenes(base, head, pool, settings: dict) -> dict:
     """Accuracy on `val_scenes` whole scenes drawn from `pool` (a held-out pool): `base` (the saved float32
-    network) followed by the 1×1 convolution `head`."""
+    network) followed by the 1×1 convolution `head` — per cell, and per digit as read_digit reads it (with the
+    share of scenes whose every digit is read right)."""
     import keras
 
-    batch = 16
-    batches = scene_batches(settings["seed"] + 1_000_003, pool, batch, settings["scene_size"], settings["layer"])
-    base = truncated(base, settings["layer"])
-    n = max(1, settings["val_scenes"] // batch)
-    model = lambda scenes: head(base(keras.applications.inception_v3.preprocess_input(scenes.astype(np.float32)),
-                                     training=False))
-    return {**_accuracy((next(batches), model) for _ in range(n)), "scenes": n * batch}
+    batch, layer = 16, settings["layer"]
+    digits, rng = demo.load_digits(), np.random.default_rng(settings["seed"] + 1_000_003)
+    run = truncated(base, layer)
+    cells, read, scenes_right = [], [], []
+    for _ in range(max(1, settings["val_scenes"] // batch)):
+        scenes = [render_scene(rng, digits.images, digits.target, pool, settings["scene_size"])
+                  for _ in range(batch)]
+        images = np.stack([image for image, _ in scenes])
+        logits = np.asarray(head(run(keras.applications.inception_v3.preprocess_input(images.astype(np.float32)),
+                                     training=False)))
+        labels = np.stack([scene_labels(boxes, settings["scene_size"], layer) for _, boxes in scenes])
+        cells.append((labels, logits))
+        for scene_logits, (_, boxes) in zip(logits, scenes):
+            right = [read_digit(scene_logits, box, layer) == box[4] for box in boxes]
+            read += right
+            scenes_right.append(all(right))
+    return {**_accuracy(cells), "scenes": len(scenes_right), "digits": round(float(np.mean(read)), 4),
+            "digits_read": len(read), "scenes_all_digits_right": round(float(np.mean(scenes_right)), 4)}
 
 
-def _accuracy(batches_and_models) -> dict:
-    """Accuracy per digit cell and per background cell over ((images, labels), model) pairs."""
+def read_digit(logits, box, layer: str) -> int:
+    """The digit a box (x, y, w, h, …) of a scene shows, read from the cell head's (g, g, 11) logits: the digit
+    with the largest probability summed over the cells whose centres lie in the box, or on the cell nearest the
+    box's centre when none does (the readout of a linear probe given the digit boxes)."""
+    g = logits.shape[0]
+    x, y, w, h = box[:4]
+    centres = cell_centres(g, layer)
+    rows, cols = (centres >= y) & (centres < y + h), (centres >= x) & (centres < x + w)
+    if not rows.any() or not cols.any():
+        rows = np.arange(g) == nearest_cell(y + h / 2, g, layer)
+        cols = np.arange(g) == nearest_cell(x + w / 2, g, layer)
+    scores = logits[np.ix_(rows, cols)].reshape(-1, logits.shape[-1]).astype(np.float64)
+    probabilities = np.exp(scores - scores.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    return int(np.argmax(probabilities[:, :BACKGROUND].sum(0)))
+
+
+def _accuracy(labels_and_logits) -> dict:
+    """Accuracy per digit cell and per background cell over (labels (B, g, g), logits (B, g, g, 11)) pairs."""
     correct = {"digit": 0, "background": 0}
     total = {"digit": 0, "background": 0}
-    for (images, labels), model in batches_and_models:
-        right = np.argmax(np.asarray(model(images)), axis=-1) == labels
+    for labels, logits in labels_and_logits:
+        right = np.argmax(np.asarray(logits), axis=-1) == labels
         digit = labels != BACKGROUND
         for key, mask in (("digit", digit), ("background", ~digit)):
             correct[key] += int(right[mask].sum())

@@ -59,6 +59,24 @@ def test_scene_labels_give_every_digit_a_cell():
     assert fine.shape == (17, 17) and np.argwhere(fine == 4).tolist() == [[r, 2] for r in range(5, 10)]
 
 
+def test_read_digit_sums_the_probabilities_of_the_cells_in_the_box():
+    # mixed10's 8×8 cells of a 299-px scene; the box x 200–260, y 20–80 holds cells (0, 6) and (1, 6)
+    logits = np.zeros((8, 8, 11), np.float32)
+    logits[0, 6, 3] = 5.0                       # one cell sure of a 3
+    logits[1, 6, [7, 8]] = 3.0                  # the other torn between 7 and 8: 3 wins the sum
+    logits[2, 6, 1] = 9.0                       # outside the box: ignored
+    box = (200, 20, 60, 60, 3)
+    assert pretrain.read_digit(logits, box, "mixed10") == 3
+    logits[1, 6, 7] = 8.0                       # now the second cell is surer of a 7 than the first of a 3
+    assert pretrain.read_digit(logits, box, "mixed10") == 7
+    # background scores do not count: a box whose cells say background still reads its likeliest digit
+    logits[0, 6, pretrain.BACKGROUND] = logits[1, 6, pretrain.BACKGROUND] = 20.0
+    assert pretrain.read_digit(logits, box, "mixed10") == 7
+    # a box too narrow to hold a cell centre (x 42–62) reads its nearest cell, (3, 0)
+    logits[3, 0, 5] = 4.0
+    assert pretrain.read_digit(logits, (42, 100, 20, 80, 5), "mixed10") == 5
+
+
 def test_scene_batches_are_whole_scenes_with_every_digit_labelled():
     scenes, labels = next(pretrain.scene_batches(0, pretrain.pools(1797)["train"], 6, 299, "mixed10"))
     assert scenes.shape == (6, 299, 299, 3) and scenes.dtype == np.uint8 and labels.shape == (6, 8, 8)
@@ -137,6 +155,8 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     assert report["held_out"]["pool"] == "val"
     for phase in ("crops", "scenes"):
         assert 0 <= report["held_out"][phase]["digit_cells"] <= 1 and report["held_out"][phase]["digit_cell_count"]
+    scenes = report["held_out"]["scenes"]
+    assert 0 <= scenes["scenes_all_digits_right"] <= scenes["digits"] <= 1 and scenes["digits_read"] >= scenes["scenes"]
     assert report["final_loss"]["scenes"] is None            # --pretrain-scene-steps 0 skips the phase
     provenance = json.loads((encoder_dir / "provenance.json").read_text())
     assert provenance["fingerprint"] == encoder_dir.name
