@@ -71,10 +71,13 @@ def cell_labels(boxes, x0: float, y0: float, crop: int, layer: str, scale: float
     centres = cell_centres(g, layer) * scale
     labels = np.full((g, g), BACKGROUND, np.int32)
     for x, y, w, h, label in boxes:
-        rows = (y0 + centres >= y) & (y0 + centres < y + h)
-        cols = (x0 + centres >= x) & (x0 + centres < x + w)
-        labels[np.ix_(rows, cols)] = label
+        labels[np.ix_(_inside(y0 + centres, y, h), _inside(x0 + centres, x, w))] = label
     return labels
+
+
+def _inside(centres, start: float, length: float) -> np.ndarray:
+    """Which of the cell centres (pixel rows or columns) lie in [start, start + length)."""
+    return (centres >= start) & (centres < start + length)
 
 
 def scene_labels(boxes, size: int, layer: str) -> np.ndarray:
@@ -150,11 +153,17 @@ def crop_batches(seed: int, pool, settings: dict):
 
 def scene_batches(seed: int, pool, batch_size: int, size: int, layer: str):
     """Endless (scenes uint8 (B, size, size, 3), labels (B, g, g)) batches of whole scenes of `pool`'s digits."""
+    return ((scenes, labels) for scenes, labels, _ in labelled_scenes(seed, pool, batch_size, size, layer))
+
+
+def labelled_scenes(seed: int, pool, batch_size: int, size: int, layer: str):
+    """scene_batches with each batch's boxes too: endless (scenes, labels, [[(x, y, w, h, label)] per scene])."""
     digits = demo.load_digits()
     rng = np.random.default_rng(seed)
     while True:
         scenes = [render_scene(rng, digits.images, digits.target, pool, size) for _ in range(batch_size)]
-        yield np.stack([s for s, _ in scenes]), np.stack([scene_labels(boxes, size, layer) for _, boxes in scenes])
+        boxes = [b for _, b in scenes]
+        yield np.stack([s for s, _ in scenes]), np.stack([scene_labels(b, size, layer) for b in boxes]), boxes
 
 
 def pools(pool_seed: int) -> dict:
@@ -346,18 +355,15 @@ def evaluate_scenes(base, head, pool, settings: dict) -> dict:
     import keras
 
     batch, layer = 16, settings["layer"]
-    digits, rng = demo.load_digits(), np.random.default_rng(settings["seed"] + 1_000_003)
+    batches = labelled_scenes(settings["seed"] + 1_000_003, pool, batch, settings["scene_size"], layer)
     run = truncated(base, layer)
     cells, read, scenes_right = [], [], []
     for _ in range(max(1, settings["val_scenes"] // batch)):
-        scenes = [render_scene(rng, digits.images, digits.target, pool, settings["scene_size"])
-                  for _ in range(batch)]
-        images = np.stack([image for image, _ in scenes])
+        images, labels, scene_boxes = next(batches)
         logits = np.asarray(head(run(keras.applications.inception_v3.preprocess_input(images.astype(np.float32)),
                                      training=False)))
-        labels = np.stack([scene_labels(boxes, settings["scene_size"], layer) for _, boxes in scenes])
         cells.append((labels, logits))
-        for scene_logits, (_, boxes) in zip(logits, scenes):
+        for scene_logits, boxes in zip(logits, scene_boxes):
             right = [read_digit(scene_logits, box, layer) == box[4] for box in boxes]
             read += right
             scenes_right.append(all(right))
@@ -372,7 +378,7 @@ def read_digit(logits, box, layer: str) -> int:
     g = logits.shape[0]
     x, y, w, h = box[:4]
     centres = cell_centres(g, layer)
-    rows, cols = (centres >= y) & (centres < y + h), (centres >= x) & (centres < x + w)
+    rows, cols = _inside(centres, y, h), _inside(centres, x, w)
     if not rows.any() or not cols.any():
         rows = np.arange(g) == nearest_cell(y + h / 2, g, layer)
         cols = np.arange(g) == nearest_cell(x + w / 2, g, layer)
