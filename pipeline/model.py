@@ -4,6 +4,7 @@ Shapes: B batch, P positions (64), D encoder channels (2048), F projected featur
 H recurrent units, E word embedding size, V vocabulary, T caption steps.
 
     x = (features − μ) / σ                  (B, P, D)  per-channel statistics of the training features
+                                                       (last k channels: cell scores s, see key_channels)
     a = relu(W_a x + W_p pos)               (B, P, F)  projected once per sequence; pos (P, 16): each cell's
                                                        row and column as sin/cos at 4 frequencies (optional)
     k = U a                                 (B, P, A)  attention keys, also once per sequence (positions =
@@ -31,7 +32,9 @@ from one digit to the next (README, "What the demo reaches"). `positions`:
 cell's features: the last k channels (the digits encoder's per-cell scores, local by construction) make the keys,
 k = U relu(W_s s + W_p pos), and the other channels the context, a = relu(W_a x). A mixed7 cell sees far beyond
 itself, so with keys from the features the attention can read a digit from a background cell beside it; keys from
-the cell's own scores can only find the digit where it is (README, "Session 7").
+the cell's own scores can only find the digit where it is (README, "Session 7"). `context_scores` (`[decoder]
+context_scores = true`) adds the scores to the context too, a = relu(W_a x + W_c s): what the decoder reads at a
+cell then includes what the encoder's head says is there (README, "Session 11").
 """
 from __future__ import annotations
 
@@ -53,22 +56,27 @@ class ShowAttendTell(keras.Model):
 
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
                  units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
-                 positions: bool | str = False, key_channels: int = 0, coverage: bool = False, **kwargs):
+                 positions: bool | str = False, key_channels: int = 0, coverage: bool = False,
+                 context_scores: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
                            embed_dim=embed_dim, units=units, dropout=dropout, cell=cell,
                            feature_channels=feature_channels, positions=positions, key_channels=key_channels,
-                           coverage=coverage)
+                           coverage=coverage, context_scores=context_scores)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         if not 0 <= key_channels < feature_channels:
             raise ValueError(f"key_channels must be in [0, {feature_channels}), got {key_channels}")
+        if context_scores and not key_channels:
+            raise ValueError("context_scores needs key_channels (the cell scores) > 0")
         self.units, self.cell_kind, self.positions_in, self.key_channels = units, cell, positions, key_channels
         self.project = keras.layers.Dense(feature_dim, name="project_features")
         self.project_scores = (keras.layers.Dense(feature_dim, name="project_key_channels")
                                if key_channels else None)
+        self.context_scores = (keras.layers.Dense(feature_dim, use_bias=False, name="project_scores_context")
+                               if context_scores else None)
         self.project_positions = (keras.layers.Dense(feature_dim, use_bias=False, name="project_positions")
                                   if positions else None)
         self.keys = keras.layers.Dense(attention_dim, use_bias=False, name="attention_keys")
@@ -107,6 +115,8 @@ class ShowAttendTell(keras.Model):
         if self.key_channels:   # the last key_channels channels (cell scores) make the keys, the rest the context
             features, scores = features[..., :-self.key_channels], features[..., -self.key_channels:]
         a = self.project(features)
+        if self.context_scores is not None:
+            a = a + self.context_scores(scores)
         where = (self.project_positions(tf.cast(position_encoding(tf.shape(features)[1]), self.compute_dtype))
                  if self.project_positions is not None else None)
         if self.positions_in is True:

@@ -8,7 +8,9 @@ directory outside the task output. Each epoch ends with free-running decoding of
 [generation] settings (beam, length penalty, <unk> suppression: what GenerateCaptions will run) scored with
 BLEU-4 and CIDEr-D (and digits exact when the val images have digit labels); the best epoch's weights are
 kept — best by val CIDEr-D, or with `select_by = digits_exact` by val digits exact, CIDEr-D breaking ties
-(selection_key) — and training stops early after `patience` epochs without a better one. Loss parts, learning
+(selection_key) — and training stops early after `patience` epochs without a better one. With `ema` > 0 the step
+also keeps an exponential moving average of the weights (Polyak averaging), and validation, the kept epoch and the
+model directory use the averaged weights (_TrainingState.averaged). Loss parts, learning
 rate, speed and validation scores also go to TensorBoard (pipeline/tensorboard.py: checkpoints/<fp>/tensorboard/).
 """
 from __future__ import annotations
@@ -42,17 +44,19 @@ log = logging.getLogger("captioner")
 DEFAULTS = dict(
     # [decoder]
     feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm", positions=False,
-    attention_keys="features", coverage=False,
+    attention_keys="features", coverage=False, context_scores=False,
     # [training]
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
-    attention_lambda=1.0, patience=5, select_by="cider", group_captions=False, bucket_width=0, checkpoint_every=500,
+    attention_lambda=1.0, patience=5, select_by="cider", group_captions=False, bucket_width=0, ema=0.0,
+    checkpoint_every=500,
     shuffle_buffer=1000, block_rows=256,
     seed=0,
     mixed_precision=False, jit_compile=False, strategy="auto", val_batch_size=128, cpu_devices=1,
     # [generation]: validation decodes exactly as GenerateCaptions will, so the best epoch is chosen for it
     decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
 )
-DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions", "coverage")
+DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions", "coverage",
+                "context_scores")
 SELECTION_NAMES = {"cider": "CIDEr-D", "digits_exact": "digits exact (CIDEr-D breaking ties)"}
 
 
@@ -188,7 +192,7 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
         raise InputError("[training] select_by = digits_exact, but no val image has digits to name (no \"digits\" "
                          "labels, no digit words in its references). Fix: select_by = cider.")
     state = _TrainingState(Path(checkpoint_dir), data, len(vocab), settings)
-    train_step = make_train_step(state.model, state.optimizer, state.strategy, settings)
+    train_step = make_train_step(state.model, state.optimizer, state.strategy, settings, state.averages)
     board = TrainingBoard(checkpoint_dir)
     while state["epoch"] < settings["epochs"] and state["bad_epochs"] < settings["patience"]:
         losses, seen, seconds = _train_epoch(state, data, train_step, board, settings, progress_callback)
@@ -241,11 +245,17 @@ class _TrainingState:
             self.model(tf.zeros((1, data.positions, data.channels), tf.float16), tf.zeros((1, 1), tf.int32))
             self.optimizer = make_optimizer(settings, data.steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)
+            # ema > 0: the moving average of each trainable weight (make_train_step updates it)
+            # (the same on every replica: each takes the first replica's update)
+            self.averages = ([tf.Variable(v.numpy(), trainable=False, name="average",
+                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                              for v in self.model.trainable_variables] if settings["ema"] else [])
             self.counters = {name: tf.Variable(value, trainable=False, name=name, dtype=dtype)
                              for name, value, dtype in (("epoch", 0, tf.int64), ("step", 0, tf.int64),
                                                         ("step_in_epoch", 0, tf.int64), ("best", -1.0, tf.float64),
                                                         ("bad_epochs", 0, tf.int64))}
-        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, **self.counters)
+        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, averages=self.averages,
+                                         **self.counters)
         self.manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
         self.history_path, self.best_weights = checkpoint_dir / "history.json", checkpoint_dir / "best.weights.h5"
         self.history = []
@@ -260,6 +270,19 @@ class _TrainingState:
             mean, std = feature_statistics(data.train_rows, settings["block_rows"])
             self.model.feature_mean.assign(mean)
             self.model.feature_std.assign(std)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Inside, the model holds the averaged weights (ema > 0; the trained ones again afterwards)."""
+        variables = self.model.trainable_variables
+        trained = [v.numpy() for v in variables] if self.averages else []
+        for v, average in zip(variables, self.averages):
+            v.assign(average)
+        try:
+            yield
+        finally:
+            for v, value in zip(variables, trained):
+                v.assign(value)
 
     def __getitem__(self, name: str):
         return self.counters[name].numpy().item()
@@ -305,8 +328,9 @@ def _end_epoch(state: _TrainingState, data, vocab, losses: list, seen: int, seco
                settings: dict) -> None:
     """Validate the epoch's weights decoding as GenerateCaptions will, keep them when the epoch is the best so
     far (selection_key), record the epoch (history, log, TensorBoard) and checkpoint."""
-    hyps = decoded_captions(state.model, data.val_rows, vocab, settings["decoding"], settings["val_batch_size"],
-                            settings["block_rows"])
+    with state.averaged():
+        hyps = decoded_captions(state.model, data.val_rows, vocab, settings["decoding"], settings["val_batch_size"],
+                                settings["block_rows"])
     scores = validation_scores(data.val_refs, hyps)
     means = np.mean(losses, axis=0).tolist() if losses else [None] * 3
     exact = digits.digits_exact(hyps, data.val_digits)   # None unless the captions name digits (the demo)
@@ -319,7 +343,7 @@ def _end_epoch(state: _TrainingState, data, vocab, losses: list, seen: int, seco
     key = lambda e: selection_key(e, settings["select_by"])
     improved = entry["best"] = all(key(entry) > key(e) for e in state.history)
     if improved:
-        with atomic_file(state.best_weights, suffix=".weights.h5") as tmp:
+        with atomic_file(state.best_weights, suffix=".weights.h5") as tmp, state.averaged():
             state.model.save_weights(str(tmp))
         state.counters["best"].assign(key(entry)[0])
         state.counters["bad_epochs"].assign(0)
@@ -339,7 +363,11 @@ def _end_epoch(state: _TrainingState, data, vocab, losses: list, seen: int, seco
     write_json(state.history_path, state.history)
 
 
-def make_train_step(model, optimizer, strategy, settings):
+def make_train_step(model, optimizer, strategy, settings, averages=()):
+    """The compiled step: (features, captions) → (loss, xent, attention term, real captions), averaged over the
+    replicas. With `averages` (one variable per trainable weight), it also moves each towards its weight by
+    1 − d, d = min(ema, (1 + n) / (10 + n)) after n updates: the average follows the first steps closely instead of
+    remembering the random start (tf.train.ExponentialMovingAverage's num_updates)."""
     import tensorflow as tf
 
     replicas = strategy.num_replicas_in_sync
@@ -355,6 +383,11 @@ def make_train_step(model, optimizer, strategy, settings):
                 scaled = optimizer.scale_loss(scaled)
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
+        if averages:
+            n = tf.cast(optimizer.iterations, tf.float32)
+            decay = tf.minimum(settings["ema"], (1.0 + n) / (10.0 + n))
+            for average, v in zip(averages, model.trainable_variables):
+                average.assign(decay * average + (1.0 - decay) * v)
         return loss, xent, doubly, tf.reduce_sum(tf.cast(captions[..., 0] != 0, tf.int32))   # real captions
 
     # XLA compiles one program per batch shape anyway, and needs each trace's caption length to be static

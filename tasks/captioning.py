@@ -35,7 +35,7 @@ class TrainDecoder(Stage):
         return {**section_values(decoder), **section_values(training), "decoding": context.validation_decoding()}
 
     added_later = {"select_by": "cider", "attention_keys": "features", "coverage": False, "group_captions": False,
-                   "bucket_width": 0}
+                   "bucket_width": 0, "context_scores": False, "ema": 0.0}
 
     def settings(self):
         return {k: v for k, v in self.without_added_later(self.training_settings()).items()

@@ -256,6 +256,9 @@ class decoder(Section):
                                                        "or (features of a +cell_scores layer) the cell scores alone")
     coverage = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                    description="the attention sees how much each cell was attended so far")
+    context_scores = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                         description="with attention_keys = cell_scores: the context reads the cell "
+                                                     "scores too, not only the other channels")
 
     def problems(self):
         out = []
@@ -266,6 +269,8 @@ class decoder(Section):
             out += self.require(encoder_lib.LAYERS[layer].get("cell_scores"), "attention_keys",
                                 f"needs features with cell scores, and [encoder] layer = {layer}; set it to "
                                 f"{encoder_lib.base_layer(layer)}+cell_scores (weights = digits)")
+        out += self.require(not self.context_scores or self.attention_keys == "cell_scores", "context_scores",
+                            "needs attention_keys = cell_scores (the cell scores it reads); set one or the other")
         return out + self.require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
 
 
@@ -287,6 +292,8 @@ class training(Section):
                                                      "batch_size captions): features projected once per image")
     bucket_width = luigi.IntParameter(default=0, description="batches of pairs whose caption lengths fall in the "
                                                              "same band of this many tokens; 0: any lengths")
+    ema = luigi.FloatParameter(default=0.0, description="decay of the moving average of the weights that validation "
+                                                        "and the model use; 0: the trained weights themselves")
     checkpoint_every = luigi.IntParameter(default=500, description="steps between checkpoints")
     shuffle_buffer = luigi.IntParameter(default=1000, description="(image, caption) pairs, or grouped images")
     block_rows = luigi.IntParameter(default=256, description="rows per contiguous HDF5 read")
@@ -310,6 +317,7 @@ class training(Section):
                             "buckets pairs by caption length, and group_captions = true batches whole images; "
                             "set one of them off")
         out += self.require(self.learning_rate > 0, "learning_rate", "must be positive")
+        out += self.require(0 <= self.ema < 1, "ema", "must be in [0, 1) (0: off; e.g. 0.995)")
         return out + self.require(self.clip_norm >= 0, "clip_norm", "must be 0 (no clipping) or positive")
 
 

@@ -142,6 +142,8 @@ BAD_SETTINGS = [
                                                  "use mixed7 with other weights"]),
     (("--decoder-attention-keys", "cell_scores"), ["[decoder] attention_keys = 'cell_scores' needs features with "
                                                    "cell scores", "set it to mixed10+cell_scores"]),
+    (("--decoder-context-scores", "true"), ["[decoder] context_scores = True needs attention_keys = cell_scores"]),
+    (("--training-ema", "1"), ["[training] ema = 1.0 must be in [0, 1)"]),
     (("--pretrain-scene-train-from", "mixed9", "--encoder-layer", "mixed7"),
      ["[pretrain] scene_train_from = 'mixed9' must be all or a block at or below the feature layer mixed7"]),
     (("--training-bucket-width", "3", "--training-group-captions", "true"),

@@ -10,9 +10,10 @@ from pipeline.model import ShowAttendTell, caption_loss
 P, D, V = 16, 32, 12
 
 
-def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0, coverage=False):
+def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0, coverage=False, context_scores=False):
     model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell,
-                           feature_channels=D, positions=positions, key_channels=key_channels, coverage=coverage)
+                           feature_channels=D, positions=positions, key_channels=key_channels, coverage=coverage,
+                           context_scores=context_scores)
     model(tf.zeros((1, P, D)), tf.zeros((1, 1), tf.int32))
     return model
 
@@ -87,6 +88,49 @@ def test_key_channels_make_the_keys_and_the_other_channels_the_context(positions
     same_scores = tf.concat([features[..., :-K], tf.ones((2, P, K))], -1)
     _, keys_alike, _ = model.encode(same_scores)
     assert np.allclose(keys_alike[:, :1].numpy(), keys_alike.numpy(), atol=1e-6) == (not positions)
+
+
+def test_context_scores_let_the_context_read_the_cell_scores_too():
+    # [decoder] context_scores = true: the keys are still the scores' alone, and the context reads both
+    K = 5
+    model = small_model(positions=True, key_channels=K, context_scores=True)
+    features = tf.random.stateless_normal((2, P, D), seed=(9, 10))
+    other_content = tf.concat([tf.random.stateless_normal((2, P, D - K), seed=(11, 12)), features[..., -K:]], -1)
+    other_scores = tf.concat([features[..., :-K], tf.random.stateless_normal((2, P, K), seed=(13, 14))], -1)
+    a, keys, _ = model.encode(features)
+    a_content, keys_content, _ = model.encode(other_content)
+    a_scores, _, _ = model.encode(other_scores)
+    np.testing.assert_allclose(keys.numpy(), keys_content.numpy(), atol=1e-6)
+    assert not np.allclose(a.numpy(), a_content.numpy(), atol=1e-3)
+    assert not np.allclose(a.numpy(), a_scores.numpy(), atol=1e-3)
+    with pytest.raises(ValueError, match="context_scores needs key_channels"):
+        small_model(context_scores=True)
+
+
+def test_the_moving_average_of_the_weights_follows_the_formula():
+    """[training] ema: after the n-th update each average moves towards its weight by 1 − d, d = min(ema,
+    (1 + n) / (10 + n)); the weights themselves train as without it."""
+    features = tf.random.stateless_normal((2, P, D), seed=(7, 8))
+    captions = tf.constant([[1, 4, 5, 2], [1, 7, 2, 0]])
+    trained = {}
+    for ema in (0.0, 0.5):
+        tf.keras.utils.set_random_seed(0)
+        model = small_model()
+        settings = {**train_lib.DEFAULTS, "ema": ema}
+        optimizer = train_lib.make_optimizer(settings, steps_per_epoch=1)
+        averages = [tf.Variable(v.numpy()) for v in model.trainable_variables] if ema else []
+        expected = [v.numpy() for v in model.trainable_variables]
+        step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), settings, averages)
+        for n in range(1, 4):
+            step(features, captions)
+            decay = min(ema, (1 + n) / (10 + n))
+            expected = [decay * e + (1 - decay) * v.numpy() for e, v in zip(expected, model.trainable_variables)]
+        trained[ema] = [v.numpy() for v in model.trainable_variables]
+        for average, e in zip(averages, expected):
+            np.testing.assert_allclose(average.numpy(), e, rtol=1e-5, atol=1e-7)
+    for with_average, without in zip(trained[0.5], trained[0.0]):
+        np.testing.assert_allclose(with_average, without, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(averages[0].numpy(), trained[0.5][0])    # the average lags the weights
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
