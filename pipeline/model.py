@@ -24,7 +24,9 @@ The position encoding (not in the paper) tells the decoder where each cell is. C
 about absolute position, and a caption that reads digits left to right needs it: with it, the attention can step
 from one digit to the next (README, "What the demo reaches"). `positions`:
     False    none (the paper);
-    True     added to the projected features: the keys (where to look) and the context (what is read) both see them;
+    True     added to the projected features: the keys (where to look) and the context (what is read) both see them,
+             so the decoder also knows where it has read (two alike digits otherwise look like one: the demo's
+             setting since README, "Session 11");
     "keys"   added to the attention keys only: the attention knows where each cell is, the context reads the cells'
              contents alone (on the demo it attends to the digit itself more often: README, "Session 6").
 
