@@ -68,15 +68,22 @@ def test_keys_positions_place_the_attention_keys_only(positions):
     assert not np.allclose(tf.gather(keys, order, axis=1).numpy(), keys_moved.numpy(), atol=1e-5)
 
 
+def content_and_scores_changed(k):
+    """Features (2, P, D) whose last k channels are cell scores; the same with other content, and with other
+    scores."""
+    features = tf.random.stateless_normal((2, P, D), seed=(9, 10))
+    other_content = tf.concat([tf.random.stateless_normal((2, P, D - k), seed=(11, 12)), features[..., -k:]], -1)
+    other_scores = tf.concat([features[..., :-k], tf.random.stateless_normal((2, P, k), seed=(13, 14))], -1)
+    return features, other_content, other_scores
+
+
 @pytest.mark.parametrize("positions", [False, "keys"])
 def test_key_channels_make_the_keys_and_the_other_channels_the_context(positions):
     # attention_keys = cell_scores: the last K channels (the cell scores) decide where to look, and only that;
     # the others are what is read, and only that
     K = 5
     model = small_model(positions=positions, key_channels=K)
-    features = tf.random.stateless_normal((2, P, D), seed=(9, 10))
-    other_content = tf.concat([tf.random.stateless_normal((2, P, D - K), seed=(11, 12)), features[..., -K:]], -1)
-    other_scores = tf.concat([features[..., :-K], tf.random.stateless_normal((2, P, K), seed=(13, 14))], -1)
+    features, other_content, other_scores = content_and_scores_changed(K)
     a, keys, _ = model.encode(features)
     a_content, keys_content, _ = model.encode(other_content)
     a_scores, keys_scores, _ = model.encode(other_scores)
@@ -94,9 +101,7 @@ def test_context_scores_let_the_context_read_the_cell_scores_too():
     # [decoder] context_scores = true: the keys are still the scores' alone, and the context reads both
     K = 5
     model = small_model(positions=True, key_channels=K, context_scores=True)
-    features = tf.random.stateless_normal((2, P, D), seed=(9, 10))
-    other_content = tf.concat([tf.random.stateless_normal((2, P, D - K), seed=(11, 12)), features[..., -K:]], -1)
-    other_scores = tf.concat([features[..., :-K], tf.random.stateless_normal((2, P, K), seed=(13, 14))], -1)
+    features, other_content, other_scores = content_and_scores_changed(K)
     a, keys, _ = model.encode(features)
     a_content, keys_content, _ = model.encode(other_content)
     a_scores, _, _ = model.encode(other_scores)
