@@ -193,9 +193,9 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
         expected = np.exp(logits - logits.max(-1, keepdims=True))
         np.testing.assert_allclose(features[..., 768:], expected / expected.sum(-1, keepdims=True), atol=0.01)
 
-    # a decoder whose attention keys come from the scores and whose context reads them too (the demo's settings,
-    # weights averaged), and captioning a new image with it (the CLI rebuilds the encoder, head included, from the
-    # model's provenance)
+    # a decoder whose attention keys come from the scores and whose context reads them too (the demo's settings;
+    # with [training] ema on as well, which the demo leaves off), and captioning a new image with it (the CLI
+    # rebuilds the encoder, head included, from the model's provenance)
     trained = run_luigi("TrainDecoder", *args[2:4], "--encoder-layer", "mixed7+cell_scores", *args[6:],
                         "--decoder-attention-keys", "cell_scores", "--decoder-context-scores", "true",
                         "--training-ema", "0.9", workdir=workdir)
