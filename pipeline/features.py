@@ -124,10 +124,11 @@ def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_s
     try:
         summary = _write_shard(out_path, items, forward, image_size, batch_size, workers, shape, attrs,
                                compression, progress)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:   # HDF5 reports some failed writes as RuntimeError (failed closes)
         free = shutil.disk_usage(Path(out_path).parent).free
-        if e.errno in (errno.ENOSPC, errno.EFBIG) or "No space left" in str(e) or "too large" in str(e).lower():
-            raise OSError(e.errno or errno.ENOSPC,
+        code = getattr(e, "errno", None)
+        if code in (errno.ENOSPC, errno.EFBIG) or "No space left" in str(e) or "too large" in str(e).lower():
+            raise OSError(code or errno.ENOSPC,
                           f"writing {out_path}: the filesystem is full or the file size limit was hit "
                           f"({free:,} bytes free there). Nothing complete-looking was left behind. Fix: free "
                           f"space or point [workspace] root at a larger filesystem, then rerun") from e

@@ -36,6 +36,19 @@ STRING = h5py.string_dtype("utf-8")
 REQUIRED_DATASETS = ("features", "image_ids", "paths", "skipped", "skipped_ids")
 
 
+def create_hdf5(path) -> h5py.File:
+    """A new HDF5 file for writing, as every writer here opens one.
+
+    v110: compact chunk indexes (~50 bytes per image instead of ~100), readable by HDF5 >= 1.10.
+    No chunk cache (rdcc_nbytes=0): every chunk we write is whole, so the cache only delays it. And HDF5 1.14
+    cannot recover from a write that fails with a chunk still in its cache: closing the file then fails, leaves
+    the dataset's handle half-closed, and freeing that handle crashed the process (SIGSEGV in
+    H5VL_set_vol_wrapper, where a full disk should fail with a message; tests/test_operations.py,
+    test_a_full_disk_fails_clearly_and_leaves_nothing_complete_looking). Without the cache a failed write leaves
+    nothing behind in it, and the file closes or fails cleanly."""
+    return h5py.File(path, "w", libver=("v110", "latest"), rdcc_nbytes=0)
+
+
 class ShardWriter:
     """Append rows to a new shard; the file appears under its final name only on close() without error.
 
@@ -50,8 +63,7 @@ class ShardWriter:
         self._atomic = atomic_file(self.path)
         self._tmp = self._atomic.__enter__()
         try:
-            # v110: compact chunk indexes (~50 bytes per image instead of ~100), readable by HDF5 >= 1.10
-            self._file = h5py.File(self._tmp, "w", libver=("v110", "latest"))
+            self._file = create_hdf5(self._tmp)
             options = {"compression": compression} if compression else {}
             self._features = self._file.create_dataset(
                 "features", shape=(0, positions, channels), maxshape=(None, positions, channels),
@@ -88,15 +100,22 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
+        error = exc
+        if error is None:
+            try:
                 self._finish()
-            self._file.close()
+            except BaseException as e:
+                error = e
+        try:
+            self._file.close()   # once: after a failed write (a full disk) closing again cannot succeed
         except BaseException as e:
-            self._file.close()
-            self._atomic.__exit__(type(e), e, e.__traceback__)
-            raise
-        return self._atomic.__exit__(exc_type, exc, tb)
+            error = error or e   # the first error is the one to report: a failed close follows from it
+        if error is None:
+            return self._atomic.__exit__(None, None, None)
+        self._atomic.__exit__(type(error), error, error.__traceback__)   # removes the temporary
+        if error is not exc:
+            raise error
+        return False
 
     def _finish(self) -> None:
         f = self._file
@@ -291,7 +310,7 @@ def _dataset_roots(f, dataset_roots) -> list[str]:
 def write_attention(path, image_ids, paths, tokens, attention, attrs: dict) -> None:
     """Write the attention-maps file atomically."""
     with atomic_file(path, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+        with create_hdf5(tmp) as f:
             f.create_dataset("image_ids", data=np.asarray(image_ids, np.int64))
             f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STRING)
             f.create_dataset("tokens", data=np.asarray(tokens, np.int32))

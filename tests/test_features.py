@@ -262,6 +262,32 @@ def store_for(*argv):
         return tasks.store_dir().name
 
 
+FULL_DISK_WRITER = """
+import resource, sys
+import numpy as np
+from storage import shards
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))   # a 1 MB file-size limit: writes fail with EFBIG
+for attempt in range(3):   # the process goes on after each failure, as a Luigi worker does after a failed task
+    try:
+        with shards.ShardWriter(sys.argv[1], positions=289, channels=64, attrs={}) as shard:
+            for i in range(100):
+                shard.append([i], [f"{i}.jpg"], np.ones((1, 289, 64), np.float16))
+    except OSError as e:
+        print("failed:", e.errno, flush=True)
+print("done", flush=True)
+"""
+
+
+def test_a_shard_write_that_fails_raises_and_leaves_nothing(tmp_path):
+    """A write that fails (a full disk) raises OSError, leaves no file, and the process goes on: with HDF5's
+    chunk cache the failed close crashed it (SIGSEGV) when the shard's handles were freed."""
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(tmp_path / "shard-x-train-00000.h5")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    assert run.stdout.split("\n")[:4] == ["failed: 27"] * 3 + ["done"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_encoder_settings_and_only_they_start_a_new_store():
     base = store_for()
     assert store_for("--encoder-image-size", "224") != base
