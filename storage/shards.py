@@ -37,7 +37,7 @@ REQUIRED_DATASETS = ("features", "image_ids", "paths", "skipped", "skipped_ids")
 
 
 def create_hdf5(path) -> h5py.File:
-    """A new HDF5 file for writing, as every writer here opens one.
+    """A new HDF5 file for writing, as the writers of shards and attention maps open one.
 
     v110: compact chunk indexes (~50 bytes per image instead of ~100), readable by HDF5 >= 1.10.
     No chunk cache (rdcc_nbytes=0): every chunk we write is whole, so the cache only delays it. And HDF5 1.14
