@@ -245,11 +245,7 @@ class _TrainingState:
             self.model(tf.zeros((1, data.positions, data.channels), tf.float16), tf.zeros((1, 1), tf.int32))
             self.optimizer = make_optimizer(settings, data.steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)
-            # ema > 0: the moving average of each trainable weight (make_train_step updates it)
-            # (the same on every replica: each takes the first replica's update)
-            self.averages = ([tf.Variable(v.numpy(), trainable=False, name="average",
-                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-                              for v in self.model.trainable_variables] if settings["ema"] else [])
+            self.averages = moving_averages(self.model.trainable_variables) if settings["ema"] else []
             self.counters = {name: tf.Variable(value, trainable=False, name=name, dtype=dtype)
                              for name, value, dtype in (("epoch", 0, tf.int64), ("step", 0, tf.int64),
                                                         ("step_in_epoch", 0, tf.int64), ("best", -1.0, tf.float64),
@@ -361,6 +357,15 @@ def _end_epoch(state: _TrainingState, data, vocab, losses: list, seen: int, seco
     state.counters["step_in_epoch"].assign(0)
     state.save()
     write_json(state.history_path, state.history)
+
+
+def moving_averages(variables) -> list:
+    """[training] ema > 0: one variable per trainable weight, starting at its value, that make_train_step moves
+    towards it after each update. The same on every replica: each takes the first replica's update."""
+    import tensorflow as tf
+
+    return [tf.Variable(v.numpy(), trainable=False, name="average",
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA) for v in variables]
 
 
 def make_train_step(model, optimizer, strategy, settings, averages=()):

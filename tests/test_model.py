@@ -123,7 +123,7 @@ def test_the_moving_average_of_the_weights_follows_the_formula():
         model = small_model()
         settings = {**train_lib.DEFAULTS, "ema": ema}
         optimizer = train_lib.make_optimizer(settings, steps_per_epoch=1)
-        averages = [tf.Variable(v.numpy()) for v in model.trainable_variables] if ema else []
+        averages = train_lib.moving_averages(model.trainable_variables) if ema else []
         expected = [v.numpy() for v in model.trainable_variables]
         step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), settings, averages)
         for n in range(1, 4):
