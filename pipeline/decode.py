@@ -20,20 +20,27 @@ def _cache(model) -> dict:
     return model._captioner_decoders
 
 
-def greedy_fn(model, max_length: int, start_id: int, end_id: int, unk_id: int | None = None):
+def greedy_fn(model, max_length: int, start_id: int, end_id: int, unk_id: int | None = None, samples: int = 0):
     """A compiled greedy decoder for `model`: features (B, P, D) → (tokens (B, L), alphas (B, L, P)).
-    With `unk_id`, <unk> is never chosen."""
-    key = ("greedy", max_length, start_id, end_id, unk_id)
+    With `unk_id`, <unk> is never chosen.
+
+    samples = n > 0: a sampler instead, for self-critical training: each word is drawn from the model's
+    distribution (tf.random.categorical), n captions per image, → tokens (B·n, L) image by image; <pad> and
+    <start> are never drawn."""
+    key = ("greedy", max_length, start_id, end_id, unk_id, samples)
     if key in _cache(model):
         return _cache(model)[key]
 
     @tf.function(reduce_retracing=True)
     def decode(features):
         a, keys, state = model.encode(features)
-        batch = tf.shape(features)[0]
+        if samples:
+            a, keys, state = tf.nest.map_structure(lambda x: tf.repeat(x, samples, axis=0), (a, keys, state))
+        batch = tf.shape(a)[0]
         vocab = model.config["vocab_size"]
-        ban = (tf.one_hot(unk_id, vocab, on_value=-1e9, off_value=0.0) if unk_id is not None
-               else tf.zeros([vocab]))
+        banned = [unk_id] if unk_id is not None else []
+        banned += [0, start_id] if samples else []   # <pad> is 0 (pipeline/vocabulary.py)
+        ban = tf.reduce_sum(tf.one_hot(tf.constant(banned, tf.int32), vocab, on_value=-1e9, off_value=0.0), axis=0)
         words = tf.fill([batch], start_id)
         done = tf.zeros([batch], tf.bool)
         tokens = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None])
@@ -43,7 +50,8 @@ def greedy_fn(model, max_length: int, start_id: int, end_id: int, unk_id: int | 
             emb = model.embed(words)
             h, z, alpha, state = model.step(emb, a, keys, state)
             logits = tf.cast(model.output_logits(emb, h, z), tf.float32) + ban
-            chosen = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            chosen = (tf.squeeze(tf.random.categorical(logits, 1, dtype=tf.int32), -1) if samples
+                      else tf.argmax(logits, axis=-1, output_type=tf.int32))
             chosen = tf.where(done, tf.zeros_like(chosen), chosen)
             return (t + 1, chosen, done | tf.equal(chosen, end_id), state, tokens.write(t, chosen),
                     alphas.write(t, alpha))

@@ -17,7 +17,8 @@ def metric_label(key: str) -> str:
 
 
 def training_curves(history: list[dict], path) -> None:
-    """history.json → PNG: training loss with its two parts, and val BLEU-4 / CIDEr-D (/ digits exact) per epoch."""
+    """history.json → PNG: training loss with its two parts (cross-entropy epochs), and val BLEU-4 / CIDEr-D
+    (/ digits exact) per epoch, self-critical epochs shaded."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -25,18 +26,23 @@ def training_curves(history: list[dict], path) -> None:
     from storage.workspace import atomic_file
 
     epochs = [h["epoch"] for h in history]
+    xent = [h for h in history if h.get("phase", "xent") == "xent"]   # self-critical epochs have no such loss
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     lam = history[0].get("attention_lambda", 1.0) if history else 1.0
-    left.plot(epochs, [h["loss"] for h in history], marker="o", label="total")
-    if history and "xent" in history[0]:
-        left.plot(epochs, [h["xent"] for h in history], marker="s", label="cross-entropy per token")
-        left.plot(epochs, [h["attention"] for h in history], marker="^", label="attention term per token")
+    left.plot([h["epoch"] for h in xent], [h["loss"] for h in xent], marker="o", label="total")
+    if xent and "xent" in xent[0]:
+        left.plot([h["epoch"] for h in xent], [h["xent"] for h in xent], marker="s", label="cross-entropy per token")
+        left.plot([h["epoch"] for h in xent], [h["attention"] for h in xent], marker="^",
+                  label="attention term per token")
     left.set(xlabel="epoch", ylabel="training loss", title=f"loss = cross-entropy + {lam:g} × attention term")
     left.legend()
     right.plot(epochs, [h["val_Bleu_4"] for h in history], marker="o", label="BLEU-4")
     right.plot(epochs, [h["val_CIDEr"] for h in history], marker="s", label="CIDEr-D")
     if history and history[0].get("val_digits_exact") is not None:
         right.plot(epochs, [h["val_digits_exact"] for h in history], marker="^", label="digits exact")
+    scst = [h["epoch"] for h in history if h.get("phase") == "scst"]
+    if scst:   # [training] scst_epochs
+        right.axvspan(scst[0] - 0.5, scst[-1] + 0.5, color="orange", alpha=0.15, label="self-critical epochs")
     kept = [h["epoch"] for h in history if h.get("best")]
     if kept:   # the epoch whose weights the model directory holds ([training] select_by)
         right.axvline(kept[-1], color="gray", linestyle=":", label=f"kept: epoch {kept[-1]}")

@@ -5,7 +5,8 @@ because the step numbers come from the checkpointed step counter. (Steps trained
 a killed run are trained, and logged, again; TensorBoard shows the later points.)
 
     per step    train/loss, train/xent, train/attention (the doubly stochastic term, before λ),
-                train/learning_rate, train/captions_per_second
+                train/learning_rate, train/captions_per_second;
+                self-critical epochs: train/scst_loss, train/scst_reward (the mean reward of the samples)
     per epoch   val/Bleu_4, val/CIDEr_D, val/digits_exact (digit datasets), val/distinct_captions,
                 text val/examples: a few val images' captions beside a reference
 """
@@ -27,10 +28,12 @@ class TrainingBoard:
 
     def step(self, step: int, loss: float, xent: float, attention: float, learning_rate: float,
              captions_per_second: float) -> None:
+        self.scalars(step, {"train/loss": loss, "train/xent": xent, "train/attention": attention,
+                            "train/learning_rate": learning_rate, "train/captions_per_second": captions_per_second})
+
+    def scalars(self, step: int, values: dict) -> None:
         with self._writer.as_default(step=step):
-            for tag, value in (("train/loss", loss), ("train/xent", xent), ("train/attention", attention),
-                               ("train/learning_rate", learning_rate),
-                               ("train/captions_per_second", captions_per_second)):
+            for tag, value in values.items():
                 self._tf.summary.scalar(tag, value)
 
     def epoch(self, step: int, scores: dict, digits_exact: float | None, distinct: int, hypotheses: dict,

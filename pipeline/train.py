@@ -10,8 +10,11 @@ BLEU-4 and CIDEr-D (and digits exact when the val images have digit labels); the
 kept — best by val CIDEr-D, or with `select_by = digits_exact` by val digits exact, CIDEr-D breaking ties
 (selection_key) — and training stops early after `patience` epochs without a better one. With `ema` > 0 the step
 also keeps an exponential moving average of the weights (Polyak averaging), and validation, the kept epoch and the
-model directory use the averaged weights (_TrainingState.averaged). Loss parts, learning
-rate, speed and validation scores also go to TensorBoard (pipeline/tensorboard.py: checkpoints/<fp>/tensorboard/).
+model directory use the averaged weights (_TrainingState.averaged). With `scst_epochs` > 0, self-critical
+epochs follow (_self_critical: REINFORCE on sampled captions, rewarded with CIDEr-D or the digit reward of
+pipeline/rewards.py), starting from the best cross-entropy epoch and validated and kept the same way. Loss
+parts, learning rate, speed and validation scores also go to TensorBoard (pipeline/tensorboard.py:
+checkpoints/<fp>/tensorboard/).
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ DEFAULTS = dict(
     # [training]
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
     attention_lambda=1.0, patience=5, select_by="cider", group_captions=False, bucket_width=0, ema=0.0,
+    scst_epochs=0, scst_reward="cider", scst_samples=5, scst_batch_size=16, scst_learning_rate=5e-5,
     checkpoint_every=500,
     shuffle_buffer=1000, block_rows=256,
     seed=0,
@@ -58,6 +62,7 @@ DEFAULTS = dict(
 DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions", "coverage",
                 "context_scores")
 SELECTION_NAMES = {"cider": "CIDEr-D", "digits_exact": "digits exact (CIDEr-D breaking ties)"}
+REWARD_NAMES = {"cider": "CIDEr-D", "digits": "digit reward"}
 
 
 def selection_key(entry: dict, select_by: str) -> tuple:
@@ -194,22 +199,40 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
     state = _TrainingState(Path(checkpoint_dir), data, len(vocab), settings)
     train_step = make_train_step(state.model, state.optimizer, state.strategy, settings, state.averages)
     board = TrainingBoard(checkpoint_dir)
-    while state["epoch"] < settings["epochs"] and state["bad_epochs"] < settings["patience"]:
+    while not state.self_critical_started() and state["epoch"] < settings["epochs"] and \
+            state["bad_epochs"] < settings["patience"]:
         losses, seen, seconds = _train_epoch(state, data, train_step, board, settings, progress_callback)
-        _end_epoch(state, data, vocab, losses, seen, seconds, board, settings)
+        loss, xent, attention = np.mean(losses, axis=0).tolist() if losses else [None] * 3   # none: resumed at its end
+        summary = {"phase": "xent", "loss": loss, "xent": xent, "attention": attention,
+                   "attention_lambda": settings["attention_lambda"]}
+        _end_epoch(state, data, vocab, summary, f"epoch {state['epoch'] + 1}/{settings['epochs']}: loss {_f(loss)} "
+                   f"(xent {_f(xent)} + {settings['attention_lambda']:g} × attention {_f(attention)})", seen, seconds,
+                   board, settings)
+    _stopped_early(state, settings)
+    if settings["scst_epochs"]:
+        _self_critical(state, data, vocab, board, settings, progress_callback)
+        _stopped_early(state, settings)
     board.close()
+    write_model_dir(outdir, state.best_weights, state.model, vocab_path, settings, state.history, provenance or {})
+    return state.history
+
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _stopped_early(state, settings: dict) -> None:
     if state["bad_epochs"] >= settings["patience"]:
         log.info("early stop: no better val %s for %d epochs", SELECTION_NAMES[settings["select_by"]],
                  settings["patience"])
-    write_model_dir(outdir, state.best_weights, state.model, vocab_path, settings, state.history, provenance or {})
-    return state.history
 
 
 def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings: dict) -> SimpleNamespace:
     """Train rows and caption ids; val rows, references and expected digits; feature shape; the batch (pairs, or
     with group_captions whole images: as many as hold about batch_size captions) and steps per epoch."""
     train_rows, val_rows = shard_rows(store_dir, train_index), shard_rows(store_dir, val_index)
-    captions = caption_ids(manifests.read_manifest(manifests.manifest_path(annotations_dir, "train")), vocab)
+    train_records = list(manifests.read_manifest(manifests.manifest_path(annotations_dir, "train")))
+    captions = caption_ids(train_records, vocab)
     val_records = manifests.read_manifest(manifests.manifest_path(annotations_dir, "val"))
     positions, channels = shards.feature_shape(next(iter(train_rows)))
     layer = shards.read_attrs(next(iter(train_rows))).get("layer")
@@ -224,7 +247,8 @@ def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settin
     data = SimpleNamespace(train_rows=train_rows, val_rows=val_rows, captions=captions, positions=positions,
                            channels=channels, layer=layer, batch=batch, steps_per_epoch=steps,
                            val_refs={r["image_id"]: r["captions"] for r in val_records},
-                           val_digits={r["image_id"]: digits.expected_digits(r) for r in val_records})
+                           val_digits={r["image_id"]: digits.expected_digits(r) for r in val_records},
+                           train_records=train_records)
     log.info("training on %d (image, caption) pairs of %d images from %d shards, batches of %s: %d steps per epoch; "
              "validating on %d images", n_pairs, n_images, len(train_rows), what, steps, len(val_index["images"]))
     return data
@@ -246,12 +270,18 @@ class _TrainingState:
             self.optimizer = make_optimizer(settings, data.steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)
             self.averages = moving_averages(self.model.trainable_variables) if settings["ema"] else []
+            # self-critical epochs have their own optimizer: a constant small rate, fresh moments
+            extra = {}
+            if settings["scst_epochs"]:
+                self.scst_optimizer = extra["scst_optimizer"] = make_optimizer(
+                    {**settings, "learning_rate": settings["scst_learning_rate"], "lr_schedule": "constant"}, 1)
+                self.scst_optimizer.build(self.model.trainable_variables)
             self.counters = {name: tf.Variable(value, trainable=False, name=name, dtype=dtype)
                              for name, value, dtype in (("epoch", 0, tf.int64), ("step", 0, tf.int64),
                                                         ("step_in_epoch", 0, tf.int64), ("best", -1.0, tf.float64),
                                                         ("bad_epochs", 0, tf.int64))}
         checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, averages=self.averages,
-                                         **self.counters)
+                                         **self.counters, **extra)
         self.manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
         self.history_path, self.best_weights = checkpoint_dir / "history.json", checkpoint_dir / "best.weights.h5"
         self.history = []
@@ -279,6 +309,10 @@ class _TrainingState:
         finally:
             for v, value in zip(variables, trained):
                 v.assign(value)
+
+    def self_critical_started(self) -> bool:
+        """True once a self-critical step has run (its optimizer's step count is checkpointed with the rest)."""
+        return hasattr(self, "scst_optimizer") and int(self.scst_optimizer.iterations.numpy()) > 0
 
     def __getitem__(self, name: str):
         return self.counters[name].numpy().item()
@@ -320,18 +354,94 @@ def _train_epoch(state: _TrainingState, data, train_step, board, settings: dict,
     return losses, seen, time.monotonic() - start
 
 
-def _end_epoch(state: _TrainingState, data, vocab, losses: list, seen: int, seconds: float, board,
+def _self_critical(state: _TrainingState, data, vocab, board, settings: dict, progress_callback) -> None:
+    """[training] scst_epochs > 0: self-critical sequence training (Rennie et al. 2017) after the cross-entropy
+    epochs, from the best one's weights. Each step samples `scst_samples` captions per image (pipeline/decode.py
+    greedy_fn, samples = K), rewards each (`scst_reward`: CIDEr-D against the image's references with the
+    training corpus' document frequencies, or the digit reward; pipeline/rewards.py), subtracts the mean reward
+    of the image's other samples (advantages) and takes a make_scst_step. Each epoch is validated and kept
+    like a cross-entropy one, so the model directory holds a self-critical epoch only if it scored better."""
+    from pipeline.decode import greedy_fn
+    from pipeline.rewards import CiderD, DigitReward
+
+    if settings["scst_reward"] == "digits":
+        expected = {r["image_id"]: digits.expected_digits(r) for r in data.train_records}
+        if not any(expected.values()):
+            raise InputError("[training] scst_reward = digits, but no train image has digits to name. "
+                             "Fix: scst_reward = cider.")
+        reward = DigitReward(expected)
+    else:
+        reward = CiderD({r["image_id"]: r["captions"] for r in data.train_records})
+    if not state.self_critical_started():   # from the kept epoch's weights, with a fresh patience
+        if state.best_weights.exists():
+            state.model.load_weights(str(state.best_weights))
+        for average, v in zip(state.averages, state.model.trainable_variables):
+            average.assign(v)
+        state.counters["bad_epochs"].assign(0)
+    start, decoding = vocab.index["<start>"], settings["decoding"]
+    sampler = greedy_fn(state.model, decoding["max_length"], start, vocab.index["<end>"],
+                        vocab.index["<unk>"] if decoding["suppress_unk"] else None, samples=settings["scst_samples"])
+    step = make_scst_step(state.model, state.scst_optimizer, state.strategy, settings, start, state.averages)
+    name = REWARD_NAMES[settings["scst_reward"]]
+    while (done := sum(e.get("phase") == "scst" for e in state.history)) < settings["scst_epochs"] and \
+            state["bad_epochs"] < settings["patience"]:
+        label = f"epoch {state['epoch'] + 1}, self-critical {done + 1}/{settings['scst_epochs']}"
+        values, seen, seconds = _scst_epoch(state, data, vocab, sampler, reward, step, label, board, settings,
+                                            progress_callback)
+        loss, mean_reward = np.mean(values, axis=0).tolist() if values else [None] * 2
+        _end_epoch(state, data, vocab, {"phase": "scst", "loss": loss, "reward": mean_reward, "reward_name": name},
+                   f"{label}: loss {_f(loss)}, mean sample {name} {_f(mean_reward)}", seen, seconds, board, settings)
+
+
+def _scst_epoch(state: _TrainingState, data, vocab, sampler, reward, step, label: str, board, settings: dict,
+                progress_callback):
+    """One self-critical epoch over the train images (or its rest after a resume): → (per-step (loss, mean
+    reward), captions sampled, seconds). Checkpoints every `checkpoint_every` steps; logs progress every 10 s."""
+    import tensorflow as tf
+
+    k, skip, start = settings["scst_samples"], state["step_in_epoch"], time.monotonic()
+    steps = math.ceil(sum(len(rows) for rows in data.train_rows.values()) / settings["scst_batch_size"])
+    epochs_left = settings["scst_epochs"] - sum(e.get("phase") == "scst" for e in state.history) - 1
+    ds = pairs_dataset(data.train_rows, data.captions, settings["scst_batch_size"], settings["seed"], state["epoch"],
+                       settings["shuffle_buffer"], settings["block_rows"], data.positions, data.channels,
+                       group=True).skip(skip)
+    values, seen, last_log = [], 0, start
+    for ids, features, _ in ds:
+        tokens = sampler(features)[0].numpy()                       # (B·K, L), image by image
+        rewards = reward.scores(np.repeat(ids.numpy(), k), [vocab.decode(row) for row in tokens]).reshape(-1, k)
+        loss, _ = step(features, tf.constant(tokens.reshape(rewards.shape[0], k, -1)), tf.constant(advantages(rewards)))
+        values.append((float(loss), float(rewards.mean())))
+        seen += len(tokens)
+        state.counters["step"].assign_add(1)
+        state.counters["step_in_epoch"].assign_add(1)
+        board.scalars(state["step"], {"train/scst_loss": values[-1][0], "train/scst_reward": values[-1][1]})
+        if state["step"] % settings["checkpoint_every"] == 0:
+            state.save()
+        now = time.monotonic()
+        if now - last_log > 10 or state["step_in_epoch"] == steps:
+            last_log, per_step = now, (now - start) / (state["step_in_epoch"] - skip)
+            message = (f"{label}, step {state['step_in_epoch']}/{steps}: mean sample "
+                       f"{REWARD_NAMES[settings['scst_reward']]} {np.mean([v[1] for v in values]):.4f}, "
+                       f"{seen / (now - start):.1f} captions sampled/s, ETA "
+                       f"{format_seconds((steps - state['step_in_epoch'] + epochs_left * steps) * per_step)} "
+                       "(+ validation)")
+            log.info(message)
+            if progress_callback is not None:
+                progress_callback(min(int(100 * state["step_in_epoch"] / steps), 100), message)
+    return values, seen, time.monotonic() - start
+
+
+def _end_epoch(state: _TrainingState, data, vocab, summary: dict, text: str, seen: int, seconds: float, board,
                settings: dict) -> None:
     """Validate the epoch's weights decoding as GenerateCaptions will, keep them when the epoch is the best so
-    far (selection_key), record the epoch (history, log, TensorBoard) and checkpoint."""
+    far (selection_key), record the epoch (history, log, TensorBoard) and checkpoint. `summary`: the history
+    entry's training part (phase, loss ...), `text` its log form."""
     with state.averaged():
         hyps = decoded_captions(state.model, data.val_rows, vocab, settings["decoding"], settings["val_batch_size"],
                                 settings["block_rows"])
     scores = validation_scores(data.val_refs, hyps)
-    means = np.mean(losses, axis=0).tolist() if losses else [None] * 3
     exact = digits.digits_exact(hyps, data.val_digits)   # None unless the captions name digits (the demo)
-    entry = {"epoch": state["epoch"] + 1, "loss": means[0], "xent": means[1], "attention": means[2],
-             "attention_lambda": settings["attention_lambda"], "val_Bleu_4": scores["Bleu_4"],
+    entry = {"epoch": state["epoch"] + 1, **summary, "val_Bleu_4": scores["Bleu_4"],
              "val_CIDEr": scores["CIDEr"], "val_digits_exact": exact,
              "val_distinct": digits.distinct_captions(hyps), "seconds": round(seconds, 2),
              "captions_per_second": round(seen / max(seconds, 1e-9), 1), "best": False,
@@ -346,9 +456,7 @@ def _end_epoch(state: _TrainingState, data, vocab, losses: list, seen: int, seco
     else:
         state.counters["bad_epochs"].assign_add(1)
     state.history.append(entry)
-    log.info("epoch %d/%d: loss %.4f (xent %.4f + %g × attention %.4f), val BLEU-4 %.4f, CIDEr-D %.4f%s, "
-             "%s%.0fs, %.1f captions/s", state["epoch"] + 1, settings["epochs"], means[0] or float("nan"),
-             means[1] or float("nan"), settings["attention_lambda"], means[2] or float("nan"), scores["Bleu_4"],
+    log.info("%s, val BLEU-4 %.4f, CIDEr-D %.4f%s, %s%.0fs, %.1f captions/s", text, scores["Bleu_4"],
              scores["CIDEr"], " (best)" if improved else "",
              f"digits exact {exact:.3f}, " if exact is not None else "", seconds,
              state.history[-1]["captions_per_second"])
@@ -366,6 +474,16 @@ def moving_averages(variables) -> list:
 
     return [tf.Variable(v.numpy(), trainable=False, name="average",
                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA) for v in variables]
+
+
+def update_averages(averages, variables, ema: float, iterations) -> None:
+    """Move each average towards its weight by 1 − d, d = min(ema, (1 + n) / (10 + n)) after n updates."""
+    import tensorflow as tf
+
+    n = tf.cast(iterations, tf.float32)
+    decay = tf.minimum(ema, (1.0 + n) / (10.0 + n))
+    for average, v in zip(averages, variables):
+        average.assign(decay * average + (1.0 - decay) * v)
 
 
 def make_train_step(model, optimizer, strategy, settings, averages=()):
@@ -389,10 +507,7 @@ def make_train_step(model, optimizer, strategy, settings, averages=()):
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         if averages:
-            n = tf.cast(optimizer.iterations, tf.float32)
-            decay = tf.minimum(settings["ema"], (1.0 + n) / (10.0 + n))
-            for average, v in zip(averages, model.trainable_variables):
-                average.assign(decay * average + (1.0 - decay) * v)
+            update_averages(averages, model.trainable_variables, settings["ema"], optimizer.iterations)
         return loss, xent, doubly, tf.reduce_sum(tf.cast(captions[..., 0] != 0, tf.int32))   # real captions
 
     # XLA compiles one program per batch shape anyway, and needs each trace's caption length to be static
@@ -404,6 +519,53 @@ def make_train_step(model, optimizer, strategy, settings, averages=()):
                 strategy.reduce(mean, doubly, axis=None), strategy.reduce(tf.distribute.ReduceOp.SUM, n, axis=None))
 
     return step
+
+
+def make_scst_step(model, optimizer, strategy, settings, start_id: int, averages=()):
+    """The compiled self-critical step (Rennie et al. 2017): (features (B, P, D), sampled captions (B, K, L)
+    without <start>, 0 after <end>, advantages (B, K)) → (loss, mean log-probability per word).
+
+    loss = −Σ advantage · log p(word) over the sampled words (<end> included) / their number, the REINFORCE
+    gradient with a baseline, as self-critical.pytorch's RewardCriterion. The log-probabilities come from a
+    teacher-forced pass over the samples without dropout: the sampler (pipeline/decode.py greedy_fn, samples = K)
+    draws without it too, so the gradient is of the policy that decodes. Under MirroredStrategy every replica
+    gets the whole batch (it was sampled outside the strategy) and the replicas' gradients are averaged."""
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(features, tokens, advantages):
+        words_in = tf.concat([tf.fill(tf.concat([tf.shape(tokens)[:2], [1]], 0), start_id), tokens[..., :-1]], -1)
+        words_out = tf.reshape(tokens, [-1, tf.shape(tokens)[2]])                 # (B·K, L), image by image
+        mask = tf.cast(words_out != 0, tf.float32)
+        with tf.GradientTape() as tape:
+            logits, _ = model(features, words_in, training=False)
+            logp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=words_out, logits=logits)
+            words = tf.maximum(tf.reduce_sum(mask), 1.0)
+            loss = -tf.reduce_sum(tf.reshape(advantages, [-1, 1]) * logp * mask) / words
+            scaled = loss / replicas
+            if settings["mixed_precision"]:
+                scaled = optimizer.scale_loss(scaled)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        if averages:
+            update_averages(averages, model.trainable_variables, settings["ema"], optimizer.iterations)
+        return loss, tf.reduce_sum(logp * mask) / words
+
+    @tf.function(reduce_retracing=True)
+    def step(features, tokens, advantages):
+        loss, logp = strategy.run(replica_step, args=(features, tokens, advantages))
+        mean = tf.distribute.ReduceOp.MEAN
+        return strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, logp, axis=None)
+
+    return step
+
+
+def advantages(rewards):
+    """(B, K) rewards of K samples per image → each minus the mean of its image's other K − 1 samples: the
+    baseline of self-critical.pytorch's new_self_critical, which needs no greedy decoding."""
+    k = rewards.shape[1]
+    return rewards - (rewards.sum(axis=1, keepdims=True) - rewards) / max(k - 1, 1)
 
 
 def _report(callback, epoch, epochs, step_in_epoch, steps_per_epoch, step, total_steps, loss, xent, doubly, rate,

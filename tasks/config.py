@@ -294,6 +294,15 @@ class training(Section):
                                                              "same band of this many tokens; 0: any lengths")
     ema = luigi.FloatParameter(default=0.0, description="decay of the moving average of the weights that validation "
                                                         "and the model use; 0: the trained weights themselves")
+    scst_epochs = luigi.IntParameter(default=0, description="self-critical epochs after the cross-entropy ones, "
+                                                            "from the best of them; 0: none")
+    scst_reward = luigi.ChoiceParameter(choices=["cider", "digits"], default="cider",
+                                        description="what a sampled caption earns: CIDEr-D against its references, "
+                                                    "or (digit datasets) 1 − its digits' edit distance / length")
+    scst_samples = luigi.IntParameter(default=5, description="captions sampled per image and step (the baseline "
+                                                             "of each is the mean reward of the others)")
+    scst_batch_size = luigi.IntParameter(default=16, description="images per self-critical step")
+    scst_learning_rate = luigi.FloatParameter(default=5e-5, description="constant rate of the self-critical epochs")
     checkpoint_every = luigi.IntParameter(default=500, description="steps between checkpoints")
     shuffle_buffer = luigi.IntParameter(default=1000, description="(image, caption) pairs, or grouped images")
     block_rows = luigi.IntParameter(default=256, description="rows per contiguous HDF5 read")
@@ -318,6 +327,11 @@ class training(Section):
                             "set one of them off")
         out += self.require(self.learning_rate > 0, "learning_rate", "must be positive")
         out += self.require(0 <= self.ema < 1, "ema", "must be in [0, 1) (0: off; e.g. 0.995)")
+        out += self.require(self.scst_epochs >= 0, "scst_epochs", "must be 0 (off) or more")
+        out += self.require(self.scst_samples >= 2, "scst_samples", "must be at least 2 (each sample's baseline is "
+                                                                    "the mean reward of the others)")
+        out += self.require(self.scst_batch_size >= 1, "scst_batch_size", "must be at least 1")
+        out += self.require(self.scst_learning_rate > 0, "scst_learning_rate", "must be positive")
         return out + self.require(self.clip_norm >= 0, "clip_norm", "must be 0 (no clipping) or positive")
 
 

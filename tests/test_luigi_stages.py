@@ -95,6 +95,11 @@ def test_settings_added_later_keep_the_fingerprints_of_older_outputs():
     assert stage_fingerprints("--training-group-captions", "false") == (encoder, decoder)
     grouped = stage_fingerprints("--training-group-captions", "true")
     assert grouped[0] == encoder and grouped[1] != decoder
+    # the self-critical keys count only when self-critical epochs run
+    assert stage_fingerprints("--training-scst-reward", "digits") == (encoder, decoder)
+    scst = stage_fingerprints("--training-scst-epochs", "1")[1]
+    assert scst != decoder and stage_fingerprints("--training-scst-epochs", "1", "--training-scst-reward",
+                                                  "digits")[1] not in (decoder, scst)
 
 
 def write_coco_dataset(tmp_path, captions):

@@ -138,18 +138,44 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
         assert (model_dir / name).is_file(), name
 
 
+def test_a_run_killed_in_its_self_critical_epochs_resumes_there(tmp_path):
+    workdir = tmp_path / "w"
+    args = ["--training-epochs", "1", "--training-scst-epochs", "2", "--training-scst-batch-size", "2",
+            "--training-checkpoint-every", "2"]
+    assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
+    env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "luigi"), "--module", "tasks",
+                             "TrainDecoder", "--no-lock", *args], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    xent_steps = 8                                            # 120 pairs / batch 16; then 12 steps per scst epoch
+    deadline = time.time() + 300
+    while time.time() < deadline and not [s for s in checkpoint_steps(workdir) if s > xent_steps]:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)                      # inside the self-critical epochs
+    proc.wait()
+    assert xent_steps < max(checkpoint_steps(workdir)) < xent_steps + 24
+    rerun = run_luigi("TrainDecoder", *args, workdir=workdir)
+    assert rerun.returncode == 0, rerun.output
+    assert "resuming from checkpoint" in rerun.output
+    assert "epoch 1/1, step" not in rerun.output              # the cross-entropy epoch is not trained again
+    assert max(checkpoint_steps(workdir)) == xent_steps + 24
+    history = json.loads(next(workdir.glob("models/*/history.json")).read_text())
+    assert [(h["epoch"], h["phase"]) for h in history] == [(1, "xent"), (2, "scst"), (3, "scst")]
+
+
 def test_training_under_a_two_device_strategy(tmp_path):
     workdir = tmp_path / "w"
     assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
     assert run_luigi("ExtractFeatures", "--split", "train", workdir=workdir).returncode == 0
     run = run_luigi("TrainDecoder", "--training-strategy", "mirrored", "--training-cpu-devices", "2",
                     "--training-epochs", "1", "--training-group-captions", "true", "--training-ema", "0.9",
-                    workdir=workdir)
+                    "--training-scst-epochs", "1", workdir=workdir)
     assert run.returncode == 0, run.output   # with the moving average of the weights kept on both replicas
     assert "MirroredStrategy over 2 replica(s)" in run.output
     assert "images with all their captions" in run.output     # grouped batches, split between the replicas
     history = json.loads(next(workdir.glob("models/*/history.json")).read_text())
-    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    assert [h["phase"] for h in history] == ["xent", "scst"]  # and a self-critical epoch on both replicas
+    assert all(np.isfinite(h["loss"]) for h in history)
 
 
 def test_two_runs_never_train_the_same_model_at_once(tmp_path):
