@@ -11,7 +11,9 @@ H recurrent units, E word embedding size, V vocabulary, T caption steps.
                                                        "keys": a = relu(W_a x), k = U relu(W_a x + W_p pos))
     h0, c0 = tanh(W_h mean(a)), tanh(W_c mean(a))
     step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state (coverage = True:
-                                                       + W_c Σ_{t'<t} α_t', carried as the last state tensor)
+                                                       + W_c Σ_{t'<t} α_t', carried after the cell's state;
+                                                       location = n: + W_l conv_n([α_{t-1}, Σ_{t'<t} α_t']),
+                                                       both carried last, see below)
              α = softmax(e);  z = β Σ α a   (B, F)     β = sigmoid(w_β h), a gating scalar
              h, c = LSTM([E y_{t-1}; z], (h, c))
     logits = L_o dropout(E y_{t-1} + L_h h + L_z z)    deep output, for all steps at once after the loop
@@ -37,6 +39,13 @@ itself, so with keys from the features the attention can read a digit from a bac
 the cell's own scores can only find the digit where it is (README, "Session 7"). `context_scores` (`[decoder]
 context_scores = true`) adds the scores to the context too, a = relu(W_a x + W_c s): what the decoder reads at a
 cell then includes what the encoder's head says is there (README, "Session 11").
+
+`location` (`[decoder] location = n`, n > 0) makes the attention location-sensitive (Chorowski et al. 2015; the
+cumulative form of Tacotron 2): the previous step's attention and the sum of all earlier ones, laid out on the
+side × side grid of cells, go through a convolution of LOCATION_FILTERS n × n filters, and a linear map of the
+result joins the attention scores. A cell then scores by where it lies relative to where the attention just was
+and has been: the decoder can step from one digit to the next instead of staying (a repeated digit), jumping
+one (a skipped digit) or reading a neighbour (README, "Session 13").
 """
 from __future__ import annotations
 
@@ -50,6 +59,7 @@ from storage import manifests
 
 
 POSITIONS = (False, True, "keys")   # [decoder] positions = false | true | keys (see the module docstring)
+LOCATION_FILTERS = 8                # [decoder] location > 0: feature maps of where the attention was
 
 
 class ShowAttendTell(keras.Model):
@@ -59,12 +69,12 @@ class ShowAttendTell(keras.Model):
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
                  units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
                  positions: bool | str = False, key_channels: int = 0, coverage: bool = False,
-                 context_scores: bool = False, **kwargs):
+                 context_scores: bool = False, location: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
                            embed_dim=embed_dim, units=units, dropout=dropout, cell=cell,
                            feature_channels=feature_channels, positions=positions, key_channels=key_channels,
-                           coverage=coverage, context_scores=context_scores)
+                           coverage=coverage, context_scores=context_scores, location=location)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
         if positions not in POSITIONS:
@@ -84,6 +94,11 @@ class ShowAttendTell(keras.Model):
         self.keys = keras.layers.Dense(attention_dim, use_bias=False, name="attention_keys")
         self.coverage = (keras.layers.Dense(attention_dim, use_bias=False, name="attention_coverage")
                          if coverage else None)
+        self.location = location
+        if location:   # location-sensitive attention: where the attention was, convolved over the grid
+            self.location_conv = keras.layers.Conv2D(LOCATION_FILTERS, location, padding="same", use_bias=False,
+                                                     name="attention_location_conv")
+            self.location_dense = keras.layers.Dense(attention_dim, use_bias=False, name="attention_location")
         self.query = keras.layers.Dense(attention_dim, name="attention_query")
         self.score = keras.layers.Dense(1, use_bias=False, name="attention_score")
         self.gate = keras.layers.Dense(1, activation="sigmoid", name="beta_gate")
@@ -132,15 +147,23 @@ class ShowAttendTell(keras.Model):
         keys = self.keys(a if key_input is None else tf.nn.relu(key_input))
         mean = tf.reduce_mean(a, axis=1)
         state = [self.init_h(mean), self.init_c(mean)] if self.cell_kind == "lstm" else [self.init_h(mean)]
-        if self.coverage is not None:   # Σ α so far per cell, carried as the last state tensor
+        if self.coverage is not None:   # Σ α so far per cell, carried after the cell's state
             state.append(tf.zeros(tf.shape(a)[:2], tf.float32))
+        if self.location:               # the previous α and Σ α so far, carried last
+            state += [tf.zeros(tf.shape(a)[:2], tf.float32), tf.zeros(tf.shape(a)[:2], tf.float32)]
         return a, keys, state
 
-    def attend(self, a, keys, h, coverage=None):
-        """One attention read: → (context z (B, F) gated by β, α (B, P))."""
+    def attend(self, a, keys, h, coverage=None, where=None):
+        """One attention read: → (context z (B, F) gated by β, α (B, P)). `where`: [previous α, Σ α] (location)."""
         scores = keys + self.query(h)[:, None, :]
         if coverage is not None:
             scores += self.coverage(tf.cast(coverage[..., None], scores.dtype))
+        if where is not None:
+            shape = tf.shape(a)
+            side = tf.cast(tf.round(tf.sqrt(tf.cast(shape[1], tf.float32))), tf.int32)
+            grid = tf.reshape(tf.stack(where, -1), [shape[0], side, side, 2])
+            found = self.location_conv(tf.cast(grid, scores.dtype))
+            scores += self.location_dense(tf.reshape(found, [shape[0], shape[1], LOCATION_FILTERS]))
         e = tf.squeeze(self.score(tf.tanh(scores)), -1)
         alpha = tf.nn.softmax(tf.cast(e, tf.float32), axis=-1)
         z = tf.einsum("bp,bpf->bf", tf.cast(alpha, a.dtype), a)
@@ -148,12 +171,18 @@ class ShowAttendTell(keras.Model):
 
     def step(self, word_embedding, a, keys, state, training=False):
         """One decoder step: → (h (B, H), z (B, F), α (B, P), new state)."""
-        coverage = state[-1] if self.coverage is not None else None
-        cell_state = state[:-1] if coverage is not None else state
-        z, alpha = self.attend(a, keys, state[0], coverage)
+        cells = 2 if self.cell_kind == "lstm" else 1
+        cell_state, extra = state[:cells], list(state[cells:])
+        coverage = extra.pop(0) if self.coverage is not None else None
+        where = extra if self.location else None
+        z, alpha = self.attend(a, keys, state[0], coverage, where)
         h, new_state = self.cell(tf.concat([word_embedding, z], -1), cell_state, training=training)
         new_state = list(new_state) if isinstance(new_state, (list, tuple)) else [new_state]
-        return h, z, alpha, new_state + ([coverage + alpha] if coverage is not None else [])
+        if coverage is not None:
+            new_state.append(coverage + alpha)
+        if where is not None:
+            new_state += [alpha, where[1] + alpha]
+        return h, z, alpha, new_state
 
     def output_logits(self, word_embedding, h, z, training=False):
         """Deep output layer: (..., E), (..., H), (..., F) → logits (..., V)."""

@@ -47,7 +47,7 @@ log = logging.getLogger("captioner")
 DEFAULTS = dict(
     # [decoder]
     feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm", positions=False,
-    attention_keys="features", coverage=False, context_scores=False,
+    attention_keys="features", coverage=False, context_scores=False, location=0,
     # [training]
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
     attention_lambda=1.0, patience=5, select_by="cider", group_captions=False, bucket_width=0, ema=0.0,
@@ -60,7 +60,7 @@ DEFAULTS = dict(
     decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
 )
 DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions", "coverage",
-                "context_scores")
+                "context_scores", "location")
 SELECTION_NAMES = {"cider": "CIDEr-D", "digits_exact": "digits exact (CIDEr-D breaking ties)"}
 REWARD_NAMES = {"cider": "CIDEr-D", "digits": "digit reward"}
 

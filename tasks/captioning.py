@@ -35,7 +35,7 @@ class TrainDecoder(Stage):
         return {**section_values(decoder), **section_values(training), "decoding": context.validation_decoding()}
 
     added_later = {"select_by": "cider", "attention_keys": "features", "coverage": False, "group_captions": False,
-                   "bucket_width": 0, "context_scores": False, "ema": 0.0, "scst_epochs": 0,
+                   "bucket_width": 0, "context_scores": False, "ema": 0.0, "location": 0, "scst_epochs": 0,
                    "scst_reward": "cider", "scst_samples": 5, "scst_batch_size": 16, "scst_learning_rate": 5e-5}
 
     def settings(self):

@@ -259,11 +259,15 @@ class decoder(Section):
     context_scores = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                          description="with attention_keys = cell_scores: the context reads the cell "
                                                      "scores too, not only the other channels")
+    location = luigi.IntParameter(default=0, description="location-sensitive attention: the previous and the summed "
+                                                         "attention, convolved over the grid with a kernel this wide, "
+                                                         "steer the next; 0: off")
 
     def problems(self):
         out = []
         for key in ("feature_dim", "attention_dim", "embed_dim", "units"):
             out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
+        out += self.require(self.location >= 0, "location", "must be 0 (off) or a kernel width, e.g. 9")
         if self.attention_keys == "cell_scores":   # checked here, not after pretraining and extraction
             layer = encoder.read().layer
             out += self.require(encoder_lib.LAYERS[layer].get("cell_scores"), "attention_keys",

@@ -242,13 +242,15 @@ def test_unk_is_never_chosen(hand_built):
     assert scores.numpy()[0] == pytest.approx(np.log(0.34), abs=1e-5)
 
 
-@pytest.fixture(scope="module")
-def real_model():
+@pytest.fixture(scope="module", params=[0, 5], ids=["attention", "location-sensitive attention"])
+def real_model(request):
     """A ShowAttendTell with random weights, scaled up so that images differ, and <end> made likelier so that
-    greedy captions end after 1 or 2 words or not at all, and beam 3 differs from greedy on some images."""
-    tf.keras.utils.set_random_seed(11)
+    greedy captions end after 1 or 2 words or not at all, and beam 3 differs from greedy on some images; with
+    plain attention, and with [decoder] location (two more state tensors the beam must carry). The seeds are
+    ones whose random model has those properties."""
+    tf.keras.utils.set_random_seed(21 if request.param else 11)
     model = ShowAttendTell(vocab_size=20, feature_dim=16, attention_dim=16, embed_dim=8, units=16, dropout=0.0,
-                           feature_channels=32)
+                           feature_channels=32, location=request.param)
     features = tf.random.stateless_normal((6, 64, 32), seed=(3, 4))
     model(features, tf.zeros((6, 1), tf.int32))
     for layer in (model.logits, model.out_h, model.out_z, model.project):

@@ -10,10 +10,11 @@ from pipeline.model import ShowAttendTell, caption_loss
 P, D, V = 16, 32, 12
 
 
-def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0, coverage=False, context_scores=False):
+def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0, coverage=False, context_scores=False,
+                location=0):
     model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell,
                            feature_channels=D, positions=positions, key_channels=key_channels, coverage=coverage,
-                           context_scores=context_scores)
+                           context_scores=context_scores, location=location)
     model(tf.zeros((1, P, D)), tf.zeros((1, 1), tf.int32))
     return model
 
@@ -156,6 +157,30 @@ def test_coverage_carries_the_attention_so_far_and_steers_the_next(cell):
     # and it trains and decodes like any other state (the teacher-forced pass runs the same steps)
     logits, alphas = model(features, tf.constant([[1, 4, 5, 6]] * 2))
     assert logits.shape == (2, 4, V) and np.isfinite(logits.numpy()).all()
+
+
+@pytest.mark.parametrize("coverage", [False, True])
+def test_location_carries_the_last_attention_and_its_sum_and_they_steer_the_next(coverage):
+    # [decoder] location = k: the state ends with the previous α and Σ α, convolved over the 4×4 grid of cells
+    model = small_model(coverage=coverage, location=3)
+    features = tf.random.stateless_normal((2, P, D), seed=(17, 18))
+    a, keys, state = model.encode(features)
+    assert len(state) == 2 + coverage + 2 and not any(np.any(s.numpy()) for s in state[2:])
+    embedding = model.embed(tf.constant([1, 1]))
+    _, _, alpha1, state = model.step(embedding, a, keys, state)
+    _, _, alpha2, state = model.step(embedding, a, keys, state)
+    np.testing.assert_allclose(state[-2].numpy(), alpha2.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(state[-1].numpy(), (alpha1 + alpha2).numpy(), rtol=1e-6)
+    if coverage:
+        np.testing.assert_allclose(state[2].numpy(), (alpha1 + alpha2).numpy(), rtol=1e-6)
+    # the same cell state with the attention elsewhere before: another attention now
+    moved = tf.roll(state[-2], 5, axis=1)
+    _, _, here, _ = model.step(embedding, a, keys, state)
+    _, _, there, _ = model.step(embedding, a, keys, state[:-2] + [moved, state[-1]])
+    assert not np.allclose(here.numpy(), there.numpy(), atol=1e-6)
+    logits, alphas = model(features, tf.constant([[1, 4, 5, 6]] * 2))   # trains like any other state
+    assert logits.shape == (2, 4, V) and np.isfinite(logits.numpy()).all()
+    np.testing.assert_allclose(tf.reduce_sum(alphas, -1).numpy(), 1.0, rtol=1e-5)
 
 
 def test_key_channels_must_leave_channels_to_read():
