@@ -486,6 +486,23 @@ def update_averages(averages, variables, ema: float, iterations) -> None:
         average.assign(decay * average + (1.0 - decay) * v)
 
 
+def _update(model, optimizer, settings: dict, replicas: int, averages, losses):
+    """One optimizer update inside a replica: `losses()` → (loss, *more), computed under a gradient tape; the loss
+    is divided among the replicas (and scaled under mixed precision), its gradient applied, the moving averages
+    moved (`averages`). → (loss, *more)."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        out = losses()
+        scaled = out[0] / replicas
+        if settings["mixed_precision"]:
+            scaled = optimizer.scale_loss(scaled)
+    optimizer.apply(tape.gradient(scaled, model.trainable_variables), model.trainable_variables)
+    if averages:
+        update_averages(averages, model.trainable_variables, settings["ema"], optimizer.iterations)
+    return out
+
+
 def make_train_step(model, optimizer, strategy, settings, averages=()):
     """The compiled step: (features, captions) → (loss, xent, attention term, real captions), averaged over the
     replicas. With `averages` (one variable per trainable weight), it also moves each towards its weight by
@@ -497,17 +514,13 @@ def make_train_step(model, optimizer, strategy, settings, averages=()):
 
     def replica_step(features, captions):
         words_in, words_out = captions[..., :-1], captions[..., 1:]   # (B, T) or, grouped, (B, C, T)
-        with tf.GradientTape() as tape:
+
+        def losses():
             logits, alphas = model(features, words_in, training=True)
-            words_out = tf.reshape(words_out, tf.shape(logits)[:2])
-            loss, xent, doubly = caption_loss(logits, alphas, words_out, settings["attention_lambda"])
-            scaled = loss / replicas
-            if settings["mixed_precision"]:
-                scaled = optimizer.scale_loss(scaled)
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply(grads, model.trainable_variables)
-        if averages:
-            update_averages(averages, model.trainable_variables, settings["ema"], optimizer.iterations)
+            return caption_loss(logits, alphas, tf.reshape(words_out, tf.shape(logits)[:2]),
+                                settings["attention_lambda"])
+
+        loss, xent, doubly = _update(model, optimizer, settings, replicas, averages, losses)
         return loss, xent, doubly, tf.reduce_sum(tf.cast(captions[..., 0] != 0, tf.int32))   # real captions
 
     # XLA compiles one program per batch shape anyway, and needs each trace's caption length to be static
@@ -538,19 +551,15 @@ def make_scst_step(model, optimizer, strategy, settings, start_id: int, averages
         words_in = tf.concat([tf.fill(tf.concat([tf.shape(tokens)[:2], [1]], 0), start_id), tokens[..., :-1]], -1)
         words_out = tf.reshape(tokens, [-1, tf.shape(tokens)[2]])                 # (B·K, L), image by image
         mask = tf.cast(words_out != 0, tf.float32)
-        with tf.GradientTape() as tape:
+        words = tf.maximum(tf.reduce_sum(mask), 1.0)
+
+        def losses():
             logits, _ = model(features, words_in, training=False)
             logp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=words_out, logits=logits)
-            words = tf.maximum(tf.reduce_sum(mask), 1.0)
-            loss = -tf.reduce_sum(tf.reshape(advantages, [-1, 1]) * logp * mask) / words
-            scaled = loss / replicas
-            if settings["mixed_precision"]:
-                scaled = optimizer.scale_loss(scaled)
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply(grads, model.trainable_variables)
-        if averages:
-            update_averages(averages, model.trainable_variables, settings["ema"], optimizer.iterations)
-        return loss, tf.reduce_sum(logp * mask) / words
+            weighted = tf.reshape(advantages, [-1, 1]) * logp * mask
+            return -tf.reduce_sum(weighted) / words, tf.reduce_sum(logp * mask) / words
+
+        return _update(model, optimizer, settings, replicas, averages, losses)
 
     @tf.function(reduce_retracing=True)
     def step(features, tokens, advantages):
