@@ -201,13 +201,14 @@ def beam_fn(model, beam_size: int, max_length: int, start_id: int, end_id: int, 
 
 
 def decoder_fn(model, vocab, beam_size: int = 3, max_length: int = 20, length_penalty: float = 1.0,
-               suppress_unk: bool = True):
+               suppress_unk: bool = True, samples: int = 0):
     """The compiled decoder for the [generation] settings: greedy_fn when beam_size is 1, else beam_fn.
-    Both return tokens (B, L) and alphas (B, L, P) first."""
+    Both return tokens (B, L) and alphas (B, L, P) first. samples = n > 0: greedy_fn's sampler, n captions per
+    image (beam_size and length_penalty unused)."""
     unk = vocab.index["<unk>"] if suppress_unk else None
     start, end = vocab.index["<start>"], vocab.index["<end>"]
-    if beam_size == 1:
-        return greedy_fn(model, max_length, start, end, unk)
+    if beam_size == 1 or samples:
+        return greedy_fn(model, max_length, start, end, unk, samples)
     return beam_fn(model, beam_size, max_length, start, end, unk, length_penalty)
 
 

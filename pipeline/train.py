@@ -248,7 +248,7 @@ def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settin
                            channels=channels, layer=layer, batch=batch, steps_per_epoch=steps,
                            val_refs={r["image_id"]: r["captions"] for r in val_records},
                            val_digits={r["image_id"]: digits.expected_digits(r) for r in val_records},
-                           train_records=train_records)
+                           train_records=train_records, train_images=n_images)
     log.info("training on %d (image, caption) pairs of %d images from %d shards, batches of %s: %d steps per epoch; "
              "validating on %d images", n_pairs, n_images, len(train_rows), what, steps, len(val_index["images"]))
     return data
@@ -361,7 +361,6 @@ def _self_critical(state: _TrainingState, data, vocab, board, settings: dict, pr
     training corpus' document frequencies, or the digit reward; pipeline/rewards.py), subtracts the mean reward
     of the image's other samples (advantages) and takes a make_scst_step. Each epoch is validated and kept
     like a cross-entropy one, so the model directory holds a self-critical epoch only if it scored better."""
-    from pipeline.decode import greedy_fn
     from pipeline.rewards import CiderD, DigitReward
 
     if settings["scst_reward"] == "digits":
@@ -378,10 +377,9 @@ def _self_critical(state: _TrainingState, data, vocab, board, settings: dict, pr
         for average, v in zip(state.averages, state.model.trainable_variables):
             average.assign(v)
         state.counters["bad_epochs"].assign(0)
-    start, decoding = vocab.index["<start>"], settings["decoding"]
-    sampler = greedy_fn(state.model, decoding["max_length"], start, vocab.index["<end>"],
-                        vocab.index["<unk>"] if decoding["suppress_unk"] else None, samples=settings["scst_samples"])
-    step = make_scst_step(state.model, state.scst_optimizer, state.strategy, settings, start, state.averages)
+    sampler = decoder_fn(state.model, vocab, **settings["decoding"], samples=settings["scst_samples"])
+    step = make_scst_step(state.model, state.scst_optimizer, state.strategy, settings, vocab.index["<start>"],
+                          state.averages)
     name = REWARD_NAMES[settings["scst_reward"]]
     while (done := sum(e.get("phase") == "scst" for e in state.history)) < settings["scst_epochs"] and \
             state["bad_epochs"] < settings["patience"]:
@@ -400,7 +398,7 @@ def _scst_epoch(state: _TrainingState, data, vocab, sampler, reward, step, label
     import tensorflow as tf
 
     k, skip, start = settings["scst_samples"], state["step_in_epoch"], time.monotonic()
-    steps = math.ceil(sum(len(rows) for rows in data.train_rows.values()) / settings["scst_batch_size"])
+    steps = math.ceil(data.train_images / settings["scst_batch_size"])   # images with captions, as grouped batches
     epochs_left = settings["scst_epochs"] - sum(e.get("phase") == "scst" for e in state.history) - 1
     ds = pairs_dataset(data.train_rows, data.captions, settings["scst_batch_size"], settings["seed"], state["epoch"],
                        settings["shuffle_buffer"], settings["block_rows"], data.positions, data.channels,
