@@ -355,13 +355,24 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]})
 @click.argument("flags", nargs=-1, type=click.UNPROCESSED)
 @click.option("--json", "as_json", is_flag=True, help="The table as JSON.")
-def settings(flags: tuple[str, ...], as_json: bool) -> None:
+@click.option("--markdown", is_flag=True, help="Print docs/configuration.md: every key's default, valid values, "
+                                               "meaning and shipped configs' values (FLAGS and config files unused).")
+def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
     """Every setting of the pipeline: its value for a run with these FLAGS (luigi-style, e.g.
     `--training-batch-size 8`) and the config files of $LUIGI_CONFIG_PATH (default configs/luigi.cfg), its
     default, where the value comes from (flag, file, environment or default), and what it does."""
     import tasks
     from pipeline import settings_check
 
+    if markdown:
+        from tasks.config import RETCODES, Section
+
+        configs = Path(tasks.__file__).resolve().parent.parent / "configs"
+        shipped = [("demo", configs / "luigi.cfg"), ("coco2017", configs / "coco2017.cfg"),
+                   ("coco2014", configs / "coco2014.cfg")]
+        sections = {cls.get_task_family(): cls for cls in Section.__subclasses__()}
+        click.echo(settings_check.settings_markdown(tasks.settings_schema(), sections, shipped, RETCODES), nl=False)
+        return
     rows = settings_check.settings_table(tasks.settings_schema(), tasks.config_paths(), list(flags),
                                          {("workspace", "root"): ("CAPTIONER_WORKDIR",
                                                                   os.environ.get("CAPTIONER_WORKDIR", ""))})

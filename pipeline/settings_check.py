@@ -7,12 +7,20 @@ the default. These checks are plain functions over the config files' text and th
 
     schema          {section: {key, ...}} of the project's own sections: every key is checked
     allowed         sections read by someone else (Luigi's own, task families): present is fine, keys unchecked
+
+It also renders the settings for people: `captioner settings` (settings_table: each key's value and where it
+comes from) and docs/configuration.md (settings_markdown: each key's default, valid values and meaning).
 """
 from __future__ import annotations
 
+import ast
 import configparser
 import difflib
+import inspect
 import os
+import re
+import textwrap
+from pathlib import Path
 
 # Sections Luigi (or its contrib modules) read without a Config class being registered when they are read.
 LUIGI_SECTIONS = frozenset({
@@ -100,3 +108,175 @@ def settings_table(schema_rows, config_paths, argv: list[str], environment: dict
         rows.append({"section": section, "key": key, "value": value, "default": default, "source": source,
                      "help": help_text})
     return rows
+
+
+# ------------------------------------------------------------------------- docs/configuration.md
+
+# What a key means, for the keys whose definition (a `Section` subclass in tasks/config.py) has no description;
+# a description there takes precedence over the line here.
+MEANINGS = {
+    ("dataset", "source"): "`demo`: the built-in digits dataset ([demo]); `coco`: COCO caption files",
+    ("dataset", "val_fraction"): "share of images in val when there is no Karpathy split file",
+    ("dataset", "test_fraction"): "share of images in test when there is no Karpathy split file",
+    ("dataset", "seed"): "seed of that split: an image's split is a hash of (seed, image id), so it never moves",
+    ("demo", "train_images"): "images written for training",
+    ("demo", "val_images"): "images written for validation",
+    ("demo", "test_images"): "images written for testing",
+    ("demo", "seed"): "the same seed writes the same files; it also draws the disjoint train / val / test pools "
+                      "of digit samples (the digits encoder pretrains on the train pool only)",
+    ("vocabulary", "min_count"): "a word needs this many occurrences in the training captions",
+    ("vocabulary", "length_policy"): "captions longer than max_length: `truncate` keeps the first words, `drop` "
+                                     "leaves them out of training",
+    ("pretrain", "warmup_steps"): "linear warm-up of the learning rate, then cosine decay to 0 (each phase)",
+    ("pretrain", "seed"): "scenes, crops and initial weights",
+    ("features", "compression"): "HDF5 compression of shards written from then on (`none` reads fastest)",
+    ("decoder", "attention_dim"): "size of the attention keys and query",
+    ("decoder", "embed_dim"): "word embedding size (and of the deep output layer)",
+    ("decoder", "dropout"): "dropout before the output layer",
+    ("decoder", "cell"): "the recurrent cell",
+    ("decoder", "positions"): "each cell's row and column (sin/cos): `true` added to the projected features "
+                              "(attention keys and context), `keys` to the attention keys only, `false` nowhere",
+    ("training", "epochs"): "cross-entropy epochs (fewer when patience stops it)",
+    ("training", "batch_size"): "(image, caption) pairs per step",
+    ("training", "learning_rate"): "Adam's (peak) learning rate",
+    ("training", "lr_schedule"): "`constant`, `cosine` (to 0 over all steps) or `exponential` (× lr_decay per "
+                                 "epoch)",
+    ("training", "seed"): "data order and initial weights",
+    ("training", "mixed_precision"): "float16 compute with loss scaling (GPUs with tensor cores; slow on CPU)",
+    ("training", "jit_compile"): "XLA-compile the train step (one program per caption length)",
+    ("training", "strategy"): "`auto`: MirroredStrategy when several GPUs are visible, else one device; "
+                              "`mirrored`: over all GPUs (or logical CPUs); `default`: one device",
+    ("training", "val_batch_size"): "images per decoding batch when validating each epoch",
+    ("generation", "suppress_unk"): "never emit `<unk>`",
+    ("generation", "batch_size"): "images per decoding batch",
+}
+
+
+def _natural(text: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _rules(section_cls) -> dict[str, list[str]]:
+    """{key: [rule]}: the fixed-text rules of the section's problems() that say what a value must be
+    (`self.require(cond, "key", "must ...")` or "needs ...", also inside `for key in ("a", "b")` loops), read
+    from its source."""
+    method = section_cls.__dict__.get("problems")
+    if method is None:
+        return {}
+    out, seen = {}, set()
+
+    def collect(node, loop_var=None, loop_keys=()):
+        for call in ast.walk(node):
+            if not (isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "require"
+                    and len(call.args) == 3) or id(call) in seen:
+                continue
+            seen.add(id(call))
+            key, rule = call.args[1], call.args[2]
+            if not (isinstance(rule, ast.Constant) and isinstance(rule.value, str)
+                    and ("must" in rule.value or rule.value.startswith("needs"))):
+                continue
+            keys = [key.value] if isinstance(key, ast.Constant) else \
+                list(loop_keys) if getattr(key, "id", None) == loop_var else []
+            for name in keys:
+                out.setdefault(name, []).append(rule.value)
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+    for loop in [n for n in ast.walk(tree) if isinstance(n, ast.For)]:
+        if isinstance(loop.target, ast.Name) and isinstance(loop.iter, ast.Tuple):
+            collect(loop, loop.target.id, [e.value for e in loop.iter.elts if isinstance(e, ast.Constant)])
+    collect(tree)
+    return out
+
+
+def _valid_values(param) -> str:
+    """What a parameter accepts, from its type: its choices, true/false, or integer / number / text."""
+    kinds = {cls.__name__ for cls in type(param).__mro__}
+    if getattr(param, "VALUES", None):
+        return ", ".join(f"`{v}`" for v in param.VALUES)
+    if getattr(param, "_choices", None):   # luigi 3.8 keeps a ChoiceParameter's choices in _choices (a set)
+        return ", ".join(f"`{v}`" for v in sorted(map(str, param._choices), key=_natural))
+    if "BoolParameter" in kinds:
+        return "`true`, `false`"
+    return "integer" if "IntParameter" in kinds else "number" if "FloatParameter" in kinds else "text"
+
+
+def _cell(text: str) -> str:
+    """Text for a table cell: pipes escaped, and angle brackets outside `code` (<seed> is not an HTML tag)."""
+    parts = text.replace("|", "\\|").replace("\n", " ").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
+
+
+def _shown(param, value: str) -> str:
+    """A value as a config file spells it (booleans in lower case)."""
+    return value.lower() if "BoolParameter" in {c.__name__ for c in type(param).__mro__} else value
+
+
+def settings_markdown(schema_rows, sections: dict, shipped: list[tuple[str, str]], retcodes: dict) -> str:
+    """docs/configuration.md: every project key with its default, valid values, the value each shipped config
+    file sets where it differs from the default, and its meaning. schema_rows: [(section, key, default, help)]
+    (tasks.settings_schema); sections: {name: Section class} (their docstrings, parameters and problems());
+    shipped: [(label, config path)]; retcodes: {key: exit code} the pipeline applies."""
+    files = []
+    for label, path in shipped:
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(path, encoding="utf-8")
+        files.append((label, parser))
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `captioner settings --markdown > docs/configuration.md` from the config sections in",
+        "     tasks/config.py; tests/test_docs.py checks that this file is current. Do not edit by hand. -->",
+        "",
+        "Every key of the pipeline's config sections. A key is set in a Luigi config file (`[section]`, then",
+        "`key = value`) or on the command line as `--section-key value` (underscores become hyphens, e.g.",
+        "`--training-batch-size 8`); a flag wins over the files. `captioner settings [FLAGS]` shows the value a",
+        "run would use and where it comes from. An unknown section, key or flag, or a value outside its valid",
+        "values, stops the run before any work (exit 35) with the nearest valid name and the fix.",
+        "",
+        "The last column shows what the shipped config files set where it differs from the default: "
+        + ", ".join(f"{label} = `{Path(path).name}`" for label, path in shipped) + ".",
+    ]
+    section = None
+    for name, key, default, help_text in schema_rows:
+        cls = sections[name]
+        if name != section:
+            section = name
+            rules = _rules(cls)
+            about = (cls.__doc__ or "").strip().removeprefix(f"[{name}]").strip()
+            about = re.sub(r"([\w/]+\.py)", r"`\1`", about)
+            about = about[:1].upper() + about[1:] if about[:1].isalpha() else about
+            lines += ["", f"## [{name}]", ""] + ([_cell(about), ""] if about else [])
+            lines += ["| key | default | valid values | meaning | shipped configs |", "|---|---|---|---|---|"]
+        param = dict(cls.get_params())[key]
+        default = _shown(param, default)
+        meaning = re.sub(r"\s*Choices: \{.*\}$", "", help_text) or MEANINGS.get((name, key), "")
+        valid = "; ".join([_valid_values(param), *rules.get(key, [])])
+        differing = {}
+        for label, parser in files:
+            if parser.has_option(name, key):
+                raw = parser.get(name, key)
+                try:
+                    value = _shown(param, param.serialize(param.parse(raw)))
+                except Exception:
+                    value = raw
+                if value != default:
+                    differing.setdefault(value, []).append(label)
+        where = "; ".join(f"{', '.join(labels)}: `{value}`" for value, labels in differing.items())
+        lines.append(f"| `{key}` | {f'`{default}`' if default else '(empty)'} | {_cell(valid)} | {_cell(meaning)} "
+                     f"| {_cell(where)} |")
+    lines += [
+        "",
+        "## Luigi's own sections",
+        "",
+        "Luigi reads these itself; the shipped configs set them as follows.",
+        "",
+        "- `[core]` `local_scheduler = true`: no `luigid` needed; set it to `false` and `default_scheduler_host`",
+        "  to use a central scheduler. `lock_pid_dir` defaults to `<workspace>/.locks` (one run of a command per",
+        "  workspace).",
+        "- `[resources]` `gpu = 1`: at most one feature-extraction task (ExtractShard, CaptionImages) at a time",
+        "  per scheduler; with `luigid`, set it in luigid's own config to the GPUs of the cluster.",
+        "- `[retcode]`: the exit codes, applied even when a config file leaves the section out: "
+        + ", ".join(f"`{key} = {code}`" for key, code in retcodes.items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
