@@ -57,18 +57,26 @@ def _shard_paths(paths) -> list[Path]:
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--stats", is_flag=True, help="Add per-shard mean/std/zero fraction and a NaN/Inf check.")
-@click.option("--image-id", type=int, help="Only report where this image id is stored.")
+@click.option("--image-id", type=int, help="Only report where rows extracted for this image id are stored.")
+@click.option("--content", help="Only report where this content key (the sha256 of an image file, as "
+                                "`sha256sum` prints it) is stored.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(paths, stats: bool, image_id: int | None, as_json: bool) -> None:
-    """Describe HDF5 feature shards (files, or store directories holding them)."""
+def inspect(paths, stats: bool, image_id: int | None, content: str | None, as_json: bool) -> None:
+    """Describe HDF5 feature shards (files, or store directories holding them). Rows are keyed by content: the
+    sha256 of the image file's bytes (`contents` dataset); image ids say which dataset image a row was
+    extracted for."""
     from storage import shards
 
     found = _shard_paths(paths)
-    if image_id is not None:
-        hits = [{"shard": str(p), "row": row} for p in found if (row := shards.find_image(p, image_id)) is not None]
-        click.echo(json.dumps({"image_id": image_id, "found": hits}, indent=1) if as_json else
-                   "\n".join(f"image {image_id}: {h['shard']} row {h['row']}" for h in hits)
-                   or f"image {image_id}: not in {len(found)} shards")
+    if image_id is not None or content is not None:
+        what = f"content {content}" if content is not None else f"image {image_id}"
+        hits = [{"shard": str(p), "row": row} for p in found
+                if (row := shards.find_image(p, image_id, content)) is not None]
+        for hit in hits:
+            hit["content"] = shards.read_contents(hit["shard"])[hit["row"]]
+        click.echo(json.dumps({"image_id": image_id, "content": content, "found": hits}, indent=1) if as_json else
+                   "\n".join(f"{what}: {h['shard']} row {h['row']} (content {h['content']})" for h in hits)
+                   or f"{what}: not in {len(found)} shards")
         sys.exit(0 if hits else 1)
     infos = [shards.describe_shard(p, stats=stats) for p in found]
     if as_json:
@@ -86,7 +94,7 @@ def inspect(paths, stats: bool, image_id: int | None, as_json: bool) -> None:
                        f"  NaN/Inf {s['nonfinite']}")
         click.echo(f"  skipped: {len(info['skipped'])}")
         for item in info["skipped"]:
-            click.echo(f"    {item['image_id']} {item['path']}: {item['reason']}")
+            click.echo(f"    {item['image_id']} {item['path']} ({item['content'][:12]}…): {item['reason']}")
 
 
 @main.command()

@@ -1,17 +1,24 @@
 """Feature extraction into the HDF5 store: plan shards for images not yet stored, extract one shard, index a split.
 
-The store `features/<encoder-fp>/` is keyed by image, not by annotation version:
-  plan_shards      reads the split manifests and the store, assigns every image not yet stored (nor recorded as
-                   undecodable) to new shards of at most `shard_size` images, one split per shard;
+The store `features/<encoder-fp>/` is keyed by image CONTENT (the sha256 of the file's bytes, storage/contents.py),
+never by a dataset's image id, so datasets share one store safely and the same picture is extracted once:
+  identify_split   the content key of every image of a split (a file is read only when it is new or changed
+                   since the last run) and a digest of the files' sizes and mtimes, which the split index
+                   records so a replaced file is noticed;
+  plan_shards      assigns every content the store neither holds nor records as undecodable to new shards of at
+                   most `shard_size` images, one split per shard;
   extract_shard    decodes images in threads ahead of a compiled InceptionV3 forward pass, writes one shard;
-  index_split      maps every image of a split to (shard, row), lists skipped images, and fails loudly if an
-                   image has no features (so training never silently loses data).
-A nightly rerun with grown annotations plans only the new images; an unchanged rerun plans nothing.
+  index_split      maps every image of a split to (shard, row) through its content key, lists skipped images,
+                   and fails loudly if an image has no features (so training never silently loses data).
+A nightly rerun with grown annotations plans only the new images; an unchanged rerun plans nothing; an image
+replaced under its file name has a new key and is extracted again.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
+import os
 import shutil
 import sys
 import time
@@ -29,34 +36,78 @@ log = logging.getLogger("captioner")
 _encoders: dict = {}   # (weights identity, image size) → compiled forward function, one per worker process
 
 
-def classify_split(annotations_dir, store_dir, split: str) -> dict:
-    """Sort the images of `split` by what the store has for them: {"stored": {id: (shard, row)},
-    "undecodable": {id: (record, shard, reason)}, "missing": [record], "bad": [damaged shard paths]}.
-    Images of shards that fail their quick check count as missing, so they are extracted again."""
+def _split_files(annotations_dir, split: str, image_root) -> list[tuple[dict, str]]:
+    """[(manifest record, absolute image path)] of a split; image_root(reference) → its directory."""
+    roots = {}
+    out = []
+    for r in manifests.read_manifest(manifests.manifest_path(annotations_dir, split)):
+        if r["root"] not in roots:
+            roots[r["root"]] = str(image_root(r["root"]))
+        out.append((r, os.path.join(roots[r["root"]], r["path"])))
+    return out
+
+
+def listing_digest(annotations_dir, split: str, image_root) -> str:
+    """A digest of (image id, size, mtime) of every image file of a split: it changes when a file is replaced,
+    touched, added or removed. Stats only; the split index records it (ExtractFeatures' completeness check)."""
+    digest = hashlib.sha256()
+    for r, path in _split_files(annotations_dir, split, image_root):
+        try:
+            s = os.stat(path)
+            digest.update(f"{r['image_id']} {s.st_size} {s.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{r['image_id']} -\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def identify_split(annotations_dir, split: str, image_root, cache, progress_callback=None) -> dict[int, str]:
+    """{image_id: content key} of a split; cache: storage.contents.ContentCache (files unchanged since they were
+    last hashed are not read again). Logs files/s and ETA."""
+    files = _split_files(annotations_dir, split, image_root)
+    progress = Progress(len(files), f"identifying {split} images", "files", progress_callback)
+    keys = {}
+    for r, path in files:
+        keys[r["image_id"]] = cache.key(path)
+        progress.update()
+    return keys
+
+
+def classify_split(annotations_dir, store_dir, split: str, keys: dict[int, str]) -> dict:
+    """Sort the images of `split` by what the store has for their content keys (`keys`: identify_split):
+    {"stored": {id: (shard, row)}, "undecodable": {id: (record, shard, reason)}, "missing": [record],
+    "bad": [damaged shard paths]}. Images of shards that fail their quick check count as missing, so they are
+    extracted again."""
     rows, skipped, bad = shards.store_contents(store_dir)
     out = {"stored": {}, "undecodable": {}, "missing": [], "bad": bad}
     for r in manifests.read_manifest(manifests.manifest_path(annotations_dir, split)):
-        if r["image_id"] in rows:
-            out["stored"][r["image_id"]] = rows[r["image_id"]]
-        elif r["image_id"] in skipped:
-            out["undecodable"][r["image_id"]] = (r, *skipped[r["image_id"]])
+        key = keys[r["image_id"]]
+        if key in rows:
+            out["stored"][r["image_id"]] = rows[key]
+        elif key in skipped:
+            out["undecodable"][r["image_id"]] = (r, *skipped[key])
         else:
             out["missing"].append(r)
     return out
 
 
-def images_to_extract(annotations_dir, store_dir, split: str) -> tuple[list, dict]:
-    """Images of `split` that the store neither holds nor records as undecodable: ([[id, root, path]], counts)."""
-    found = classify_split(annotations_dir, store_dir, split)
+def images_to_extract(annotations_dir, store_dir, split: str, keys: dict[int, str]) -> tuple[list, dict]:
+    """Contents of `split` that the store neither holds nor records as undecodable, each once:
+    ([[content key, image_id, root, path]], counts)."""
+    found = classify_split(annotations_dir, store_dir, split, keys)
     for path in found["bad"]:
         log.warning("store: %s fails its check and is not used; its images are extracted again", path.name)
-    todo = [[r["image_id"], r["root"], r["path"]] for r in found["missing"]]
+    todo, seen = [], set()
+    for r in found["missing"]:
+        key = keys[r["image_id"]]
+        if key not in seen:
+            seen.add(key)
+            todo.append([key, r["image_id"], r["root"], r["path"]])
     return todo, {"stored": len(found["stored"]), "undecodable": len(found["undecodable"])}
 
 
 def plan_shards(plan_name: str, todo_by_split: dict, shard_size: int) -> dict:
     """Group images into shards of at most `shard_size`, one split per shard, in the order given:
-    {"plan", "shard_size", "shards": [{"name", "split", "images": [[image_id, root, path], ...]}]}."""
+    {"plan", "shard_size", "shards": [{"name", "split", "images": [[content key, image_id, root, path], ...]}]}."""
     plan = {"plan": plan_name, "shard_size": shard_size, "shards": []}
     for split, todo in todo_by_split.items():
         for k, start in enumerate(range(0, len(todo), shard_size)):
@@ -67,14 +118,35 @@ def plan_shards(plan_name: str, todo_by_split: dict, shard_size: int) -> dict:
     return plan
 
 
-def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str) -> dict:
-    """The extraction plan for every split of an annotation version: only images the store lacks."""
-    todo, counts = {}, {}
+def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, keys_by_split: dict) -> dict:
+    """The extraction plan for every split of an annotation version: only contents the store lacks, each once
+    (a picture in two splits is extracted for the first)."""
+    todo, counts, planned = {}, {}, set()
     for split in manifests.SPLITS:
-        todo[split], counts[split] = images_to_extract(annotations_dir, store_dir, split)
+        found, counts[split] = images_to_extract(annotations_dir, store_dir, split, keys_by_split[split])
+        todo[split] = [item for item in found if item[0] not in planned]
+        planned.update(item[0] for item in found)
     log.info("store already holds: %s", ", ".join(f"{s} {c['stored']} (+{c['undecodable']} undecodable)"
                                                  for s, c in counts.items()))
     return {**plan_shards(plan_name, todo, shard_size), "already": counts}
+
+
+def note_older_stores(store_dir) -> None:
+    """Log the stores beside a new, empty one whose shards an older schema wrote (rows keyed by dataset image id):
+    they are not read, and this store extracts their images again, once."""
+    store_dir = Path(store_dir)
+    if shards.list_shards(store_dir) or not store_dir.parent.is_dir():
+        return
+    for other in sorted(p for p in store_dir.parent.iterdir() if p.is_dir() and p != store_dir):
+        first = next(iter(shards.list_shards(other)), None)
+        try:
+            version = shards.read_attrs(first).get("schema_version") if first else shards.SCHEMA_VERSION
+        except Exception:   # a damaged shard says nothing about its store
+            continue
+        if version != shards.SCHEMA_VERSION:
+            log.warning("features/%s was written with shard schema %s (rows keyed by dataset image id) and is not "
+                        "used: store %s keys rows by image content, so these images are extracted again, once. "
+                        "Delete %s to free its space.", other.name, version, store_dir.name, other)
 
 
 def software_versions() -> dict:
@@ -105,7 +177,7 @@ def encoder_forward(identity: dict, image_size: int, layer: str = encoder_lib.DE
 def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_size: int, attrs: dict,
                   compression: str | None = None, workers: int | None = None, progress_callback=None,
                   layer: str = encoder_lib.DEFAULT_LAYER) -> dict:
-    """Extract features of `image_list` ([[image_id, root, path], ...]) into the shard `out_path`.
+    """Extract features of `image_list` ([[content key, image_id, root, path], ...]) into the shard `out_path`.
     Undecodable images are recorded in the shard's `skipped` dataset, never stored as zeros. The encoder's
     provenance (weights identity, image size, preprocessing, software versions) goes into the attrs, plus
     `attrs` given by the caller (store fingerprint, split, plan). compression: gzip, lzf, or none / None.
@@ -115,7 +187,7 @@ def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_s
     shape = encoder_lib.grid_size(image_size, layer) ** 2, encoder_lib.LAYERS[layer]["channels"]
     name = Path(out_path).stem
     progress = Progress(len(image_list), name, "images", progress_callback)
-    items = [((image_id, rel), str(Path(root) / rel)) for image_id, root, rel in image_list]
+    items = [((key, image_id, rel), str(Path(root) / rel)) for key, image_id, root, rel in image_list]
     if encoder_lib.LAYERS[layer].get("cell_scores"):   # the head whose scores the last channels are
         attrs = {"cell_head_sha256": workspace.file_sha256(encoder_lib.cell_head_file(identity, layer)), **attrs}
     attrs = {**encoder_lib.weights_attrs(identity), "encoder": encoder_lib.encoder_name(layer), "layer": layer,
@@ -148,20 +220,21 @@ def extract_planned_shard(store_dir, plan_name: str, shard: str, image_root, opt
     store_dir = Path(store_dir)
     plan = manifests.read_json(store_dir / "plans" / f"{plan_name}.json")
     entry = next(s for s in plan["shards"] if s["name"] == shard)
-    roots = {root: str(image_root(root)) for root in {root for _, root, _ in entry["images"]}}
-    images = [[i, roots[root], rel] for i, root, rel in entry["images"]]
+    roots = {root: str(image_root(root)) for root in {root for _, _, root, _ in entry["images"]}}
+    images = [[key, i, roots[root], rel] for key, i, root, rel in entry["images"]]
     attrs = {"fingerprint": store_dir.name, "split": entry["split"], "plan": plan_name}
     return extract_shard(store_dir / f"{shard}.h5", images, attrs=attrs, progress_callback=progress_callback,
                          **options)
 
 
-def plan_repair(annotations_dir, store_dir, split: str, shard_size: int) -> dict | None:
-    """A plan for the images of `split` that an earlier plan's shards should hold but no longer do (a shard was
-    damaged or deleted since), written to the store's plans/ as `repair-<fp>.json`; None when nothing is lost."""
-    todo, _ = images_to_extract(annotations_dir, store_dir, split)
+def plan_repair(annotations_dir, store_dir, split: str, shard_size: int, keys: dict[int, str]) -> dict | None:
+    """A plan for the images of `split` whose contents the store lacks although the plan was made (a shard was
+    damaged or deleted since, or an image file was replaced), written to the store's plans/ as
+    `repair-<fp>.json`; None when nothing is lacking."""
+    todo, _ = images_to_extract(annotations_dir, store_dir, split, keys)
     if not todo:
         return None
-    name = "repair-" + workspace.fingerprint("repair", {"images": [i for i, _, _ in todo]})
+    name = "repair-" + workspace.fingerprint("repair", {"images": [key for key, *_ in todo]})
     repair = plan_shards(name, {split: todo}, shard_size)
     manifests.write_json(Path(store_dir) / "plans" / f"{name}.json", repair, indent=None)
     return repair
@@ -173,18 +246,19 @@ def _write_shard(out_path, items, forward, image_size, batch_size, workers, shap
         for keys, batch, failures in images.iter_batches(items, image_size, batch_size, workers=workers):
             if len(keys):
                 features = forward(batch).numpy()
-                writer.append([k[0] for k in keys], [k[1] for k in keys], features)
-            for (image_id, rel), path, reason in failures:
+                writer.append([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys], features)
+            for (key, image_id, rel), path, reason in failures:
                 log.warning("skipped image %d %s: %s", image_id, path, reason)
-                writer.skip(image_id, rel, reason)
+                writer.skip(key, image_id, rel, reason)
             progress.update(len(keys) + len(failures))
     return {"rows": writer.n_rows, "skipped": writer.n_skipped}
 
 
-def index_split(annotations_dir, store_dir, split: str) -> dict:
-    """{image_id: [shard, row]} for every image of `split`, plus its skipped images with reasons.
-    Raises InputError when an image is neither stored nor skipped (a shard is missing or damaged)."""
-    found = classify_split(annotations_dir, store_dir, split)
+def index_split(annotations_dir, store_dir, split: str, keys: dict[int, str]) -> dict:
+    """{"images": {image_id: [shard, row]}, "contents": {image_id: content key}, "skipped": {image_id: {path,
+    shard, reason}}, "shards", "split"} for every image of `split`. Raises InputError when an image is neither
+    stored nor skipped (a shard is missing or damaged)."""
+    found = classify_split(annotations_dir, store_dir, split, keys)
     index = {str(i): list(place) for i, place in found["stored"].items()}
     skipped_here = {str(i): {"path": r["path"], "shard": shard, "reason": reason}
                     for i, (r, shard, reason) in found["undecodable"].items()}
@@ -199,6 +273,7 @@ def index_split(annotations_dir, store_dir, split: str) -> dict:
     log.info("split %s: %d images with features in %d shards", split, len(index),
              len({shard for shard, _ in index.values()}))
     return {"split": split, "images": index, "skipped": skipped_here,
+            "contents": {str(i): keys[i] for i in (*found["stored"], *found["undecodable"])},
             "shards": sorted({shard for shard, _ in index.values()})}
 
 
@@ -219,10 +294,10 @@ def quarantine_damaged(store_dir, indexes: list[dict]) -> list[str]:
 
 
 def rows_changed(store_dir, shard_name: str, indexes: list[dict]) -> int:
-    """How many images the split indexes place in `shard_name` at a row that now holds another image."""
-    ids, _ = shards.read_ids(Path(store_dir) / f"{shard_name}.h5")
+    """How many images the split indexes place in `shard_name` at a row that now holds other content."""
+    held = shards.read_contents(Path(store_dir) / f"{shard_name}.h5")
     return sum(1 for index in indexes for image_id, (shard, row) in index["images"].items()
-               if shard == shard_name and (row >= len(ids) or int(ids[row]) != int(image_id)))
+               if shard == shard_name and (row >= len(held) or held[row] != index["contents"][image_id]))
 
 
 def plan_of(shard_name: str) -> str:
@@ -235,7 +310,7 @@ def verify_store(store_dir) -> tuple[list[str], dict]:
     every split index points at the right rows and covers its manifest. Returns (problems, counts)."""
     store_dir = Path(store_dir)
     problems, counts = [], {"shards": 0, "rows": 0, "indexes": 0}
-    ids_of = {}
+    held_by = {}
     for path in shards.list_shards(store_dir):
         counts["shards"] += 1
         found = shards.check_shard(path, deep=True)
@@ -243,22 +318,22 @@ def verify_store(store_dir) -> tuple[list[str], dict]:
             found = [f"encoder fingerprint {shards.read_attrs(path).get('fingerprint')} != store {store_dir.name}"]
         problems += [f"{path}: {p}" for p in found]
         if not found:
-            ids_of[path.stem], _ = shards.read_ids(path)
-            counts["rows"] += len(ids_of[path.stem])
+            held_by[path.stem] = shards.read_contents(path)
+            counts["rows"] += len(held_by[path.stem])
     workspace_dir = store_dir.parent.parent
     for index_path in sorted(store_dir.glob("splits/*/*.json")):
         counts["indexes"] += 1
         index = manifests.read_json(index_path)
         unusable, wrong_rows = {}, []
         for image_id, (shard, row) in index["images"].items():
-            if shard not in ids_of:
+            if shard not in held_by:
                 unusable[shard] = unusable.get(shard, 0) + 1
-            elif row >= len(ids_of[shard]) or int(ids_of[shard][row]) != int(image_id):
+            elif row >= len(held_by[shard]) or held_by[shard][row] != index["contents"][image_id]:
                 wrong_rows.append(f"{image_id} → {shard}[{row}]")
         problems += [f"{index_path}: {n} images point at {shard}, which is missing or damaged"
                      for shard, n in unusable.items()]
         if wrong_rows:
-            problems.append(f"{index_path}: {len(wrong_rows)} images point at rows holding another image "
+            problems.append(f"{index_path}: {len(wrong_rows)} images point at rows holding other content "
                             f"(first: {wrong_rows[:3]})")
         manifest = manifests.manifest_path(workspace_dir / "annotations" / index.get("annotations", "?"),
                                            index["split"])

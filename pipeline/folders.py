@@ -1,13 +1,13 @@
 """Captioning a folder of new images (the CaptionImages stage), incrementally.
 
     listing      every image file under the folder (recursive; jpg, jpeg, png, webp, bmp, gif, any case):
-                 {relative path: [size, mtime_ns, content id]}; the stage's fingerprint includes it, so a
-                 folder that changed is a new output and an unchanged one is complete
-    content id   sha256 of the file's bytes as an int64 ≥ 2^62 (never a COCO id): features depend on content
-                 only, so a file is hashed only when its size or mtime changed since the previous output
-    features     the same HDF5 shards as dataset images (storage/shards.py), in the encoder's store under
-                 `folders/`, keyed by content id; a rerun extracts only the ids the store lacks
-    captions     decoded only for ids the previous output of the same folder, model and decoding lacks
+                 {relative path: [size, mtime_ns, content key]}; the stage's fingerprint includes the paths,
+                 sizes and mtimes, so a folder that changed is a new output and an unchanged one is complete
+    content key  sha256 of the file's bytes (storage/contents.py; read only when the file is new or changed);
+                 outputs number images by it as an int64 ≥ 2^62, never a COCO id
+    features     the encoder's one store, shared with dataset images and keyed by content: a picture that is
+                 also in a dataset is not extracted again; shards `shard-folder-<fp>-<k>.h5`
+    captions     decoded only for contents the previous output of the same folder, model and decoding lacks
 
 Writes captions.jsonl ({"path", "caption", "score"} per captioned image, sorted by path), captions.csv (the
 same), attention.h5 (storage.shards attention format; paths `images:0/<relative path>`, the folder in
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.progress import Progress
-from storage import manifests, shards, workspace
+from storage import contents, manifests, shards, workspace
 
 log = logging.getLogger("captioner")
 
@@ -51,19 +51,14 @@ def listing_fingerprint(listing: dict) -> str:
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def content_id(path) -> int:
-    """The image's key in the feature store: its bytes' sha256 as an int64 in [2^62, 2^63)."""
-    return (int(workspace.file_sha256(path)[:16], 16) >> 2) | (1 << 62)
-
-
 def read_previous(previous_dir) -> tuple[dict, dict, dict]:
-    """(listing {path: [size, mtime, id]}, captions {id: (caption, score)}, attention {id: (tokens, alphas)}) of
-    an earlier output of the same folder, model and decoding; empty when there is none."""
+    """(listing {path: [size, mtime, key]}, captions {id: (caption, score)}, attention {id: (tokens, alphas)}) of
+    an earlier output of the same folder, model and decoding, ids from content keys; empty when there is none."""
     if previous_dir is None:
         return {}, {}, {}
     previous_dir = Path(previous_dir)
     listing = manifests.read_json(previous_dir / "listing.json")
-    captions, ids_of = {}, {path: entry[2] for path, entry in listing.items()}
+    captions, ids_of = {}, {path: contents.key_as_int64(entry[2]) for path, entry in listing.items()}
     for record in manifests.read_manifest(previous_dir / "captions.jsonl"):
         captions[ids_of[record["path"]]] = (record["caption"], record["score"])
     maps = shards.read_all_attention(previous_dir / "attention.h5")
@@ -71,14 +66,12 @@ def read_previous(previous_dir) -> tuple[dict, dict, dict]:
     return listing, captions, attention
 
 
-def identify(folder, listing: dict, previous_listing: dict) -> dict[str, list[int]]:
-    """{path: [size, mtime, content id]}: ids of files unchanged since the previous output are reused."""
+def identify(folder, listing: dict, cache) -> dict[str, list]:
+    """{path: [size, mtime, content key]}; cache: storage.contents.ContentCache (unchanged files are not read)."""
     out = {}
-    progress = Progress(len(listing), "identifying folder images", "files", every=500)
+    progress = Progress(len(listing), "identifying folder images", "files")
     for path, (size, mtime) in listing.items():
-        before = previous_listing.get(path)
-        same = before is not None and before[:2] == [size, mtime]
-        out[path] = [size, mtime, before[2] if same else content_id(Path(folder) / path)]
+        out[path] = [size, mtime, cache.key(Path(folder) / path)]
         progress.update()
     return out
 
@@ -97,23 +90,25 @@ def previous_output(stage_dir, current: str, settings: dict, upstream: dict) -> 
     return max(candidates, key=lambda d: d.stat().st_mtime, default=None)
 
 
-def caption_folder(outdir, folder, listing: dict, previous_dir, store, extract, decode, shard_size: int,
+def caption_folder(outdir, folder, listing: dict, previous_dir, store, cache, extract, decode, shard_size: int,
                    shard_prefix: str, layer: str) -> dict:
-    """Stage entry point. store: the folder feature store (a directory of shards); extract(shard path,
-    [[id, folder, path], ...]) writes one shard; decode(index {"images": {id: (shard, row)}}) → (ids, tokens,
-    alphas, scores, captions); layer: the encoder layer whose grid the attention maps cover. Returns the report."""
+    """Stage entry point. store: the encoder's feature store (a directory of shards); cache: a
+    storage.contents.ContentCache; extract(shard path, [[key, id, folder, path], ...]) writes one shard;
+    decode(index {"images": {id: (shard, row)}}) → (ids, tokens, alphas, scores, captions); layer: the encoder
+    layer whose grid the attention maps cover. Returns the report."""
     folder, outdir = Path(folder), Path(outdir)
-    previous_listing, previous_captions, previous_attention = read_previous(previous_dir)
-    listing = identify(folder, listing, previous_listing)
-    first_path = {}
-    for path, (_, _, image_id) in listing.items():
-        first_path.setdefault(image_id, path)
+    _, previous_captions, previous_attention = read_previous(previous_dir)
+    listing = identify(folder, listing, cache)
+    first_path, key_of = {}, {}
+    for path, (_, _, key) in listing.items():
+        first_path.setdefault(key, path)
+        key_of[contents.key_as_int64(key)] = key
 
     rows, skipped, bad = shards.store_contents(store)
     for path in bad:
-        log.warning("folder store: %s fails its check; its images are extracted again", path.name)
-    todo = [[image_id, str(folder), path] for image_id, path in first_path.items()
-            if image_id not in rows and image_id not in skipped]
+        log.warning("store: %s fails its check; its images are extracted again", path.name)
+    todo = [[key, contents.key_as_int64(key), str(folder), path] for key, path in first_path.items()
+            if key not in rows and key not in skipped]
     log.info("folder %s: %d images (%d distinct contents), %d to extract", folder, len(listing), len(first_path),
              len(todo))
     new_shards = [Path(store) / f"{shard_prefix}-{k:05d}.h5" for k in range(-(-len(todo) // shard_size))]
@@ -122,27 +117,30 @@ def caption_folder(outdir, folder, listing: dict, previous_dir, store, extract, 
     new_rows, new_skipped, _ = shards.store_contents(store, [p for p in new_shards if p.exists()])
     rows, skipped = {**new_rows, **rows}, {**new_skipped, **skipped}
 
-    wanted = [i for i in first_path if i in rows and i not in previous_captions]
+    wanted = [contents.key_as_int64(k) for k in first_path if k in rows]
+    wanted = [i for i in wanted if i not in previous_captions]
     captions, attention = dict(previous_captions), dict(previous_attention)
     if wanted:
-        ids, tokens, alphas, scores, texts = decode({"images": {i: rows[i] for i in wanted}})
+        ids, tokens, alphas, scores, texts = decode({"images": {i: rows[key_of[i]] for i in wanted}})
         for image_id, t, a, s, text in zip(ids.tolist(), tokens, alphas, scores.tolist(), texts):
             captions[image_id] = (text, round(float(s), 5))
             attention[image_id] = (t, a)
 
     lines, problems = [], []
-    for path, (_, _, image_id) in listing.items():
-        if image_id in captions and image_id in rows:
+    for path, (_, _, key) in listing.items():
+        image_id = contents.key_as_int64(key)
+        if image_id in captions and key in rows:
             lines.append({"path": path, "caption": captions[image_id][0], "score": captions[image_id][1]})
         else:
-            reason = skipped.get(image_id, (None, "no features (extraction failed)"))[1]
+            reason = skipped.get(key, (None, "no features (extraction failed)"))[1]
             problems.append({"path": path, "reason": reason})
             log.warning("skipped %s: %s", folder / path, reason)
     _write_outputs(outdir, folder, listing, lines, attention, layer)
     decoded = set(wanted)
     report = {"folder": str(folder), "images": len(listing), "captioned": len(lines), "skipped": problems,
               "extracted": len(todo), "decoded": len(decoded),
-              "reused_captions": sum(1 for line in lines if listing[line["path"]][2] not in decoded),
+              "reused_captions": sum(1 for line in lines
+                                     if contents.key_as_int64(listing[line["path"]][2]) not in decoded),
               "previous_output": Path(previous_dir).name if previous_dir else None}
     manifests.write_json(outdir / "report.json", report)
     return report
@@ -155,7 +153,7 @@ def _write_outputs(outdir: Path, folder: Path, listing: dict, lines: list[dict],
         writer = csv.DictWriter(f, fieldnames=["path", "caption", "score"])
         writer.writeheader()
         writer.writerows(lines)
-    ids = [listing[line["path"]][2] for line in lines]
+    ids = [contents.key_as_int64(listing[line["path"]][2]) for line in lines]
     width = max((len(attention[i][0]) for i in ids), default=0)
     positions = max((attention[i][1].shape[-1] for i in ids), default=0)
     tokens = np.zeros((len(ids), width), np.int32)

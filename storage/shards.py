@@ -1,4 +1,4 @@
-"""HDF5 feature shards (schema version 1): the atomic writer, the checks, the readers.
+"""HDF5 feature shards (schema version 2): the atomic writer, the checks, the readers.
 
 One shard = one HDF5 file `shard-<plan>-<split>-<k>.h5` in the store directory `features/<encoder-fp>/`:
 
@@ -6,10 +6,14 @@ One shard = one HDF5 file `shard-<plan>-<split>-<k>.h5` in the store directory `
                                     mixed10, 289 = 17×17 for mixed7), D = channels (2048, 768: attrs "layer");
                                     chunks (1, P, D): one image per chunk, each with a
                                     fletcher32 checksum (HDF5 refuses to return a damaged chunk)
-    image_ids   int64 (n,)          COCO image ids, row order
+    contents    utf-8 str (n,)      each row's content key: the sha256 of the image file's bytes
+                                    (storage/contents.py). The store finds features by this key only.
+    image_ids   int64 (n,)          the dataset's id of the image each row was extracted for (informational:
+                                    another dataset may use the row under another id)
     paths       utf-8 str (n,)      image path relative to its image root
     skipped     utf-8 str (k, 2)    (path, reason) of images that could not be decoded
     skipped_ids int64 (k,)          their image ids
+    skipped_contents utf-8 str (k,) their content keys
     attrs       schema_version, encoder, weights, weights_sha256 | seed, image_size, preprocess, dtype,
                 fingerprint (encoder), created_at, software, split, plan, n_rows, n_skipped,
                 features_sha256 (of the float16 bytes in row order), complete
@@ -30,10 +34,10 @@ import numpy as np
 
 from storage.workspace import TEMP_PREFIX, atomic_file, resolve
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: rows keyed by content (`contents`); version 1 keyed them by dataset image id
 SHARD_GLOB = "shard-*.h5"
 STRING = h5py.string_dtype("utf-8")
-REQUIRED_DATASETS = ("features", "image_ids", "paths", "skipped", "skipped_ids")
+REQUIRED_DATASETS = ("features", "contents", "image_ids", "paths", "skipped", "skipped_ids", "skipped_contents")
 
 
 def create_hdf5(path) -> h5py.File:
@@ -53,8 +57,8 @@ class ShardWriter:
     """Append rows to a new shard; the file appears under its final name only on close() without error.
 
         with ShardWriter(path, positions=64, channels=2048, attrs={...}) as shard:
-            shard.append(ids, paths, features)        # features float16-convertible (k, P, D)
-            shard.skip(image_id, path, reason)
+            shard.append(contents, ids, paths, features)   # features float16-convertible (k, P, D)
+            shard.skip(content, image_id, path, reason)
     """
 
     def __init__(self, path, positions: int, channels: int, attrs: dict, compression: str | None = None):
@@ -71,10 +75,10 @@ class ShardWriter:
         except BaseException as e:
             self._atomic.__exit__(type(e), e, e.__traceback__)
             raise
-        self._ids, self._paths, self._skipped = [], [], []
+        self._contents, self._ids, self._paths, self._skipped = [], [], [], []
         self._digest = hashlib.sha256()
 
-    def append(self, image_ids, paths, features) -> None:
+    def append(self, contents, image_ids, paths, features) -> None:
         features = np.ascontiguousarray(features, dtype=np.float16)
         n, start = len(image_ids), self._features.shape[0]
         if features.shape[0] != n or features.shape[1:] != self._features.shape[1:]:
@@ -82,11 +86,12 @@ class ShardWriter:
         self._features.resize(start + n, axis=0)
         self._features[start:start + n] = features
         self._digest.update(features.tobytes())
+        self._contents.extend(contents)
         self._ids.extend(int(i) for i in image_ids)
         self._paths.extend(paths)
 
-    def skip(self, image_id: int, path: str, reason: str) -> None:
-        self._skipped.append((int(image_id), path, reason))
+    def skip(self, content: str, image_id: int, path: str, reason: str) -> None:
+        self._skipped.append((int(image_id), path, reason, content))
 
     @property
     def n_rows(self) -> int:
@@ -119,11 +124,14 @@ class ShardWriter:
 
     def _finish(self) -> None:
         f = self._file
+        f.create_dataset("contents", data=np.asarray(self._contents, dtype=object), dtype=STRING)
         f.create_dataset("image_ids", data=np.asarray(self._ids, dtype=np.int64))
         f.create_dataset("paths", data=np.asarray(self._paths, dtype=object), dtype=STRING)
-        skipped = np.asarray([[p, r] for _, p, r in self._skipped], dtype=object).reshape(-1, 2)
+        skipped = np.asarray([[p, r] for _, p, r, _ in self._skipped], dtype=object).reshape(-1, 2)
         f.create_dataset("skipped", data=skipped, dtype=STRING)
-        f.create_dataset("skipped_ids", data=np.asarray([i for i, _, _ in self._skipped], dtype=np.int64))
+        f.create_dataset("skipped_ids", data=np.asarray([i for i, _, _, _ in self._skipped], dtype=np.int64))
+        f.create_dataset("skipped_contents", data=np.asarray([c for *_, c in self._skipped], dtype=object),
+                         dtype=STRING)
         for key, value in self.attrs.items():
             f.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
         f.attrs.update({
@@ -154,7 +162,7 @@ def check_shard(path, deep: bool = False) -> list[str]:
                 return [f"schema_version {attrs.get('schema_version')} != {SCHEMA_VERSION}"]
             n = int(attrs["n_rows"])
             problems = [f"{name} has {f[name].shape[0]} rows, attrs say {n}"
-                        for name in ("features", "image_ids", "paths") if f[name].shape[0] != n]
+                        for name in ("features", "contents", "image_ids", "paths") if f[name].shape[0] != n]
             if f["features"].dtype != np.float16:
                 problems.append(f"features dtype {f['features'].dtype}, expected float16")
             if problems or not deep:
@@ -184,11 +192,18 @@ def read_ids(path) -> tuple[np.ndarray, np.ndarray]:
         return f["image_ids"][:], f["skipped_ids"][:]
 
 
-def read_skipped(path) -> list[tuple[int, str, str]]:
-    """[(image_id, path, reason)] of the images a shard could not decode."""
+def read_contents(path) -> list[str]:
+    """The content key of each row of one shard."""
+    with h5py.File(path, "r") as f:
+        return list(f["contents"].asstr()[:])
+
+
+def read_skipped(path) -> list[tuple[int, str, str, str]]:
+    """[(image_id, path, reason, content key)] of the images a shard could not decode."""
     with h5py.File(path, "r") as f:
         pairs = f["skipped"].asstr()[:] if len(f["skipped"]) else []
-        return [(int(i), p, r) for i, (p, r) in zip(f["skipped_ids"][:], pairs)]
+        contents = f["skipped_contents"].asstr()[:] if len(f["skipped_contents"]) else []
+        return [(int(i), p, r, c) for i, (p, r), c in zip(f["skipped_ids"][:], pairs, contents)]
 
 
 def read_attrs(path) -> dict:
@@ -209,21 +224,20 @@ def read_rows(path, start: int, stop: int) -> np.ndarray:
 
 
 def store_contents(store_dir, paths=None) -> tuple[dict, dict, list]:
-    """What a store holds (or only its shards `paths`): ({image_id: (shard name, row)}, {image_id: (shard name,
-    reason)}, bad shards).
+    """What a store holds (or only its shards `paths`): ({content key: (shard name, row)}, {content key: (shard
+    name, reason)}, bad shards).
 
     Shards failing the quick check are listed as bad and their images count as absent, so the pipeline
-    re-extracts them. An image in two shards (two overlapping plans) resolves to the first shard by name."""
+    re-extracts them. Content in two shards (two overlapping plans) resolves to the first shard by name."""
     rows, skipped, bad = {}, {}, []
     for path in sorted(paths) if paths is not None else list_shards(store_dir):
         if check_shard(path):
             bad.append(path)
             continue
-        ids, _ = read_ids(path)
-        for row, image_id in enumerate(ids.tolist()):
-            rows.setdefault(image_id, (path.stem, row))
-        for image_id, _, reason in read_skipped(path):
-            skipped.setdefault(image_id, (path.stem, reason))
+        for row, content in enumerate(read_contents(path)):
+            rows.setdefault(content, (path.stem, row))
+        for _, _, reason, content in read_skipped(path):
+            skipped.setdefault(content, (path.stem, reason))
     return rows, skipped, bad
 
 
@@ -258,7 +272,7 @@ def describe_shard(path, stats: bool = False) -> dict:
             "compression": feats.compression or "none",
             "bytes_per_image": round(path.stat().st_size / max(int(feats.shape[0]), 1)),
             "attrs": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()},
-            "skipped": [{"image_id": i, "path": p, "reason": r} for i, p, r in read_skipped(path)],
+            "skipped": [{"image_id": i, "path": p, "reason": r, "content": c} for i, p, r, c in read_skipped(path)],
         }
         if stats:
             moments, zeros, nonfinite = Moments(), 0, 0
@@ -275,8 +289,11 @@ def describe_shard(path, stats: bool = False) -> dict:
     return info
 
 
-def find_image(path, image_id: int) -> int | None:
-    """Row of `image_id` in a shard, or None."""
+def find_image(path, image_id: int | None = None, content: str | None = None) -> int | None:
+    """Row of an image in a shard, by the id it was extracted for or by its content key; None when absent."""
+    if content is not None:
+        contents = read_contents(path)
+        return contents.index(content) if content in contents else None
     ids, _ = read_ids(path)
     rows = np.flatnonzero(ids == image_id)
     return int(rows[0]) if len(rows) else None

@@ -3,13 +3,17 @@ forwarded to Luigi, and the targets that check feature shards quickly."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import luigi
 
+from pipeline import features as features_lib
 from storage import manifests, shards, workspace as ws
+from tasks import context
 from tasks.config import check_every_section, workspace_root
 from tasks.records import remember_failure
 
@@ -51,6 +55,8 @@ class Stage(ReportsProgress, luigi.Task):
         return self._fingerprint
 
     def complete(self):
+        """The output exists, is whole and was made from the inputs as they are now; and so is every upstream
+        stage's (a rerun notices an image replaced under its name however far downstream it was asked for)."""
         # luigi logs errors raised here (bad config values surface in fingerprint()) only as warnings
         try:
             check_every_section()
@@ -59,7 +65,8 @@ class Stage(ReportsProgress, luigi.Task):
             problem = self.output_problem()
             if problem:
                 log.warning("%s is incomplete (%s): it will be recomputed", self.output().path, problem)
-            return not problem
+                return False
+            return all(t.complete() for t in self.upstream_stages())
         except Exception as e:
             remember_failure(self, e)
             raise
@@ -69,12 +76,43 @@ class Stage(ReportsProgress, luigi.Task):
         return luigi.LocalTarget(str(root / self.stage / self.fingerprint()))
 
     def output_problem(self) -> str | None:
-        """What is wrong with an existing output directory (a file missing or unreadable JSON), or None.
-        Stages whose output is a single file (PlanShards, ExtractFeatures) check it in their targets."""
+        """What is wrong with an existing output directory (a file missing or unreadable JSON, inputs changed
+        since it was made), or None. Stages whose output is a single file (PlanShards, ExtractFeatures) check it
+        in their targets."""
         path = self.output().path
         if not os.path.isdir(path):
             return None
-        return ws.output_problem(path, ("provenance.json", *self.expected_files))
+        return (ws.output_problem(path, ("provenance.json", *self.expected_files))
+                or self.inputs_problem(manifests.read_json(Path(path) / "provenance.json")))
+
+    def inputs_digest(self) -> str | None:
+        """sha256 of what run() read: each input JSON file's bytes (split indexes, plans, captions) and each input
+        directory's provenance.json (which holds its own inputs' digest, so a change propagates downstream).
+        None while an input is missing."""
+        digest = hashlib.sha256()
+        for target in luigi.task.flatten(self.input()):
+            path = Path(target.path)
+            path = path / "provenance.json" if path.is_dir() else path
+            if path.suffix != ".json":   # shards: checked by their targets, named by the split indexes
+                continue
+            if not path.is_file():
+                return None
+            digest.update(f"{path.name} {ws.file_sha256(path)}\n".encode())
+        return digest.hexdigest()
+
+    def recorded_inputs(self, provenance: dict) -> str | None:
+        return provenance.get("inputs")
+
+    def inputs_problem(self, provenance: dict) -> str | None:
+        """Why an output is stale: a split index it read no longer matches the images on disk, or an input
+        differs from the one it was made from."""
+        for target in luigi.task.flatten(self.input()):
+            if isinstance(target, SplitIndexTarget) and os.path.isfile(target.path) and not target.exists():
+                return f"the images or features of {target.path} changed since"
+        recorded, current = self.recorded_inputs(provenance), self.inputs_digest()
+        if recorded and current and recorded != current:
+            return "its inputs changed since it was made"
+        return None
 
     @contextlib.contextmanager
     def atomic_output(self):
@@ -90,7 +128,8 @@ class Stage(ReportsProgress, luigi.Task):
 
     def provenance(self) -> dict:
         return {"stage": self.stage, "fingerprint": self.fingerprint(), "version": self.version,
-                "settings": self.settings(), "upstream": {t.stage: t.fingerprint() for t in self.upstream_stages()}}
+                "settings": self.settings(), "upstream": {t.stage: t.fingerprint() for t in self.upstream_stages()},
+                "inputs": self.inputs_digest()}
 
 
 class SplitStage(Stage):
@@ -113,7 +152,17 @@ class SplitStage(Stage):
     def output_problem(self) -> str | None:
         if not self.directory().is_dir():
             return None
-        return ws.output_problem(self.directory(), ("provenance.json", *self.expected_files))
+        return (ws.output_problem(self.directory(), ("provenance.json", *self.expected_files))
+                or self.inputs_problem(manifests.read_json(self.directory() / "provenance.json")))
+
+    def recorded_inputs(self, provenance: dict) -> str | None:
+        return (provenance.get("inputs") or {}).get(self.split)
+
+    def provenance(self) -> dict:
+        """As Stage's, with the inputs digest of each split made so far (the splits share the file)."""
+        previous = self.directory() / "provenance.json"
+        inputs = manifests.read_json(previous).get("inputs") or {} if previous.is_file() else {}
+        return {**super().provenance(), "inputs": {**inputs, self.split: self.inputs_digest()}}
 
     @contextlib.contextmanager
     def atomic_output(self):
@@ -133,10 +182,29 @@ class ShardTarget(luigi.LocalTarget):
 
 
 class SplitIndexTarget(luigi.LocalTarget):
-    """A split index exists when its file is there and every shard it points to passes the quick check."""
+    """A split index exists when its file is there, every shard it points to passes the quick check, and the
+    split's image files have the sizes and mtimes they had when it was made (else one was replaced, added or
+    removed: its content key may have changed)."""
 
     def exists(self):
         if not super().exists():
             return False
         index = manifests.read_json(self.path)
-        return all(ShardTarget(str(Path(self.path).parents[2] / f"{name}.h5")).exists() for name in index["shards"])
+        if not all(ShardTarget(str(Path(self.path).parents[2] / f"{name}.h5")).exists() for name in index["shards"]):
+            return False
+        return index.get("listing") == _listing_now(self.path, index)
+
+
+_listings: dict = {}   # (index path, its mtime) → (when, the listing digest of its split's files)
+
+
+def _listing_now(index_path: str, index: dict) -> str:
+    """The split's listing digest as the files are now. Luigi asks for completeness several times while it
+    schedules, so a digest is reused for a few seconds (each is a stat of every image of the split)."""
+    key = (index_path, os.stat(index_path).st_mtime_ns)
+    when, digest = _listings.get(key, (0.0, None))
+    if time.monotonic() - when > 10:
+        annotations = workspace_root() / "annotations" / index["annotations"]
+        digest = features_lib.listing_digest(annotations, index["split"], context.image_root)
+        _listings[key] = (time.monotonic(), digest)
+    return digest

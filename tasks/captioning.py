@@ -2,6 +2,8 @@
 Each output is `<workspace>/<stage>/<fingerprint>` (tasks/base.py); each run() calls the library."""
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import luigi
@@ -16,6 +18,8 @@ from tasks.config import (config_files, decoder, encoder, evaluation, features, 
 from tasks.features import (BuildVocabulary, ExtractAnnotations, ExtractFeatures, ExtractShard, PretrainDigitsEncoder,
                             encoder_identity, extraction_options, store_dir, store_settings)
 
+
+log = logging.getLogger("captioner")
 
 class TrainDecoder(Stage):
     """Train the decoder on the train split's features: models/<fp>/ (checkpoints in checkpoints/<fp>/)."""
@@ -49,7 +53,7 @@ class TrainDecoder(Stage):
         if training.read().verify_shards:   # never train on damaged features: re-extract them first
             yield from self.repair_damaged_shards(list(indexes.values()))
         with self.atomic_output() as tmp:
-            history = train.train_decoder(tmp, workspace_root() / "checkpoints" / self.fingerprint(), store_dir(),
+            history = train.train_decoder(tmp, self.checkpoint_dir(), store_dir(),
                                           indexes["train"], indexes["val"], self.requires()["vocabulary"].input().path,
                                           Path(self.input()["vocabulary"].path) / manifests.VOCAB_FILE,
                                           self.training_settings(), self.features_provenance(),
@@ -57,6 +61,19 @@ class TrainDecoder(Stage):
         kept = [h for h in history if h["best"]][-1:]
         self.counts = {"epochs": len(history), "kept_epoch": kept[0]["epoch"] if kept else None,
                        "best_val_CIDEr": max((h["val_CIDEr"] for h in history), default=None)}
+
+    def checkpoint_dir(self) -> Path:
+        """checkpoints/<fp>, emptied first when its checkpoints were trained on other inputs (an image replaced
+        since): a resumed run must never continue another training."""
+        directory = workspace_root() / "checkpoints" / self.fingerprint()
+        marker, inputs = directory / "inputs.txt", self.inputs_digest()
+        if directory.is_dir() and (not marker.is_file() or marker.read_text().strip() != inputs):
+            log.warning("%s holds the checkpoints of a training on other inputs: removed, training starts afresh",
+                        directory)
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        marker.write_text(inputs + "\n")
+        return directory
 
     def features_provenance(self) -> dict:
         """The model's features.json: the store, the encoder and its weights file, the split indexes."""
@@ -176,7 +193,7 @@ class CaptionImages(Stage):
     def run(self):
         from pipeline import decode
         model_dir = checked_model_dir(generation.read().model or self.input()["model"].path)
-        store, plan = store_dir() / "folders", f"folder-{self.fingerprint()}"
+        store, plan = store_dir(), f"folder-{self.fingerprint()}"
         extract = lambda path, images: features_lib.extract_shard(
             path, images, attrs={"fingerprint": store_dir().name, "split": "folder", "plan": plan},
             progress_callback=self.report_progress, **extraction_options())
@@ -184,9 +201,10 @@ class CaptionImages(Stage):
                                                  progress_callback=self.report_progress)
         previous = folders_lib.previous_output(workspace_root() / self.stage, self.fingerprint(), self.base_settings(),
                                                {t.stage: t.fingerprint() for t in self.upstream_stages()})
-        with self.atomic_output() as tmp:
-            report = folders_lib.caption_folder(tmp, self.folder(), self.listing(), previous, store, extract, rows,
-                                                features.read().shard_size, f"shard-{plan}", encoder.read().layer)
+        with self.atomic_output() as tmp, context.content_cache() as cache:
+            report = folders_lib.caption_folder(tmp, self.folder(), self.listing(), previous, store, cache, extract,
+                                                rows, features.read().shard_size, f"shard-{plan}",
+                                                encoder.read().layer)
         self.counts = {k: report[k] for k in ("images", "captioned", "extracted", "decoded", "reused_captions")}
         self.counts["skipped"] = len(report["skipped"])
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import encoder as encoder_lib
+from pipeline import encoder as encoder_lib, features as features_lib
 from pipeline.errors import InputError
-from storage import manifests, workspace as ws
+from storage import contents, manifests, workspace as ws
 from tasks.config import (comma_list, config_files, dataset, encoder, generation, section_values,
                           workspace_root)
 
@@ -22,6 +22,17 @@ def image_root(reference: str) -> Path:
         return manifests.resolve_root(reference, workspace_root(), dataset_image_roots())
     except ValueError as e:
         raise InputError(f"{config_files()}: [dataset] images: {e}") from e
+
+
+def content_cache() -> contents.ContentCache:
+    """The workspace's cache of image content keys (storage/contents.py)."""
+    return contents.ContentCache(workspace_root() / "cache" / "contents.sqlite")
+
+
+def content_keys(annotations_dir, split: str, progress_callback=None) -> dict[int, str]:
+    """{image_id: content key} of a split's images, as they are on disk now."""
+    with content_cache() as cache:
+        return features_lib.identify_split(annotations_dir, split, image_root, cache, progress_callback)
 
 
 def annotation_inputs(demo_dir: Path | None) -> tuple[list[str], list[str], str]:

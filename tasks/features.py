@@ -156,8 +156,11 @@ class PlanShards(Stage):
         return luigi.LocalTarget(str(store_dir() / "plans" / f"{self.fingerprint()}.json"))
 
     def run(self):
+        features_lib.note_older_stores(store_dir())
+        keys = {split: context.content_keys(self.input().path, split, self.report_progress)
+                for split in manifests.SPLITS}
         plan = features_lib.plan_store(self.input().path, store_dir(), features.read().shard_size,
-                                       self.fingerprint())
+                                       self.fingerprint(), keys)
         manifests.write_json(self.output().path, plan, indent=None)
 
 
@@ -211,10 +214,12 @@ class ExtractFeatures(Stage):
         plan_path = self.input()["plan"].path
         yield self.shard_tasks(plan_path)
         annotations_dir = self.requires()["plan"].input().path
-        repair = features_lib.plan_repair(annotations_dir, store_dir(), self.split, features.read().shard_size)
-        if repair:   # a shard written by an earlier plan was damaged or deleted since: its images again
+        listing = features_lib.listing_digest(annotations_dir, self.split, context.image_root)
+        keys = context.content_keys(annotations_dir, self.split)
+        repair = features_lib.plan_repair(annotations_dir, store_dir(), self.split, features.read().shard_size, keys)
+        if repair:   # a shard was damaged or deleted since the plan, or an image file replaced: those images again
             yield [ExtractShard(plan=repair["plan"], shard=s["name"]) for s in repair["shards"]]
-        index = features_lib.index_split(annotations_dir, store_dir(), self.split)
-        manifests.write_json(self.output().path, {**index, "encoder": store_settings(),
+        index = features_lib.index_split(annotations_dir, store_dir(), self.split, keys)
+        manifests.write_json(self.output().path, {**index, "encoder": store_settings(), "listing": listing,
                                                   "plan": manifests.read_json(plan_path)["plan"],
                                                   "annotations": Path(annotations_dir).name})

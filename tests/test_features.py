@@ -79,10 +79,10 @@ def test_missing_weights_name_the_file_to_place(tmp_path, monkeypatch):
 
 def test_shard_schema_attrs_and_bad_images_skipped_and_reported(tmp_path, demo_images):
     corpus = make_bad_images(tmp_path / "bad")
-    items = [[1000 + i, os.path.dirname(p), os.path.basename(p)] for i, p in enumerate(demo_images)]
+    items = [[f"key-{1000 + i}", 1000 + i, os.path.dirname(p), os.path.basename(p)] for i, p in enumerate(demo_images)]
     for i, (name, (path, should_load)) in enumerate(sorted(corpus.items())):
-        items.append([2000 + i, str(tmp_path / "bad"), os.path.relpath(path, tmp_path / "bad")])
-    good = {i for i, _, _ in items if i < 2000} | {2000 + i for i, (_, (_, ok)) in enumerate(sorted(corpus.items())) if ok}
+        items.append([f"key-{2000 + i}", 2000 + i, str(tmp_path / "bad"), os.path.relpath(path, tmp_path / "bad")])
+    good = {i for _, i, _, _ in items if i < 2000} | {2000 + i for i, (_, (_, ok)) in enumerate(sorted(corpus.items())) if ok}
     out = tmp_path / "store" / "shard-x-train-00000.h5"
     summary = features.extract_shard(out, items, RANDOM, 299, batch_size=8,
                                      attrs={"fingerprint": "store", "split": "train"})
@@ -91,6 +91,7 @@ def test_shard_schema_attrs_and_bad_images_skipped_and_reported(tmp_path, demo_i
         assert f["features"].dtype == np.float16 and f["features"].shape == (len(good), 64, 2048)
         assert f["features"].chunks == (1, 64, 2048) and f["features"].compression is None
         assert sorted(f["image_ids"][:].tolist()) == sorted(good)
+        assert f["contents"].asstr()[:].tolist() == [f"key-{i}" for i in f["image_ids"][:]]   # each row's key
         assert f["paths"].asstr()[0] == os.path.basename(demo_images[0])
         for key in ("schema_version", "encoder", "weights", "seed", "image_size", "preprocess", "dtype",
                     "created_at", "software", "fingerprint", "features_sha256"):
@@ -98,8 +99,9 @@ def test_shard_schema_attrs_and_bad_images_skipped_and_reported(tmp_path, demo_i
         assert f.attrs["weights"] == "random" and f.attrs["seed"] == 0
         rows = f["features"][:].astype(np.float32)
         assert np.isfinite(rows).all() and (np.abs(rows).reshape(len(good), -1).max(axis=1) > 0).all()   # no zero rows
-    skipped = {i: reason for i, _, reason in shards.read_skipped(out)}
-    assert set(skipped) == {i for i, _, _ in items} - good and all(skipped.values())
+    skipped = {i: reason for i, _, reason, _ in shards.read_skipped(out)}
+    assert set(skipped) == {i for _, i, _, _ in items} - good and all(skipped.values())
+    assert {c for *_, c in shards.read_skipped(out)} == {f"key-{i}" for i in skipped}
     assert shards.check_shard(out, deep=True) == []
     assert ws.leftover_temporaries(tmp_path / "store") == []
     # the rows are the encoder's output for exactly those images (same batch: oneDNN results depend on it)
@@ -113,7 +115,7 @@ def test_a_transient_read_error_fails_the_shard_and_a_rerun_extracts_the_image(t
     import builtins
     import errno
     from pipeline.images import TransientReadError
-    items = [[1000 + i, os.path.dirname(p), os.path.basename(p)] for i, p in enumerate(demo_images[:3])]
+    items = [[str(i), 1000 + i, os.path.dirname(p), os.path.basename(p)] for i, p in enumerate(demo_images[:3])]
     locked = demo_images[1]
     real_open = builtins.open
 
@@ -272,7 +274,7 @@ for attempt in range(3):   # the process goes on after each failure, as a Luigi 
     try:
         with shards.ShardWriter(sys.argv[1], positions=289, channels=64, attrs={}) as shard:
             for i in range(100):
-                shard.append([i], [f"{i}.jpg"], np.ones((1, 289, 64), np.float16))
+                shard.append([str(i)], [i], [f"{i}.jpg"], np.ones((1, 289, 64), np.float16))
     except OSError as e:
         print("failed:", e.errno, flush=True)
 print("done", flush=True)
@@ -332,3 +334,73 @@ def test_inspect_and_verify_catch_a_corrupted_shard(tmp_path):
     rerun = run_luigi("ExtractFeatures", "--split", "train", workdir=workdir)
     assert rerun.returncode == 0 and "2 ran successfully" in rerun.output and "ExtractShard(" in rerun.output
     assert shards.check_shard(path) == []
+
+
+def split_features(workdir, split="train") -> dict:
+    """{image_id: features} through the newest split index of the workspace's store (what training reads)."""
+    index = json.loads(max(store_of(workdir).glob(f"splits/*/{split}.json"), key=os.path.getmtime).read_text())
+    return {int(i): shards.read_rows(store_of(workdir) / f"{shard}.h5", row, row + 1)[0]
+            for i, (shard, row) in index["images"].items()}
+
+
+def renumbered(demo_root, ids):
+    """demo_root's train caption file with its images renumbered to `ids` (another dataset's ids)."""
+    coco = json.loads((demo_root / "captions_train.json").read_text())
+    new = dict(zip([img["id"] for img in coco["images"]], ids))
+    for img in coco["images"]:
+        img["id"] = new[img["id"]]
+    for ann in coco["annotations"]:
+        ann["image_id"] = new[ann["image_id"]]
+    (demo_root / "captions_train.json").write_text(json.dumps(coco))
+
+
+def test_datasets_whose_ids_collide_never_share_features_and_a_shared_picture_is_extracted_once(tmp_path, workdir):
+    """Features belong to image contents: a second dataset numbered like the first gets exactly the features it
+    gets in a fresh workspace, and the first dataset's pictures under other ids are not extracted again."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_demo_dataset(first, 6, 1, 1, seed=5)
+    write_demo_dataset(second, 6, 1, 1, seed=6)
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    first_cfg, first_ids = coco_config(tmp_path / "a", first, 6)
+    renumbered(second, first_ids)                                  # the same ids, other pictures
+    second_cfg, second_ids = coco_config(tmp_path / "b", second, 6)
+    assert second_ids == first_ids
+    assert run_luigi("ExtractFeatures", "--split", "train", config=first_cfg, workdir=workdir).returncode == 0
+    shared = run_luigi("ExtractFeatures", "--split", "train", config=second_cfg, workdir=workdir)
+    assert shared.returncode == 0 and "6 images to extract" in shared.output, shared.output
+    fresh = tmp_path / "fresh"
+    assert run_luigi("ExtractFeatures", "--split", "train", config=second_cfg, workdir=fresh).returncode == 0
+    got, want = split_features(workdir), split_features(fresh)
+    assert sorted(got) == sorted(want) == second_ids
+    for image_id in second_ids:
+        np.testing.assert_array_equal(got[image_id], want[image_id])
+
+    renumbered(first, [i + 10_000_000 for i in first_ids])         # the first pictures under new ids
+    moved_cfg, _ = coco_config(tmp_path / "c", first, 6)
+    again = run_luigi("ExtractFeatures", "--split", "train", config=moved_cfg, workdir=workdir)
+    assert again.returncode == 0 and "0 images to extract" in again.output, again.output
+
+
+def test_an_image_replaced_under_its_name_is_extracted_again_and_the_model_retrained(workdir):
+    """The nightly case: an image file is replaced in place. The rerun notices it (sizes and mtimes of the split's
+    files), extracts that image only, keys it by its new content and trains the model again from scratch."""
+    from PIL import Image
+    assert run_luigi("TrainDecoder", workdir=workdir).returncode == 0
+    index_path = max(store_of(workdir).glob("splits/*/train.json"), key=os.path.getmtime)
+    manifest, = workdir.glob("annotations/[!.]*/train.jsonl")
+    record = json.loads(manifest.read_text().splitlines()[3])
+    path = workdir / record["root"] / record["path"]
+    Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path, quality=95)
+    model, = workdir.glob("models/[!.]*")
+    trained = (model / "decoder.weights.h5").stat().st_mtime_ns
+
+    rerun = run_luigi("TrainDecoder", workdir=workdir)
+    assert rerun.returncode == 0, rerun.output
+    assert "1 images to extract" in rerun.output and "training starts afresh" in rerun.output
+    assert "resuming from checkpoint" not in rerun.output
+    index = json.loads(index_path.read_text())
+    assert index["contents"][str(record["image_id"])] == ws.file_sha256(path)
+    assert (model / "decoder.weights.h5").stat().st_mtime_ns != trained
+    unchanged = run_luigi("TrainDecoder", workdir=workdir)
+    assert unchanged.returncode == 0 and "ran successfully" not in unchanged.output

@@ -21,7 +21,8 @@ def make_store(tmp_path):
     index = {"images": {}}
     for k, ids in enumerate([image_ids[:4], image_ids[4:9], image_ids[9:]]):
         with shards.ShardWriter(store / f"shard-t-train-{k:05d}.h5", 4, 8, {}) as w:
-            w.append(ids, [f"{i}.jpg" for i in ids], np.stack([np.full((4, 8), i, np.float16) for i in ids]))
+            w.append([str(i) for i in ids], ids, [f"{i}.jpg" for i in ids],
+                     np.stack([np.full((4, 8), i, np.float16) for i in ids]))
         for row, i in enumerate(ids):
             index["images"][str(i)] = [f"shard-t-train-{k:05d}", row]
     captions = {i: [np.arange(1, 2 + (i + j) % 6, dtype=np.int32) + 10 * j for j in range(1 + i % 5)]

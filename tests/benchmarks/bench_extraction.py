@@ -48,7 +48,7 @@ def main():
     identity = encoder_lib.resolve_weights("random:0")
     forward = features.encoder_forward(identity, 299)
     batches = [np.stack([load_image(p, 299) for p in paths[i:i + args.batch]]) for i in range(0, len(paths), args.batch)]
-    items = [[i, str(Path(p).parent), Path(p).name] for i, p in enumerate(paths)]
+    items = [[str(i), i, str(Path(p).parent), Path(p).name] for i, p in enumerate(paths)]
     shards_made = []
 
     def ours():

@@ -181,7 +181,8 @@ def memory_child(shards_count: int):
     for k in range(shards_count):
         ids = list(range(k * 50, (k + 1) * 50))
         with shards.ShardWriter(tmp / "store" / f"shard-b-train-{k:05d}.h5", 64, 2048, {}) as w:
-            w.append(ids, [f"{i}.jpg" for i in ids], rng.random((50, 64, 2048), np.float32).astype(np.float16))
+            w.append([str(i) for i in ids], ids, [f"{i}.jpg" for i in ids],
+                     rng.random((50, 64, 2048), np.float32).astype(np.float16))
         for row, i in enumerate(ids):
             index["images"][str(i)] = [f"shard-b-train-{k:05d}", row]
             caps = [" ".join(rng.choice(words, int(n))) for n in caption_lengths(5, rng)]
