@@ -71,6 +71,21 @@ def check_flags(unknown_args: list[str], valid_flags) -> list[str]:
     return problems
 
 
+def check_abbreviations(argv: list[str], exact_flags) -> list[str]:
+    """Problems of `--flag` tokens that are not a flag's full name although argparse would accept them as its
+    prefix (`--training-epoch 3` runs as `--training-epochs 3`): a silently guessed setting."""
+    problems = []
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag != "--" and flag not in exact_flags:
+            expansions = sorted(f for f in exact_flags if f.startswith(flag))
+            if expansions:
+                meant = f" (did you mean {expansions[0]}?)" if len(expansions) == 1 else \
+                    f" (it abbreviates {', '.join(expansions[:4])}{', …' if len(expansions) > 4 else ''})"
+                problems.append(f"{flag}: not a full flag name{meant}. Fix: write the flag in full.")
+    return problems
+
+
 def settings_table(schema_rows, config_paths, argv: list[str], environment: dict) -> list[dict]:
     """Every project setting with its value and where the value comes from, as Luigi will resolve it:
     a command-line flag (`--section-key value` or `--section-key=value`) over the last config file that sets
@@ -213,16 +228,18 @@ def _shown(param, value: str) -> str:
 
 def settings_markdown(schema_rows, sections: dict, shipped: list[tuple[str, str]], retcodes: dict) -> str:
     """docs/configuration.md: every project key with its default, valid values, the value each shipped config
-    file sets where it differs from the default, and its meaning. schema_rows: [(section, key, default, help)]
+    runs with where it differs from the default, and its meaning. schema_rows: [(section, key, default, help)]
     (tasks.settings_schema); sections: {name: Section class} (their docstrings, parameters and problems());
-    shipped: [(label, config path)]; retcodes: {key: exit code} the pipeline applies."""
-    files = []
+    shipped: [(label, config path)], the first the defaults file that lies under each of the others, as
+    configs/luigi.cfg lies under the file of LUIGI_CONFIG_PATH; retcodes: {key: exit code} the pipeline applies."""
+    files, base = [], shipped[0][1]
     for label, path in shipped:
         parser = configparser.ConfigParser(interpolation=None)
-        parser.read(path, encoding="utf-8")
+        parser.read([base, path] if path != base else [base], encoding="utf-8")
         files.append((label, parser))
-    lines = _PREAMBLE + ["The last column shows what the shipped config files set where it differs from the default: "
-                         + ", ".join(f"{label} = `{Path(path).name}`" for label, path in shipped) + "."]
+    lines = _PREAMBLE + ["The last column shows the value each shipped config runs with where it differs from the "
+                         "default: " + ", ".join(f"{label} = `{Path(path).name}`" + ("" if path == base else
+                                                 f" over `{Path(base).name}`") for label, path in shipped) + "."]
     section = None
     for name, key, default, help_text in schema_rows:
         cls = sections[name]
@@ -263,8 +280,8 @@ def _section_header(name: str, section_cls) -> list[str]:
 
 
 def _shipped_values(param, section: str, key: str, default: str, files) -> str:
-    """'label, label: `value`; ...' for the shipped config files [(label, parser)] that set the key to
-    something other than the default (compared as the parameter reads them: 0.001 is 1e-3)."""
+    """'label, label: `value`; ...' for the shipped configs [(label, parser)] whose value of the key is not the
+    default (compared as the parameter reads them: 0.001 is 1e-3)."""
     differing = {}
     for label, parser in files:
         if parser.has_option(section, key):
