@@ -44,6 +44,7 @@ PROBLEM_KINDS = (
     "caption_for_unknown_image",   # annotation whose image_id is not in images[]
     "image_without_captions",      # image with no (non-empty) caption: dropped
     "missing_image_file",          # images[].file_name not found under its image root: dropped
+    "image_outside_root",          # images[].file_name absolute or climbing out of its root with '..': dropped
     "empty_caption",               # caption empty after normalisation: dropped
     "duplicate_image_id",          # the same image id listed again (same or another file): later one dropped
     "duplicate_caption_id",        # the same annotation id again: later one dropped
@@ -285,6 +286,13 @@ def _read_caption_files(annotation_files, image_roots, problems) -> tuple[dict, 
     return images, captions
 
 
+def _inside_root(file_name: str) -> bool:
+    """Whether a file_name names a file under its image root: relative, without a '..' component (symbolic
+    links inside the root are the dataset's own business)."""
+    path = Path(file_name)
+    return not path.is_absolute() and not file_name.startswith(("/", "\\")) and ".." not in path.parts
+
+
 def _usable_records(images: dict, captions: dict, problems, progress_callback) -> list[dict]:
     """The records, sorted by image id, of images that have captions and an image file; the others go to
     `problems`."""
@@ -295,6 +303,10 @@ def _usable_records(images: dict, captions: dict, problems, progress_callback) -
         progress.update()
         if not captions[image_id]:
             problems["image_without_captions"].append({"image_id": image_id, "path": record["path"]})
+            continue
+        if not _inside_root(record["path"]):
+            problems["image_outside_root"].append({"image_id": image_id, "root": record["root"],
+                                                   "path": record["path"]})
             continue
         if not os.path.isfile(os.path.join(record["root"], record["path"])):
             problems["missing_image_file"].append({"image_id": image_id, "root": record["root"],
@@ -315,6 +327,11 @@ def make_annotations(outdir: str | os.PathLike, annotation_files, image_roots, k
     report compares with this one ("split_changes"; the goal is 0 moved images). Returns the report."""
     splits, report = extract_annotations(annotation_files, image_roots, karpathy_split, val_fraction,
                                          test_fraction, seed, progress_callback)
+    if not splits["train"]:
+        found = ", ".join(f"{n} × {kind}" for kind, n in report["problem_counts"].items() if n) or "no images"
+        raise InputError(f"{', '.join(map(str, annotation_files))}: no usable training image ({found}). Fix: check "
+                         "that [dataset] images names the folder the file_name entries are relative to, one root "
+                         "per annotation file, same order.")
     if workspace_root is not None:
         references = {str(Path(r).expanduser().resolve()): manifests.root_reference(r, k, workspace_root)
                       for k, r in enumerate(image_roots)}

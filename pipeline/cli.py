@@ -130,22 +130,25 @@ def verify(directory: Path | None) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A model directory (work/models/<fp>).")
-@click.option("--beam", default=3, show_default=True, type=click.IntRange(min=1), help="Beam size; 1 is greedy.")
-@click.option("--max-length", default=20, show_default=True, type=click.IntRange(min=1),
-              help="Maximum words, <end> included.")
+@click.option("--beam", type=click.IntRange(min=1), help="Beam size; 1 is greedy (default: the model's "
+                                                         "[generation] beam_size).")
+@click.option("--max-length", type=click.IntRange(min=1),
+              help="Maximum words, <end> included (default: the model's).")
+@click.option("--length-penalty", type=float, help="Captions ranked by log p / length^this (default: the model's).")
 @click.option("--weights", type=click.Path(path_type=Path),
               help="InceptionV3 weights file, when it moved since training (checked by sha256).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the attention grid to this PNG (OUT-1.png, OUT-2.png, ... for several images).")
+              help="Write the attention grid to this PNG (PLOT-1.png, PLOT-2.png, ... for several images).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON list on stdout.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write JSON Lines here: {\"path\", \"caption\", \"score\"} per captioned image "
                    "(CaptionImages' format; paths relative to a folder argument).")
-def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path | None, plot: Path | None,
-            as_json: bool, out: Path | None) -> None:
+def caption(images, model_dir: Path, beam: int | None, max_length: int | None, length_penalty: float | None,
+            weights: Path | None, plot: Path | None, as_json: bool, out: Path | None) -> None:
     """Caption new IMAGES (files, or folders searched recursively for images) with the encoder recorded in the
-    model's provenance, in one TensorFlow start. Unreadable images get a message and exit code 1; the others are
-    still captioned."""
+    model's provenance and the model's decoding settings (as GenerateCaptions, CaptionImages and the export
+    use them; a flag overrides one), in one TensorFlow start. Unreadable images get a message and exit code 1;
+    the others are still captioned."""
     from pipeline import decode, encoder as encoder_lib, features, plots
     from pipeline.folders import list_images
     from pipeline.images import iter_batches, load_for_display
@@ -159,12 +162,17 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
         else:
             shown[str(item)] = str(item)
     images = [Path(p) for p in shown]
+    if not images:
+        raise click.ClickException("no image files in the folders given (looked for "
+                                   ".jpg .jpeg .png .webp .bmp .gif, recursively)")
     model, vocab, provenance = load_model(model_dir)
     identity = _training_encoder(provenance, weights, model_dir)
     size, layer = provenance["encoder"]["image_size"], encoder_lib.layer_of(provenance["encoder"]["encoder"])
     forward = features.encoder_forward(identity, size, layer)
-    unk = vocab.index["<unk>"]   # beam_fn with beam 1 is exactly greedy, and it also gives the score
-    decoder = decode.beam_fn(model, beam, max_length, vocab.index["<start>"], vocab.index["<end>"], unk)
+    d = model_decoding(model_dir, beam, max_length, length_penalty)
+    unk = vocab.index["<unk>"] if d["suppress_unk"] else None   # beam 1 is exactly greedy, and it gives the score
+    decoder = decode.beam_fn(model, d["beam_size"], d["max_length"], vocab.index["<start>"], vocab.index["<end>"],
+                             unk, d["length_penalty"])
     results = []
     order = {str(p): i for i, p in enumerate(images)}
     for keys, batch, failures in iter_batches([(str(p), str(p)) for p in images], size, batch_size=16):
@@ -177,11 +185,10 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
         for path, row, alpha, score in zip(keys, tokens.numpy(), alphas.numpy(), scores.numpy()):
             results.append({"image": path, "caption": vocab.decode(row), "score": round(float(score), 5)})
             if plot:   # numbered by the image's place on the command line, whatever failed before it
-                number = order[path] + 1
-                out = plot if len(images) == 1 else plot.with_name(f"{plot.stem}-{number}{plot.suffix}")
+                png = plot if len(images) == 1 else plot.with_name(f"{plot.stem}-{order[path] + 1}{plot.suffix}")
                 plots.attention_grid(load_for_display(path, 640), results[-1]["caption"].split(),
-                                     plots.word_attention(row, alpha), out, layer=layer)
-                results[-1]["plot"] = str(out)
+                                     plots.word_attention(row, alpha), png, layer=layer)
+                results[-1]["plot"] = str(png)
     results.sort(key=lambda r: order[r["image"]])
     if out:
         manifests.write_jsonl(out, ({"path": shown[r["image"]], "caption": r["caption"], "score": r["score"]}
@@ -194,6 +201,16 @@ def caption(images, model_dir: Path, beam: int, max_length: int, weights: Path |
             if "caption" in r:
                 click.echo(f"{r['image']}: {r['caption']}" + (f"  [{r['plot']}]" if "plot" in r else ""))
     sys.exit(1 if any("error" in r for r in results) else 0)
+
+
+def model_decoding(model_dir: Path, beam: int | None = None, max_length: int | None = None,
+                   length_penalty: float | None = None) -> dict:
+    """The decoding a model was trained to be used with (its config.json "decoding": the [generation] settings
+    it was validated with, as GenerateCaptions uses them), each overridden by a value given here."""
+    recorded = manifests.read_json(model_dir / "config.json").get("decoding", {})
+    given = {"beam_size": beam, "max_length": max_length, "length_penalty": length_penalty}
+    defaults = {"beam_size": 3, "max_length": 20, "length_penalty": 1.0, "suppress_unk": True}
+    return {k: given.get(k) if given.get(k) is not None else recorded.get(k, v) for k, v in defaults.items()}
 
 
 @main.command("export")
@@ -217,10 +234,9 @@ def export_command(model_dir: Path, out_dir: Path, weights: Path | None, beam: i
                                    "(TF Serving wants <base>/<version>/, e.g. exports/captioner/1).")
     _, _, provenance = load_model(model_dir)
     identity = _training_encoder(provenance, weights, model_dir)
-    decoding = manifests.read_json(model_dir / "config.json").get("decoding", {})
-    about = export.export(model_dir, out_dir, identity, beam or decoding.get("beam_size", 3),
-                          max_length or decoding.get("max_length", 20), decoding.get("length_penalty", 1.0),
-                          decoding.get("suppress_unk", True))
+    d = model_decoding(model_dir, beam, max_length)
+    about = export.export(model_dir, out_dir, identity, d["beam_size"], d["max_length"], d["length_penalty"],
+                          d["suppress_unk"])
     click.echo(f"captioner: exported {model_dir} to {out_dir} (beam {about['decoding']['beam_size']}, "
                f"{about['image_size']} px); signature serving_default: images → captions, scores, attention")
 
@@ -345,11 +361,17 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
         for r in records[-last:]:
             counts = ", ".join(f"{n} {k}" for k, n in r["counts"].items() if n)
             click.echo(f"  {r['id']}  {r['result']:<11} {r['seconds']:8.1f}s  {counts}  [{r['config']}]")
-        model = latest_model(root)
-        if model:
-            click.echo(f"latest model: {model['dir']} (trained {model['trained']})")
-            for split, m in sorted(model["metrics"].items()):
+        mine, others = _config_model(root), models_of(root)
+        if mine is not None:
+            model = model_summary(root, mine) if (mine / "decoder.weights.h5").is_file() else None
+            click.echo(f"model of this config ({_config_files()}): " +
+                       (f"{model['dir']} (trained {model['trained']})" if model else f"{mine} (not trained yet)"))
+            for split, m in sorted((model or {"metrics": {}})["metrics"].items()):
                 click.echo(f"  {split:<5} {m['summary']}  {m['path']}")
+        others = [d for d in others if mine is None or d.name != mine.name]
+        if others:
+            click.echo(f"other models in this workspace (other configs; newest first): "
+                       f"{', '.join(str(d) for d in others[:5])}{' …' if len(others) > 5 else ''}")
         click.echo(f"tasks of the last run ({latest['id']}):")
         for t in latest["tasks"]:
             state = "MISSING NOW" if t["task"] in missing else t["outcome"]
@@ -367,7 +389,8 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
                                                "meaning and shipped configs' values (FLAGS and config files unused).")
 def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
     """Every setting of the pipeline: its value for a run with these FLAGS (luigi-style, e.g.
-    `--training-batch-size 8`) and the config files of $LUIGI_CONFIG_PATH (default configs/luigi.cfg), its
+    `--training-batch-size 8`) and the config files (configs/luigi.cfg, configs/demo.cfg for the demo, the file of
+    $LUIGI_CONFIG_PATH), its
     default, where the value comes from (flag, file, environment or default), and what it does."""
     import tasks
     from pipeline import settings_check
@@ -376,8 +399,9 @@ def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
         from tasks.config import RETCODES, Section
 
         configs = Path(tasks.__file__).resolve().parent.parent / "configs"
-        shipped = [("demo", configs / "luigi.cfg"), ("coco2017", configs / "coco2017.cfg"),
-                   ("coco2014", configs / "coco2014.cfg")]
+        base = configs / "luigi.cfg"
+        shipped = [("defaults", [base]), ("demo", [base, configs / "demo.cfg"]),
+                   ("coco2017", [base, configs / "coco2017.cfg"]), ("coco2014", [base, configs / "coco2014.cfg"])]
         sections = {cls.get_task_family(): cls for cls in Section.__subclasses__()}
         click.echo(settings_check.settings_markdown(tasks.settings_schema(), sections, shipped, RETCODES), nl=False)
         return
@@ -398,16 +422,37 @@ def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
         click.echo(f"  {row['key'] + ' = ' + row['value']:<34} # {' · '.join(notes)}")
 
 
-def latest_model(root: Path) -> dict | None:
-    """The newest model directory of a workspace with the metrics of the captions it made, per split:
-    {"dir", "trained", "metrics": {split: {"path", "summary"}}}; None when there is no model yet.
-    Follows provenance: metrics/<fp> ← captions/<fp> ← models/<fp>."""
+def models_of(root: Path) -> list[Path]:
+    """The trained model directories of a workspace, newest first."""
+    models = [d for d in (root / "models").glob("[!.]*") if (d / "decoder.weights.h5").is_file()]
+    return sorted(models, key=lambda d: (d / "decoder.weights.h5").stat().st_mtime, reverse=True)
+
+
+def _config_model(root: Path) -> Path | None:
+    """The model directory the current config (LUIGI_CONFIG_PATH over configs/luigi.cfg) trains in the workspace
+    `root` (its fingerprint), or names in [generation] model when that lies in `root`; None when the config
+    cannot say (a bad value: `luigi` reports it)."""
+    try:
+        import tasks
+        from tasks.config import generation
+        named = generation.read().model
+        model = Path(named).resolve() if named else root / "models" / Path(tasks.TrainDecoder().output().path).name
+    except Exception:   # InputError and whatever a broken config raises: status still lists the runs
+        return None
+    return model if model.parent.resolve() == (root / "models").resolve() else None
+
+
+def _config_files() -> str:
+    from tasks.config import config_files
+    return config_files()
+
+
+def model_summary(root: Path, model: Path) -> dict:
+    """A model directory with the metrics of the captions it made, per split: {"dir", "trained", "metrics":
+    {split: {"path", "summary"}}}. Follows provenance: metrics/<fp> ← captions/<fp> ← models/<fp>. Digit metrics
+    appear only where the evaluation computed them (a dataset with digit labels)."""
     import time
 
-    models = [d for d in (root / "models").glob("[!.]*") if (d / "decoder.weights.h5").is_file()]
-    if not models:
-        return None
-    model = max(models, key=lambda d: (d / "decoder.weights.h5").stat().st_mtime)
     upstream = lambda d: manifests.read_json(d / "provenance.json").get("upstream", {})
     captions = {d.name for d in (root / "captions").glob("[!.]*")
                 if (d / "provenance.json").is_file() and upstream(d).get("models") == model.name}

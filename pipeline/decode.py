@@ -216,13 +216,14 @@ def generate(model_dir, by_shard: dict, beam_size: int = 3, max_length: int = 20
              length_penalty: float = 1.0, suppress_unk: bool = True, batch_size: int = 64, progress_callback=None):
     """Caption every image of a split from its feature shards with the model in `model_dir`.
 
-    by_shard: pipeline.inputs.shard_rows of the split index.
-    Returns (results [{"image_id", "caption"}], image_ids, tokens (n, L), attention (n, L, P) float16)."""
-    model, vocab, _ = load_model(model_dir)
-    decode = decoder_fn(model, vocab, beam_size, max_length, length_penalty, suppress_unk)
-    ids, tokens, attention, _, captions = decode_rows(decode, vocab, by_shard, batch_size, max_length,
-                                                      progress_callback)
-    results = [{"image_id": int(i), "caption": c} for i, c in zip(ids.tolist(), captions)]
+    by_shard: pipeline.inputs.shard_rows of the split index. The decoding is caption_rows' (so `captioner
+    caption`, CaptionImages and the export, which use the same search, give the same caption and score).
+    Returns (results [{"image_id", "caption", "score"}], image_ids, tokens (n, L), attention (n, L, P) float16)."""
+    ids, tokens, attention, scores, captions = caption_rows(model_dir, by_shard, beam_size, max_length,
+                                                            length_penalty, suppress_unk, batch_size,
+                                                            progress_callback)
+    results = [{"image_id": int(i), "caption": c, "score": round(float(s), 5)}
+               for i, c, s in zip(ids.tolist(), captions, scores.tolist())]
     return results, ids, tokens, attention
 
 

@@ -21,8 +21,6 @@ Pure python / numpy: no TensorFlow.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 
 from pipeline.annotations import normalize_caption
@@ -54,12 +52,15 @@ def digit_sequence(caption: str) -> list[int]:
 
 
 def expected_digits(record: dict) -> list[int] | None:
-    """The digits an image shows: its manifest record's "digits" labels when present, else the sequence most
-    references name (ties: the first reference's), None when no reference names a digit."""
-    if record.get("digits") is not None:
-        return [int(d) for d in record["digits"]]
-    votes = Counter(tuple(seq) for seq in map(digit_sequence, record.get("captions", [])) if seq)
-    return list(votes.most_common(1)[0][0]) if votes else None
+    """The digits an image shows: its manifest record's "digits" labels (a dataset declares its digit truth
+    that way: the demo, or COCO-format annotations whose images carry "digits"), else None. Never guessed from
+    the captions: in "two dogs and one frisbee" the number words count things."""
+    return [int(d) for d in record["digits"]] if record.get("digits") is not None else None
+
+
+def declares_digits(records) -> bool:
+    """Whether any manifest record carries digit labels (the digit metrics, epoch selection and reward apply)."""
+    return any(r.get("digits") is not None for r in records)
 
 
 def _share(hits: list[bool]) -> float | None:

@@ -13,7 +13,8 @@ Weights:
   digits         InceptionV3 pretrained here, offline, on scikit-learn's handwritten digits (pipeline/pretrain.py,
                  Luigi stage PretrainDigitsEncoder): the demo's stand-in for ImageNet. Identified by the
                  pretraining stage's fingerprint; the file's sha256 is recorded in every shard as well.
-  random:<seed>  no pretrained weights, for offline demos and tests: the InceptionV3 architecture with every
+  random:<seed>  no pretrained weights, for tests only (its features barely differ between images, so captions
+                 trained on them mean nothing): the InceptionV3 architecture with every
                  convolution kernel drawn He-normal (std √(2 / fan_in)) from numpy's generator seeded with
                  <seed>, batch norms at identity. He scaling keeps activations O(1) through the 94 ReLU
                  layers (Keras' default Glorot init shrinks mixed10 to ~1e-4, useless in float16).
@@ -43,7 +44,7 @@ LAYERS = {"mixed10": {"channels": 2048, "reductions": 2, "stride": 32, "offset":
 # pretraining trained to name what lies under that cell, storage.weights.CELL_HEAD_FILE). Local by construction,
 # they let the decoder's attention keys find the digits (`[decoder] attention_keys = cell_scores`). Probabilities,
 # not logits: a background cell's digit logits still vary with the digit beside it, and the decoder's per-channel
-# standardisation magnifies that (README, "Session 7").
+# standardisation magnifies that.
 CELL_SCORES = 11
 LAYERS.update({f"{name}+cell_scores": {**spec, "channels": spec["channels"] + CELL_SCORES, "base": name,
                                        "cell_scores": CELL_SCORES} for name, spec in list(LAYERS.items())})
@@ -127,11 +128,13 @@ def resolve_weights(spec: str) -> dict:
     path = Path(spec).expanduser().resolve()
     if not path.is_file():
         raise InputError(f"[encoder] weights = {spec!r}: no such file {path}. Fix: give the path of an "
-                         "InceptionV3 (include_top=False) weights .h5 file, 'imagenet', or 'random:<seed>'.")
+                         "InceptionV3 (include_top=False) weights .h5 file, or 'imagenet' (Keras' cached file), "
+                         "'digits' (digit images only) or 'random:<seed>' (tests only).")
     problem = weights_file_problem(path)
     if problem:
         raise InputError(f"[encoder] weights = {spec!r}: {path} {problem}. Fix: give the path of an InceptionV3 "
-                         "(include_top=False) weights .h5 file, 'imagenet', 'digits' or 'random:<seed>'.")
+                         "(include_top=False) weights .h5 file, or 'imagenet' (Keras' cached file), 'digits' "
+                         "(digit images only) or 'random:<seed>' (tests only).")
     return {"weights": "file", "path": str(path), "sha256": file_sha256(path)}
 
 
@@ -152,10 +155,13 @@ def _download_imagenet(path: Path) -> None:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise InputError(
             f"[encoder] weights = imagenet: the ImageNet weights file {path} is missing and could not be "
-            f"downloaded from {IMAGENET_URL}: {reason}. Fix: copy {IMAGENET_FILE} (Keras' InceptionV3 no-top weights, "
-            f"md5 bcbd6486424b2319ff4ef7d526e38f63) to {path} (or under $KERAS_HOME/models), or set [encoder] "
-            "weights to the path of a weights .h5 file, or to random:<seed> for an offline run without "
-            "pretrained weights.") from e
+            f"downloaded ({reason}). Fix, on a machine without internet: on one that has it, download "
+            f"{IMAGENET_URL} (Keras' InceptionV3 no-top weights, md5 bcbd6486424b2319ff4ef7d526e38f63; "
+            "`python -c \"import keras; keras.applications.InceptionV3(include_top=False)\"` fetches it into "
+            f"~/.keras/models/), copy it to {path} (or $KERAS_HOME/models/{IMAGENET_FILE}), or set [encoder] "
+            "weights to its path. For digit images only, weights = digits pretrains an encoder here, offline. "
+            "random:<seed> is for tests: its features barely differ between images and its captions mean "
+            "nothing.") from e
 
 
 def weights_attrs(identity: dict) -> dict:

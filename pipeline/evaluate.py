@@ -118,14 +118,17 @@ def summary_table(corpus: dict, digits: dict | None = None) -> str:
     return "\n".join([f"{'metric':<{width}} score"] + [f"{label:<{width}} {value}" for label, value in rows])
 
 
-def digit_metrics(hypotheses: dict, records: dict, attention: dict) -> tuple[dict, dict]:
+def digit_metrics(hypotheses: dict, records: dict, attention: dict) -> tuple[dict | None, dict]:
     """The metrics JSON's "digits" block and {image_id: expected digits | None}. attention: shards.read_all_attention
-    of the split. Records may carry "digits", "digit_boxes" and "width"/"height" (digit datasets); without boxes
-    the grounding is None (not measured), without digits in labels or references the digit shares are None."""
+    of the split. Records of digit datasets carry "digits", "digit_boxes" and "width"/"height"; without boxes
+    the grounding is None (not measured). A split none of whose records carries digit labels has no digit
+    metrics at all: the block is None."""
     from pipeline import digits as dg
     from pipeline.plots import word_attention
 
     expected = {i: dg.expected_digits(records[i]) for i in hypotheses}
+    if not dg.declares_digits(records[i] for i in hypotheses):
+        return None, expected
     boxes, sizes, words, maps = {}, {}, {}, {}
     rows = {int(i): k for k, i in enumerate(attention["image_ids"])}
     for i in hypotheses:
@@ -147,14 +150,15 @@ def evaluate_split(outdir, split: str, results_path, attention_path, manifest_pa
                    spice: bool = False, examples: int = 12, seed: int = 0, dataset_roots=None,
                    about: dict | None = None) -> dict:
     """Score a GenerateCaptions output against the split's raw reference captions; write
-    `outdir`/<split>.json (corpus + digits + per-image scores) and `outdir`/<split>-report.html.
+    `outdir`/<split>.json (corpus, distinct captions, digits for digit datasets, per-image scores) and
+    `outdir`/<split>-report.html.
     `dataset_roots`: the current [dataset] images, through which the report finds dataset images. `about`:
     what was evaluated ({label: text}: model, encoder, decoding, config…), shown at the top of the report and
     kept in the metrics file with the date."""
     import time
     from pathlib import Path
 
-    from pipeline.digits import digit_sequence
+    from pipeline.digits import digit_sequence, distinct_captions
     from storage import manifests, shards
 
     results = manifests.read_json(results_path)
@@ -170,7 +174,8 @@ def evaluate_split(outdir, split: str, results_path, attention_path, manifest_pa
             entry["digits_exact"] = digit_sequence(hypotheses[i]) == expected[i]
         per_image.append(entry)
     about = {"evaluated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **(about or {})}
-    metrics = {"split": split, **{k: v for k, v in scores.items() if k != "per_image"}, "digits": digits,
+    metrics = {"split": split, **{k: v for k, v in scores.items() if k != "per_image"},
+               "distinct_captions": distinct_captions(hypotheses), **({"digits": digits} if digits else {}),
                "about": about, "per_image": per_image}
     manifests.write_json(Path(outdir) / f"{split}.json", metrics)
     log.info("%s split, %d images, tokenizer %s:\n%s", split, len(hypotheses), metrics["tokenizer"],
@@ -206,4 +211,4 @@ def _write_report(path, title: str, metrics: dict, records: dict, attention: dic
                         "alphas": word_attention(attention["tokens"][row], attention["attention"][row]),
                         "layer": attention["layer"],
                         "expected": expected.get(image_id), "named": digit_sequence(caption)})
-    html_report(path, title, metrics["corpus"], entries, metrics["notes"], metrics["digits"], metrics["about"])
+    html_report(path, title, metrics["corpus"], entries, metrics["notes"], metrics.get("digits"), metrics["about"])

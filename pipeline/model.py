@@ -24,28 +24,28 @@ mean and the doubly stochastic part is on the same per-word footing (see caption
 
 The position encoding (not in the paper) tells the decoder where each cell is. Convolutional features say little
 about absolute position, and a caption that reads digits left to right needs it: with it, the attention can step
-from one digit to the next (README, "What the demo reaches"). `positions`:
+from one digit to the next (docs/results.md). `positions`:
     False    none (the paper);
     True     added to the projected features: the keys (where to look) and the context (what is read) both see them,
              so the decoder also knows where it has read (two alike digits otherwise look like one: the demo's
-             setting since README, "Session 11");
+             setting);
     "keys"   added to the attention keys only: the attention knows where each cell is, the context reads the cells'
-             contents alone (on the demo it attends to the digit itself more often: README, "Session 6").
+             contents alone (on the demo it attends to the digit itself more often: docs/experiments.md).
 
 `key_channels` (k > 0: `[decoder] attention_keys = cell_scores`, features of a `+cell_scores` layer) splits each
 cell's features: the last k channels (the digits encoder's per-cell scores, local by construction) make the keys,
 k = U relu(W_s s + W_p pos), and the other channels the context, a = relu(W_a x). A mixed7 cell sees far beyond
 itself, so with keys from the features the attention can read a digit from a background cell beside it; keys from
-the cell's own scores can only find the digit where it is (README, "Session 7"). `context_scores` (`[decoder]
+the cell's own scores can only find the digit where it is (docs/results.md). `context_scores` (`[decoder]
 context_scores = true`) adds the scores to the context too, a = relu(W_a x + W_c s): what the decoder reads at a
-cell then includes what the encoder's head says is there (README, "Session 11").
+cell then includes what the encoder's head says is there.
 
 `location` (`[decoder] location = n`, n > 0) makes the attention location-sensitive (Chorowski et al. 2015; the
 cumulative form of Tacotron 2): the previous step's attention and the sum of all earlier ones, laid out on the
 side × side grid of cells, go through a convolution of LOCATION_FILTERS n × n filters, and a linear map of the
 result joins the attention scores. A cell then scores by where it lies relative to where the attention just was
 and has been: the decoder can step from one digit to the next instead of staying (a repeated digit), jumping
-one (a skipped digit) or reading a neighbour (README, "Session 13").
+one (a skipped digit) or reading a neighbour (docs/results.md).
 """
 from __future__ import annotations
 

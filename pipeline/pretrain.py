@@ -28,10 +28,10 @@ Two phases, then one fix-up:
 3. Every batch norm's statistics (those phase 2 trained) are re-estimated on `bn_scenes` whole 299-px train-pool
    scenes (recalibrate_batchnorm), in float32, where the encoder is used.
 
-Measured (README, "What the demo reaches"): a linear probe of the mixed10 cell under each val-pool digit's centre
+Measured (docs/results.md): a linear probe of the mixed10 cell under each val-pool digit's centre
 names the digit 74% of the time after crops alone (350 steps), 95% after 250 crop steps + 90 scene steps
 (mixed10). On mixed7, 250 crop steps left the network under-trained (it read train-pool digits no better than
-val-pool ones): 500 read more of them (README, "Session 10").
+val-pool ones): 500 read more of them (docs/experiments.md).
 
 Adam with linear warm-up and cosine decay per phase; bfloat16 compute when asked (fast on CPUs with AMX/AVX-512
 BF16 and on GPUs); the saved weights are float32. The report holds the held-out accuracy (val-pool crops after

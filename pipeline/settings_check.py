@@ -230,16 +230,16 @@ def settings_markdown(schema_rows, sections: dict, shipped: list[tuple[str, str]
     """docs/configuration.md: every project key with its default, valid values, the value each shipped config
     runs with where it differs from the default, and its meaning. schema_rows: [(section, key, default, help)]
     (tasks.settings_schema); sections: {name: Section class} (their docstrings, parameters and problems());
-    shipped: [(label, config path)], the first the defaults file that lies under each of the others, as
-    configs/luigi.cfg lies under the file of LUIGI_CONFIG_PATH; retcodes: {key: exit code} the pipeline applies."""
-    files, base = [], shipped[0][1]
-    for label, path in shipped:
+    shipped: [(label, [config paths in the order they are layered])]; retcodes: {key: exit code} the pipeline
+    applies."""
+    files = []
+    for label, paths in shipped:
         parser = configparser.ConfigParser(interpolation=None)
-        parser.read([base, path] if path != base else [base], encoding="utf-8")
+        parser.read(paths, encoding="utf-8")
         files.append((label, parser))
     lines = _PREAMBLE + ["The last column shows the value each shipped config runs with where it differs from the "
-                         "default: " + ", ".join(f"{label} = `{Path(path).name}`" + ("" if path == base else
-                                                 f" over `{Path(base).name}`") for label, path in shipped) + "."]
+                         "default: " + ", ".join(f"{label} = " + " over ".join(f"`{Path(p).name}`" for p in paths[::-1])
+                                                 for label, paths in shipped) + "."]
     section = None
     for name, key, default, help_text in schema_rows:
         cls = sections[name]

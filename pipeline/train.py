@@ -194,8 +194,8 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
     keras.utils.set_random_seed(settings["seed"])
     data = _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings)
     if settings["select_by"] == "digits_exact" and not any(data.val_digits.values()):
-        raise InputError("[training] select_by = digits_exact, but no val image has digits to name (no \"digits\" "
-                         "labels, no digit words in its references). Fix: select_by = cider.")
+        raise InputError("[training] select_by = digits_exact, but no val image has digit labels (\"digits\" in "
+                         "its annotation entry). Fix: select_by = cider.")
     state = _TrainingState(Path(checkpoint_dir), data, len(vocab), settings)
     train_step = make_train_step(state.model, state.optimizer, state.strategy, settings, state.averages)
     board = TrainingBoard(checkpoint_dir)
@@ -366,8 +366,8 @@ def _self_critical(state: _TrainingState, data, vocab, board, settings: dict, pr
     if settings["scst_reward"] == "digits":
         expected = {r["image_id"]: digits.expected_digits(r) for r in data.train_records}
         if not any(expected.values()):
-            raise InputError("[training] scst_reward = digits, but no train image has digits to name. "
-                             "Fix: scst_reward = cider.")
+            raise InputError("[training] scst_reward = digits, but no train image has digit labels (\"digits\" "
+                             "in its annotation entry). Fix: scst_reward = cider.")
         reward = DigitReward(expected)
     else:
         reward = CiderD({r["image_id"]: r["captions"] for r in data.train_records})
@@ -438,9 +438,9 @@ def _end_epoch(state: _TrainingState, data, vocab, summary: dict, text: str, see
         hyps = decoded_captions(state.model, data.val_rows, vocab, settings["decoding"], settings["val_batch_size"],
                                 settings["block_rows"])
     scores = validation_scores(data.val_refs, hyps)
-    exact = digits.digits_exact(hyps, data.val_digits)   # None unless the captions name digits (the demo)
+    exact = digits.digits_exact(hyps, data.val_digits)   # None unless the val images have digit labels
     entry = {"epoch": state["epoch"] + 1, **summary, "val_Bleu_4": scores["Bleu_4"],
-             "val_CIDEr": scores["CIDEr"], "val_digits_exact": exact,
+             "val_CIDEr": scores["CIDEr"], **({"val_digits_exact": exact} if exact is not None else {}),
              "val_distinct": digits.distinct_captions(hyps), "seconds": round(seconds, 2),
              "captions_per_second": round(seen / max(seconds, 1e-9), 1), "best": False,
              "example": next(iter(hyps.values()), "")}

@@ -1,6 +1,6 @@
 """Where every artifact lives, how its fingerprint is computed, and how it appears atomically.
 
-Layout (see README "Artifacts"):
+Layout (see README, "Inspecting artifacts"):
 
     <root>/<stage>/<fingerprint>/...
 

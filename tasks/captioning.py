@@ -175,6 +175,9 @@ class CaptionImages(Stage):
 
     def folder(self) -> Path:
         folder = Path(self.images).expanduser().resolve()
+        if folder.is_file():
+            raise InputError(f"--images {self.images}: is a file; --images takes a folder. Fix: give its folder, or "
+                             f"caption single files with `captioner caption {self.images} --model work/models/<fp>`.")
         if not folder.is_dir():
             raise InputError(f"--images {self.images}: no such folder. Fix: give the folder of images to caption.")
         return folder
@@ -182,6 +185,10 @@ class CaptionImages(Stage):
     def listing(self) -> dict:
         if not hasattr(self, "_listing"):
             self._listing = folders_lib.list_images(self.folder())
+            if not self._listing:
+                raise InputError(f"--images {self.images}: no image files in it (looked for "
+                                 f"{' '.join(sorted(folders_lib.IMAGE_SUFFIXES))}, recursively). Fix: give the "
+                                 "folder that holds the images.")
         return self._listing
 
     def base_settings(self) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,11 +19,48 @@ from storage import workspace as ws
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "luigi.cfg"
+DEMO_CONFIG = REPO / "configs" / "demo.cfg"
 
-# With LUIGI_CONFIG_PATH unset, `luigi --module tasks ...` uses the demo config (local scheduler, retcodes).
-# The module is imported while luigi parses the command line, before it reads [core] and [retcode].
-if "LUIGI_CONFIG_PATH" not in os.environ:
-    luigi.configuration.add_config_path(str(DEFAULT_CONFIG))
+
+
+def _layer_the_defaults() -> None:
+    """Put configs/luigi.cfg (the project's defaults: the local scheduler, [retcode], COCO's model) under the file
+    LUIGI_CONFIG_PATH names, so that file holds only what it changes; and, when the result says [dataset]
+    source = demo, configs/demo.cfg between the two. Runs when this module is imported, which the `luigi`
+    command does while it parses its command line, before it reads [core] and [retcode]."""
+    # luigi 3.8 keeps the files it reads, in order, in LuigiConfigParser._config_paths (no public accessor);
+    # later files override earlier ones
+    paths = luigi.configuration.LuigiConfigParser._config_paths
+    if str(DEFAULT_CONFIG) in paths:
+        return
+    user = os.environ.get("LUIGI_CONFIG_PATH")
+    paths.insert(paths.index(user) if user in paths else len(paths), str(DEFAULT_CONFIG))
+    luigi.configuration.LuigiConfigParser.reload()
+    if luigi.configuration.get_config().get("dataset", "source", "demo") == "demo":
+        paths.insert(paths.index(str(DEFAULT_CONFIG)) + 1, str(DEMO_CONFIG))
+        _reread(paths)
+
+
+def _reread(paths: list[str]) -> None:
+    """Read the config files again from scratch, in order (ConfigParser.read only adds to what it holds)."""
+    parser = luigi.configuration.get_config()
+    for section in parser.sections():
+        parser.remove_section(section)
+    luigi.configuration.LuigiConfigParser.reload()
+
+
+_layer_the_defaults()
+
+
+def missing_config_file() -> str | None:
+    """The problem with a LUIGI_CONFIG_PATH that names no readable file (luigi itself only warns), or None."""
+    user = os.environ.get("LUIGI_CONFIG_PATH")
+    if not user or os.path.isfile(user) and os.access(user, os.R_OK):
+        return None
+    why = "is not a file" if os.path.exists(user) else "does not exist"
+    return (f"LUIGI_CONFIG_PATH={user}: {why}{' or cannot be read' if os.path.isfile(user) else ''}. Fix: point "
+            f"it at your config file (it is layered on {DEFAULT_CONFIG}, so it needs only what you change), or "
+            "unset it to run the built-in demo.")
 
 # luigi exits 0 on failures unless [retcode] says otherwise; a config without that section still fails loudly.
 RETCODES = {"already_running": 10, "missing_data": 20, "not_run": 25, "task_failed": 30, "scheduling_error": 35,
@@ -271,8 +309,10 @@ class decoder(Section):
         if self.attention_keys == "cell_scores":   # checked here, not after pretraining and extraction
             layer = encoder.read().layer
             out += self.require(encoder_lib.LAYERS[layer].get("cell_scores"), "attention_keys",
-                                f"needs features with cell scores, and [encoder] layer = {layer}; set it to "
-                                f"{encoder_lib.base_layer(layer)}+cell_scores (weights = digits)")
+                                f"(the demo's digit option) needs features with cell scores, and [encoder] layer "
+                                f"= {layer}; set attention_keys = features and context_scores = false, as "
+                                f"configs/coco2017.cfg does for any other dataset (or layer = "
+                                f"{encoder_lib.base_layer(layer)}+cell_scores with weights = digits)")
         out += self.require(not self.context_scores or self.attention_keys == "cell_scores", "context_scores",
                             "needs attention_keys = cell_scores (the cell scores it reads); set one or the other")
         return out + self.require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
@@ -401,6 +441,9 @@ def startup_problems(argv: list[str]) -> list[str]:
     runs and reported together: unknown sections and keys in the config files, unknown flags, an unknown task,
     root-task values that do not parse (`--split tset`), each with the nearest valid name
     (pipeline/settings_check.py); and, when luigi can parse the command line, every section's values."""
+    missing = missing_config_file()
+    if missing:   # checking the flags and values against the defaults alone would only add noise
+        return [missing]
     register = luigi.task_register.Register
     schema = {cls.get_task_family(): {name for name, _ in cls.get_params()} for cls in Section.__subclasses__()}
     problems = [p for path in config_paths() for p in
@@ -426,14 +469,35 @@ def startup_problems(argv: list[str]) -> list[str]:
                     command_line.append(f"--{name.replace('_', '-')} {value}: {root} needs {rule}"
                                         f"{settings_check.nearest(value, map(str, choices or ()))}.")
     command_line += settings_check.check_flags(unknown, flags)
+    command_line += settings_check.check_abbreviations([a for a in argv if a not in unknown], _exact_flags(root))
     if not command_line:   # luigi can parse it: check the values as the run will see them, flags applied
         global _sections_checked
         with luigi.cmdline_parser.CmdlineParser.global_instance(argv):
             values = section_problems()
+            values += [] if values else digit_settings_problems()
         luigi.task_register.Register.clear_instance_cache()
         _sections_checked = not values   # the run sees the same values: complete() need not read them again
         problems += values
     return problems + command_line
+
+
+def digit_settings_problems() -> list[str]:
+    """Settings that need digit truth — select_by = digits_exact, scst_reward = digits — on a dataset that
+    declares none: the demo does; a COCO-format dataset does when its images carry "digits" labels."""
+    t = training.read()
+    uses = [key for key, on in (("select_by", t.select_by == "digits_exact"),
+                                ("scst_reward", t.scst_epochs > 0 and t.scst_reward == "digits")) if on]
+    if not uses or dataset.read().source == "demo":
+        return []
+    labelled = re.compile(rb'"digits"\s*:')
+    for path in comma_list(dataset.read().annotations):
+        with open(path, "rb") as f:
+            if labelled.search(f.read()):
+                return []
+    fixes = {"select_by": "select_by = cider", "scst_reward": "scst_reward = cider"}
+    return [f"[training] {key} needs a dataset with digit labels, and no image of [dataset] annotations carries "
+            f"\"digits\" (digit metrics are never guessed from caption words). Fix: set [training] {fixes[key]} "
+            f"in {config_files()}." for key in uses]
 
 
 def settings_schema() -> list[tuple[str, str, str, str]]:
@@ -453,6 +517,14 @@ def config_paths() -> list[str]:
     return [p for p in luigi.configuration.get_config()._config_paths if os.path.isfile(p)]
 
 
+def _exact_flags(root: str | None) -> set[str]:
+    """Every flag luigi's parser accepts for `root` (its own, every task's and config section's), in full."""
+    from luigi.cmdline_parser import CmdlineParser
+    # luigi 3.8 builds its argparse parser in CmdlineParser._build_parser; argparse keeps the option strings in
+    # _option_string_actions (no public accessor)
+    return set(CmdlineParser._build_parser(root_task=root)._option_string_actions)
+
+
 def _parse_luigi_flags(argv):
     # luigi 3.8 builds its argparse parser in CmdlineParser._build_parser (no public accessor); parsing with it
     # is how luigi itself sees the command line.
@@ -462,16 +534,19 @@ def _parse_luigi_flags(argv):
 
 
 def lock_on_workspace(argv: list[str]) -> str | None:
-    """Put luigi's pid lock (`[core] lock_pid_dir`, unless configured) in <workspace>/.locks, so it is keyed on
-    the workspace and the command line together. Returns why this run must not start — the same command is
-    running on this workspace, with its pid — or None. (Luigi then takes the lock itself, as always.)"""
+    """Put luigi's pid lock (`[core] lock_pid_dir`, unless configured) in <workspace>/.locks/<config>, so it is
+    keyed on the workspace, the config files and the command line together: the same command with another
+    config (another dataset) runs beside it. Returns why this run must not start — the same command with the
+    same config is running on this workspace, with its pid — or None. (Luigi then takes the lock itself.)"""
+    import hashlib
     config = luigi.configuration.get_config()
     known, _ = _parse_luigi_flags(argv)
     root = ws.workspace_root(known.workspace_root or workspace.read().root)
     pid_dir = known.core_lock_pid_dir or (config.get("core", "lock_pid_dir") if config.has_option(
         "core", "lock_pid_dir") else None)
     if pid_dir is None:
-        pid_dir = str(root / ".locks")
+        configs = hashlib.sha256("\n".join(os.path.abspath(p) for p in config_paths()).encode()).hexdigest()[:12]
+        pid_dir = str(root / ".locks" / configs)
         config.set("core", "lock_pid_dir", pid_dir)
     Path(pid_dir).mkdir(parents=True, exist_ok=True)
     if known.core_no_lock:
@@ -484,9 +559,9 @@ def lock_on_workspace(argv: list[str]) -> str | None:
     holders = sorted(pid for pid in pids if pid != os.getpid() and luigi.lock.getpcmd(pid) == command)
     if not holders:
         return None
-    return (f"the same command is already running on workspace {root} (pid "
-            f"{', '.join(map(str, holders))}; lock {pid_file}). Fix: wait for it, or use another workspace "
-            "([workspace] root or CAPTIONER_WORKDIR).")
+    return (f"the same command is already running on workspace {root} with config {config_files()}: pid "
+            f"{', '.join(map(str, holders))} ({command}; lock {pid_file}). Fix: wait for it, or use another "
+            "workspace ([workspace] root or CAPTIONER_WORKDIR).")
 
 
 def launched_by_luigi_cli() -> bool:

@@ -10,10 +10,24 @@ from pathlib import Path
 
 import luigi
 
+from pipeline.errors import InputError
 from storage import runs
 from tasks.config import config_files, workspace_root
 
 log = logging.getLogger("captioner")
+
+
+class _NoTracebackForInputErrors(logging.Filter):
+    """A bad input (InputError: a message naming the file, the field and the fix) is said once, last, by
+    _at_exit; the worker's "failed" line stays, without a traceback that would only repeat the message."""
+
+    def filter(self, record):
+        if record.exc_info and isinstance(record.exc_info[1], InputError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("luigi-interface").addFilter(_NoTracebackForInputErrors())
 
 
 # --------------------------------------------------------------------------- run records, failures last

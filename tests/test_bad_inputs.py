@@ -13,6 +13,8 @@
 | file_name                               |                                                           |      |
 | image paths that are missing or not a   | listed as missing_image_file in report.json, skipped      | 0    |
 | file                                    |                                                           |      |
+| file_name absolute or with '..'         | listed as image_outside_root in report.json, skipped      | 0    |
+| no usable training image                | stops: the annotation files, the problems found, the fix  | 30   |
 | images: corrupt, truncated, zero-byte,  | skipped with their reason (shard, split index, log);      | 0    |
 | not an image, huge (bomb)               | every good image extracted                                |      |
 | images: CMYK, grayscale, 16-bit,        | load and are extracted                                    | 0    |
@@ -24,17 +26,26 @@
 | a non-number where a number belongs     | stops: section, key, "not a valid int"                    | 35   |
 | unknown key or section in a config file | stops before any work: file, section, key, nearest name   | 35   |
 | unknown --flag, invalid --split value   | stops before any work: the flag, nearest valid one        | 35   |
+| abbreviated --flag (--training-epoch)   | stops before any work: the flag it abbreviates            | 35   |
+| LUIGI_CONFIG_PATH names no file         | stops at once: the path, the fix                          | 35   |
+| select_by = digits_exact without digit  | stops before any work: the key, the fix                   | 35   |
+| labels in the dataset                   |                                                           |      |
 | a dataset path that does not exist      | stops before any work: section, key, the path             | 35   |
 | several of these at once                | all reported together                                     | 35   |
 """
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from pipeline.images import load_image
 from storage import manifests
 from tests.badimages import REASON_KEYWORDS, make_bad_images
-from tests.conftest import TEST_CONFIG, run_luigi
+from tests.conftest import REPO, TEST_CONFIG, run_luigi
 
 
 def coco_setup(tmp_path, images_dir, file_names, annotations_text=None, val_fraction=0):
@@ -90,13 +101,17 @@ def test_problems_in_annotations_are_counted_and_good_data_kept(tmp_path):
                             {"id": 7, "image_id": 1, "caption": 42}],                      # not a string
             }
     data["images"].append({"file_name": "d.jpg"})                                          # no id
+    (tmp_path / "outside.jpg").write_bytes(b"a file beside the image root, not in it")
+    data["images"] += [{"id": 3, "file_name": "../outside.jpg"}, {"id": 4, "file_name": str(tmp_path / "outside.jpg")}]
+    data["annotations"] += [{"id": 8, "image_id": 3, "caption": "Read from outside."},
+                            {"id": 9, "image_id": 4, "caption": "Read from anywhere."}]
     coco, cfg = coco_setup(tmp_path, images_dir, [], annotations_text=json.dumps(data).encode())
     run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w")
     assert run.returncode == 0, run.output
     report = json.loads(next((tmp_path / "w").glob("annotations/*/report.json")).read_text())
     assert {k: v for k, v in report["problem_counts"].items() if v} == {
         "duplicate_image_id": 1, "duplicate_caption_id": 1, "caption_for_unknown_image": 1, "empty_caption": 1,
-        "caption_not_a_string": 2, "malformed_annotation": 1, "malformed_image": 1}
+        "caption_not_a_string": 2, "malformed_annotation": 1, "malformed_image": 1, "image_outside_root": 2}
     assert [p["entry"] for p in report["problems"]["caption_not_a_string"]] == ["annotations[5]", "annotations[7]"]
     for kind in ("duplicate_image_id", "caption_for_unknown_image", "empty_caption", "caption_not_a_string"):
         assert kind in run.output                                               # and in the log
@@ -140,8 +155,9 @@ BAD_SETTINGS = [
     (("--decoder-positions", "maybe"), ["[decoder] positions: not a valid choice", "not one of false, true, keys"]),
     (("--encoder-layer", "mixed7+cell_scores"), ["[encoder] layer = 'mixed7+cell_scores' needs weights = digits",
                                                  "use mixed7 with other weights"]),
-    (("--decoder-attention-keys", "cell_scores"), ["[decoder] attention_keys = 'cell_scores' needs features with "
-                                                   "cell scores", "set it to mixed10+cell_scores"]),
+    (("--decoder-attention-keys", "cell_scores"), ["[decoder] attention_keys = 'cell_scores'",
+                                                   "needs features with cell scores",
+                                                   "set attention_keys = features and context_scores = false"]),
     (("--decoder-context-scores", "true"), ["[decoder] context_scores = True needs attention_keys = cell_scores"]),
     (("--training-ema", "1"), ["[training] ema = 1.0 must be in [0, 1)"]),
     (("--pretrain-scene-train-from", "mixed9", "--encoder-layer", "mixed7"),
@@ -184,3 +200,44 @@ def test_missing_dataset_paths_are_refused_before_any_work(tmp_path):
     assert "[dataset] annotations = " in run.output and "nope.json, which is not a file" in run.output
     assert "no-such-images, which is not a directory" in run.output         # both problems in one run
     assert not list((tmp_path / "w").glob("annotations/*"))
+
+
+def test_a_config_holds_only_what_it_changes(tmp_path):
+    """A user's file is layered on configs/luigi.cfg (and configs/demo.cfg for the demo): a few lines run on the
+    project's defaults, with its local scheduler and exit codes, and the values it sets win."""
+    cfg = tmp_path / "mine.cfg"
+    cfg.write_text("[demo]\ntrain_images = 3\nval_images = 1\ntest_images = 1\n[training]\nepochs = 2\n")
+    run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w", timeout=120)
+    assert run.returncode == 0, run.output
+    assert "localhost:8082" not in run.output and "remote scheduler" not in run.output.lower()
+    annotations, = (tmp_path / "w").glob("annotations/[!.]*")
+    assert sum(1 for _ in (annotations / "train.jsonl").open()) == 3             # this file's [demo] setting
+    env = dict(os.environ, LUIGI_CONFIG_PATH=str(cfg))
+    shown = subprocess.run([str(Path(sys.executable).with_name("captioner")), "settings", "--json"], env=env,
+                           cwd=REPO, capture_output=True, text=True)
+    rows = {(r["section"], r["key"]): r for r in json.loads(shown.stdout)}
+    assert rows[("training", "epochs")]["source"] == f"file {cfg}" and rows[("training", "epochs")]["value"] == "2"
+    assert rows[("encoder", "weights")]["value"] == "digits"                       # the demo's, underneath
+
+
+def test_a_missing_config_file_or_an_abbreviated_flag_stops_at_once(tmp_path):
+    start = time.monotonic()
+    missing = run_luigi("TrainDecoder", config=tmp_path / "nope.cfg", workdir=tmp_path / "w", timeout=60)
+    assert missing.returncode == 35 and time.monotonic() - start <= 20, missing.output
+    last = missing.output.strip().splitlines()[-1]
+    assert str(tmp_path / "nope.cfg") in last and "does not exist" in last
+    abbreviated = run_luigi("TrainDecoder", "--training-epoch", "3", workdir=tmp_path / "w", timeout=60)
+    assert abbreviated.returncode == 35, abbreviated.output
+    assert "--training-epoch: not a full flag name (did you mean --training-epochs?)" in abbreviated.output
+    assert not (tmp_path / "w").exists()                                              # nothing ran
+
+
+def test_select_by_digits_exact_is_refused_for_a_dataset_without_digit_labels(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"x")
+    coco, cfg = coco_setup(tmp_path, images, ["a.jpg"])
+    cfg.write_text(cfg.read_text().replace("select_by = cider", "select_by = digits_exact"))
+    run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w", timeout=60)
+    assert run.returncode == 35 and "select_by needs a dataset with digit labels" in run.output, run.output
+

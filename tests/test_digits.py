@@ -46,11 +46,13 @@ def test_digit_sequence_reads_every_demo_template_for_every_digit_and_length():
             assert dg.digit_sequence(caption) == labels, caption
 
 
-def test_expected_digits_prefers_labels_then_the_references_majority():
+def test_expected_digits_come_from_labels_only_never_from_caption_words():
     refs = ["three handwritten digits seven two nine", "a seven a two and a nine", "seven two eight"]
     assert dg.expected_digits({"digits": [1, 2], "captions": refs}) == [1, 2]
-    assert dg.expected_digits({"captions": refs}) == [7, 2, 9]                  # 2 votes against 1
-    assert dg.expected_digits({"captions": ["a dog", "two digits"]}) is None    # a count alone names no digit
+    assert dg.expected_digits({"captions": refs}) is None
+    assert dg.expected_digits({"captions": ["two dogs and one frisbee"]}) is None
+    assert dg.declares_digits([{"captions": refs}, {"digits": [], "captions": []}])
+    assert not dg.declares_digits([{"captions": refs}])
 
 
 def test_digits_exact_and_count_right_skip_images_without_expected_digits():
@@ -247,14 +249,24 @@ def test_evaluate_split_places_cells_where_the_attention_files_layer_looks(tmp_p
     assert metrics["digits"]["attention_grounding"] == grounded
 
 
-def test_evaluate_split_without_digit_fields_reports_null_not_zero(tmp_path):
-    records = [{"image_id": 1, "captions": ["a man riding a horse"]},
-               {"image_id": 2, "captions": ["a seven", "just a seven"]}]   # no labels, no boxes
-    write_split(tmp_path, records, ["a horse", "a two"], np.array([[4, 5, 2], [4, 6, 2]], np.int32),
+def test_evaluate_split_without_digit_labels_has_no_digit_metrics_anywhere(tmp_path):
+    """A COCO-style dataset whose captions contain number words: "two dogs and one frisbee" names no digits."""
+    records = [{"image_id": 1, "captions": ["two dogs and one frisbee", "a man riding a horse"]},
+               {"image_id": 2, "captions": ["three cats on a sofa", "a seven"]}]   # no labels, no boxes
+    write_split(tmp_path, records, ["two dogs", "a seven"], np.array([[4, 5, 2], [4, 6, 2]], np.int32),
                 np.stack([one_hot(0, 0, 0), one_hot(0, 0, 0)]))
-    metrics = evaluate_split(tmp_path / "out", "test", tmp_path / "test.json", tmp_path / "att.h5",
-                             tmp_path / "test.jsonl", java=False, examples=1)
-    d = metrics["digits"]
-    assert d["attention_grounding"] is None and d["images_with_boxes"] == 0
-    assert d["digits_exact"] == 0.0 and d["images_with_digits"] == 1         # expected from image 2's references
-    assert "digits_exact" not in metrics["per_image"][0] and metrics["per_image"][1]["digits_exact"] is False
+    logger, collect = logging.getLogger("captioner"), Collect()
+    level = logger.level
+    logger.addHandler(collect)
+    logger.setLevel(logging.INFO)
+    try:
+        metrics = evaluate_split(tmp_path / "out", "test", tmp_path / "test.json", tmp_path / "att.h5",
+                                 tmp_path / "test.jsonl", java=False, examples=1)
+    finally:
+        logger.removeHandler(collect)
+        logger.setLevel(level)
+    assert "digits" not in metrics and metrics["distinct_captions"] == 2
+    assert all("digit" not in key for entry in metrics["per_image"] for key in entry)
+    for text in (collect.text, (tmp_path / "out" / "test-report.html").read_text().lower(),
+                 (tmp_path / "out" / "test.json").read_text()):
+        assert "digit" not in text

@@ -11,7 +11,7 @@ from pipeline.cli import main as cli
 from pipeline.decode import beam_fn, greedy_fn
 from pipeline.evaluate import evaluate, java_available
 from pipeline.model import ShowAttendTell
-from storage import manifests, shards, workspace as ws
+from storage import contents, manifests, shards, workspace as ws
 from tests.conftest import run_luigi
 
 PAD, START, END, A, B, C = range(6)
@@ -117,7 +117,7 @@ def test_generate_and_evaluate_outputs(evaluated):
     captions_dir, = workdir.glob("captions/*")
     results = json.loads((captions_dir / "test.json").read_text())
     assert sorted(r["image_id"] for r in results) == sorted(test_ids)          # one entry per image
-    assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
+    assert all(set(r) == {"image_id", "caption", "score"} and isinstance(r["caption"], str) for r in results)
     with h5py.File(captions_dir / "test-attention.h5") as f:
         assert f["attention"].shape[0] == len(test_ids) and f["attention"].shape[2] == 64
         assert f["tokens"].shape == f["attention"].shape[:2]
@@ -143,7 +143,7 @@ def test_generate_and_evaluate_outputs(evaluated):
         assert f"{stage} wrote {workdir}" in output, stage
     status = CliRunner().invoke(cli, ["status", "--workspace", str(workdir)])
     assert status.exit_code == 0, status.output
-    assert f"latest model: {model_dir}" in status.output
+    assert "model of this config (" in status.output and f"{model_dir} (trained" in status.output
     assert f"test  BLEU-4 {metrics['corpus']['Bleu_4']:.3f}" in status.output and "digits exact" in status.output
 
 
@@ -183,8 +183,9 @@ def test_training_writes_tensorboard_curves(evaluated):
 
 def test_caption_images_captions_a_folder_and_a_rerun_does_only_what_changed(evaluated, tmp_path):
     """CaptionImages: a nested folder with broken files is captioned (the broken ones skipped with a reason);
-    an unchanged rerun does nothing; after 2 files are added and 1 changed, exactly those 3 are extracted and
-    decoded, and the result still covers the whole folder, each image once."""
+    an unchanged rerun does nothing; after 2 files are added and 1 changed, exactly those 3 are decoded, and the
+    result still covers the whole folder, each image once. Pictures the encoder's store already holds (the
+    dataset's train images) are not extracted again: features belong to contents."""
     import shutil
     from PIL import Image
     workdir, _ = evaluated
@@ -210,12 +211,14 @@ def test_caption_images_captions_a_folder_and_a_rerun_does_only_what_changed(eva
     assert [line["path"] for line in lines] == ["a.jpg", "nested/B.JPG", "nested/deeper/c.png"]
     assert all(line["caption"] and line["score"] <= 0 for line in lines)
     assert sorted(p["path"] for p in report["skipped"]) == ["broken.jpg", "truncated.jpg"]
-    assert all(p["reason"] for p in report["skipped"]) and report["extracted"] == 5
+    assert all(p["reason"] for p in report["skipped"]) and report["extracted"] == 3   # c.png and the broken two
     assert (out / "captions.csv").read_text().splitlines()[0] == "path,caption,score"
     last = output.strip().splitlines()[-1]
     assert last.startswith("captioner: results: ") and f"folder captions {out / 'captions.jsonl'}" in last
     assert "images/s" in output and "ETA" in output                                 # progress
-    maps = shards.read_attention(out / "attention.h5", json.loads((out / "listing.json").read_text())["a.jpg"][2])
+    key = json.loads((out / "listing.json").read_text())["a.jpg"][2]
+    assert key == ws.file_sha256(folder / "a.jpg")                                  # the content key
+    maps = shards.read_attention(out / "attention.h5", contents.key_as_int64(key))
     assert maps["path"] == str(folder / "a.jpg")
 
     caption_run(expect_ran=False)                                                   # nothing changed
@@ -225,7 +228,7 @@ def test_caption_images_captions_a_folder_and_a_rerun_does_only_what_changed(eva
     shutil.copy(demo_images[6], folder / "a.jpg")                                    # new content, same path
     _, out2, report = caption_run()
     assert out2 != out and report["previous_output"] == out.name
-    assert report["extracted"] == 3 and report["decoded"] == 3 and report["reused_captions"] == 2
+    assert report["extracted"] == 0 and report["decoded"] == 3 and report["reused_captions"] == 2   # train images
     lines = [json.loads(line) for line in (out2 / "captions.jsonl").read_text().splitlines()]
     assert [line["path"] for line in lines] == ["a.jpg", "e.jpeg", "nested/B.JPG", "nested/d.jpg",
                                                 "nested/deeper/c.png"]
@@ -356,3 +359,46 @@ def test_a_copied_workspace_works_where_the_original_is_gone(evaluated, tmp_path
             assert not any(p.startswith("/") for p in f["paths"].asstr()[:])
     finally:
         hidden.rename(workdir)
+
+
+def test_caption_cli_decodes_as_generate_captions_and_writes_out_and_one_png_per_image(evaluated, tmp_path):
+    """`captioner caption` uses the model's decoding (length penalty included): the same captions and scores as
+    GenerateCaptions for the same images; --out and --plot never overwrite each other."""
+    workdir, _ = evaluated
+    model_dir, = workdir.glob("models/[!.]*")
+    decoding = json.loads((model_dir / "config.json").read_text())["decoding"]
+    config = json.loads((model_dir / "config.json").read_text())
+    config["decoding"] = {**decoding, "length_penalty": 0.3}   # off the CLI's former fixed 1.0, as the demo's 0.5
+    (model_dir / "config.json").write_text(json.dumps(config))
+    try:
+        captions_dir, = workdir.glob("captions/[!.]*")
+        records = manifests.read_manifest(next(workdir.glob("annotations/*/test.jsonl")))
+        images = [workdir / r["root"] / r["path"] for r in records]
+        for chosen in (images[:1], images):
+            out, plot = tmp_path / f"o{len(chosen)}.jsonl", tmp_path / f"p{len(chosen)}.png"
+            result = CliRunner().invoke(cli, ["caption", *map(str, chosen), "--model", str(model_dir),
+                                              "--out", str(out), "--plot", str(plot)])
+            assert result.exit_code == 0, result.output
+            written = [json.loads(line) for line in out.read_text().splitlines()]
+            assert [w["path"] for w in written] == [str(p) for p in chosen]
+            pngs = [plot] if len(chosen) == 1 else [plot.with_name(f"{plot.stem}-{k + 1}.png") for k in range(len(chosen))]
+            for png in pngs:
+                assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        generated = subprocess_free_generate(workdir, model_dir)
+        assert [(w["caption"], w["score"]) for w in written] == [generated[r["image_id"]] for r in records]
+    finally:
+        config["decoding"] = decoding
+        (model_dir / "config.json").write_text(json.dumps(config))
+
+
+def subprocess_free_generate(workdir, model_dir) -> dict:
+    """{image_id: (caption, score)} of GenerateCaptions' library call over the test split's stored features, with
+    the model's recorded decoding."""
+    from pipeline import decode, inputs
+    store, = [p for p in workdir.glob("features/[!.]*") if p.is_dir()]
+    index = json.loads(max(store.glob("splits/*/test.json")).read_text())
+    d = json.loads((model_dir / "config.json").read_text())["decoding"]
+    results, *_ = decode.generate(model_dir, inputs.shard_rows(store, index), d["beam_size"], d["max_length"],
+                                  d["length_penalty"], d["suppress_unk"])
+    return {r["image_id"]: (r["caption"], r["score"]) for r in results}
+

@@ -83,20 +83,23 @@ def test_settings_added_later_keep_the_fingerprints_of_older_outputs():
         luigi.task_register.Register.clear_instance_cache()
         with luigi.cmdline_parser.CmdlineParser.global_instance(["TrainDecoder", *argv]):
             return tasks.PretrainDigitsEncoder().fingerprint(), tasks.TrainDecoder().fingerprint()
-    encoder, decoder = stage_fingerprints()
-    assert stage_fingerprints("--pretrain-scene-train-from", "all") == (encoder, decoder)
+    import tasks  # noqa: F401  (importing it layers configs/luigi.cfg and configs/demo.cfg under test.cfg)
     config = luigi.configuration.get_config()
-    config.set("pretrain", "scene_train_from", "")           # the first spelling of all, in a config file
+    configured = config.get("pretrain", "scene_train_from")   # configs/demo.cfg's
+    config.set("pretrain", "scene_train_from", "all")
     try:
+        encoder, decoder = stage_fingerprints()
+        config.set("pretrain", "scene_train_from", "")         # the first spelling of all, in a config file
         assert stage_fingerprints() == (encoder, decoder)
+        assert stage_fingerprints("--pretrain-scene-train-from", "all") == (encoder, decoder)
+        assert stage_fingerprints("--pretrain-scene-train-from", "mixed3")[0] != encoder
+        assert stage_fingerprints("--training-group-captions", "false") == (encoder, decoder)
+        grouped = stage_fingerprints("--training-group-captions", "true")
+        assert grouped[0] == encoder and grouped[1] != decoder
     finally:
-        config.remove_option("pretrain", "scene_train_from")
-    assert stage_fingerprints("--pretrain-scene-train-from", "mixed3")[0] != encoder
-    assert stage_fingerprints("--training-group-captions", "false") == (encoder, decoder)
-    grouped = stage_fingerprints("--training-group-captions", "true")
-    assert grouped[0] == encoder and grouped[1] != decoder
+        config.set("pretrain", "scene_train_from", configured)
     # the self-critical keys count only when self-critical epochs run
-    assert stage_fingerprints("--training-scst-reward", "digits") == (encoder, decoder)
+    assert stage_fingerprints("--training-scst-reward", "digits")[1] == decoder
     scst = stage_fingerprints("--training-scst-epochs", "1")[1]
     assert scst != decoder and stage_fingerprints("--training-scst-epochs", "1", "--training-scst-reward",
                                                   "digits")[1] not in (decoder, scst)

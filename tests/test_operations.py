@@ -56,7 +56,8 @@ def test_settings_shows_each_value_with_its_source(monkeypatch):
         "flag --training-epochs"
     assert rows[("workspace", "root")]["value"] == "/srv/captioner-work"
     assert rows[("workspace", "root")]["source"] == "environment $CAPTIONER_WORKDIR"
-    assert rows[("pretrain", "crop")]["source"] == "default" and rows[("pretrain", "crop")]["help"]
+    assert rows[("training", "ema")]["source"] == "default" and rows[("training", "ema")]["help"]
+    assert rows[("pretrain", "crop")]["source"] == f"file {REPO / 'configs' / 'demo.cfg'}"   # the demo's layer
     text = CliRunner().invoke(cli, ["settings", "--training-epochs=3"]).output
     assert re.search(r"epochs = 3 +# flag --training-epochs · default '20'", text)
 
@@ -92,7 +93,7 @@ def test_an_identical_invocation_is_refused_on_the_same_workspace_only(workdir, 
     command = [LUIGI, "--module", "tasks", "ExtractFeatures", "--split", "train", "--features-shard-size", "3"]
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for _ in range(100):                                          # until the first holds its lock
-        if list((workdir / ".locks").glob("*.pid")):
+        if list((workdir / ".locks").glob("*/*.pid")):
             break
         time.sleep(0.1)
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -193,9 +194,8 @@ def test_central_scheduler_two_workers_extract_every_shard_once(tmp_path):
                     break
             time.sleep(0.2)
         worker_cfg = tmp_path / "worker.cfg"
-        worker_cfg.write_text(TEST_CONFIG.read_text().replace(
-            "local_scheduler = true", f"local_scheduler = false\ndefault_scheduler_host = 127.0.0.1\n"
-                                      f"default_scheduler_port = {port}"))
+        worker_cfg.write_text(TEST_CONFIG.read_text() + f"\n[core]\nlocal_scheduler = false\n"
+                              f"default_scheduler_host = 127.0.0.1\ndefault_scheduler_port = {port}\n")
         workdir, args = tmp_path / "shared", ["--features-shard-size", "4"]
         assert run_luigi("PlanShards", *args, config=worker_cfg, workdir=workdir).returncode == 0
         env = dict(os.environ, LUIGI_CONFIG_PATH=str(worker_cfg), CAPTIONER_WORKDIR=str(workdir))

@@ -7,8 +7,8 @@ The demo's decoder (configs/luigi.cfg: 289 cells of 768 mixed7 channels + 11 cel
 256 units, 128 attention) trained by pipeline/train.py's make_train_step on random features. Caption lengths (in
 tokens, <start> and <end> included) are drawn like the demo's: lognormal around 9.5, 5 to 17 (the demo's train
 captions: mean 9.5, 5th–95th percentile 5–14, max 17). The same 1,920 captions (384 images × 5) are batched as
-  pairs            32 pairs in random order, padded to the batch's longest: our batches before session 9 and
-                   with bucket_width = 0 (the baseline is our own step, not a tutorial's: the TensorFlow
+  pairs            32 pairs in random order, padded to the batch's longest: what bucket_width = 0
+                   gives (the baseline is our own step, not a tutorial's: the TensorFlow
                    tutorial pads every caption to the dataset's longest, sgrvinod's to a fixed 52 and shrinks
                    the batch per time step);
   buckets of 3     32 pairs whose lengths fall in the same band of 3 tokens (bucket_width = 3);
