@@ -168,7 +168,7 @@ def caption(images, model_dir: Path, beam: int | None, max_length: int | None, l
     model, vocab, provenance = load_model(model_dir)
     identity = _training_encoder(provenance, weights, model_dir)
     size, layer = provenance["encoder"]["image_size"], encoder_lib.layer_of(provenance["encoder"]["encoder"])
-    forward = features.encoder_forward(identity, size, layer)
+    forward = features.encoder_forward(identity, size, layer, provenance["encoder"].get("precision", "float32"))
     d = model_decoding(model_dir, beam, max_length, length_penalty)
     unk = vocab.index["<unk>"] if d["suppress_unk"] else None   # beam 1 is exactly greedy, and it gives the score
     decoder = decode.beam_fn(model, d["beam_size"], d["max_length"], vocab.index["<start>"], vocab.index["<end>"],

@@ -49,6 +49,8 @@ CELL_SCORES = 11
 LAYERS.update({f"{name}+cell_scores": {**spec, "channels": spec["channels"] + CELL_SCORES, "base": name,
                                        "cell_scores": CELL_SCORES} for name, spec in list(LAYERS.items())})
 DEFAULT_LAYER = "mixed10"
+# [encoder] precision → the Keras dtype policy the network is built under (weights stay float32)
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 PREPROCESS = "pillow bilinear resize to SxS (no crop), x/127.5-1 (inception_v3.preprocess_input)"
 _NAME_PREFIX = "keras.applications.InceptionV3(include_top=False)/"
 DIGITS_PROVENANCE = "pretrained on scikit-learn handwritten digits (pipeline/pretrain.py), not ImageNet"
@@ -218,9 +220,21 @@ def cell_head_file(identity: dict, layer: str) -> Path:
     return Path(identity["path"]).parent / CELL_HEAD_FILE
 
 
-def build_encoder(identity: dict, image_size: int, layer: str = DEFAULT_LAYER):
-    """uint8 (B, S, S, 3) → float32 (B, P, D) Keras model (P = grid_size(S, layer)², D = the layer's channels;
-    a `+cell_scores` layer: the base layer's channels, then its cell head's scores)."""
+def build_encoder(identity: dict, image_size: int, layer: str = DEFAULT_LAYER, precision: str = "float32"):
+    """uint8 (B, S, S, 3) → (B, P, D) Keras model (P = grid_size(S, layer)², D = the layer's channels; a
+    `+cell_scores` layer: the base layer's channels, then its cell head's scores), computing in `precision`
+    (PRECISIONS: its output is float32, or bfloat16 / float16 under reduced precision)."""
+    import keras
+
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(PRECISIONS[precision])   # layers take the policy they are built under
+    try:
+        return _build_encoder(identity, image_size, layer)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def _build_encoder(identity: dict, image_size: int, layer: str):
     import keras
 
     head_file = cell_head_file(identity, layer) if LAYERS[layer].get("cell_scores") else None

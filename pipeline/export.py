@@ -14,9 +14,9 @@ layer, the digits encoder's per-cell head), the decoder, the vocabulary and the 
 P is the encoder layer's grid (64 for mixed10, 289 for mixed7 at 299 px). A request with an image TensorFlow
 cannot decode fails as a whole. Written with Keras' ExportArchive, each variable is saved once, as the plain
 tf.Variable the graph reads (the collection `variables` lists them), so both loaders restore every one: the
-eager `tf.saved_model.load` and the session-based one of TF Serving and `saved_model_cli run`
+eager `tf.saved_model.load` and the graph-mode one of TF Serving and `saved_model_cli run`
 (`tf.compat.v1.saved_model.loader.load`). A Keras 3 model saved from a tf.Module loads only in the former: its
-Keras variables are saved as copies the graph never reads, and a session fails on the first variable the
+Keras variables are saved as copies the graph never reads, and the graph-mode loader fails on the first variable the
 signature reads ("Could not find variable ...").
 
 Preprocessing computes the pipeline's pixels (pipeline/images.py: load_image) exactly, in TensorFlow ops:
@@ -62,7 +62,8 @@ def export(model_dir, out_dir, identity: dict, beam_size: int, max_length: int, 
 
     model, vocab, provenance = load_model(model_dir)
     size, layer = provenance["encoder"]["image_size"], encoder_lib.layer_of(provenance["encoder"]["encoder"])
-    encoder = encoder_lib.build_encoder(identity, size, layer)
+    precision = provenance["encoder"].get("precision", "float32")   # the features the decoder was trained on
+    encoder = encoder_lib.build_encoder(identity, size, layer, precision)
     search = decode.beam_fn(model, beam_size, max_length, vocab.index["<start>"], vocab.index["<end>"],
                             vocab.index["<unk>"] if suppress_unk else None, length_penalty)
     order = pass_order()
@@ -75,7 +76,7 @@ def export(model_dir, out_dir, identity: dict, beam_size: int, max_length: int, 
     state = tracked_variables([encoder, model], endpoint.get_concrete_function())
     archive.add_variable_collection("variables", state)
     about = {"model": str(model_dir), "encoder": {k: v for k, v in identity.items() if k != "path"},
-             "image_size": size, "layer": layer, "positions": provenance.get("positions", 64),
+             "image_size": size, "layer": layer, "precision": precision, "positions": provenance.get("positions", 64),
              "decoding": {"beam_size": beam_size, "max_length": max_length, "length_penalty": length_penalty,
                           "suppress_unk": suppress_unk},
              "preprocessing": {"pillow": PIL.__version__, "resampling": order or "unknown: " + PASS_ORDERS[0],
@@ -119,7 +120,7 @@ def tracked_variables(models, concrete) -> list:
     """The tf.Variables to save: those of every Keras model in `models` (the encoder's batch-norm statistics and
     heads included) and every variable the signature's graph `concrete` reads, each once. A Keras variable is
     represented by the tf.Variable it wraps, which is what the graph reads; saving the Keras variable itself
-    would add a second copy that the session-based loader restores instead (see the module docstring)."""
+    would add a second copy that the graph-mode loader restores instead (see the module docstring)."""
     import tensorflow as tf
 
     found = {}

@@ -159,12 +159,14 @@ def software_versions() -> dict:
             "h5py": version("h5py"), "numpy": np.__version__, "pillow": PIL.__version__}
 
 
-def encoder_forward(identity: dict, image_size: int, layer: str = encoder_lib.DEFAULT_LAYER):
-    """A compiled uint8 (B, S, S, 3) → float16 (B, P, D) function, built once per process and setting."""
-    key = (tuple(sorted(identity.items())), image_size, layer)
+def encoder_forward(identity: dict, image_size: int, layer: str = encoder_lib.DEFAULT_LAYER,
+                    precision: str = "float32"):
+    """A compiled uint8 (B, S, S, 3) → float16 (B, P, D) function, built once per process and setting;
+    precision: the forward pass's compute precision (pipeline.encoder.PRECISIONS)."""
+    key = (tuple(sorted(identity.items())), image_size, layer, precision)
     if key not in _encoders:
         import tensorflow as tf
-        model = encoder_lib.build_encoder(identity, image_size, layer)
+        model = encoder_lib.build_encoder(identity, image_size, layer, precision)
 
         @tf.function(input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.uint8)])
         def forward(batch):
@@ -176,14 +178,15 @@ def encoder_forward(identity: dict, image_size: int, layer: str = encoder_lib.DE
 
 def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_size: int, attrs: dict,
                   compression: str | None = None, workers: int | None = None, progress_callback=None,
-                  layer: str = encoder_lib.DEFAULT_LAYER) -> dict:
+                  layer: str = encoder_lib.DEFAULT_LAYER, precision: str = "float32") -> dict:
     """Extract features of `image_list` ([[content key, image_id, root, path], ...]) into the shard `out_path`.
     Undecodable images are recorded in the shard's `skipped` dataset, never stored as zeros. The encoder's
     provenance (weights identity, image size, preprocessing, software versions) goes into the attrs, plus
     `attrs` given by the caller (store fingerprint, split, plan). compression: gzip, lzf, or none / None.
-    layer: the InceptionV3 layer the features come from (pipeline.encoder.LAYERS)."""
+    layer: the InceptionV3 layer the features come from (pipeline.encoder.LAYERS); precision: the forward pass's
+    (pipeline.encoder.PRECISIONS), recorded in the attrs."""
     compression = None if compression in (None, "none") else compression
-    forward = encoder_forward(identity, image_size, layer)
+    forward = encoder_forward(identity, image_size, layer, precision)
     shape = encoder_lib.grid_size(image_size, layer) ** 2, encoder_lib.LAYERS[layer]["channels"]
     name = Path(out_path).stem
     progress = Progress(len(image_list), name, "images", progress_callback)
@@ -191,7 +194,8 @@ def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_s
     if encoder_lib.LAYERS[layer].get("cell_scores"):   # the head whose scores the last channels are
         attrs = {"cell_head_sha256": workspace.file_sha256(encoder_lib.cell_head_file(identity, layer)), **attrs}
     attrs = {**encoder_lib.weights_attrs(identity), "encoder": encoder_lib.encoder_name(layer), "layer": layer,
-             "image_size": image_size, "preprocess": encoder_lib.PREPROCESS, "software": software_versions(), **attrs}
+             "image_size": image_size, "preprocess": encoder_lib.PREPROCESS, "precision": precision,
+             "software": software_versions(), **attrs}
     start = time.monotonic()
     try:
         summary = _write_shard(out_path, items, forward, image_size, batch_size, workers, shape, attrs,

@@ -157,7 +157,6 @@ MEANINGS = {
     ("training", "lr_schedule"): "`constant`, `cosine` (to 0 over all steps) or `exponential` (× lr_decay per "
                                  "epoch)",
     ("training", "seed"): "data order and initial weights",
-    ("training", "mixed_precision"): "float16 compute with loss scaling (GPUs with tensor cores; slow on CPU)",
     ("training", "jit_compile"): "XLA-compile the train step (one program per caption length)",
     ("training", "strategy"): "`auto`: MirroredStrategy when several GPUs are visible, else one device; "
                               "`mirrored`: over all GPUs (or logical CPUs); `default`: one device",

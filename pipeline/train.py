@@ -55,7 +55,7 @@ DEFAULTS = dict(
     checkpoint_every=500,
     shuffle_buffer=1000, block_rows=256,
     seed=0,
-    mixed_precision=False, jit_compile=False, strategy="auto", val_batch_size=128, cpu_devices=1,
+    precision="float32", jit_compile=False, strategy="auto", val_batch_size=128, cpu_devices=1,
     # [generation]: validation decodes exactly as GenerateCaptions will, so the best epoch is chosen for it
     decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
 )
@@ -127,7 +127,7 @@ def make_optimizer(settings: dict, steps_per_epoch: int):
         lr = keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=max(steps_per_epoch, 1),
                                                          decay_rate=settings["lr_decay"], staircase=True)
     optimizer = keras.optimizers.Adam(lr, global_clipnorm=settings["clip_norm"] or None)
-    if settings["mixed_precision"]:
+    if settings["precision"] == "mixed_float16":   # float16 gradients underflow without it; bfloat16's do not
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
@@ -162,12 +162,11 @@ def train_decoder(outdir, checkpoint_dir, store_dir, train_index: dict, val_inde
         if settings["cpu_devices"] > 1:
             split_cpu(settings["cpu_devices"])
         policy = keras.mixed_precision.global_policy()
-        if settings["mixed_precision"]:
-            keras.mixed_precision.set_global_policy("mixed_float16")
+        keras.mixed_precision.set_global_policy(settings["precision"])   # float32, mixed_bfloat16, mixed_float16
         try:
             return _train(outdir, checkpoint_dir, store_dir, train_index, val_index, annotations_dir, vocab_path,
                           settings, provenance, progress_callback)
-        finally:   # later work in this process (feature extraction) must not inherit float16 compute
+        finally:   # later work in this process (feature extraction) must not inherit reduced-precision compute
             keras.mixed_precision.set_global_policy(policy)
 
 
@@ -493,7 +492,7 @@ def _update(model, optimizer, settings: dict, replicas: int, averages, losses):
     with tf.GradientTape() as tape:
         out = losses()
         scaled = out[0] / replicas
-        if settings["mixed_precision"]:
+        if settings["precision"] == "mixed_float16":
             scaled = optimizer.scale_loss(scaled)
     optimizer.apply(tape.gradient(scaled, model.trainable_variables), model.trainable_variables)
     if averages:

@@ -200,6 +200,11 @@ class encoder(Section):
                                               "<layer>+cell_scores (weights = digits): plus the 11 per-cell digit "
                                               "scores of the digits encoder's head")
     batch_size = luigi.IntParameter(default=32, description="images per forward pass")
+    precision = luigi.ChoiceParameter(choices=list(encoder_lib.PRECISIONS), default="float32",
+                                      description="compute precision of the forward pass (features are stored as "
+                                                  "float16 whatever it is; part of the store's identity): bfloat16 "
+                                                  "on CPUs with AMX / AVX512-BF16 and GPUs from Ampere on, float16 "
+                                                  "on older GPUs with tensor cores")
     decode_workers = luigi.IntParameter(default=0, description="image decoding threads; 0: one per CPU core")
 
     def problems(self):
@@ -351,7 +356,11 @@ class training(Section):
     shuffle_buffer = luigi.IntParameter(default=1000, description="(image, caption) pairs, or grouped images")
     block_rows = luigi.IntParameter(default=256, description="rows per contiguous HDF5 read")
     seed = luigi.IntParameter(default=0)
-    mixed_precision = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    precision = luigi.ChoiceParameter(choices=["float32", "mixed_bfloat16", "mixed_float16"], default="float32",
+                                      description="compute precision of training and validation (weights stay "
+                                                  "float32): mixed_bfloat16 on CPUs with AMX / AVX512-BF16 and "
+                                                  "GPUs from Ampere on, mixed_float16 (with loss scaling) on "
+                                                  "older GPUs with tensor cores")
     jit_compile = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
     strategy = luigi.ChoiceParameter(choices=["auto", "default", "mirrored"], default="auto")
     val_batch_size = luigi.IntParameter(default=128)

@@ -126,7 +126,8 @@ def store_settings() -> dict:
     identity = {k: v for k, v in encoder_identity().items() if k != "path"}   # a moved file is the same file
     e = encoder.read()
     return {"encoder": encoder_lib.encoder_name(e.layer), **identity, "image_size": e.image_size,
-            "preprocess": encoder_lib.PREPROCESS, "dtype": "float16", "schema_version": shards.SCHEMA_VERSION}
+            "preprocess": encoder_lib.PREPROCESS, "precision": e.precision, "dtype": "float16",
+            "schema_version": shards.SCHEMA_VERSION}
 
 
 def store_dir() -> Path:
@@ -138,7 +139,7 @@ def extraction_options() -> dict:
     """pipeline.features.extract_shard's encoder and I/O arguments under the current config."""
     e = encoder.read()
     return {"identity": encoder_identity(), "image_size": e.image_size, "layer": e.layer, "batch_size": e.batch_size,
-            "compression": features.read().compression, "workers": e.decode_workers or None}
+            "precision": e.precision, "compression": features.read().compression, "workers": e.decode_workers or None}
 
 
 class PlanShards(Stage):

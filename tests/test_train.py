@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from pipeline import inputs, train as train_lib
 from storage import shards
@@ -195,3 +196,32 @@ def test_an_empty_split_still_writes_a_valid_attention_file(tmp_path):
     import h5py
     with h5py.File(tmp_path / "a.h5") as f:
         assert f["attention"].shape == (0, 5, 64)
+
+
+@pytest.mark.parametrize("training", ["mixed_bfloat16", "mixed_float16"])
+def test_reduced_precision_extraction_and_training(tmp_path, training):
+    """[encoder] precision is part of the store's identity (its own store, recorded in every shard) and its
+    features stay close to float32's; [training] precision trains to finite losses (float16 with loss scaling)."""
+    workdir = tmp_path / "w"
+    args = ["--encoder-precision", "bfloat16", "--training-precision", training, "--training-epochs", "1"]
+    run = run_luigi("TrainDecoder", *args, workdir=workdir)
+    assert run.returncode == 0, run.output
+    store, = [p for p in (workdir / "features").iterdir() if p.is_dir()]
+    assert {shards.read_attrs(p)["precision"] for p in shards.list_shards(store)} == {"bfloat16"}
+    model, = workdir.glob("models/[!.]*")
+    assert json.loads((model / "features.json").read_text())["encoder"]["precision"] == "bfloat16"
+    history = json.loads((model / "history.json").read_text())
+    assert history and all(np.isfinite(h["loss"]) for h in history)
+    assert json.loads((model / "config.json").read_text())["precision"] == training
+
+    assert run_luigi("ExtractFeatures", "--split", "train", workdir=workdir).returncode == 0   # float32 too
+    stores = [p for p in (workdir / "features").iterdir() if p.is_dir()]
+    assert len(stores) == 2                                     # a store never mixes precisions
+    (full,) = [p for p in stores if p != store]
+    index = lambda s: json.loads(next(s.glob("splits/*/train.json")).read_text())
+    reduced, exact = index(store), index(full)
+    for image_id, (shard, row) in list(exact["images"].items())[:4]:
+        a = shards.read_rows(full / f"{shard}.h5", row, row + 1).astype(np.float32).ravel()
+        other_shard, other_row = reduced["images"][image_id]
+        b = shards.read_rows(store / f"{other_shard}.h5", other_row, other_row + 1).astype(np.float32).ravel()
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99

@@ -1,13 +1,16 @@
 """Feature extraction speed and size, side by side in one process on demo images (not run by pytest).
 
-    python tests/benchmarks/bench_extraction.py [--images 96] [--batch 16]
+    python tests/benchmarks/bench_extraction.py [--images 96] [--batch 16] [--precision bfloat16]
 
 Prints images/s of
-  bare      InceptionV3 forward on pre-made uint8 tensors (no decoding, no writing): the ceiling;
-  ours      pipeline.features.extract_shard: threaded decode + resize, compiled forward, float16 HDF5 shard;
+  bare      a float32 InceptionV3 forward on pre-made uint8 tensors (no decoding, no writing): the float32
+            ceiling;
+  ours      pipeline.features.extract_shard at [encoder] precision = --precision: threaded decode + resize,
+            compiled forward, float16 HDF5 shard;
   tutorial  the TensorFlow captioning tutorial's way: tf.data map(read, decode, resize) + batch, forward,
             one float32 .npy file per image;
-and the ratios ours/bare and ours/tutorial, plus bytes per image on disk of each format.
+and the ratios ours/bare and ours/tutorial, plus bytes per image on disk of each format, and how close ours'
+features are to float32's (cosine per image, relative error).
 """
 import argparse
 import os
@@ -39,6 +42,7 @@ def main():
     parser.add_argument("--images", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--precision", default="bfloat16", choices=list(encoder_lib.PRECISIONS))
     args = parser.parse_args()
     import tensorflow as tf
 
@@ -54,7 +58,8 @@ def main():
     def ours():
         shard = tmp / "store" / f"shard-bench-train-{len(shards_made):05d}.h5"   # a new shard every run
         shards_made.append(shard)
-        assert features.extract_shard(shard, items, identity, 299, args.batch, {})["rows"] == len(paths)
+        assert features.extract_shard(shard, items, identity, 299, args.batch, {},
+                                      precision=args.precision)["rows"] == len(paths)
 
     model = encoder_lib.build_inception(identity, 299)          # the tutorial's image_features_extract_model
 
@@ -96,6 +101,13 @@ def main():
           f"{show(ratio('ours', 'tutorial'), '{:.2f}')}x")
     print(f"bytes per image: ours {shard_bytes / 1024:.1f} KiB (float16 HDF5), tutorial {npy_bytes / 1024:.1f} KiB "
           f"(float32 .npy)  ratio {npy_bytes / shard_bytes:.2f}x")
+    from storage import shards
+    want = np.concatenate([forward(b).numpy() for b in batches]).astype(np.float32).reshape(n, -1)
+    got = shards.read_rows(shard, 0, n).astype(np.float32).reshape(n, -1)
+    cosine = (want * got).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
+    error = np.abs(got - want).sum(1) / np.abs(want).sum(1)
+    print(f"ours ({args.precision}) against float32 features: cosine per image min {cosine.min():.6f}, mean "
+          f"{cosine.mean():.6f}; mean relative error {error.mean():.2%}")
 
 
 if __name__ == "__main__":

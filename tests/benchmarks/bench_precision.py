@@ -1,0 +1,82 @@
+"""The decoder's train step at each `[training] precision`, side by side in one process (not run by pytest).
+
+    python tests/benchmarks/bench_precision.py [--runs 3] [--precisions float32 mixed_bfloat16 mixed_float16]
+
+The demo's decoder (configs/demo.cfg: 289 cells of 768 mixed7 channels + 11 cell scores, keys from the scores,
+positions, the context reading the scores, location-sensitive attention 17 wide, 256 units, 128 attention,
+batch 32) trained by pipeline/train.py's make_optimizer and make_train_step, built under each precision's Keras
+dtype policy as train_decoder builds it, on the same 11 batches of random features with caption lengths 8–18.
+Every side is traced and warmed over all lengths first; then captions/s over all 11 batches, the sides
+alternating, `--runs` times: median and min–max, and each precision's ratio to float32.
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+
+P, D, V, BATCH = 289, 779, 60, 32
+
+
+def train_step(precision: str):
+    import keras
+    import tensorflow as tf
+
+    from pipeline.model import ShowAttendTell
+    from pipeline.train import DEFAULTS, make_optimizer, make_train_step
+
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy(precision)   # as train_decoder does, for the model it builds
+    try:
+        settings = {**DEFAULTS, "attention_lambda": 0.0, "precision": precision}
+        model = ShowAttendTell(V, feature_channels=D, key_channels=11, positions=True, context_scores=True,
+                               location=17, attention_dim=128, feature_dim=256, embed_dim=128, units=256,
+                               dropout=0.3)
+        model(tf.zeros((1, P, D), tf.float16), tf.zeros((1, 1), tf.int32))
+        optimizer = make_optimizer(settings, 100)
+        optimizer.build(model.trainable_variables)
+        return make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--precisions", nargs="+", default=["float32", "mixed_bfloat16", "mixed_float16"])
+    args = parser.parse_args()
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    batches = [(tf.constant(rng.standard_normal((BATCH, P, D)).astype(np.float16)),
+                tf.constant(rng.integers(1, V, (BATCH, length)).astype(np.int32))) for length in range(8, 19)]
+    steps, rates = {}, {p: [] for p in args.precisions}
+    for precision in args.precisions:
+        steps[precision] = train_step(precision)
+        for batch in batches:                                  # trace every caption length, then warm once more
+            float(steps[precision](*batch)[0])
+        for batch in batches:
+            float(steps[precision](*batch)[0])
+    for _ in range(args.runs):
+        for precision in args.precisions:
+            started = time.perf_counter()
+            for batch in batches:
+                float(steps[precision](*batch)[0])
+            rates[precision].append(BATCH * len(batches) / (time.perf_counter() - started))
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TensorFlow {tf.__version__}; "
+          f"{args.runs} alternating runs after a warm-up (median, min–max)")
+    base = statistics.median(rates[args.precisions[0]])
+    for precision, r in rates.items():
+        print(f"{precision:<15} {statistics.median(r):7.1f} captions/s (min {min(r):.1f}, max {max(r):.1f})   "
+              f"{statistics.median(r) / base:.2f}x {args.precisions[0]}")
+
+
+if __name__ == "__main__":
+    main()
