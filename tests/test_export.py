@@ -1,5 +1,5 @@
 """`captioner export`: the SavedModel gives the pipeline's captions for the same images, loaded in a fresh process
-by the session-based loader TF Serving uses (`saved_model_cli run`) and by eager `tf.saved_model.load`."""
+by the graph-mode loader TF Serving uses (`saved_model_cli run`) and by eager `tf.saved_model.load`."""
 import io
 import json
 import os
@@ -81,7 +81,7 @@ def exported(tmp_path_factory):
 
 def test_session_loader_serves_the_pipelines_captions(exported, tmp_path):
     """`saved_model_cli run` restores the variables through the graph's saver and runs the signature in a
-    tf.compat.v1 Session, as TF Serving does: every variable must be restored, and every caption equal."""
+    tf.compat.v1.Session, as TF Serving does: every variable must be restored, and every caption equal."""
     run = subprocess.run([str(SAVED_MODEL_CLI), "run", "--dir", str(exported["export"]),
                           "--tag_set", "serve", "--signature_def", "serving_default",
                           "--inputs", f"images={exported['inputs']}", "--outdir", str(tmp_path / "out")],

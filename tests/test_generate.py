@@ -234,42 +234,6 @@ def test_caption_images_captions_a_folder_and_a_rerun_does_only_what_changed(eva
                                                 "nested/deeper/c.png"]
 
 
-SERVE = """
-import json, sys
-import tensorflow as tf
-serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
-out = serve(images=tf.constant([open(p, "rb").read() for p in sys.argv[2:]]))
-assert not {"pipeline", "tasks", "storage"} & set(sys.modules)       # no project code was needed
-print(json.dumps({"captions": [c.decode() for c in out["captions"].numpy()], "scores": out["scores"].numpy().tolist(),
-                  "attention": list(out["attention"].shape)}))
-"""
-
-
-def test_export_serves_the_same_captions_in_a_plain_tensorflow_process(evaluated, tmp_path):
-    import subprocess
-    import sys
-    workdir, _ = evaluated
-    model_dir, = workdir.glob("models/[!.]*")
-    images = sorted(workdir.glob("demo/*/test/*.jpg"))[:4]
-    runner = CliRunner()
-    result = runner.invoke(cli, ["export", str(model_dir), str(tmp_path / "exported" / "1")])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "exported" / "1" / "saved_model.pb").is_file()
-    again = runner.invoke(cli, ["export", str(model_dir), str(tmp_path / "exported" / "1")])
-    assert again.exit_code != 0 and "not empty" in again.output                  # never overwrites
-
-    served = subprocess.run([sys.executable, "-I", "-c", SERVE, str(tmp_path / "exported" / "1"), *map(str, images)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert served.returncode == 0, served.stderr[-3000:]
-    out = json.loads(served.stdout.strip().splitlines()[-1])
-    pipeline_side = json.loads(runner.invoke(cli, ["caption", *map(str, images), "--model", str(model_dir),
-                                                   "--json"]).stdout)
-    agree = sum(a == b["caption"] for a, b in zip(out["captions"], pipeline_side))
-    assert agree >= len(images) - 1, (out["captions"], pipeline_side)              # resizing differs slightly
-    assert out["attention"][0] == len(images) and out["attention"][2] == 64
-    assert all(score <= 0 for score in out["scores"])
-
-
 def test_plot_attention_and_caption_cli(evaluated, tmp_path):
     workdir, _ = evaluated
     captions_dir, = workdir.glob("captions/*")

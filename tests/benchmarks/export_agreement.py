@@ -1,5 +1,5 @@
 """How often the exported SavedModel's captions equal the pipeline's (not run by pytest), through both loaders:
-eager `tf.saved_model.load`, and the session-based one TF Serving and `saved_model_cli run` use
+eager `tf.saved_model.load`, and the graph-mode one TF Serving and `saved_model_cli run` use
 (`tf.compat.v1.saved_model.loader.load`, variables restored by the graph's saver). Imports only TensorFlow.
 
     python tests/benchmarks/export_agreement.py EXPORT_DIR work/captions/<fp>/test.json "work/demo/*/test/*.jpg"
@@ -24,7 +24,7 @@ def eager(export_dir, batches):
         yield serve(images=tf.constant(batch))["captions"].numpy()
 
 
-def session(export_dir, batches):
+def graph_mode(export_dir, batches):
     with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
         signature = tf.compat.v1.saved_model.loader.load(sess, ["serve"], export_dir).signature_def["serving_default"]
         images, captions = signature.inputs["images"].name, signature.outputs["captions"].name
@@ -37,7 +37,7 @@ def main(export_dir, captions_file, pattern):
     paths = sorted(glob.glob(pattern))
     ids = [int(re.search(r"(\d+)\.\w+$", path).group(1)) for path in paths]
     batches = [[open(p, "rb").read() for p in paths[k:k + BATCH]] for k in range(0, len(paths), BATCH)]
-    for name, run in (("eager tf.saved_model.load", eager), ("session loader (TF Serving's)", session)):
+    for name, run in (("eager tf.saved_model.load", eager), ("graph-mode loader (TF Serving's)", graph_mode)):
         start = time.time()
         got = dict(zip(ids, (c.decode() for out in run(export_dir, batches) for c in out)))
         same = sum(got.get(i) == c for i, c in want.items())
