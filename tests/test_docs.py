@@ -1,7 +1,7 @@
 """The documentation that is generated stays current: docs/configuration.md is `captioner settings --markdown`."""
 from click.testing import CliRunner
 
-from pipeline.cli import main as cli
+from cli import main as cli
 from tests.conftest import REPO
 
 

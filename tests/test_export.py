@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline import export as export_lib, images as images_lib
-from pipeline.cli import main as cli
+from cli import main as cli
 from tests.conftest import run_luigi
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import encoder as encoder_lib, features
-from pipeline.cli import main as cli
+from cli import main as cli
 from pipeline.demo import write_demo_dataset
 from pipeline.errors import InputError
 from pipeline.images import load_image

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from pipeline.cli import main as cli
+from cli import main as cli
 from pipeline.decode import beam_fn, greedy_fn
 from pipeline.evaluate import evaluate, java_available
 from pipeline.model import ShowAttendTell

@@ -1,5 +1,6 @@
-"""The layers point one way (ARCHITECTURE.md): tasks / cli → pipeline → storage. Checked on the source, imports
-inside functions included."""
+"""The layers point one way (ARCHITECTURE.md): cli → tasks → pipeline → storage (cli and tasks are the top
+layer; cli may use tasks' config resolution, tasks never imports cli). Checked on the source, imports inside
+functions included."""
 import ast
 
 from tests.conftest import REPO
@@ -7,7 +8,8 @@ from tests.conftest import REPO
 
 def project_imports() -> dict[str, set[str]]:
     """{module: project modules and third-party top-level packages it imports anywhere in its file}."""
-    files = [*(REPO / "pipeline").glob("*.py"), *(REPO / "storage").glob("*.py"), *(REPO / "tasks").glob("*.py")]
+    files = [*(REPO / "pipeline").glob("*.py"), *(REPO / "storage").glob("*.py"), *(REPO / "tasks").glob("*.py"),
+             *(REPO / "cli").glob("*.py")]
     names = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__") for p in files}
     out = {}
     for path in files:
@@ -25,10 +27,13 @@ def project_imports() -> dict[str, set[str]]:
 
 def test_layers_point_one_way_and_only_storage_opens_hdf5():
     imports = project_imports()
-    layer = lambda m: 0 if m.startswith("storage") else 2 if m.startswith("tasks") or m == "pipeline.cli" else 1
+    layer = lambda m: 0 if m.startswith("storage") else 1 if m.startswith("pipeline") else 2
     for module, deps in imports.items():
         for dep in deps & set(imports):
             assert layer(dep) <= layer(module), f"{module} imports {dep}: an upward import"
+            assert not (module.startswith("tasks") and dep.startswith("cli")), f"{module} imports {dep}"
+        if module.startswith(("pipeline", "storage")):
+            assert "luigi" not in deps, f"{module} imports luigi: the library runs without it"
         if not module.startswith("storage"):
             assert "h5py" not in deps, f"{module} imports h5py: file formats belong in storage/"
 

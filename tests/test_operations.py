@@ -13,7 +13,7 @@ import time
 import numpy as np
 from click.testing import CliRunner
 
-from pipeline.cli import main as cli
+from cli import main as cli
 from storage import shards, workspace as ws
 from tests.conftest import REPO, TEST_CONFIG, run_luigi
 from tests.test_features import all_features, store_of

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import demo, pretrain
-from pipeline.cli import main as cli
+from cli import main as cli
 from pipeline.encoder import grid_size
 from storage import workspace as ws
 from storage.weights import CELL_HEAD_FILE, read_cell_head
