@@ -7,13 +7,11 @@ H recurrent units, E word embedding size, V vocabulary, T caption steps.
                                                        (last k channels: cell scores s, see key_channels)
     a = relu(W_a x + W_p pos)               (B, P, F)  projected once per sequence; pos (P, 16): each cell's
                                                        row and column as sin/cos at 4 frequencies (optional)
-    k = U a                                 (B, P, A)  attention keys, also once per sequence (positions =
-                                                       "keys": a = relu(W_a x), k = U relu(W_a x + W_p pos))
+    k = U a                                 (B, P, A)  attention keys, also once per sequence
     h0, c0 = tanh(W_h mean(a)), tanh(W_c mean(a))
-    step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state (coverage = True:
-                                                       + W_c Σ_{t'<t} α_t', carried after the cell's state;
-                                                       location = n: + W_l conv_n([α_{t-1}, Σ_{t'<t} α_t']),
-                                                       both carried last, see below)
+    step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state (location = n:
+                                                       + W_l conv_n([α_{t-1}, Σ_{t'<t} α_t']), both carried
+                                                       after the cell's state, see below)
              α = softmax(e);  z = β Σ α a   (B, F)     β = sigmoid(w_β h), a gating scalar
              h, c = LSTM([E y_{t-1}; z], (h, c))
     logits = L_o dropout(E y_{t-1} + L_h h + L_z z)    deep output, for all steps at once after the loop
@@ -24,13 +22,9 @@ mean and the doubly stochastic part is on the same per-word footing (see caption
 
 The position encoding (not in the paper) tells the decoder where each cell is. Convolutional features say little
 about absolute position, and a caption that reads digits left to right needs it: with it, the attention can step
-from one digit to the next (docs/results.md). `positions`:
-    False    none (the paper);
-    True     added to the projected features: the keys (where to look) and the context (what is read) both see them,
-             so the decoder also knows where it has read (two alike digits otherwise look like one: the demo's
-             setting);
-    "keys"   added to the attention keys only: the attention knows where each cell is, the context reads the cells'
-             contents alone (on the demo it attends to the digit itself more often: docs/experiments.md).
+from one digit to the next (docs/results.md). `positions = True` adds it to the projected features: the keys
+(where to look) and the context (what is read) both see it, so the decoder also knows where it has read (two
+alike digits otherwise look like one). False: none (the paper).
 
 `key_channels` (k > 0: `[decoder] attention_keys = cell_scores`, features of a `+cell_scores` layer) splits each
 cell's features: the last k channels (the digits encoder's per-cell scores, local by construction) make the keys,
@@ -58,7 +52,6 @@ from pipeline.vocabulary import Vocabulary
 from storage import manifests
 
 
-POSITIONS = (False, True, "keys")   # [decoder] positions = false | true | keys (see the module docstring)
 LOCATION_FILTERS = 8                # [decoder] location > 0: feature maps of where the attention was
 
 
@@ -68,22 +61,20 @@ class ShowAttendTell(keras.Model):
 
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
                  units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
-                 positions: bool | str = False, key_channels: int = 0, coverage: bool = False,
-                 context_scores: bool = False, location: int = 0, **kwargs):
+                 positions: bool = False, key_channels: int = 0, context_scores: bool = False,
+                 location: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
                            embed_dim=embed_dim, units=units, dropout=dropout, cell=cell,
                            feature_channels=feature_channels, positions=positions, key_channels=key_channels,
-                           coverage=coverage, context_scores=context_scores, location=location)
+                           context_scores=context_scores, location=location)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
-        if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         if not 0 <= key_channels < feature_channels:
             raise ValueError(f"key_channels must be in [0, {feature_channels}), got {key_channels}")
         if context_scores and not key_channels:
             raise ValueError("context_scores needs key_channels (the cell scores) > 0")
-        self.units, self.cell_kind, self.positions_in, self.key_channels = units, cell, positions, key_channels
+        self.units, self.cell_kind, self.key_channels = units, cell, key_channels
         self.project = keras.layers.Dense(feature_dim, name="project_features")
         self.project_scores = (keras.layers.Dense(feature_dim, name="project_key_channels")
                                if key_channels else None)
@@ -92,8 +83,6 @@ class ShowAttendTell(keras.Model):
         self.project_positions = (keras.layers.Dense(feature_dim, use_bias=False, name="project_positions")
                                   if positions else None)
         self.keys = keras.layers.Dense(attention_dim, use_bias=False, name="attention_keys")
-        self.coverage = (keras.layers.Dense(attention_dim, use_bias=False, name="attention_coverage")
-                         if coverage else None)
         self.location = location
         if location:   # location-sensitive attention: where the attention was, convolved over the grid
             self.location_conv = keras.layers.Conv2D(LOCATION_FILTERS, location, padding="same", use_bias=False,
@@ -136,28 +125,22 @@ class ShowAttendTell(keras.Model):
             a = a + self.context_scores(scores)
         where = (self.project_positions(tf.cast(position_encoding(tf.shape(features)[1]), self.compute_dtype))
                  if self.project_positions is not None else None)
-        if self.positions_in is True:
+        if where is not None:
             a = a + where
         key_input = None   # None: the keys are computed from a
         if self.key_channels:
             key_input = self.project_scores(scores) + (where if where is not None else 0)
-        elif self.positions_in == "keys":
-            key_input = a + where
         a = tf.nn.relu(a)
         keys = self.keys(a if key_input is None else tf.nn.relu(key_input))
         mean = tf.reduce_mean(a, axis=1)
         state = [self.init_h(mean), self.init_c(mean)] if self.cell_kind == "lstm" else [self.init_h(mean)]
-        if self.coverage is not None:   # Σ α so far per cell, carried after the cell's state
-            state.append(tf.zeros(tf.shape(a)[:2], tf.float32))
-        if self.location:               # the previous α and Σ α so far, carried last
+        if self.location:               # the previous α and Σ α so far, carried after the cell's state
             state += [tf.zeros(tf.shape(a)[:2], tf.float32), tf.zeros(tf.shape(a)[:2], tf.float32)]
         return a, keys, state
 
-    def attend(self, a, keys, h, coverage=None, where=None):
+    def attend(self, a, keys, h, where=None):
         """One attention read: → (context z (B, F) gated by β, α (B, P)). `where`: [previous α, Σ α] (location)."""
         scores = keys + self.query(h)[:, None, :]
-        if coverage is not None:
-            scores += self.coverage(tf.cast(coverage[..., None], scores.dtype))
         if where is not None:
             shape = tf.shape(a)
             side = tf.cast(tf.round(tf.sqrt(tf.cast(shape[1], tf.float32))), tf.int32)
@@ -173,13 +156,10 @@ class ShowAttendTell(keras.Model):
         """One decoder step: → (h (B, H), z (B, F), α (B, P), new state)."""
         cells = 2 if self.cell_kind == "lstm" else 1
         cell_state, extra = state[:cells], list(state[cells:])
-        coverage = extra.pop(0) if self.coverage is not None else None
         where = extra if self.location else None
-        z, alpha = self.attend(a, keys, state[0], coverage, where)
+        z, alpha = self.attend(a, keys, state[0], where)
         h, new_state = self.cell(tf.concat([word_embedding, z], -1), cell_state, training=training)
         new_state = list(new_state) if isinstance(new_state, (list, tuple)) else [new_state]
-        if coverage is not None:
-            new_state.append(coverage + alpha)
         if where is not None:
             new_state += [alpha, where[1] + alpha]
         return h, z, alpha, new_state

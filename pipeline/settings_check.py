@@ -149,8 +149,6 @@ MEANINGS = {
     ("decoder", "embed_dim"): "word embedding size (and of the deep output layer)",
     ("decoder", "dropout"): "dropout before the output layer",
     ("decoder", "cell"): "the recurrent cell",
-    ("decoder", "positions"): "each cell's row and column (sin/cos): `true` added to the projected features "
-                              "(attention keys and context), `keys` to the attention keys only, `false` nowhere",
     ("training", "epochs"): "cross-entropy epochs (fewer when patience stops it)",
     ("training", "batch_size"): "(image, caption) pairs per step",
     ("training", "learning_rate"): "Adam's (peak) learning rate",

@@ -8,9 +8,8 @@ directory outside the task output. Each epoch ends with free-running decoding of
 [generation] settings (beam, length penalty, <unk> suppression: what GenerateCaptions will run) scored with
 BLEU-4 and CIDEr-D (and digits exact when the val images have digit labels); the best epoch's weights are
 kept — best by val CIDEr-D, or with `select_by = digits_exact` by val digits exact, CIDEr-D breaking ties
-(selection_key) — and training stops early after `patience` epochs without a better one. With `ema` > 0 the step
-also keeps an exponential moving average of the weights (Polyak averaging), and validation, the kept epoch and the
-model directory use the averaged weights (_TrainingState.averaged). With `scst_epochs` > 0, self-critical
+(selection_key) — and training stops early after `patience` epochs without a better one. With `scst_epochs` > 0,
+self-critical
 epochs follow (_self_critical: REINFORCE on sampled captions, rewarded with CIDEr-D or the digit reward of
 pipeline/rewards.py), starting from the best cross-entropy epoch and validated and kept the same way. Loss
 parts, learning rate, speed and validation scores also go to TensorBoard (pipeline/tensorboard.py:
@@ -47,10 +46,10 @@ log = logging.getLogger("captioner")
 DEFAULTS = dict(
     # [decoder]
     feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm", positions=False,
-    attention_keys="features", coverage=False, context_scores=False, location=0,
+    attention_keys="features", context_scores=False, location=0,
     # [training]
     epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
-    attention_lambda=1.0, patience=5, select_by="cider", group_captions=False, bucket_width=0, ema=0.0,
+    attention_lambda=1.0, patience=5, select_by="cider", bucket_width=0,
     scst_epochs=0, scst_reward="cider", scst_samples=5, scst_batch_size=16, scst_learning_rate=5e-5,
     checkpoint_every=500,
     shuffle_buffer=1000, block_rows=256,
@@ -59,7 +58,7 @@ DEFAULTS = dict(
     # [generation]: validation decodes exactly as GenerateCaptions will, so the best epoch is chosen for it
     decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
 )
-DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions", "coverage",
+DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions",
                 "context_scores", "location")
 SELECTION_NAMES = {"cider": "CIDEr-D", "digits_exact": "digits exact (CIDEr-D breaking ties)"}
 REWARD_NAMES = {"cider": "CIDEr-D", "digits": "digit reward"}
@@ -196,7 +195,7 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
         raise InputError("[training] select_by = digits_exact, but no val image has digit labels (\"digits\" in "
                          "its annotation entry). Fix: select_by = cider.")
     state = _TrainingState(Path(checkpoint_dir), data, len(vocab), settings)
-    train_step = make_train_step(state.model, state.optimizer, state.strategy, settings, state.averages)
+    train_step = make_train_step(state.model, state.optimizer, state.strategy, settings)
     board = TrainingBoard(checkpoint_dir)
     while not state.self_critical_started() and state["epoch"] < settings["epochs"] and \
             state["bad_epochs"] < settings["patience"]:
@@ -227,8 +226,8 @@ def _stopped_early(state, settings: dict) -> None:
 
 
 def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings: dict) -> SimpleNamespace:
-    """Train rows and caption ids; val rows, references and expected digits; feature shape; the batch (pairs, or
-    with group_captions whole images: as many as hold about batch_size captions) and steps per epoch."""
+    """Train rows and caption ids; val rows, references and expected digits; feature shape; the batch of pairs
+    and steps per epoch."""
     train_rows, val_rows = shard_rows(store_dir, train_index), shard_rows(store_dir, val_index)
     train_records = list(manifests.read_manifest(manifests.manifest_path(annotations_dir, "train")))
     captions = caption_ids(train_records, vocab)
@@ -236,13 +235,9 @@ def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settin
     positions, channels = shards.feature_shape(next(iter(train_rows)))
     layer = shards.read_attrs(next(iter(train_rows))).get("layer")
     n_pairs, n_images = count_pairs(train_rows, captions)
-    if settings["group_captions"]:
-        batch = max(1, round(settings["batch_size"] * n_images / max(n_pairs, 1)))
-        steps, what = math.ceil(n_images / batch), f"{batch} images with all their captions"
-    else:
-        batch, width = settings["batch_size"], settings["bucket_width"]
-        steps = batches_per_epoch(train_rows, captions, batch, width)
-        what = f"{batch} pairs" + (f" of similar caption lengths (bands of {width} tokens)" if width else "")
+    batch, width = settings["batch_size"], settings["bucket_width"]
+    steps = batches_per_epoch(train_rows, captions, batch, width)
+    what = f"{batch} pairs" + (f" of similar caption lengths (bands of {width} tokens)" if width else "")
     data = SimpleNamespace(train_rows=train_rows, val_rows=val_rows, captions=captions, positions=positions,
                            channels=channels, layer=layer, batch=batch, steps_per_epoch=steps,
                            val_refs={r["image_id"]: r["captions"] for r in val_records},
@@ -268,7 +263,6 @@ class _TrainingState:
             self.model(tf.zeros((1, data.positions, data.channels), tf.float16), tf.zeros((1, 1), tf.int32))
             self.optimizer = make_optimizer(settings, data.steps_per_epoch)
             self.optimizer.build(self.model.trainable_variables)
-            self.averages = moving_averages(self.model.trainable_variables) if settings["ema"] else []
             # self-critical epochs have their own optimizer: a constant small rate, fresh moments
             extra = {}
             if settings["scst_epochs"]:
@@ -279,8 +273,7 @@ class _TrainingState:
                              for name, value, dtype in (("epoch", 0, tf.int64), ("step", 0, tf.int64),
                                                         ("step_in_epoch", 0, tf.int64), ("best", -1.0, tf.float64),
                                                         ("bad_epochs", 0, tf.int64))}
-        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, averages=self.averages,
-                                         **self.counters, **extra)
+        checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, **self.counters, **extra)
         self.manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir), max_to_keep=2)
         self.history_path, self.best_weights = checkpoint_dir / "history.json", checkpoint_dir / "best.weights.h5"
         self.history = []
@@ -295,19 +288,6 @@ class _TrainingState:
             mean, std = feature_statistics(data.train_rows, settings["block_rows"])
             self.model.feature_mean.assign(mean)
             self.model.feature_std.assign(std)
-
-    @contextlib.contextmanager
-    def averaged(self):
-        """Inside, the model holds the averaged weights (ema > 0; the trained ones again afterwards)."""
-        variables = self.model.trainable_variables
-        trained = [v.numpy() for v in variables] if self.averages else []
-        for v, average in zip(variables, self.averages):
-            v.assign(average)
-        try:
-            yield
-        finally:
-            for v, value in zip(variables, trained):
-                v.assign(value)
 
     def self_critical_started(self) -> bool:
         """True once a self-critical step has run (its optimizer's step count is checkpointed with the rest)."""
@@ -328,8 +308,8 @@ def _train_epoch(state: _TrainingState, data, train_step, board, settings: dict,
     epoch, skip = state["epoch"], state["step_in_epoch"]
     total_steps = data.steps_per_epoch * settings["epochs"]
     ds = pairs_dataset(data.train_rows, data.captions, data.batch, settings["seed"], epoch, settings["shuffle_buffer"],
-                       settings["block_rows"], data.positions, data.channels, settings["group_captions"],
-                       settings["bucket_width"]).skip(skip)
+                       settings["block_rows"], data.positions, data.channels,
+                       bucket_width=settings["bucket_width"]).skip(skip)
     ds = state.strategy.experimental_distribute_dataset(ds.map(lambda ids, f, c: (f, c)))
     start = last_log = step_started = time.monotonic()
     seen, losses = 0, []
@@ -373,12 +353,9 @@ def _self_critical(state: _TrainingState, data, vocab, board, settings: dict, pr
     if not state.self_critical_started():   # from the kept epoch's weights, with a fresh patience
         if state.best_weights.exists():
             state.model.load_weights(str(state.best_weights))
-        for average, v in zip(state.averages, state.model.trainable_variables):
-            average.assign(v)
         state.counters["bad_epochs"].assign(0)
     sampler = decoder_fn(state.model, vocab, **settings["decoding"], samples=settings["scst_samples"])
-    step = make_scst_step(state.model, state.scst_optimizer, state.strategy, settings, vocab.index["<start>"],
-                          state.averages)
+    step = make_scst_step(state.model, state.scst_optimizer, state.strategy, settings, vocab.index["<start>"])
     name = REWARD_NAMES[settings["scst_reward"]]
     while (done := sum(e.get("phase") == "scst" for e in state.history)) < settings["scst_epochs"] and \
             state["bad_epochs"] < settings["patience"]:
@@ -433,9 +410,8 @@ def _end_epoch(state: _TrainingState, data, vocab, summary: dict, text: str, see
     """Validate the epoch's weights decoding as GenerateCaptions will, keep them when the epoch is the best so
     far (selection_key), record the epoch (history, log, TensorBoard) and checkpoint. `summary`: the history
     entry's training part (phase, loss ...), `text` its log form."""
-    with state.averaged():
-        hyps = decoded_captions(state.model, data.val_rows, vocab, settings["decoding"], settings["val_batch_size"],
-                                settings["block_rows"])
+    hyps = decoded_captions(state.model, data.val_rows, vocab, settings["decoding"], settings["val_batch_size"],
+                            settings["block_rows"])
     scores = validation_scores(data.val_refs, hyps)
     exact = digits.digits_exact(hyps, data.val_digits)   # None unless the val images have digit labels
     entry = {"epoch": state["epoch"] + 1, **summary, "val_Bleu_4": scores["Bleu_4"],
@@ -446,7 +422,7 @@ def _end_epoch(state: _TrainingState, data, vocab, summary: dict, text: str, see
     key = lambda e: selection_key(e, settings["select_by"])
     improved = entry["best"] = all(key(entry) > key(e) for e in state.history)
     if improved:
-        with atomic_file(state.best_weights, suffix=".weights.h5") as tmp, state.averaged():
+        with atomic_file(state.best_weights, suffix=".weights.h5") as tmp:
             state.model.save_weights(str(tmp))
         state.counters["best"].assign(key(entry)[0])
         state.counters["bad_epochs"].assign(0)
@@ -464,29 +440,10 @@ def _end_epoch(state: _TrainingState, data, vocab, summary: dict, text: str, see
     write_json(state.history_path, state.history)
 
 
-def moving_averages(variables) -> list:
-    """[training] ema > 0: one variable per trainable weight, starting at its value, that make_train_step moves
-    towards it after each update. The same on every replica: each takes the first replica's update."""
-    import tensorflow as tf
-
-    return [tf.Variable(v.numpy(), trainable=False, name="average",
-                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA) for v in variables]
-
-
-def update_averages(averages, variables, ema: float, iterations) -> None:
-    """Move each average towards its weight by 1 − d, d = min(ema, (1 + n) / (10 + n)) after n updates."""
-    import tensorflow as tf
-
-    n = tf.cast(iterations, tf.float32)
-    decay = tf.minimum(ema, (1.0 + n) / (10.0 + n))
-    for average, v in zip(averages, variables):
-        average.assign(decay * average + (1.0 - decay) * v)
-
-
-def _update(model, optimizer, settings: dict, replicas: int, averages, losses):
+def _update(model, optimizer, settings: dict, replicas: int, losses):
     """One optimizer update inside a replica: `losses()` → (loss, *more), computed under a gradient tape; the loss
-    is divided among the replicas (and scaled under mixed precision), its gradient applied, the moving averages
-    moved (`averages`). → (loss, *more)."""
+    is divided among the replicas (and scaled under float16 mixed precision), its gradient applied.
+    → (loss, *more)."""
     import tensorflow as tf
 
     with tf.GradientTape() as tape:
@@ -495,16 +452,12 @@ def _update(model, optimizer, settings: dict, replicas: int, averages, losses):
         if settings["precision"] == "mixed_float16":
             scaled = optimizer.scale_loss(scaled)
     optimizer.apply(tape.gradient(scaled, model.trainable_variables), model.trainable_variables)
-    if averages:
-        update_averages(averages, model.trainable_variables, settings["ema"], optimizer.iterations)
     return out
 
 
-def make_train_step(model, optimizer, strategy, settings, averages=()):
+def make_train_step(model, optimizer, strategy, settings):
     """The compiled step: (features, captions) → (loss, xent, attention term, real captions), averaged over the
-    replicas. With `averages` (one variable per trainable weight), it also moves each towards its weight by
-    1 − d, d = min(ema, (1 + n) / (10 + n)) after n updates: the average follows the first steps closely instead of
-    remembering the random start (tf.train.ExponentialMovingAverage's num_updates)."""
+    replicas."""
     import tensorflow as tf
 
     replicas = strategy.num_replicas_in_sync
@@ -517,7 +470,7 @@ def make_train_step(model, optimizer, strategy, settings, averages=()):
             return caption_loss(logits, alphas, tf.reshape(words_out, tf.shape(logits)[:2]),
                                 settings["attention_lambda"])
 
-        loss, xent, doubly = _update(model, optimizer, settings, replicas, averages, losses)
+        loss, xent, doubly = _update(model, optimizer, settings, replicas, losses)
         return loss, xent, doubly, tf.reduce_sum(tf.cast(captions[..., 0] != 0, tf.int32))   # real captions
 
     # XLA compiles one program per batch shape anyway, and needs each trace's caption length to be static
@@ -531,7 +484,7 @@ def make_train_step(model, optimizer, strategy, settings, averages=()):
     return step
 
 
-def make_scst_step(model, optimizer, strategy, settings, start_id: int, averages=()):
+def make_scst_step(model, optimizer, strategy, settings, start_id: int):
     """The compiled self-critical step (Rennie et al. 2017): (features (B, P, D), sampled captions (B, K, L)
     without <start>, 0 after <end>, advantages (B, K)) → (loss, mean log-probability per word).
 
@@ -556,7 +509,7 @@ def make_scst_step(model, optimizer, strategy, settings, start_id: int, averages
             weighted = tf.reshape(advantages, [-1, 1]) * logp * mask
             return -tf.reduce_sum(weighted) / words, tf.reduce_sum(logp * mask) / words
 
-        return _update(model, optimizer, settings, replicas, averages, losses)
+        return _update(model, optimizer, settings, replicas, losses)
 
     @tf.function(reduce_retracing=True)
     def step(features, tokens, advantages):

@@ -34,15 +34,9 @@ class Stage(ReportsProgress, luigi.Task):
     version = 1   # bump when a stage's code changes what it writes
     expected_files: tuple = ()   # besides provenance.json; checked (and *.json parsed) by complete()
 
-    # Keys added after outputs were written, left out of the settings at these values: those outputs stay found.
-    added_later: dict = {}
-
     def settings(self) -> dict:
         """The significant settings of this stage (upstream ones enter through upstream fingerprints)."""
         raise NotImplementedError
-
-    def without_added_later(self, values: dict) -> dict:
-        return {k: v for k, v in values.items() if k not in self.added_later or self.added_later[k] != v}
 
     def upstream_stages(self) -> list["Stage"]:
         return [t for t in luigi.task.flatten(self.requires()) if isinstance(t, Stage)]

@@ -38,12 +38,8 @@ class TrainDecoder(Stage):
     def training_settings(self) -> dict:
         return {**section_values(decoder), **section_values(training), "decoding": context.validation_decoding()}
 
-    added_later = {"select_by": "cider", "attention_keys": "features", "coverage": False, "group_captions": False,
-                   "bucket_width": 0, "context_scores": False, "ema": 0.0, "location": 0, "scst_epochs": 0,
-                   "scst_reward": "cider", "scst_samples": 5, "scst_batch_size": 16, "scst_learning_rate": 5e-5}
-
     def settings(self):
-        values = self.without_added_later(self.training_settings())
+        values = self.training_settings()
         unused = {k for k in values if k.startswith("scst_")} if not values.get("scst_epochs") else set()
         return {k: v for k, v in values.items() if k not in self.operational and k not in unused}
 

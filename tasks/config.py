@@ -216,16 +216,6 @@ class encoder(Section):
                 + self.require(self.decode_workers >= 0, "decode_workers", "must be 0 (auto) or more"))
 
 
-class BlockParameter(luigi.ChoiceParameter):
-    """[pretrain] scene_train_from: `all` or an InceptionV3 block; empty, its first spelling, is read as `all`, so
-    the library and the fingerprint see one spelling (encoders pretrained before either keep theirs)."""
-
-    kind = "choice"   # for Section.read's message
-
-    def normalize(self, x):
-        return super().normalize(x or "all")
-
-
 class pretrain(Section):
     """[pretrain] the built-in digits encoder (pipeline/pretrain.py), used when [encoder] weights = digits."""
     steps = luigi.IntParameter(default=250, description="training steps on crops (phase 1)")
@@ -235,9 +225,9 @@ class pretrain(Section):
     warmup_steps = luigi.IntParameter(default=20)
     scene_steps = luigi.IntParameter(default=90, description="training steps on whole 299-px scenes (phase 2)")
     scene_batch_size = luigi.IntParameter(default=16, description="whole scenes per step")
-    scene_train_from = BlockParameter(choices=["all"] + [f"mixed{i}" for i in range(11)], default="all",
-                                      description="phase 2 trains this block and those above it; the layers below "
-                                                  "keep their phase-1 weights (all, or empty: every layer)")
+    scene_train_from = luigi.ChoiceParameter(choices=["all"] + [f"mixed{i}" for i in range(11)], default="all",
+                                             description="phase 2 trains this block and those above it; the layers "
+                                                         "below keep their phase-1 weights (all: every layer)")
     seed = luigi.IntParameter(default=0)
     bn_scenes = luigi.IntParameter(default=128, description="299-px scenes that re-estimate the batch norms")
     val_scenes = luigi.IntParameter(default=128, description="held-out val-pool scenes the report's accuracy uses")
@@ -266,25 +256,6 @@ class features(Section):
         return self.require(self.shard_size >= 1, "shard_size", "must be at least 1")
 
 
-class PositionsParameter(luigi.Parameter):
-    """[decoder] positions = false | true | keys → False, True or "keys" (pipeline.model.POSITIONS): no cell
-    positions, added to the projected features, or added to the attention keys only. Booleans for the first two
-    keep the fingerprints and decoder.json files written before `keys` existed."""
-    VALUES = {"false": False, "true": True, "keys": "keys"}
-    kind = "choice"   # for Section.read's message
-
-    def parse(self, x):
-        if isinstance(x, bool):
-            return x
-        value = self.VALUES.get(str(x).strip().lower())
-        if value is None:
-            raise ValueError(f"{x!r} is not one of {', '.join(self.VALUES)}")
-        return value
-
-    def serialize(self, x):
-        return x if isinstance(x, str) else str(x).lower()
-
-
 class decoder(Section):
     """[decoder] Show-Attend-Tell model sizes (pipeline/model.py)."""
     feature_dim = luigi.IntParameter(default=512, description="features projected to this size once per image")
@@ -293,12 +264,13 @@ class decoder(Section):
     units = luigi.IntParameter(default=512, description="LSTM (or GRU) units")
     dropout = luigi.FloatParameter(default=0.5)
     cell = luigi.ChoiceParameter(choices=["lstm", "gru"], default="lstm")
-    positions = PositionsParameter(default=True)
+    positions = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                    description="each cell's row and column added to the projected features (the "
+                                                "attention keys and what the context reads); false: none (the "
+                                                "paper's)")
     attention_keys = luigi.ChoiceParameter(choices=["features", "cell_scores"], default="features",
                                            description="what the attention keys are computed from: the features, "
                                                        "or (features of a +cell_scores layer) the cell scores alone")
-    coverage = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                   description="the attention sees how much each cell was attended so far")
     context_scores = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                          description="with attention_keys = cell_scores: the context reads the cell "
                                                      "scores too, not only the other channels")
@@ -336,13 +308,8 @@ class training(Section):
     select_by = luigi.ChoiceParameter(choices=["cider", "digits_exact"], default="cider",
                                       description="the val score that picks the best epoch (digits_exact: "
                                                   "digit datasets; CIDEr-D breaks its ties)")
-    group_captions = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
-                                         description="batches of whole images with all their captions (about "
-                                                     "batch_size captions): features projected once per image")
     bucket_width = luigi.IntParameter(default=0, description="batches of pairs whose caption lengths fall in the "
                                                              "same band of this many tokens; 0: any lengths")
-    ema = luigi.FloatParameter(default=0.0, description="decay of the moving average of the weights that validation "
-                                                        "and the model use; 0: the trained weights themselves")
     scst_epochs = luigi.IntParameter(default=0, description="self-critical epochs after the cross-entropy ones, "
                                                             "from the best of them; 0: none")
     scst_reward = luigi.ChoiceParameter(choices=["cider", "digits"], default="cider",
@@ -375,11 +342,7 @@ class training(Section):
             out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
         out += self.require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be 0 or more")
         out += self.require(self.bucket_width >= 0, "bucket_width", "must be 0 (off) or more")
-        out += self.require(not (self.bucket_width and self.group_captions), "bucket_width",
-                            "buckets pairs by caption length, and group_captions = true batches whole images; "
-                            "set one of them off")
         out += self.require(self.learning_rate > 0, "learning_rate", "must be positive")
-        out += self.require(0 <= self.ema < 1, "ema", "must be in [0, 1) (0: off; e.g. 0.995)")
         out += self.require(self.scst_epochs >= 0, "scst_epochs", "must be 0 (off) or more")
         out += self.require(self.scst_samples >= 2, "scst_samples", "must be at least 2 (each sample's baseline is "
                                                                     "the mean reward of the others)")

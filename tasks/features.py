@@ -88,12 +88,11 @@ class PretrainDigitsEncoder(Stage):
     stage = "encoders"
     version = 2   # 2: the per-cell head saved beside the weights (for `<layer>+cell_scores` features)
     expected_files = (pretrain_lib.WEIGHTS_FILE, CELL_HEAD_FILE, manifests.REPORT_FILE)
-    added_later = {"scene_train_from": "all"}
 
     def settings(self):
         # trained, batch-norm re-estimated and checked on scenes of the size the encoder will see, at its layer
         e = encoder.read()
-        return {**self.without_added_later(section_values(pretrain)), "pool_seed": demo.read().seed,
+        return {**section_values(pretrain), "pool_seed": demo.read().seed,
                 "scene_size": e.image_size, "layer": encoder_lib.base_layer(e.layer)}
 
     def weights_path(self) -> Path:

@@ -152,18 +152,16 @@ BAD_SETTINGS = [
     (("--decoder-units", "-1"), ["[decoder] units = -1 must be at least 1"]),
     (("--generation-beam-size", "0"), ["[generation] beam_size = 0 must be at least 1"]),
     (("--training-batch-size", "lots"), ["[training] batch_size: not a valid int"]),
-    (("--decoder-positions", "maybe"), ["[decoder] positions: not a valid choice", "not one of false, true, keys"]),
+    (("--decoder-positions", "maybe"), ["[decoder] positions: not a valid bool", "cannot interpret 'maybe'"]),
     (("--encoder-layer", "mixed7+cell_scores"), ["[encoder] layer = 'mixed7+cell_scores' needs weights = digits",
                                                  "use mixed7 with other weights"]),
     (("--decoder-attention-keys", "cell_scores"), ["[decoder] attention_keys = 'cell_scores'",
                                                    "needs features with cell scores",
                                                    "set attention_keys = features and context_scores = false"]),
     (("--decoder-context-scores", "true"), ["[decoder] context_scores = True needs attention_keys = cell_scores"]),
-    (("--training-ema", "1"), ["[training] ema = 1.0 must be in [0, 1)"]),
     (("--pretrain-scene-train-from", "mixed9", "--encoder-layer", "mixed7"),
      ["[pretrain] scene_train_from = 'mixed9' must be all or a block at or below the feature layer mixed7"]),
-    (("--training-bucket-width", "3", "--training-group-captions", "true"),
-     ["[training] bucket_width = 3 buckets pairs by caption length", "set one of them off"]),
+    (("--training-bucket-width", "-1"), ["[training] bucket_width = -1 must be 0 (off) or more"]),
 ]
 
 

@@ -10,10 +10,10 @@ from pipeline.model import ShowAttendTell, caption_loss
 P, D, V = 16, 32, 12
 
 
-def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0, coverage=False, context_scores=False,
+def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0, context_scores=False,
                 location=0):
     model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell,
-                           feature_channels=D, positions=positions, key_channels=key_channels, coverage=coverage,
+                           feature_channels=D, positions=positions, key_channels=key_channels,
                            context_scores=context_scores, location=location)
     model(tf.zeros((1, P, D)), tf.zeros((1, 1), tf.int32))
     return model
@@ -40,7 +40,7 @@ def test_attention_weights_sum_to_one_per_step():
     np.testing.assert_allclose(tf.reduce_sum(alphas, -1).numpy(), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("positions", [False, True, "keys"])
+@pytest.mark.parametrize("positions", [False, True])
 def test_only_the_position_encoding_tells_where_a_cell_is(positions):
     # the same cells in another order: without positions the decoder is blind to the order (its attention
     # follows the cells, its words do not change); with them it sees a different image
@@ -56,17 +56,17 @@ def test_only_the_position_encoding_tells_where_a_cell_is(positions):
         np.testing.assert_allclose(tf.gather(alphas, order, axis=2).numpy(), alphas_moved.numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("positions", [True, "keys"])
-def test_keys_positions_place_the_attention_keys_only(positions):
-    # what the context reads (a) follows the cells when they move unless positions are added to it; the keys
-    # (where to look) always carry the positions
+@pytest.mark.parametrize("positions", [False, True])
+def test_positions_place_both_the_keys_and_what_the_context_reads(positions):
+    # moved cells: without positions what the context reads (a) and the keys (where to look) move with them;
+    # with positions both also say where each cell is
     model = small_model(positions=positions)
     features = tf.random.stateless_normal((1, P, D), seed=(5, 6))
     order = np.random.default_rng(1).permutation(P)
     a, keys, _ = model.encode(features)
     a_moved, keys_moved, _ = model.encode(tf.gather(features, order, axis=1))
-    assert np.allclose(tf.gather(a, order, axis=1).numpy(), a_moved.numpy(), atol=1e-6) == (positions == "keys")
-    assert not np.allclose(tf.gather(keys, order, axis=1).numpy(), keys_moved.numpy(), atol=1e-5)
+    assert np.allclose(tf.gather(a, order, axis=1).numpy(), a_moved.numpy(), atol=1e-6) != positions
+    assert np.allclose(tf.gather(keys, order, axis=1).numpy(), keys_moved.numpy(), atol=1e-5) != positions
 
 
 def content_and_scores_changed(k):
@@ -78,7 +78,7 @@ def content_and_scores_changed(k):
     return features, other_content, other_scores
 
 
-@pytest.mark.parametrize("positions", [False, "keys"])
+@pytest.mark.parametrize("positions", [False, True])
 def test_key_channels_make_the_keys_and_the_other_channels_the_context(positions):
     # attention_keys = cell_scores: the last K channels (the cell scores) decide where to look, and only that;
     # the others are what is read, and only that
@@ -92,7 +92,7 @@ def test_key_channels_make_the_keys_and_the_other_channels_the_context(positions
     np.testing.assert_allclose(a.numpy(), a_scores.numpy(), atol=1e-6)
     assert not np.allclose(a.numpy(), a_content.numpy(), atol=1e-3)
     assert not np.allclose(keys.numpy(), keys_scores.numpy(), atol=1e-3)
-    # with positions = keys the keys still tell the cells apart when their scores are all alike
+    # with positions the keys still tell the cells apart when their scores are all alike
     same_scores = tf.concat([features[..., :-K], tf.ones((2, P, K))], -1)
     _, keys_alike, _ = model.encode(same_scores)
     assert np.allclose(keys_alike[:, :1].numpy(), keys_alike.numpy(), atol=1e-6) == (not positions)
@@ -113,66 +113,17 @@ def test_context_scores_let_the_context_read_the_cell_scores_too():
         small_model(context_scores=True)
 
 
-def test_the_moving_average_of_the_weights_follows_the_formula():
-    """[training] ema: after the n-th update each average moves towards its weight by 1 − d, d = min(ema,
-    (1 + n) / (10 + n)); the weights themselves train as without it."""
-    features = tf.random.stateless_normal((2, P, D), seed=(7, 8))
-    captions = tf.constant([[1, 4, 5, 2], [1, 7, 2, 0]])
-    trained = {}
-    for ema in (0.0, 0.5):
-        tf.keras.utils.set_random_seed(0)
-        model = small_model()
-        settings = {**train_lib.DEFAULTS, "ema": ema}
-        optimizer = train_lib.make_optimizer(settings, steps_per_epoch=1)
-        averages = train_lib.moving_averages(model.trainable_variables) if ema else []
-        expected = [v.numpy() for v in model.trainable_variables]
-        step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), settings, averages)
-        for n in range(1, 4):
-            step(features, captions)
-            decay = min(ema, (1 + n) / (10 + n))
-            expected = [decay * e + (1 - decay) * v.numpy() for e, v in zip(expected, model.trainable_variables)]
-        trained[ema] = [v.numpy() for v in model.trainable_variables]
-        for average, e in zip(averages, expected):
-            np.testing.assert_allclose(average.numpy(), e, rtol=1e-5, atol=1e-7)
-    for with_average, without in zip(trained[0.5], trained[0.0]):
-        np.testing.assert_allclose(with_average, without, rtol=1e-5, atol=1e-7)
-    assert not np.allclose(averages[0].numpy(), trained[0.5][0])    # the average lags the weights
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_coverage_carries_the_attention_so_far_and_steers_the_next(cell):
-    # [decoder] coverage: the last state tensor is Σ α of the steps so far; it enters the attention scores, so
-    # the same state with another history attends elsewhere
-    model = small_model(cell=cell, coverage=True)
-    features = tf.random.stateless_normal((2, P, D), seed=(15, 16))
-    a, keys, state = model.encode(features)
-    assert len(state) == (3 if cell == "lstm" else 2) and not np.any(state[-1].numpy())
-    embedding = model.embed(tf.constant([1, 1]))
-    _, _, alpha1, state = model.step(embedding, a, keys, state)
-    _, _, alpha2, state = model.step(embedding, a, keys, state)
-    np.testing.assert_allclose(state[-1].numpy(), (alpha1 + alpha2).numpy(), rtol=1e-6)
-    _, _, fresh, _ = model.step(embedding, a, keys, state[:-1] + [tf.zeros_like(state[-1])])
-    _, _, seen, _ = model.step(embedding, a, keys, state)
-    assert not np.allclose(fresh.numpy(), seen.numpy(), atol=1e-6)
-    # and it trains and decodes like any other state (the teacher-forced pass runs the same steps)
-    logits, alphas = model(features, tf.constant([[1, 4, 5, 6]] * 2))
-    assert logits.shape == (2, 4, V) and np.isfinite(logits.numpy()).all()
-
-
-@pytest.mark.parametrize("coverage", [False, True])
-def test_location_carries_the_last_attention_and_its_sum_and_they_steer_the_next(coverage):
+def test_location_carries_the_last_attention_and_its_sum_and_they_steer_the_next():
     # [decoder] location = k: the state ends with the previous α and Σ α, convolved over the 4×4 grid of cells
-    model = small_model(coverage=coverage, location=3)
+    model = small_model(location=3)
     features = tf.random.stateless_normal((2, P, D), seed=(17, 18))
     a, keys, state = model.encode(features)
-    assert len(state) == 2 + coverage + 2 and not any(np.any(s.numpy()) for s in state[2:])
+    assert len(state) == 2 + 2 and not any(np.any(s.numpy()) for s in state[2:])
     embedding = model.embed(tf.constant([1, 1]))
     _, _, alpha1, state = model.step(embedding, a, keys, state)
     _, _, alpha2, state = model.step(embedding, a, keys, state)
     np.testing.assert_allclose(state[-2].numpy(), alpha2.numpy(), rtol=1e-6)
     np.testing.assert_allclose(state[-1].numpy(), (alpha1 + alpha2).numpy(), rtol=1e-6)
-    if coverage:
-        np.testing.assert_allclose(state[2].numpy(), (alpha1 + alpha2).numpy(), rtol=1e-6)
     # the same cell state with the attention elsewhere before: another attention now
     moved = tf.roll(state[-2], 5, axis=1)
     _, _, here, _ = model.step(embedding, a, keys, state)
@@ -186,11 +137,6 @@ def test_location_carries_the_last_attention_and_its_sum_and_they_steer_the_next
 def test_key_channels_must_leave_channels_to_read():
     with pytest.raises(ValueError, match="key_channels"):
         small_model(key_channels=D)
-
-
-def test_unknown_positions_value_is_refused():
-    with pytest.raises(ValueError, match="positions must be one of"):
-        small_model(positions="values")
 
 
 def test_position_encoding_is_distinct_per_cell():
@@ -269,8 +215,8 @@ def test_the_xla_train_step_matches_the_plain_one():
 
 
 def test_grouped_captions_train_as_the_same_pairs():
-    """[training] group_captions: a step on (images, their captions (B, C, T)) computes what a step on the pairs
-    (each image's features repeated per caption) does — one projection per image instead of per caption — and
+    """Grouped batches (self-critical training's): a step on (images, their captions (B, C, T)) computes what a
+    step on the pairs (each image's features repeated per caption) does — one projection per image instead of per caption — and
     counts only real captions (an all-padding row fills a missing one)."""
     features = tf.random.stateless_normal((2, P, D), seed=(3, 4))
     grouped = tf.constant([[[1, 4, 5, 2], [1, 7, 2, 0]], [[1, 9, 9, 2], [0, 0, 0, 0]]])

@@ -193,12 +193,12 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
         expected = np.exp(logits - logits.max(-1, keepdims=True))
         np.testing.assert_allclose(features[..., 768:], expected / expected.sum(-1, keepdims=True), atol=0.01)
 
-    # a decoder whose attention keys come from the scores and whose context reads them too (the demo's settings;
-    # with [training] ema on as well, which the demo leaves off), and captioning a new image with it (the CLI
-    # rebuilds the encoder, head included, from the model's provenance)
+    # a decoder whose attention keys come from the scores and whose context reads them too (the demo's
+    # settings), and captioning a new image with it (the CLI rebuilds the encoder, head included, from the
+    # model's provenance)
     trained = run_luigi("TrainDecoder", *args[2:4], "--encoder-layer", "mixed7+cell_scores", *args[6:],
                         "--decoder-attention-keys", "cell_scores", "--decoder-context-scores", "true",
-                        "--training-ema", "0.9", workdir=workdir)
+                        workdir=workdir)
     assert trained.returncode == 0, trained.output
     (model_dir,) = workdir.glob("models/[!.]*")
     decoder_config = json.loads((model_dir / "decoder.json").read_text())
@@ -217,3 +217,104 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     other = run_luigi("PlanShards", "--encoder-weights", "digits", "--pretrain-steps", "4", workdir=workdir)
     assert other.returncode == 0, other.output
     assert len(list((workdir / "features").iterdir())) == 3
+
+
+def _varied_scenes(n, seed=0):
+    """n varied scenes at their own size: [(image (H, W, 3), boxes [(x, y, w, h)], coverage (H, W))], the
+    coverage drawn with the same generator state as render_varied's."""
+    digits, pool = demo.load_digits(), pretrain.pools(1797)["train"]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        samples = rng.choice(pool, size=int(rng.integers(1, 5))).tolist()
+        state = rng.bit_generator.state
+        image, boxes = pretrain.render_varied(rng, digits.images, samples)
+        replay = np.random.default_rng()
+        replay.bit_generator.state = state
+        glyphs = [pretrain.glyph_ink(digits.images[k]) for k in samples]
+        width, height, again = pretrain.varied_layout(replay, glyphs)
+        replay.uniform(size=7)   # grey, tint (3), hue, saturation, value: render_varied's draws before the glyphs
+        assert again == boxes and image.shape == (height, width, 3)
+        out.append((image, boxes, pretrain.glyph_coverage(replay, glyphs, width, height, boxes)))
+    return out
+
+
+def test_varied_scenes_span_sizes_aspects_glyph_widths_and_backgrounds():
+    scenes = _varied_scenes(120)
+    heights, aspects, glyph_widths, backgrounds, contrasts = [], [], [], [], []
+    for image, boxes, coverage in scenes:
+        height, width = image.shape[:2]
+        aspects.append(width / height)
+        luminance = image.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
+        outside = np.ones((height, width), bool)
+        for x, y, w, h in boxes:
+            assert 0 <= x and x + w <= width and 0 <= y and y + h <= height
+            heights.append(h / height)
+            glyph_widths.append(w / h)
+            outside[y:y + h, x:x + w] = False
+        for k, (x, y, w, h) in enumerate(boxes):       # glyphs apart
+            for bx, by, bw, bh in boxes[k + 1:]:
+                assert x + w <= bx or bx + bw <= x or y + h <= by or by + bh <= y
+        backgrounds.append(float(np.median(luminance[outside])))
+        inked = coverage > 0.7
+        if inked.any():
+            contrasts.append(backgrounds[-1] - float(np.median(luminance[inked])))
+    heights, aspects, glyph_widths = map(np.asarray, (heights, aspects, glyph_widths))
+    # digit height: about a tenth to most of the image height (a glyph shrinks only when the digits do not fit)
+    assert heights.max() <= 0.98 and np.quantile(heights, 0.05) >= 0.04
+    assert (heights < 0.15).any() and (heights > 0.6).any()
+    # aspect 1:2 to 3:1, both ends reached
+    assert aspects.min() >= 0.44 and aspects.max() <= 3.35
+    assert (aspects < 0.6).any() and (aspects > 2.5).any()
+    # narrow and square glyphs
+    assert (glyph_widths < 0.35).any() and (glyph_widths > 0.9).any()
+    # mid-grey to white backgrounds, dark ink on every one of them
+    assert min(backgrounds) >= 85 and max(backgrounds) <= 255
+    assert min(backgrounds) < 140 and max(backgrounds) > 230
+    assert min(contrasts) > 25
+    # 1–4 digits
+    assert {len(boxes) for _, boxes, _ in scenes} == {1, 2, 3, 4}
+
+
+def test_varied_boxes_hold_all_the_ink_and_label_their_cells():
+    for image, boxes, coverage in _varied_scenes(40, seed=1):
+        inside = np.zeros(coverage.shape, bool)
+        for x, y, w, h in boxes:
+            inside[y:y + h, x:x + w] = True
+            assert coverage[y:y + h, x:x + w].max() > 0.3          # every box holds its glyph
+        assert not coverage[~inside].any()                         # and no ink lies outside the boxes
+    # resized to the encoder's square input, every digit labels the cells whose centres lie in its box, or its
+    # nearest cell, and no cell outside its box
+    digits, pool = demo.load_digits(), pretrain.pools(1797)["train"]
+    rng = np.random.default_rng(2)
+    centres = pretrain.cell_centres(17, "mixed7")
+    for _ in range(40):
+        scene, boxes = pretrain.render_scene(rng, digits.images, digits.target, pool, 299, varied=1.0)
+        assert scene.shape == (299, 299, 3)
+        labels = pretrain.scene_labels(boxes, 299, "mixed7")
+        for x, y, w, h, label in boxes:
+            assert 0 <= x and x + w <= 299.01 and 0 <= y and y + h <= 299.01
+            assert label in labels
+        for row, col in np.argwhere(labels != pretrain.BACKGROUND):
+            near = [(x, y, w, h) for x, y, w, h, label in boxes if label == labels[row, col]]
+            assert any(x - 16 <= centres[col] <= x + w + 16 and y - 16 <= centres[row] <= y + h + 16
+                       for x, y, w, h in near)
+
+
+def test_pretraining_scenes_are_seeded_and_mix_both_renderers():
+    pool = pretrain.pools(1797)["train"]
+    first = next(pretrain.scene_batches(4, pool, 12, 299, "mixed7"))
+    again = next(pretrain.scene_batches(4, pool, 12, 299, "mixed7"))
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    demo_only = next(pretrain.scene_batches(4, pool, 12, 299, "mixed7", varied=0.0))
+    assert not np.array_equal(first[0], demo_only[0])
+    # a share of varied_fraction varied scenes, the rest the demo's
+    calls = []
+    render = pretrain.render_varied
+    try:
+        pretrain.render_varied = lambda *args: calls.append(1) or render(*args)
+        next(pretrain.scene_batches(4, pool, 90, 299, "mixed7", varied=2 / 3))
+    finally:
+        pretrain.render_varied = render
+    assert 45 <= len(calls) <= 75

@@ -1,9 +1,9 @@
-"""The decoder's train step on three kinds of batch (`[training] bucket_width`, `group_captions`) (not run by
-pytest).
+"""The decoder's train step on three kinds of batch (`[training] bucket_width`, and the grouped batches of
+self-critical training) (not run by pytest).
 
     python tests/benchmarks/bench_batches.py [--runs 3]
 
-The demo's decoder (configs/luigi.cfg: 289 cells of 768 mixed7 channels + 11 cell scores, keys from the scores,
+The demo's decoder (configs/demo.cfg: 289 cells of 768 mixed7 channels + 11 cell scores, keys from the scores,
 256 units, 128 attention) trained by pipeline/train.py's make_train_step on random features. Caption lengths (in
 tokens, <start> and <end> included) are drawn like the demo's: lognormal around 9.5, 5 to 17 (the demo's train
 captions: mean 9.5, 5th–95th percentile 5–14, max 17). The same 1,920 captions (384 images × 5) are batched as
@@ -12,8 +12,8 @@ captions: mean 9.5, 5th–95th percentile 5–14, max 17). The same 1,920 captio
                    tutorial pads every caption to the dataset's longest, sgrvinod's to a fixed 52 and shrinks
                    the batch per time step);
   buckets of 3     32 pairs whose lengths fall in the same band of 3 tokens (bucket_width = 3);
-  grouped 6 x 5    6 images with their 5 captions each, features projected once per image (group_captions =
-                   true, self-critical.pytorch's seq_per_img).
+  grouped 6 x 5    6 images with their 5 captions each, features projected once per image (what
+                   self-critical training uses; self-critical.pytorch's seq_per_img).
 Each variant is traced and warmed on all its batches first; then captions/s over all of them, the variants
 alternating, `--runs` times: median and min–max.
 """

@@ -33,7 +33,7 @@ def train_step(jit: bool):
 
     keras.utils.set_random_seed(0)
     settings = {**DEFAULTS, "attention_lambda": 0.0, "jit_compile": jit}
-    model = ShowAttendTell(V, feature_channels=D, key_channels=11, positions="keys", attention_dim=128,
+    model = ShowAttendTell(V, feature_channels=D, key_channels=11, positions=True, attention_dim=128,
                            feature_dim=256, embed_dim=128, units=256, dropout=0.3)
     model(tf.zeros((1, P, D), tf.float16), tf.zeros((1, 1), tf.int32))
     optimizer = make_optimizer(settings, 100)
