@@ -227,7 +227,7 @@ def caption_loss(logits, alphas, words_out, attention_lambda: float = 1.0):
 
 
 def load_model(model_dir):
-    """(model, vocabulary, features provenance) from a model directory (pipeline.train.write_model_dir)."""
+    """(model, vocabulary, features provenance) from a model directory (pipeline/train.py: write_model_dir)."""
     model_dir = Path(model_dir)
     config = manifests.read_json(model_dir / "decoder.json")
     model = ShowAttendTell(**config)

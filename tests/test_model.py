@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import train as train_lib
+from pipeline import steps, train as train_lib
 from pipeline.decode import greedy_fn
 from pipeline.model import ShowAttendTell, caption_loss
 
@@ -185,8 +185,8 @@ def test_memorises_a_few_captions_and_greedy_returns_them(cell):
     features = tf.random.stateless_normal((4, P, D), seed=(5, 6))
     captions = tf.constant([[1, 4, 5, 6, 2, 0], [1, 7, 8, 2, 0, 0], [1, 9, 10, 11, 4, 2], [1, 5, 4, 2, 0, 0]])
     settings = {**train_lib.DEFAULTS, "learning_rate": 0.01, "clip_norm": 5.0, "epochs": 1}
-    optimizer = train_lib.make_optimizer(settings, steps_per_epoch=1)
-    step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
+    optimizer = steps.make_optimizer(settings, steps_per_epoch=1)
+    step = steps.make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
     for _ in range(300):
         loss, xent, _, _ = step(features, captions)
     assert float(xent) < 0.05
@@ -207,8 +207,8 @@ def test_the_xla_train_step_matches_the_plain_one():
         tf.keras.utils.set_random_seed(0)
         model = small_model()
         settings = {**train_lib.DEFAULTS, "jit_compile": jit}
-        optimizer = train_lib.make_optimizer(settings, steps_per_epoch=1)
-        step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
+        optimizer = steps.make_optimizer(settings, steps_per_epoch=1)
+        step = steps.make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
         losses[jit] = [float(step(features, batch)[0]) for batch in batches * 3]
     assert losses[False][0] != losses[False][2]   # it trains
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
@@ -225,8 +225,8 @@ def test_grouped_captions_train_as_the_same_pairs():
                                 "pairs": (tf.repeat(features, 2, axis=0), tf.reshape(grouped, (4, 4)))}.items():
         tf.keras.utils.set_random_seed(0)
         model = small_model()
-        optimizer = train_lib.make_optimizer(train_lib.DEFAULTS, steps_per_epoch=1)
-        step = train_lib.make_train_step(model, optimizer, tf.distribute.get_strategy(), train_lib.DEFAULTS)
+        optimizer = steps.make_optimizer(train_lib.DEFAULTS, steps_per_epoch=1)
+        step = steps.make_train_step(model, optimizer, tf.distribute.get_strategy(), train_lib.DEFAULTS)
         results[name] = [[float(x) for x in step(feats, caps)] for _ in range(3)]
     assert results["grouped"][0][0] != results["grouped"][2][0]   # it trains
     assert [r[3] for r in results["grouped"]] == [3, 3, 3]        # captions counted: the padding row is not one

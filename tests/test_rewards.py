@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import train as train_lib
+from pipeline import steps, train as train_lib
 from pipeline.decode import greedy_fn
 from pipeline.rewards import CiderD, DigitReward, edit_distance
 from tests.test_model import P, D, V, small_model
@@ -47,7 +47,7 @@ def test_digit_reward_is_one_for_the_right_digits_and_partial_for_one_wrong():
 
 def test_each_samples_baseline_is_the_mean_of_its_images_other_samples():
     rewards = np.array([[1.0, 0.0, 0.5], [2.0, 2.0, 2.0]])
-    np.testing.assert_allclose(train_lib.advantages(rewards), [[0.75, -0.75, 0.0], [0, 0, 0]])
+    np.testing.assert_allclose(steps.advantages(rewards), [[0.75, -0.75, 0.0], [0, 0, 0]])
 
 
 def first_word_probabilities(model, features, start_id, banned):
@@ -90,8 +90,8 @@ def test_a_self_critical_step_raises_a_rewarded_caption_and_lowers_a_punished_on
 
     before = log_p()
     settings = {**train_lib.DEFAULTS, "learning_rate": 0.01}
-    optimizer = train_lib.make_optimizer(settings, steps_per_epoch=1)
-    step = train_lib.make_scst_step(model, optimizer, tf.distribute.get_strategy(), settings, start_id=1)
+    optimizer = steps.make_optimizer(settings, steps_per_epoch=1)
+    step = steps.make_scst_step(model, optimizer, tf.distribute.get_strategy(), settings, start_id=1)
     for _ in range(5):
         step(features, samples, tf.constant([[advantage, 0.0]]))   # the second sample is only as good as average
     change = log_p()[0] - before[0]

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import inputs, train as train_lib
+from pipeline import checkpoints, inputs, train as train_lib
 from storage import shards
 from tests.conftest import REPO, TEST_CONFIG, run_luigi
 
@@ -181,11 +181,11 @@ def test_training_under_a_two_device_strategy(tmp_path):
 def test_two_runs_never_train_the_same_model_at_once(tmp_path):
     from pipeline.errors import InputError
     import pytest
-    with train_lib.exclusive_lock(tmp_path / ".lock"):
+    with checkpoints.exclusive_lock(tmp_path / ".lock"):
         with pytest.raises(InputError, match="another process is training this model"):
-            with train_lib.exclusive_lock(tmp_path / ".lock"):
+            with checkpoints.exclusive_lock(tmp_path / ".lock"):
                 pass
-    with train_lib.exclusive_lock(tmp_path / ".lock"):     # released after the first run
+    with checkpoints.exclusive_lock(tmp_path / ".lock"):     # released after the first run
         pass
 
 

@@ -30,7 +30,8 @@ def train_step(precision: str):
     import tensorflow as tf
 
     from pipeline.model import ShowAttendTell
-    from pipeline.train import DEFAULTS, make_optimizer, make_train_step
+    from pipeline.steps import make_optimizer, make_train_step
+    from pipeline.train import DEFAULTS
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy(precision)   # as train_decoder does, for the model it builds

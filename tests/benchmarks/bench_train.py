@@ -94,12 +94,12 @@ def speed(batches_per_method=6, runs=3):
     import tensorflow as tf
     from tensorflow import keras
 
-    from pipeline import train as train_lib
+    from pipeline import steps, train as train_lib
 
     rng = np.random.default_rng(0)
     keras.utils.set_random_seed(0)
     settings = {**train_lib.DEFAULTS, "feature_dim": 512, "attention_dim": 512, "embed_dim": 256, "units": 512}
-    model = train_lib.build_model(VOCAB, settings)
+    model = steps.build_model(VOCAB, settings)
     features = tf.cast(tf.random.stateless_uniform((BATCH, 64, 2048), seed=(1, 2), maxval=2.0), tf.float16)
     model(features[:1], tf.zeros((1, 1), tf.int32))
     lengths = caption_lengths(BATCH * batches_per_method, rng)
@@ -112,7 +112,7 @@ def speed(batches_per_method=6, runs=3):
 
     ours_batches = [captions(lengths[i:i + BATCH], lengths[i:i + BATCH].max()) for i in range(0, len(lengths), BATCH)]
     base_batches = [captions(lengths[i:i + BATCH], MAX_LEN) for i in range(0, len(lengths), BATCH)]
-    ours = train_lib.make_train_step(model, train_lib.make_optimizer(settings, 1), tf.distribute.get_strategy(),
+    ours = steps.make_train_step(model, steps.make_optimizer(settings, 1), tf.distribute.get_strategy(),
                                      settings)
 
     encoder, decoder = tutorial_models(VOCAB)
@@ -170,7 +170,7 @@ def memory_child(shards_count: int):
     """Build a store of `shards_count` shards and train one epoch on it; print peak RSS in MiB."""
     import json
 
-    from pipeline import train as train_lib
+    from pipeline import steps, train as train_lib
     from pipeline.vocabulary import build_vocabulary
     from storage import manifests, shards
 
@@ -196,7 +196,7 @@ def memory_child(shards_count: int):
                 "checkpoint_every": 10**9, "shuffle_buffer": 1000}
     (tmp / "model").mkdir()
     import tensorflow as tf  # noqa: F401  (the loaded runtime: TensorFlow and a model like the one trained)
-    loaded = train_lib.build_model(100, {**train_lib.DEFAULTS, **settings})
+    loaded = steps.build_model(100, {**train_lib.DEFAULTS, **settings})
     loaded(tf.zeros((1, 64, 2048), tf.float16), tf.zeros((1, 1), tf.int32))
     runtime_mib = proc_status_mib("VmRSS")
     train_lib.train_decoder(tmp / "model", tmp / "ckpt", tmp / "store", index, val_index, ann, tmp / "vocab.json",

@@ -29,7 +29,8 @@ def train_step(jit: bool):
     import tensorflow as tf
 
     from pipeline.model import ShowAttendTell
-    from pipeline.train import DEFAULTS, make_optimizer, make_train_step
+    from pipeline.steps import make_optimizer, make_train_step
+    from pipeline.train import DEFAULTS
 
     keras.utils.set_random_seed(0)
     settings = {**DEFAULTS, "attention_lambda": 0.0, "jit_compile": jit}
