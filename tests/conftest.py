@@ -32,3 +32,16 @@ def run_luigi(task, *args, config=TEST_CONFIG, workdir=None, timeout=600):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     proc.output = proc.stdout
     return proc
+
+
+def assert_real_picture(path, min_side: int = 200) -> None:
+    """`path` is a PNG that Pillow decodes, at least `min_side` pixels on each side, with visible content (not
+    a blank canvas): what a plot test can check without comparing images."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG", (path, image.format)
+        assert min(image.size) >= min_side, (path, image.size)
+        pixels = np.asarray(image.convert("L"), np.float32)
+    assert pixels.std() > 10 and len(np.unique(pixels)) > 16, (path, pixels.std())

@@ -12,6 +12,7 @@ from pipeline.demo import NUMBER_WORDS, caption_templates
 from pipeline.evaluate import evaluate_split, summary_table
 from pipeline.plots import attention_grid, attention_maps, html_report, word_attention
 from storage import shards
+from tests.conftest import assert_real_picture
 
 
 # ------------------------------------------------------------------------------------------ which words
@@ -156,7 +157,7 @@ def test_word_attention_keeps_the_rows_of_the_words_the_caption_shows():
 def test_attention_grid_writes_a_png(tmp_path):
     image = np.full((60, 90, 3), 200, np.uint8)
     attention_grid(image, ["a", "seven"], one_hot(4, 6), tmp_path / "grid.png")
-    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_real_picture(tmp_path / "grid.png")
 
 
 # ------------------------------------------------------------------------------------------- in reports

@@ -12,7 +12,7 @@ from pipeline.decode import beam_fn, greedy_fn
 from pipeline.evaluate import evaluate, java_available
 from pipeline.model import ShowAttendTell
 from storage import contents, manifests, shards, workspace as ws
-from tests.conftest import run_luigi
+from tests.conftest import assert_real_picture, run_luigi
 
 PAD, START, END, A, B, C = range(6)
 
@@ -242,7 +242,7 @@ def test_plot_attention_and_caption_cli(evaluated, tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["plot-attention", str(captions_dir), "--image-id", str(image_id), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_real_picture(out)
 
     model_dir, = workdir.glob("models/[!.]*")
     images = sorted(workdir.glob("demo/*/test/*.jpg"))[:2]
@@ -347,7 +347,7 @@ def test_caption_cli_decodes_as_generate_captions_and_writes_out_and_one_png_per
             assert [w["path"] for w in written] == [str(p) for p in chosen]
             pngs = [plot] if len(chosen) == 1 else [plot.with_name(f"{plot.stem}-{k + 1}.png") for k in range(len(chosen))]
             for png in pngs:
-                assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+                assert_real_picture(png)
         generated = subprocess_free_generate(workdir, model_dir)
         assert [(w["caption"], w["score"]) for w in written] == [generated[r["image_id"]] for r in records]
     finally:
