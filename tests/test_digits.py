@@ -205,15 +205,8 @@ class Collect(logging.Handler):
         self.text += record.getMessage() + "\n"
 
 
-def test_evaluate_split_adds_digit_metrics(tmp_path):
-    records = [{"image_id": 1, "captions": ["a seven", "just a seven"], "digits": [7],
-                "digit_boxes": [[10, 25, 20, 30]], "width": W, "height": H},
-               {"image_id": 2, "captions": ["two digits seven and nine", "seven nine"], "digits": [7, 9],
-                "digit_boxes": [[10, 25, 20, 30], [90, 5, 30, 30]], "width": W, "height": H}]
-    # image 1: "a seven" with a <pad> mid-caption (its attention row must be skipped); image 2: "seven"
-    tokens = np.array([[4, 0, 5, 2], [5, 2, 0, 0]], np.int32)
-    attention = np.stack([one_hot(0, 0, 4, 0), one_hot(5, 0, 0, 0)])
-    write_split(tmp_path, records, ["a seven", "seven"], tokens, attention)
+def evaluate_logged(tmp_path) -> tuple[dict, str]:
+    """evaluate_split over the split write_split wrote in tmp_path: (metrics, what it logged)."""
     logger, collect = logging.getLogger("captioner"), Collect()
     level = logger.level
     logger.addHandler(collect)
@@ -224,13 +217,26 @@ def test_evaluate_split_adds_digit_metrics(tmp_path):
     finally:
         logger.removeHandler(collect)
         logger.setLevel(level)
+    return metrics, collect.text
+
+
+def test_evaluate_split_adds_digit_metrics(tmp_path):
+    records = [{"image_id": 1, "captions": ["a seven", "just a seven"], "digits": [7],
+                "digit_boxes": [[10, 25, 20, 30]], "width": W, "height": H},
+               {"image_id": 2, "captions": ["two digits seven and nine", "seven nine"], "digits": [7, 9],
+                "digit_boxes": [[10, 25, 20, 30], [90, 5, 30, 30]], "width": W, "height": H}]
+    # image 1: "a seven" with a <pad> mid-caption (its attention row must be skipped); image 2: "seven"
+    tokens = np.array([[4, 0, 5, 2], [5, 2, 0, 0]], np.int32)
+    attention = np.stack([one_hot(0, 0, 4, 0), one_hot(5, 0, 0, 0)])
+    write_split(tmp_path, records, ["a seven", "seven"], tokens, attention)
+    metrics, logged = evaluate_logged(tmp_path)
     d = metrics["digits"]
     assert d["digits_exact"] == 0.5 and d["digit_count_right"] == 0.5
     assert d["attention_grounding"] == 0.5                 # image 1's seven at cell 4: yes; image 2's at cell 5: no
     assert (d["distinct_captions"], d["images"], d["images_with_boxes"]) == (2, 2, 2)
     assert [e["digits_exact"] for e in metrics["per_image"]] == [True, False]
     assert json.loads((tmp_path / "out" / "test.json").read_text())["digits"] == d
-    assert "digits exact" in collect.text and "CIDEr-D" in collect.text
+    assert "digits exact" in logged and "CIDEr-D" in logged
     assert "digits exact" in (tmp_path / "out" / "test-report.html").read_text()
 
 
@@ -256,18 +262,9 @@ def test_evaluate_split_without_digit_labels_has_no_digit_metrics_anywhere(tmp_p
                {"image_id": 2, "captions": ["three cats on a sofa", "a seven"]}]   # no labels, no boxes
     write_split(tmp_path, records, ["two dogs", "a seven"], np.array([[4, 5, 2], [4, 6, 2]], np.int32),
                 np.stack([one_hot(0, 0, 0), one_hot(0, 0, 0)]))
-    logger, collect = logging.getLogger("captioner"), Collect()
-    level = logger.level
-    logger.addHandler(collect)
-    logger.setLevel(logging.INFO)
-    try:
-        metrics = evaluate_split(tmp_path / "out", "test", tmp_path / "test.json", tmp_path / "att.h5",
-                                 tmp_path / "test.jsonl", java=False, examples=1)
-    finally:
-        logger.removeHandler(collect)
-        logger.setLevel(level)
+    metrics, logged = evaluate_logged(tmp_path)
     assert "digits" not in metrics and metrics["distinct_captions"] == 2
     assert all("digit" not in key for entry in metrics["per_image"] for key in entry)
-    for text in (collect.text, (tmp_path / "out" / "test-report.html").read_text().lower(),
+    for text in (logged, (tmp_path / "out" / "test-report.html").read_text().lower(),
                  (tmp_path / "out" / "test.json").read_text()):
         assert "digit" not in text
