@@ -405,7 +405,9 @@ def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
         sections = {cls.get_task_family(): cls for cls in Section.__subclasses__()}
         click.echo(settings_check.settings_markdown(tasks.settings_schema(), sections, shipped, RETCODES), nl=False)
         return
-    rows = settings_check.settings_table(tasks.settings_schema(), tasks.config_paths(), list(flags),
+    from tasks.config import DEFAULT_CONFIG   # its values are the defaults: shown as such, not as a file's
+    files = [p for p in tasks.config_paths() if Path(p).resolve() != DEFAULT_CONFIG.resolve()]
+    rows = settings_check.settings_table(tasks.settings_schema(), files, list(flags),
                                          {("workspace", "root"): ("CAPTIONER_WORKDIR",
                                                                   os.environ.get("CAPTIONER_WORKDIR", ""))})
     if as_json:

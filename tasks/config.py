@@ -88,7 +88,8 @@ def config_files() -> str:
 
 class Section(luigi.Config):
     """A config section whose values are checked when it is read: a bad value stops the run with a message
-    naming the config file, the section, the key and the fix."""
+    naming the config file, the section, the key and the fix. Its defaults are configs/luigi.cfg's (always read
+    first), written nowhere else."""
 
     @classmethod
     def read(cls):
@@ -128,18 +129,18 @@ def comma_list(value: str) -> list[str]:
 
 class workspace(Section):
     """[workspace]"""
-    root = luigi.Parameter(default="", description="Workspace directory; empty: $CAPTIONER_WORKDIR or ./work")
+    root = luigi.Parameter(description="Workspace directory; empty: $CAPTIONER_WORKDIR or ./work")
 
 
 class dataset(Section):
     """[dataset] which captions and images, and how they are split."""
-    source = luigi.ChoiceParameter(choices=["demo", "coco"], default="demo")
-    annotations = luigi.Parameter(default="", description="Comma-separated COCO caption files (source=coco)")
-    images = luigi.Parameter(default="", description="Comma-separated image roots, same order as annotations")
-    karpathy_split = luigi.Parameter(default="", description="Karpathy dataset_coco.json; empty: fractions")
-    val_fraction = luigi.FloatParameter(default=0.05)
-    test_fraction = luigi.FloatParameter(default=0.05)
-    seed = luigi.IntParameter(default=0)
+    source = luigi.ChoiceParameter(choices=["demo", "coco"])
+    annotations = luigi.Parameter(description="Comma-separated COCO caption files (source=coco)")
+    images = luigi.Parameter(description="Comma-separated image roots, same order as annotations")
+    karpathy_split = luigi.Parameter(description="Karpathy dataset_coco.json; empty: fractions")
+    val_fraction = luigi.FloatParameter()
+    test_fraction = luigi.FloatParameter()
+    seed = luigi.IntParameter()
 
     def problems(self):
         out = self.require(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
@@ -164,10 +165,10 @@ class dataset(Section):
 
 class demo(Section):
     """[demo] the built-in handwritten-digits dataset."""
-    train_images = luigi.IntParameter(default=800)
-    val_images = luigi.IntParameter(default=100)
-    test_images = luigi.IntParameter(default=100)
-    seed = luigi.IntParameter(default=1797)
+    train_images = luigi.IntParameter()
+    val_images = luigi.IntParameter()
+    test_images = luigi.IntParameter()
+    seed = luigi.IntParameter()
 
     def problems(self):
         out = []
@@ -178,10 +179,10 @@ class demo(Section):
 
 class vocabulary(Section):
     """[vocabulary]"""
-    min_count = luigi.IntParameter(default=5)
-    max_size = luigi.IntParameter(default=0, description="0: no cap")
-    max_length = luigi.IntParameter(default=20, description="words per caption, <start>/<end> excluded")
-    length_policy = luigi.ChoiceParameter(choices=list(vocab_lib.LENGTH_POLICIES), default="truncate")
+    min_count = luigi.IntParameter()
+    max_size = luigi.IntParameter(description="0: no cap")
+    max_length = luigi.IntParameter(description="words per caption, <start>/<end> excluded")
+    length_policy = luigi.ChoiceParameter(choices=list(vocab_lib.LENGTH_POLICIES))
 
     def problems(self):
         return (self.require(self.min_count >= 1, "min_count", "must be at least 1")
@@ -192,20 +193,19 @@ class vocabulary(Section):
 
 class encoder(Section):
     """[encoder] InceptionV3 feature extractor."""
-    weights = luigi.Parameter(default="imagenet",
-                              description="imagenet | digits | path to a weights .h5 | random:<seed>")
-    image_size = luigi.IntParameter(default=299, description="input side in pixels")
-    layer = luigi.ChoiceParameter(choices=list(encoder_lib.LAYERS), default=encoder_lib.DEFAULT_LAYER,
+    weights = luigi.Parameter(description="imagenet | digits | path to a weights .h5 | random:<seed>")
+    image_size = luigi.IntParameter(description="input side in pixels")
+    layer = luigi.ChoiceParameter(choices=list(encoder_lib.LAYERS),
                                   description="features from mixed10 (8x8x2048 at 299 px) or mixed7 (17x17x768); "
                                               "<layer>+cell_scores (weights = digits): plus the 11 per-cell digit "
                                               "scores of the digits encoder's head")
-    batch_size = luigi.IntParameter(default=32, description="images per forward pass")
-    precision = luigi.ChoiceParameter(choices=list(encoder_lib.PRECISIONS), default="float32",
+    batch_size = luigi.IntParameter(description="images per forward pass")
+    precision = luigi.ChoiceParameter(choices=list(encoder_lib.PRECISIONS),
                                       description="compute precision of the forward pass (features are stored as "
                                                   "float16 whatever it is; part of the store's identity): bfloat16 "
                                                   "on CPUs with AMX / AVX512-BF16 and GPUs from Ampere on, float16 "
                                                   "on older GPUs with tensor cores")
-    decode_workers = luigi.IntParameter(default=0, description="image decoding threads; 0: one per CPU core")
+    decode_workers = luigi.IntParameter(description="image decoding threads; 0: one per CPU core")
 
     def problems(self):
         return (self.require(self.image_size >= 75, "image_size", "must be at least 75 (InceptionV3's minimum)")
@@ -218,20 +218,20 @@ class encoder(Section):
 
 class pretrain(Section):
     """[pretrain] the built-in digits encoder (pipeline/pretrain.py), used when [encoder] weights = digits."""
-    steps = luigi.IntParameter(default=250, description="training steps on crops (phase 1)")
-    batch_size = luigi.IntParameter(default=64, description="scene crops per step")
-    crop = luigi.IntParameter(default=75, description="crop side in px; 75 has one mixed10 cell, 107 has 2x2")
-    learning_rate = luigi.FloatParameter(default=1e-3, description="Adam peak rate (warm-up, then cosine decay)")
-    warmup_steps = luigi.IntParameter(default=20)
-    scene_steps = luigi.IntParameter(default=90, description="training steps on whole 299-px scenes (phase 2)")
-    scene_batch_size = luigi.IntParameter(default=16, description="whole scenes per step")
-    scene_train_from = luigi.ChoiceParameter(choices=["all"] + [f"mixed{i}" for i in range(11)], default="all",
+    steps = luigi.IntParameter(description="training steps on crops (phase 1)")
+    batch_size = luigi.IntParameter(description="scene crops per step")
+    crop = luigi.IntParameter(description="crop side in px; 75 has one mixed10 cell, 107 has 2x2")
+    learning_rate = luigi.FloatParameter(description="Adam peak rate (warm-up, then cosine decay)")
+    warmup_steps = luigi.IntParameter()
+    scene_steps = luigi.IntParameter(description="training steps on whole 299-px scenes (phase 2)")
+    scene_batch_size = luigi.IntParameter(description="whole scenes per step")
+    scene_train_from = luigi.ChoiceParameter(choices=["all"] + [f"mixed{i}" for i in range(11)],
                                              description="phase 2 trains this block and those above it; the layers "
                                                          "below keep their phase-1 weights (all: every layer)")
-    seed = luigi.IntParameter(default=0)
-    bn_scenes = luigi.IntParameter(default=128, description="299-px scenes that re-estimate the batch norms")
-    val_scenes = luigi.IntParameter(default=128, description="held-out val-pool scenes the report's accuracy uses")
-    bfloat16 = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+    seed = luigi.IntParameter()
+    bn_scenes = luigi.IntParameter(description="299-px scenes that re-estimate the batch norms")
+    val_scenes = luigi.IntParameter(description="held-out val-pool scenes the report's accuracy uses")
+    bfloat16 = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                    description="bfloat16 compute (fast on CPUs with AMX / AVX-512 BF16, GPUs)")
 
     def problems(self):
@@ -249,8 +249,8 @@ class pretrain(Section):
 
 class features(Section):
     """[features] the HDF5 shard store."""
-    shard_size = luigi.IntParameter(default=1000, description="images per shard")
-    compression = luigi.ChoiceParameter(choices=["none", "gzip", "lzf"], default="none")
+    shard_size = luigi.IntParameter(description="images per shard")
+    compression = luigi.ChoiceParameter(choices=["none", "gzip", "lzf"])
 
     def problems(self):
         return self.require(self.shard_size >= 1, "shard_size", "must be at least 1")
@@ -258,23 +258,23 @@ class features(Section):
 
 class decoder(Section):
     """[decoder] Show-Attend-Tell model sizes (pipeline/model.py)."""
-    feature_dim = luigi.IntParameter(default=512, description="features projected to this size once per image")
-    attention_dim = luigi.IntParameter(default=512)
-    embed_dim = luigi.IntParameter(default=256)
-    units = luigi.IntParameter(default=512, description="LSTM (or GRU) units")
-    dropout = luigi.FloatParameter(default=0.5)
-    cell = luigi.ChoiceParameter(choices=["lstm", "gru"], default="lstm")
-    positions = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+    feature_dim = luigi.IntParameter(description="features projected to this size once per image")
+    attention_dim = luigi.IntParameter()
+    embed_dim = luigi.IntParameter()
+    units = luigi.IntParameter(description="LSTM (or GRU) units")
+    dropout = luigi.FloatParameter()
+    cell = luigi.ChoiceParameter(choices=["lstm", "gru"])
+    positions = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                     description="each cell's row and column added to the projected features (the "
                                                 "attention keys and what the context reads); false: none (the "
                                                 "paper's)")
-    attention_keys = luigi.ChoiceParameter(choices=["features", "cell_scores"], default="features",
+    attention_keys = luigi.ChoiceParameter(choices=["features", "cell_scores"],
                                            description="what the attention keys are computed from: the features, "
                                                        "or (features of a +cell_scores layer) the cell scores alone")
-    context_scores = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+    context_scores = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                          description="with attention_keys = cell_scores: the context reads the cell "
                                                      "scores too, not only the other channels")
-    location = luigi.IntParameter(default=0, description="location-sensitive attention: the previous and the summed "
+    location = luigi.IntParameter(description="location-sensitive attention: the previous and the summed "
                                                          "attention, convolved over the grid with a kernel this wide, "
                                                          "steer the next; 0: off")
 
@@ -297,42 +297,42 @@ class decoder(Section):
 
 class training(Section):
     """[training] pipeline/train.py."""
-    epochs = luigi.IntParameter(default=20)
-    batch_size = luigi.IntParameter(default=64)
-    learning_rate = luigi.FloatParameter(default=4e-4)
-    lr_schedule = luigi.ChoiceParameter(choices=["constant", "cosine", "exponential"], default="constant")
-    lr_decay = luigi.FloatParameter(default=0.8, description="per-epoch factor of the exponential schedule")
-    clip_norm = luigi.FloatParameter(default=5.0, description="global gradient norm clip; 0: none")
-    attention_lambda = luigi.FloatParameter(default=1.0, description="doubly stochastic attention weight")
-    patience = luigi.IntParameter(default=5, description="epochs without a better val score before stopping")
-    select_by = luigi.ChoiceParameter(choices=["cider", "digits_exact"], default="cider",
+    epochs = luigi.IntParameter()
+    batch_size = luigi.IntParameter()
+    learning_rate = luigi.FloatParameter()
+    lr_schedule = luigi.ChoiceParameter(choices=["constant", "cosine", "exponential"])
+    lr_decay = luigi.FloatParameter(description="per-epoch factor of the exponential schedule")
+    clip_norm = luigi.FloatParameter(description="global gradient norm clip; 0: none")
+    attention_lambda = luigi.FloatParameter(description="doubly stochastic attention weight")
+    patience = luigi.IntParameter(description="epochs without a better val score before stopping")
+    select_by = luigi.ChoiceParameter(choices=["cider", "digits_exact"],
                                       description="the val score that picks the best epoch (digits_exact: "
                                                   "digit datasets; CIDEr-D breaks its ties)")
-    bucket_width = luigi.IntParameter(default=0, description="batches of pairs whose caption lengths fall in the "
+    bucket_width = luigi.IntParameter(description="batches of pairs whose caption lengths fall in the "
                                                              "same band of this many tokens; 0: any lengths")
-    scst_epochs = luigi.IntParameter(default=0, description="self-critical epochs after the cross-entropy ones, "
+    scst_epochs = luigi.IntParameter(description="self-critical epochs after the cross-entropy ones, "
                                                             "from the best of them; 0: none")
-    scst_reward = luigi.ChoiceParameter(choices=["cider", "digits"], default="cider",
+    scst_reward = luigi.ChoiceParameter(choices=["cider", "digits"],
                                         description="what a sampled caption earns: CIDEr-D against its references, "
                                                     "or (digit datasets) 1 − its digits' edit distance / length")
-    scst_samples = luigi.IntParameter(default=5, description="captions sampled per image and step (the baseline "
+    scst_samples = luigi.IntParameter(description="captions sampled per image and step (the baseline "
                                                              "of each is the mean reward of the others)")
-    scst_batch_size = luigi.IntParameter(default=16, description="images per self-critical step")
-    scst_learning_rate = luigi.FloatParameter(default=5e-5, description="constant rate of the self-critical epochs")
-    checkpoint_every = luigi.IntParameter(default=500, description="steps between checkpoints")
-    shuffle_buffer = luigi.IntParameter(default=1000, description="(image, caption) pairs, or grouped images")
-    block_rows = luigi.IntParameter(default=256, description="rows per contiguous HDF5 read")
-    seed = luigi.IntParameter(default=0)
-    precision = luigi.ChoiceParameter(choices=["float32", "mixed_bfloat16", "mixed_float16"], default="float32",
+    scst_batch_size = luigi.IntParameter(description="images per self-critical step")
+    scst_learning_rate = luigi.FloatParameter(description="constant rate of the self-critical epochs")
+    checkpoint_every = luigi.IntParameter(description="steps between checkpoints")
+    shuffle_buffer = luigi.IntParameter(description="(image, caption) pairs, or grouped images")
+    block_rows = luigi.IntParameter(description="rows per contiguous HDF5 read")
+    seed = luigi.IntParameter()
+    precision = luigi.ChoiceParameter(choices=["float32", "mixed_bfloat16", "mixed_float16"],
                                       description="compute precision of training and validation (weights stay "
                                                   "float32): mixed_bfloat16 on CPUs with AMX / AVX512-BF16 and "
                                                   "GPUs from Ampere on, mixed_float16 (with loss scaling) on "
                                                   "older GPUs with tensor cores")
-    jit_compile = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    strategy = luigi.ChoiceParameter(choices=["auto", "default", "mirrored"], default="auto")
-    val_batch_size = luigi.IntParameter(default=128)
-    cpu_devices = luigi.IntParameter(default=1, description="split the CPU into N logical devices (tests)")
-    verify_shards = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+    jit_compile = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    strategy = luigi.ChoiceParameter(choices=["auto", "default", "mirrored"])
+    val_batch_size = luigi.IntParameter()
+    cpu_devices = luigi.IntParameter(description="split the CPU into N logical devices (tests)")
+    verify_shards = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                         description="read every shard's checksums before training")
 
     def problems(self):
@@ -353,12 +353,12 @@ class training(Section):
 
 class generation(Section):
     """[generation] caption decoding (pipeline/decode.py)."""
-    beam_size = luigi.IntParameter(default=3, description="1: greedy")
-    max_length = luigi.IntParameter(default=20, description="words, <end> included")
-    length_penalty = luigi.FloatParameter(default=1.0, description="beam score / length^this; 0: none")
-    suppress_unk = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
-    batch_size = luigi.IntParameter(default=64)
-    model = luigi.Parameter(default="", description="model directory; empty: TrainDecoder's for this config")
+    beam_size = luigi.IntParameter(description="1: greedy")
+    max_length = luigi.IntParameter(description="words, <end> included")
+    length_penalty = luigi.FloatParameter(description="beam score / length^this; 0: none")
+    suppress_unk = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    batch_size = luigi.IntParameter()
+    model = luigi.Parameter(description="model directory; empty: TrainDecoder's for this config")
 
     def problems(self):
         out = self.require(self.beam_size >= 1, "beam_size", "must be at least 1")
@@ -372,11 +372,11 @@ class generation(Section):
 
 class evaluation(Section):
     """[evaluation] pipeline/evaluate.py."""
-    spice = luigi.BoolParameter(default=False, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+    spice = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                 description="SPICE needs Java and downloads Stanford CoreNLP models")
-    java = luigi.ChoiceParameter(choices=["auto", "yes", "no"], default="auto",
+    java = luigi.ChoiceParameter(choices=["auto", "yes", "no"],
                                  description="auto: use Java when found; no: the Java-free fallback")
-    report_examples = luigi.IntParameter(default=12, description="worst, best and random images each in the HTML report")
+    report_examples = luigi.IntParameter(description="worst, best and random images each in the HTML report")
 
     def problems(self):
         return self.require(self.report_examples >= 0, "report_examples", "must be 0 or more")
@@ -473,15 +473,13 @@ def digit_settings_problems() -> list[str]:
 
 
 def settings_schema() -> list[tuple[str, str, str, str]]:
-    """[(section, key, default as written in a config file, help)] of every project section, in class order."""
-    rows = []
-    for cls in Section.__subclasses__():
-        for name, param in cls.get_params():
-            # luigi 3.8 keeps a parameter's default in Parameter._default (no public accessor)
-            default = param._default
-            shown = "" if default is luigi.parameter._no_value else param.serialize(default)
-            rows.append((cls.get_task_family(), name, shown, param.description or ""))
-    return rows
+    """[(section, key, default as configs/luigi.cfg writes it, help)] of every project section, in class order.
+    The defaults are written there only: the sections declare types, choices and meanings."""
+    import configparser
+    defaults = configparser.ConfigParser(interpolation=None)
+    defaults.read(DEFAULT_CONFIG, encoding="utf-8")
+    return [(cls.get_task_family(), name, defaults.get(cls.get_task_family(), name, fallback=None),
+             param.description or "") for cls in Section.__subclasses__() for name, param in cls.get_params()]
 
 
 def config_paths() -> list[str]:
