@@ -28,6 +28,8 @@
 | unknown --flag, invalid --split value   | stops before any work: the flag, nearest valid one        | 35   |
 | abbreviated --flag (--training-epoch)   | stops before any work: the flag it abbreviates            | 35   |
 | LUIGI_CONFIG_PATH names no file         | stops at once: the path, the fix                          | 35   |
+| CaptionImages --images: a file, or a    | stops before any work: the path, the fix                  | 35   |
+| folder without images                   |                                                           |      |
 | select_by = digits_exact without digit  | stops before any work: the key, the fix                   | 35   |
 | labels in the dataset                   |                                                           |      |
 | a dataset path that does not exist      | stops before any work: section, key, the path             | 35   |
@@ -239,3 +241,14 @@ def test_select_by_digits_exact_is_refused_for_a_dataset_without_digit_labels(tm
     run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w", timeout=60)
     assert run.returncode == 35 and "select_by needs a dataset with digit labels" in run.output, run.output
 
+
+
+def test_caption_images_refuses_a_file_or_an_empty_folder_before_any_work(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one.jpg").write_bytes(b"not even an image")
+    for given, needle in ((tmp_path / "empty", "no image files in it"), (tmp_path / "one.jpg", "is a file")):
+        run = run_luigi("CaptionImages", "--images", str(given), workdir=tmp_path / "w", timeout=120)
+        assert run.returncode == 35, run.output[-2000:]
+        last = run.output.strip().splitlines()[-1]
+        assert f"--images {given}: {needle}" in last and "Fix:" in last
+    assert {p.name for p in (tmp_path / "w").iterdir()} <= {".locks", "runs"}          # nothing computed
