@@ -1,4 +1,5 @@
-"""Stage 2: the vocabulary, counted on the training split only, and caption ⇄ token-id conversion.
+"""Stage 2: the vocabulary, counted on the training split only (streamed: memory for the counts, not the
+captions), and caption ⇄ token-id conversion.
 
 Ids: <pad> = 0, <start> = 1, <end> = 2, <unk> = 3, then words by count descending, ties alphabetical.
 A word is kept when its training count ≥ min_count; max_size (when > 0) caps the total size, specials included.
@@ -36,15 +37,23 @@ def count_words(records) -> Counter:
 def build_vocabulary(train_records, min_count: int = 5, max_size: int = 0, max_length: int = 20,
                      length_policy: str = "truncate") -> dict:
     """The vocabulary artifact (a JSON-ready dict) from the training manifest records."""
+    return vocabulary_of((record["captions"] for record in train_records), min_count, max_size, max_length,
+                         length_policy)
+
+
+def vocabulary_of(caption_lists, min_count: int = 5, max_size: int = 0, max_length: int = 20,
+                  length_policy: str = "truncate") -> dict:
+    """The vocabulary artifact from the normalised captions of each training image (an iterable of lists, read
+    once: a manifest streamed by storage.manifests.iter_captions holds only a batch of captions in memory)."""
     if length_policy not in LENGTH_POLICIES:
         raise ValueError(f"length_policy must be one of {LENGTH_POLICIES}, got {length_policy!r}")
-    counts = count_words(train_records)
+    counts, lengths, n_images = _count(caption_lists)
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     words = [w for w, c in ranked if c >= min_count and w not in SPECIALS]
     if max_size > 0:
         words = words[:max(max_size - len(SPECIALS), 0)]
     total = sum(counts.values())
-    lengths = [len(c.split()) for r in train_records for c in r["captions"]]
+    n_captions = sum(lengths.values())
     return {
         "format": FORMAT,
         "tokens": list(SPECIALS) + words,
@@ -53,16 +62,32 @@ def build_vocabulary(train_records, min_count: int = 5, max_size: int = 0, max_l
         "settings": {"min_count": min_count, "max_size": max_size, "max_length": max_length,
                      "length_policy": length_policy},
         "stats": {
-            "train_images": len(train_records),
-            "train_captions": len(lengths),
+            "train_images": n_images,
+            "train_captions": n_captions,
             "distinct_words": len(counts),
             "words_kept": len(words),
             "token_coverage": round(sum(counts[w] for w in words) / total, 6) if total else 0.0,
-            "captions_longer_than_max_length": sum(n > max_length for n in lengths),
-            "caption_length_mean": round(float(np.mean(lengths)), 3) if lengths else 0.0,
+            "captions_longer_than_max_length": sum(c for n, c in lengths.items() if n > max_length),
+            "caption_length_mean": round(sum(n * c for n, c in lengths.items()) / n_captions, 3) if n_captions
+            else 0.0,
             "caption_length_max": max(lengths, default=0),
         },
     }
+
+
+def _count(caption_lists) -> tuple[Counter, Counter, int]:
+    """(word counts, {caption length in words: captions}, images) of the captions, a batch at a time."""
+    counts, lengths, n_images, batch = Counter(), Counter(), 0, []
+    for captions in caption_lists:
+        n_images += 1
+        batch += captions
+        if len(batch) >= 65536:
+            counts.update(" ".join(batch).split())
+            lengths.update(map(len, map(str.split, batch)))
+            batch = []
+    counts.update(" ".join(batch).split())
+    lengths.update(map(len, map(str.split, batch)))
+    return counts, lengths, n_images
 
 
 class Vocabulary:
@@ -118,8 +143,7 @@ class Vocabulary:
 
 def make_vocabulary(annotations_dir: str | os.PathLike, outdir: str | os.PathLike, **settings) -> dict:
     """Stage 2 entry point: count the train manifest of `annotations_dir`, write `outdir`/vocab.json."""
-    train = manifests.read_manifest(manifests.manifest_path(annotations_dir, "train"))
-    artifact = build_vocabulary(train, **settings)
+    artifact = vocabulary_of(manifests.iter_captions(manifests.manifest_path(annotations_dir, "train")), **settings)
     manifests.write_json(os.path.join(outdir, manifests.VOCAB_FILE), artifact)
     stats = artifact["stats"]
     log.info("vocabulary: %d tokens (%d of %d distinct words kept, min_count %d), %.2f%% of train tokens covered",

@@ -81,8 +81,9 @@ def test_every_problem_kind_is_counted_listed_and_skipped(tmp_path):
                                             {"cocoid": 3, "split": "val"}, {"cocoid": 4, "split": "test"}]}))
     splits, report = extract_annotations([f], [tmp_path / "imgs"], karpathy_split=split)
     assert report["problem_counts"] == {
-        "malformed_image": 1, "malformed_annotation": 1, "caption_not_a_string": 1, "caption_for_unknown_image": 1, "image_without_captions": 1, "missing_image_file": 1,
-        "empty_caption": 1, "duplicate_image_id": 1, "duplicate_caption_id": 1, "image_not_in_split": 1}
+        "malformed_image": 1, "malformed_annotation": 1, "caption_not_a_string": 1, "caption_for_unknown_image": 1,
+        "image_without_captions": 1, "missing_image_file": 1, "image_outside_root": 0, "empty_caption": 1,
+        "duplicate_image_id": 1, "duplicate_caption_id": 1, "image_not_in_split": 1}
     assert report["problems"]["missing_image_file"][0]["path"] == "d.jpg"
     assert report["problems"]["caption_for_unknown_image"][0]["image_id"] == 99
     assert report["problems"]["image_without_captions"][0]["image_id"] == 3
@@ -170,3 +171,210 @@ def test_make_annotations_writes_manifests_by_image(tmp_path):
     assert all(len(r["captions"]) == 5 for recs in loaded.values() for r in recs)   # captions stay with image
     assert report["splits"]["val"] == {"images": 10, "captions": 50}
     assert json.loads((out / "report.json").read_text()) == report
+
+
+# ----------------------------------------------------------------------------- the streamed reader
+
+def json_loads_verdict(raw: bytes) -> str | None:
+    """What reading the whole file with json.loads says about `raw`: the message part of our InputError."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"is not UTF-8 text (invalid byte at offset {e.start})"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    return None
+
+
+DOC = ('{"info": {"v": [1, 2.5e3, -7, true, false, null], "s": "x\\\\y"},\n "images": [{"id": 1, "file_name": '
+       '"\u00e9\u00e8.jpg"}, {"id": 22, "file_name": "b.jpg", "digits": [1, 2]}],\r\n\t"annotations" : [ {"id": 3, '
+       '"image_id": 1, "caption": "Caf\u00e9 \\"quoted\\" \\u00e9 \u4e2d"} ,{"id":4,"image_id":22,"caption":"a"}] }'
+       '\n').encode("utf-8")
+
+
+@pytest.fixture
+def tiny_blocks(monkeypatch):
+    """Blocks of a few bytes, so every value, string, number and UTF-8 character is cut somewhere."""
+    from pipeline import annotations
+
+    def use(block):
+        monkeypatch.setattr(annotations, "_BLOCK", block)
+        monkeypatch.setattr(annotations, "_AHEAD", 2)
+    return use
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 64, 1 << 22])
+def test_streamed_reading_equals_json_loads(tmp_path, tiny_blocks, block):
+    tiny_blocks(block)
+    path = tmp_path / "captions.json"
+    path.write_bytes(DOC)
+    images, annotations, problems = load_coco_captions(path)
+    data = json.loads(DOC)
+    assert images == [{"id": i["id"], "file_name": i["file_name"], **({"digits": i["digits"]} if "digits" in i else {})}
+                      for i in data["images"]]
+    assert annotations == [{"id": a["id"], "image_id": a["image_id"], "caption": a["caption"]}
+                           for a in data["annotations"]]
+    assert problems == {}
+
+
+def malformed_versions(doc: bytes):
+    """Every prefix of `doc`, and `doc` with one byte replaced by a character that breaks JSON somewhere."""
+    yield from (doc[:n] for n in range(len(doc)))
+    for at in range(0, len(doc), 3):
+        for junk in (b",", b"]", b"}", b'"', b"x", b"\xff", b" ", b"{"):
+            yield doc[:at] + junk + doc[at + 1:]
+    yield b"\xef\xbb\xbf" + doc                                                # a byte order mark
+    yield doc + b"{}"                                                          # extra data
+    yield doc.replace(b"] }", b"], }")                                         # a trailing comma
+    yield doc.replace(b'"a"}]', b'"a"},]')
+    yield b""
+    yield b"   \n"
+
+
+@pytest.mark.parametrize("block", [1, 3, 1 << 22])
+def test_malformed_json_is_reported_as_json_loads_reports_it(tmp_path, tiny_blocks, block):
+    """Truncated or damaged files: the same message, line and column as json.loads of the whole file, and a byte
+    that is not UTF-8 anywhere in the file named before any JSON error, as decoding the whole file first does."""
+    tiny_blocks(block)
+    path = tmp_path / "captions.json"
+    for content in malformed_versions(DOC):
+        path.write_bytes(content)
+        verdict = json_loads_verdict(content)
+        try:
+            load_coco_captions(path)
+        except InputError as e:
+            if verdict is not None:
+                assert f"{path}: COCO captions file {verdict}" in str(e), (content, str(e))
+                assert "Fix:" in str(e)
+            else:   # valid JSON, wrong structure: named as before
+                assert "top level" in str(e) or "expected" in str(e) or "missing key" in str(e), (content, str(e))
+        else:
+            assert verdict is None, (content, verdict)
+
+
+def test_a_bad_byte_after_a_json_error_is_named_first(tmp_path, tiny_blocks):
+    tiny_blocks(5)
+    path = tmp_path / "captions.json"
+    path.write_bytes(b'{"images": [}, "annotations": [], "x": "\xff"}')
+    with pytest.raises(InputError, match=r"not UTF-8 text \(invalid byte at offset 40\)"):
+        load_coco_captions(path)
+
+
+def test_errors_deep_in_a_large_file_name_line_and_column(tmp_path):
+    """A file of several blocks: the position of an error counts the lines and characters of the blocks read."""
+    lines = ['{"images": ['] + [f'{{"id": {i}, "file_name": "{i}.jpg"}},' for i in range(200_000)]
+    lines += ['{"id": 1, "file_name": "x.jpg" "oops"}], "annotations": []}']
+    raw = "\n".join(lines).encode()
+    path = tmp_path / "captions.json"
+    path.write_bytes(raw)
+    assert len(raw) > (1 << 22)
+    with pytest.raises(InputError) as e:
+        load_coco_captions(path)
+    assert json_loads_verdict(raw) in str(e.value) and "line 200002 column 32" in str(e.value)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"images": [], "annotations": [], "images": []}', "key 'images' appears 2 times at top level"),
+    (b'{"images": [], "annotations": 5}', "annotations: expected a list, got int 5"),
+    (b'{"annotations": {}}', "missing key 'images'"),                    # missing before wrongly typed, as before
+    (b'"text"', "top level: expected a JSON object"),
+])
+def test_structure_errors_name_file_and_field(tmp_path, content, needle):
+    path = tmp_path / "captions_bad.json"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=needle):
+        load_coco_captions(path)
+
+
+def test_ids_outside_64_bits_are_malformed_entries(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"images": [{"id": 2 ** 63, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}],
+                                "annotations": [{"id": -2 ** 64, "image_id": 1, "caption": "x"},
+                                                {"id": 2, "image_id": 2 ** 70, "caption": "y"},
+                                                {"id": 3, "image_id": 1, "caption": "z"}]}))
+    images, annotations, problems = load_coco_captions(path)
+    assert [i["id"] for i in images] == [1] and [a["id"] for a in annotations] == [3]
+    assert [p["reason"] for p in problems["malformed_image"]] == [f"'id' {2 ** 63} is outside the 64-bit integer range"]
+    assert [p["entry"] for p in problems["malformed_annotation"]] == ["annotations[0]", "annotations[1]"]
+
+
+def test_karpathy_split_streamed_last_listing_wins_and_errors_kept(tmp_path):
+    from pipeline.annotations import load_karpathy_split
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"dataset": "coco", "images": [{"cocoid": 5, "split": "val", "sentences": []},
+                                                              {"cocoid": 2, "split": "restval"},
+                                                              {"cocoid": 5, "split": "test"}]}))
+    assert load_karpathy_split(path) == {2: "train", 5: "test"}
+    path.write_text(json.dumps({"images": [{"cocoid": 1, "split": "train"}, {"cocoid": 2, "split": "dev"}]}))
+    with pytest.raises(InputError, match=r"images\[1\].split = 'dev'"):
+        load_karpathy_split(path)
+    path.write_text('{"images": [{"cocoid": 1, "split": "dev"}], "x": [}')   # not JSON: said first, as before
+    with pytest.raises(InputError, match="not valid JSON"):
+        load_karpathy_split(path)
+    path.write_text('{"images": {}}')
+    with pytest.raises(InputError, match="expected an object with an 'images' list"):
+        load_karpathy_split(path)
+
+
+def test_problem_lists_are_capped_and_counts_exact(tmp_path, monkeypatch):
+    from pipeline import annotations
+    monkeypatch.setattr(annotations, "LISTED_PER_KIND", 3)
+    make_images(tmp_path / "imgs", ["a.jpg"])
+    f = write_coco(tmp_path / "c.json", [{"id": 1, "file_name": "a.jpg"}] + [{"id": 1, "file_name": "a.jpg"}] * 10,
+                   [{"id": 7, "image_id": 1, "caption": "A dog."}] * 12 + [{"image_id": 1, "caption": "..."}] * 5)
+    splits, report = extract_annotations([f], [tmp_path / "imgs"], val_fraction=0, test_fraction=0)
+    assert report["problem_counts"]["duplicate_image_id"] == 10
+    assert report["problem_counts"]["duplicate_caption_id"] == 11
+    assert report["problem_counts"]["empty_caption"] == 5
+    assert {k: len(v) for k, v in report["problems"].items()} == {
+        "empty_caption": 3, "duplicate_image_id": 3, "duplicate_caption_id": 3}
+    assert report["problems"]["empty_caption"][0] == {"file": str(f), "caption_id": None, "image_id": 1,
+                                                      "caption": "..."}
+    assert report["problems_listed_at_most"] == 3
+    assert [r["captions"] for r in splits["train"]] == [["a dog"]]
+
+
+def test_normalising_in_batches_equals_normalize_caption():
+    import random
+
+    from pipeline.annotations import _normalised_lines
+    rng = random.Random(1)
+    alphabet = "aZ09 '`_-.,!?\t\n\r\x0b\x0c\x1c\x1f\x7f\"\\\u00e9\u2019\u02bc\ufb01\ud800abcdefghij  "
+    for _ in range(2000):
+        captions = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(1, 30))]
+        if rng.random() < 0.5:
+            captions = [c.encode("ascii", "ignore").decode() for c in captions]
+        assert _normalised_lines(captions) == [normalize_caption(c).encode("utf-8", "surrogatepass") for c in captions]
+
+
+def test_manifest_writer_writes_the_lines_write_manifest_writes(tmp_path):
+    records = [{"image_id": 5, "root": "images:0", "path": 'a "q".jpg', "captions": ["a dog", "b"],
+                "raw_captions": ['A "dog"\n', "B\u2028"]},
+               {"image_id": -2, "root": "r", "path": "\u00e9.jpg", "captions": ["x"], "raw_captions": ["X"],
+                "digits": [1, 2], "digit_boxes": [[0, 0, 1, 1], [1, 0, 1, 1]], "width": 3, "height": 4}]
+    manifests.write_manifest(tmp_path / "a.jsonl", records)
+    with manifests.ManifestWriter(tmp_path / "b.jsonl") as writer:
+        for r in records:
+            writer.add(r["image_id"], manifests.json_string(r["root"]), manifests.json_string(r["path"]),
+                       b", ".join(map(manifests.json_string, r["captions"])),
+                       b", ".join(map(manifests.json_string, r["raw_captions"])), manifests.optional_keys_json(r))
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert list(manifests.iter_locations(tmp_path / "a.jsonl")) == [(5, "images:0", 'a "q".jpg'), (-2, "r", "\u00e9.jpg")]
+    assert manifests.json_lines(["a\nb", "\ud800"]) == b'"a\\nb"\n"\\ud800"\n'   # no raw newline; no bad UTF-8
+
+
+def test_make_annotations_compares_splits_with_the_previous_output(tmp_path):
+    names = [f"{i}.jpg" for i in range(1, 31)]
+    make_images(tmp_path / "imgs", names)
+    f = write_coco(tmp_path / "c.json", [{"id": i, "file_name": n} for i, n in enumerate(names, 1)],
+                   [{"id": i, "image_id": i, "caption": f"word{i}"} for i in range(1, 31)])
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    make_annotations(tmp_path / "one", [f], [tmp_path / "imgs"], None, 0.3, 0.3, seed=1)
+    report = make_annotations(tmp_path / "two", [f], [tmp_path / "imgs"], None, 0.3, 0.3, seed=1,
+                              previous=tmp_path / "one")
+    assert report["split_changes"] == {"previous": "one", "compared_images": 30, "moved": 0, "examples": []}
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["report.json", "test.jsonl", "train.jsonl",
+                                                                      "val.jsonl"]     # no scratch left behind

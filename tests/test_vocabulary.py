@@ -65,3 +65,26 @@ def test_length_policy_truncate_or_drop():
     assert truncate.decode(truncate.encode("a dog runs")) == "a dog"
     assert drop.encode("a dog runs") is None
     assert drop.encode_batch(["a dog runs", "a cat"]).shape == (1, 4)
+
+
+def test_counted_from_the_streamed_manifest_as_from_records(tmp_path):
+    """make_vocabulary reads only the captions of each line (storage.manifests.iter_captions); lines written by
+    hand in another layout are parsed whole. Either way the artifact is build_vocabulary's of the records."""
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    train = TRAIN + records([], ["a dog's bowl", "dog  dog"])
+    manifests.write_manifest(manifests.manifest_path(ann, "train"), train)
+    with open(manifests.manifest_path(ann, "train"), "a") as f:   # hand-written: other key order and spacing
+        f.write(json.dumps({"captions": ["zebra a", "a"], "image_id": 9, "root": "/r", "path": "9.jpg",
+                            "raw_captions": ["Zebra, a", "A"]}, separators=(",", ":")) + "\n")
+        f.write('{"image_id": 10, "root": "/r", "path": "10.jpg", "captions": ["say \\"hi\\"", "ok"], '
+                '"raw_captions": ["", ""]}\n')
+    manifests.write_manifest(manifests.manifest_path(ann, "val"), [])
+    manifests.write_manifest(manifests.manifest_path(ann, "test"), [])
+    expected = train + [{"captions": ["zebra a", "a"]}, {"captions": ['say "hi"', "ok"]}]
+    assert list(manifests.iter_captions(manifests.manifest_path(ann, "train"))) == [r["captions"] for r in expected]
+    out = tmp_path / "vocab"
+    out.mkdir()
+    artifact = make_vocabulary(ann, out, min_count=1, max_size=0, max_length=2, length_policy="truncate")
+    assert artifact == build_vocabulary(expected, min_count=1, max_length=2)
+    assert artifact["stats"]["train_images"] == 7 and artifact["stats"]["captions_longer_than_max_length"] == 4
