@@ -88,7 +88,7 @@ def test_a_failed_run_is_recorded_with_its_reason(workdir):
     assert record["result"] == "failed" and any("/nonexistent/w.h5" in f for f in record["failures"])
 
 
-def test_an_identical_invocation_is_refused_on_the_same_workspace_only(workdir, tmp_path):
+def test_an_identical_invocation_is_refused_on_the_same_workspace_and_config_only(workdir, tmp_path):
     env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
     command = [LUIGI, "--module", "tasks", "ExtractFeatures", "--split", "train", "--features-shard-size", "3"]
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -97,6 +97,10 @@ def test_an_identical_invocation_is_refused_on_the_same_workspace_only(workdir, 
             break
         time.sleep(0.1)
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    other_config = tmp_path / "other.cfg"                         # another dataset's config, the same command
+    other_config.write_text(TEST_CONFIG.read_text().replace("seed = 7", "seed = 8"))
+    beside = subprocess.Popen(command, cwd=REPO, env={**env, "LUIGI_CONFIG_PATH": str(other_config)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert first.poll() is None                                   # still running when the second was refused
     elsewhere = subprocess.run(command, cwd=REPO, env={**env, "CAPTIONER_WORKDIR": str(tmp_path / "other")},
                                capture_output=True, text=True, timeout=600)
@@ -107,6 +111,8 @@ def test_an_identical_invocation_is_refused_on_the_same_workspace_only(workdir, 
     assert error.startswith("captioner: ERROR: the same command is already running on workspace")
     assert f"pid {first.pid}" in error and str(workdir) in error
     assert elsewhere.returncode == 0, elsewhere.stdout + elsewhere.stderr   # another workspace runs freely
+    beside_output, _ = beside.communicate(timeout=600)
+    assert beside.returncode == 0, beside_output                            # so does another config
     assert ws.leftover_temporaries(workdir) == []
     assert all(not shards.check_shard(p, deep=True) for p in shards.list_shards(store_of(workdir)))
 
