@@ -22,7 +22,6 @@ DEFAULT_CONFIG = REPO / "configs" / "luigi.cfg"
 DEMO_CONFIG = REPO / "configs" / "demo.cfg"
 
 
-
 def _layer_the_defaults() -> None:
     """Put configs/luigi.cfg (the project's defaults: the local scheduler, [retcode], COCO's model) under the file
     LUIGI_CONFIG_PATH names, so that file holds only what it changes; and, when the result says [dataset]
