@@ -5,9 +5,14 @@ features. This module trains `keras.applications.InceptionV3(include_top=False)`
 handwritten digits (the demo's TRAIN pool only, so val/test digits stay unseen) and saves the base network's
 weights, which the encoder then loads like any weights file.
 
-Data: demo scenes (pipeline/demo.py: 1–4 digits, tint, noise, 5% grayscale, JPEG q90), resized to S×S
-(S = scene_size: the stage passes `[encoder] image_size`, 299) exactly as feature extraction resizes them
-(Pillow bilinear, no crop).
+Data: scenes of 1–4 digits, 5% grayscale, through a JPEG round trip, resized to S×S (S = scene_size: the stage
+passes `[encoder] image_size`, 299) exactly as feature extraction resizes them (Pillow bilinear, no crop). A third
+are the demo's scenes (pipeline/demo.py: one row of digits 40–100 px high, light backgrounds, JPEG q90); two
+thirds (VARIED_FRACTION) are varied ones (render_varied), as photos and scans of digits vary: drawn at heights
+120–480 px and aspects 1:2 to 3:1 and then squashed to the square, digits a tenth to most of the image high,
+narrow to square glyphs, placed anywhere, backgrounds mid-grey to white with tints, gradients and noise, dark
+inks of any hue, bilinear or bicubic upscaling, stroke weights, blur, JPEG q60–95. An encoder trained on the
+demo's scenes alone reads them well but transfers badly to digit scenes rendered otherwise.
 
 Target: per cell of the feature layer (`layer`: mixed10 or mixed7, pipeline.encoder.LAYERS; the network above
 it is not run). InceptionV3's cell (i, j) is centred on input pixel (offset + stride·i, offset + stride·j)
@@ -39,6 +44,7 @@ phase 1; val-pool scene cells and digits (read_digit) at the end, with the final
 """
 from __future__ import annotations
 
+import colorsys
 import io
 import logging
 import threading
@@ -46,7 +52,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from pipeline import demo
 from pipeline.encoder import LAYERS, cell_centres, grid_size, truncated
@@ -58,9 +64,119 @@ log = logging.getLogger("captioner")
 WEIGHTS_FILE = "inception_v3_digits.weights.h5"
 BACKGROUND = 10
 BACKGROUND_WEIGHT = 0.3   # scene phase: ~90% of a scene's cells are background
+VARIED_FRACTION = 2 / 3   # of the pretraining scenes (both phases and the batch-norm scenes) varied; the rest demo
 DEFAULTS = dict(steps=250, batch_size=64, crop=75, learning_rate=1e-3, warmup_steps=20, seed=0, bfloat16=True,
                 scene_steps=90, scene_batch_size=16, scene_train_from="all", scene_size=299, layer="mixed10",
-                crops_per_scene=3, val_crops=512, val_scenes=128, bn_scenes=128, pool_seed=1797)
+                crops_per_scene=4, val_crops=512, val_scenes=128, bn_scenes=128, pool_seed=1797,
+                varied_fraction=VARIED_FRACTION)
+
+
+# The varied scenes: digits as photos and scans show them, not as the demo draws them. Each scene is drawn at its
+# own size and aspect, then squashed to the encoder's square input as extraction does. Ranges (per image unless
+# said otherwise):
+VARIED_HEIGHT = (120, 480)          # image height, px
+VARIED_ASPECT = (0.45, 3.3)         # width / height, log-uniform (portrait 1:2 to panorama 3:1, and a little beyond)
+VARIED_DIGIT_HEIGHT = (0.08, 0.88)  # digit height / image height, uniform; ±10% per digit
+VARIED_GLYPH_WIDTH = (0.45, 1.5)    # × the glyph's own ink width/height, log-uniform (narrow to square); ±8% per digit
+VARIED_BACKGROUND = (115, 252)      # background grey level, plus a tint of ±15 per channel
+VARIED_INK_CONTRAST = 50            # the ink's HSV value stays this far below the darkest background channel
+VARIED_MAX_INK = 110                # ... and at most this
+VARIED_JPEG = (60, 95)              # JPEG quality
+VARIED_MARGIN, VARIED_GAP = 2, 3    # px between a glyph and the border / another glyph
+UPSCALING = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+
+
+def glyph_ink(sample) -> np.ndarray:
+    """An 8×8 sample (values 0..16) as ink coverage 0..1, cut to its ink extent (the rows and columns with ink)."""
+    ink = np.asarray(sample, np.float32) / 16
+    rows, cols = np.flatnonzero(ink.max(1) > 0), np.flatnonzero(ink.max(0) > 0)
+    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def varied_layout(rng, glyphs) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+    """Image size and glyph boxes for `glyphs` (ink arrays): → (width, height, [(x, y, w, h)] in glyph order).
+
+    The digits lie anywhere, apart by VARIED_GAP: no row, no order (the captions' left-to-right order would be that
+    of the box centres; pretraining labels cells, not sequences). A glyph that finds no free place in 60 tries
+    shrinks by a fifth and tries again."""
+    height = int(rng.integers(VARIED_HEIGHT[0], VARIED_HEIGHT[1] + 1))
+    width = int(round(height * np.exp(rng.uniform(*np.log(VARIED_ASPECT)))))
+    digit = height * rng.uniform(*VARIED_DIGIT_HEIGHT)
+    squash = np.exp(rng.uniform(*np.log(VARIED_GLYPH_WIDTH)))
+    sizes = []
+    for glyph in glyphs:
+        h = digit * rng.uniform(0.9, 1.1)
+        w = h * glyph.shape[1] / glyph.shape[0] * squash * rng.uniform(0.92, 1.08)
+        sizes.append([h, w])
+    sizes = np.asarray(sizes)
+    # fit: each glyph inside the image, and all of them in 40% of its area (they need not share a row)
+    room = np.sqrt(0.4 * width * height / (sizes[:, 0] * sizes[:, 1]).sum())
+    sizes *= min(1.0, room, (height - 2 * VARIED_MARGIN) / sizes[:, 0].max(),
+                 (width - 2 * VARIED_MARGIN) / sizes[:, 1].max())
+    boxes = []
+    for h, w in sizes:
+        while True:
+            h, w = max(int(round(h)), 6), max(int(round(w)), 2)
+            for _ in range(60):
+                x = int(rng.integers(VARIED_MARGIN, max(VARIED_MARGIN, width - w - VARIED_MARGIN) + 1))
+                y = int(rng.integers(VARIED_MARGIN, max(VARIED_MARGIN, height - h - VARIED_MARGIN) + 1))
+                if all(x + w + VARIED_GAP <= bx or bx + bw + VARIED_GAP <= x or y + h + VARIED_GAP <= by
+                       or by + bh + VARIED_GAP <= y for bx, by, bw, bh in boxes):
+                    break
+            else:
+                h, w = h * 0.8, w * 0.8
+                continue
+            boxes.append((x, y, w, h))
+            break
+    return width, height, boxes
+
+
+def glyph_coverage(rng, glyphs, width: int, height: int, boxes) -> np.ndarray:
+    """Ink coverage 0..1 (height, width) of glyphs (ink arrays) upscaled into their boxes (x, y, w, h), each
+    bilinear or bicubic, with one stroke-weight gamma (0.6..1.6) and opacity (0.8..1) per image: 0 outside them."""
+    coverage = np.zeros((height, width), np.float32)
+    gamma, opacity = rng.uniform(0.6, 1.6), rng.uniform(0.8, 1.0)
+    for glyph, (x, y, w, h) in zip(glyphs, boxes):
+        resample = UPSCALING[int(rng.integers(len(UPSCALING)))]
+        cell = np.asarray(Image.fromarray(glyph, "F").resize((w, h), resample), np.float32)
+        coverage[y:y + h, x:x + w] = np.clip(cell, 0, 1) ** gamma * opacity
+    return coverage
+
+
+def render_varied(rng, digit_images, samples) -> tuple[np.ndarray, list[tuple]]:
+    """A varied scene of the given digit samples (indices into digit_images (N, 8, 8)):
+    → (RGB uint8 (height, width, 3), boxes [(x, y, w, h)] around each glyph's ink, in `samples` order).
+
+    Background: grey VARIED_BACKGROUND with a tint, on half the images a linear gradient of up to ±25, luminance
+    noise σ 1..12 and on half of them colour noise σ up to 4. Ink: any hue and saturation, dark (its value at most
+    VARIED_MAX_INK and VARIED_INK_CONTRAST below the background). Glyphs: upscaled from 8×8 bilinear or bicubic
+    (Pillow, float), stroke weight varied by a gamma of 0.6..1.6, opacity 0.8..1. One in five images slightly
+    blurred."""
+    glyphs = [glyph_ink(digit_images[k]) for k in samples]
+    width, height, boxes = varied_layout(rng, glyphs)
+    grey = rng.uniform(*VARIED_BACKGROUND)
+    background = np.clip(grey + rng.uniform(-15, 15, 3), 0, 255).astype(np.float32)
+    hue, saturation = rng.uniform(0, 1), rng.uniform(0, 1)
+    value = rng.uniform(0, max(0.0, min(VARIED_MAX_INK, background.min() - VARIED_INK_CONTRAST))) / 255
+    colour = np.asarray(colorsys.hsv_to_rgb(hue, saturation, value), np.float32) * 255
+    coverage = glyph_coverage(rng, glyphs, width, height, boxes)
+    shade = np.zeros((height, width), np.float32)
+    if rng.random() < 0.5:
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(angle) * np.linspace(-1, 1, width, dtype=np.float32)[None, :]
+                + np.sin(angle) * np.linspace(-1, 1, height, dtype=np.float32)[:, None])
+        shade += ramp * np.float32(rng.uniform(-25, 25))
+    shade += rng.standard_normal((height, width), dtype=np.float32) * np.float32(rng.uniform(1, 12))
+    colour_noise = rng.uniform(0, 4) if rng.random() < 0.5 else 0.0
+    image = np.empty((height, width, 3), np.uint8)
+    for ch in range(3):
+        plane = (background[ch] + shade) * (1 - coverage) + colour[ch] * coverage
+        if colour_noise:
+            plane += rng.standard_normal((height, width), dtype=np.float32) * np.float32(colour_noise)
+        image[..., ch] = np.clip(plane, 0, 255)
+    if rng.random() < 0.2:
+        image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.2))))
+    return image, boxes
 
 
 def cell_labels(boxes, x0: float, y0: float, crop: int, layer: str, scale: float = 1.0) -> np.ndarray:
@@ -94,21 +210,33 @@ def nearest_cell(centre: float, g: int, layer: str) -> int:
     return int(np.clip(round((centre - LAYERS[layer]["offset"]) / LAYERS[layer]["stride"]), 0, g - 1))
 
 
-def render_scene(rng, digit_images, targets, pool, size: int) -> tuple[np.ndarray, list[tuple]]:
-    """A demo scene of 1–4 digits from `pool`, JPEG round trip, resized to size×size:
-    → (uint8 (size, size, 3), boxes [(x, y, w, h, label)] in resized pixels)."""
+def render_scene(rng, digit_images, targets, pool, size: int, varied: float = 0.0) -> tuple[np.ndarray, list[tuple]]:
+    """A scene of 1–4 digits from `pool` — varied (render_varied, JPEG quality VARIED_JPEG) with probability
+    `varied`, else the demo's (pipeline/demo.py, JPEG quality 90) — 5% grayscale, JPEG round trip, resized to
+    size×size (Pillow bilinear, as extraction squashes an image): → (uint8 (size, size, 3), boxes
+    [(x, y, w, h, label)] in resized pixels)."""
     samples = rng.choice(pool, size=int(rng.integers(1, 5))).tolist()
-    pixels, boxes = demo.render_scene(rng, digit_images, samples)
+    if varied and rng.random() < varied:
+        pixels, boxes = render_varied(rng, digit_images, samples)
+        quality = int(rng.integers(VARIED_JPEG[0], VARIED_JPEG[1] + 1))
+    else:
+        pixels, boxes = demo.render_scene(rng, digit_images, samples)
+        quality = demo.JPEG_QUALITY
     height, width = pixels.shape[:2]
     image = Image.fromarray(pixels, "RGB")
     if rng.random() < demo.GRAYSCALE_FRACTION:
         image = image.convert("L")
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=demo.JPEG_QUALITY)
+    image.save(buffer, "JPEG", quality=quality)
     image = Image.open(buffer).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     sx, sy = size / width, size / height
     scaled = [(x * sx, y * sy, w * sx, h * sy, int(targets[k])) for (x, y, w, h), k in zip(boxes, samples)]
     return np.asarray(image, np.uint8), scaled
+
+
+def varied_fraction(settings: dict) -> float:
+    """The share of varied scenes pretraining renders (settings' varied_fraction, else VARIED_FRACTION)."""
+    return float(settings.get("varied_fraction", VARIED_FRACTION))
 
 
 def sample_crops(rng, scene, boxes, crop: int, n: int, layer: str):
@@ -141,7 +269,8 @@ def crop_batches(seed: int, pool, settings: dict):
     rng = np.random.default_rng(seed)
     crops, labels = [], []
     while True:
-        scene, boxes = render_scene(rng, digits.images, digits.target, pool, settings["scene_size"])
+        scene, boxes = render_scene(rng, digits.images, digits.target, pool, settings["scene_size"],
+                                    varied_fraction(settings))
         for image, label in sample_crops(rng, scene, boxes, settings["crop"], settings["crops_per_scene"],
                                          settings["layer"]):
             crops.append(image)
@@ -151,17 +280,18 @@ def crop_batches(seed: int, pool, settings: dict):
                 crops, labels = [], []
 
 
-def scene_batches(seed: int, pool, batch_size: int, size: int, layer: str):
-    """Endless (scenes uint8 (B, size, size, 3), labels (B, g, g)) batches of whole scenes of `pool`'s digits."""
-    return ((scenes, labels) for scenes, labels, _ in labelled_scenes(seed, pool, batch_size, size, layer))
+def scene_batches(seed: int, pool, batch_size: int, size: int, layer: str, varied: float = VARIED_FRACTION):
+    """Endless (scenes uint8 (B, size, size, 3), labels (B, g, g)) batches of whole scenes of `pool`'s digits,
+    a share `varied` of them varied (render_scene)."""
+    return ((scenes, labels) for scenes, labels, _ in labelled_scenes(seed, pool, batch_size, size, layer, varied))
 
 
-def labelled_scenes(seed: int, pool, batch_size: int, size: int, layer: str):
+def labelled_scenes(seed: int, pool, batch_size: int, size: int, layer: str, varied: float = VARIED_FRACTION):
     """scene_batches with each batch's boxes too: endless (scenes, labels, [[(x, y, w, h, label)] per scene])."""
     digits = demo.load_digits()
     rng = np.random.default_rng(seed)
     while True:
-        scenes = [render_scene(rng, digits.images, digits.target, pool, size) for _ in range(batch_size)]
+        scenes = [render_scene(rng, digits.images, digits.target, pool, size, varied) for _ in range(batch_size)]
         boxes = [b for _, b in scenes]
         yield np.stack([s for s, _ in scenes]), np.stack([scene_labels(b, size, layer) for b in boxes]), boxes
 
@@ -221,7 +351,7 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
         scene_base, scene_model = build_classifier(size, settings["layer"], like=model)
         freeze_below(scene_base, settings["scene_train_from"])
         scene_losses = _fit(scene_model, scene_batches(seed + 1, split_pools["train"], settings["scene_batch_size"],
-                                                       size, settings["layer"]),
+                                                       size, settings["layer"], varied_fraction(settings)),
                             settings["scene_steps"], settings, "scenes", BACKGROUND_WEIGHT, progress_callback)
     finally:   # extraction later in this process must build a float32 encoder
         keras.mixed_precision.set_global_policy(policy)
@@ -231,7 +361,9 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
     kernel, bias = scene_model.get_layer("cell_logits").get_weights()
     write_cell_head(Path(outdir) / CELL_HEAD_FILE, kernel.reshape(kernel.shape[-2:]), bias, settings["layer"],
                     [str(d) for d in range(BACKGROUND)] + ["background"])
-    scene_accuracy = evaluate_scenes(final, scene_model.get_layer("cell_logits"), split_pools["val"], settings)
+    head = scene_model.get_layer("cell_logits")
+    scene_accuracy = evaluate_scenes(final, head, split_pools["val"], settings)
+    varied_accuracy = evaluate_scenes(final, head, split_pools["val"], settings, varied=1.0)
     total = time.monotonic() - started
     report = {"pretrained_on": "scikit-learn handwritten digits (load_digits), the demo's train pool "
                                f"([demo] seed {settings['pool_seed']}), never ImageNet",
@@ -243,12 +375,16 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
               "held_out": {"pool": "val",
                            "scenes": {"what": f"{size}-px val-pool scenes, final weights (what extraction uses)",
                                       **scene_accuracy},
+                           "varied_scenes": {"what": f"varied {size}-px val-pool scenes (render_varied: other "
+                                                     "sizes, aspects, glyph widths, backgrounds, inks, placements), "
+                                                     "final weights", **varied_accuracy},
                            "crops": {"what": f"{settings['crop']}-px crops of val-pool scenes after the crop "
                                              "phase", **crop_accuracy}}}
     log.info("digits encoder trained in %s; held-out (val pool) scenes: %.3f of the digits read right "
-             "(%.3f of the scenes wholly), cells: digits %.3f, background %.3f", format_seconds(total),
-             scene_accuracy["digits"], scene_accuracy["scenes_all_digits_right"], scene_accuracy["digit_cells"],
-             scene_accuracy["background_cells"])
+             "(%.3f of the scenes wholly), cells: digits %.3f, background %.3f; varied scenes: %.3f of the digits "
+             "(%.3f of the scenes wholly)", format_seconds(total), scene_accuracy["digits"],
+             scene_accuracy["scenes_all_digits_right"], scene_accuracy["digit_cells"],
+             scene_accuracy["background_cells"], varied_accuracy["digits"], varied_accuracy["scenes_all_digits_right"])
     return report
 
 
@@ -318,7 +454,8 @@ def recalibrate_batchnorm(base, pool, settings: dict, from_block: str = "all"):
     batch = 16
     progress = Progress(settings["bn_scenes"], "re-estimating batch norm on scenes", "scenes", every=10)
     for k in range(max(1, settings["bn_scenes"] // batch)):
-        scenes = np.stack([render_scene(rng, digits.images, digits.target, pool, size)[0] for _ in range(batch)])
+        scenes = np.stack([render_scene(rng, digits.images, digits.target, pool, size, varied_fraction(settings))[0]
+                           for _ in range(batch)])
         for layer in norms:
             layer.momentum = 1.0 - 1.0 / (k + 1)
         run(keras.applications.inception_v3.preprocess_input(scenes.astype(np.float32)), training=True)
@@ -341,21 +478,22 @@ def _prefetch(iterator, depth: int):
 
 
 def evaluate(model, pool, settings: dict) -> dict:
-    """Accuracy on `val_crops` crops of scenes drawn from `pool` (a held-out pool), with a fixed seed."""
+    """Accuracy on `val_crops` crops of scenes drawn from `pool` (a held-out pool; demo and varied scenes as
+    pretraining mixes them), with a fixed seed."""
     batches = crop_batches(settings["seed"] + 1_000_003, pool, {**settings, "batch_size": 64})
     n = max(1, settings["val_crops"] // 64)
     return {**_accuracy((labels, model(images)) for images, labels in (next(batches) for _ in range(n))),
             "crops": n * 64}
 
 
-def evaluate_scenes(base, head, pool, settings: dict) -> dict:
-    """Accuracy on `val_scenes` whole scenes drawn from `pool` (a held-out pool): `base` (the saved float32
-    network) followed by the 1×1 convolution `head` — per cell, and per digit as read_digit reads it (with the
-    share of scenes whose every digit is read right)."""
+def evaluate_scenes(base, head, pool, settings: dict, varied: float = 0.0) -> dict:
+    """Accuracy on `val_scenes` whole scenes drawn from `pool` (a held-out pool), the demo's or (varied = 1)
+    varied ones: `base` (the saved float32 network) followed by the 1×1 convolution `head` — per cell, and per
+    digit as read_digit reads it (with the share of scenes whose every digit is read right)."""
     import keras
 
     batch, layer = 16, settings["layer"]
-    batches = labelled_scenes(settings["seed"] + 1_000_003, pool, batch, settings["scene_size"], layer)
+    batches = labelled_scenes(settings["seed"] + 1_000_003, pool, batch, settings["scene_size"], layer, varied)
     run = truncated(base, layer)
     cells, read, scenes_right = [], [], []
     for _ in range(max(1, settings["val_scenes"] // batch)):
