@@ -29,64 +29,80 @@ import numpy as np
 from pipeline import encoder as encoder_lib, images
 from pipeline.errors import InputError
 from pipeline.progress import Progress
-from storage import manifests, shards, workspace
+from storage import contents, manifests, shards, workspace
 
 log = logging.getLogger("captioner")
 
 _encoders: dict = {}   # (weights identity, image size) → compiled forward function, one per worker process
 
 
-def _split_files(annotations_dir, split: str, image_root) -> list[tuple[dict, str]]:
-    """[(manifest record, absolute image path)] of a split; image_root(reference) → its directory."""
-    roots = {}
-    out = []
-    for r in manifests.read_manifest(manifests.manifest_path(annotations_dir, split)):
-        if r["root"] not in roots:
-            roots[r["root"]] = str(image_root(r["root"]))
-        out.append((r, os.path.join(roots[r["root"]], r["path"])))
-    return out
+def _split_files(annotations_dir, split: str, image_root):
+    """(image_id, root reference, path, absolute image path) of each image of a split, streamed from its
+    manifest; image_root(reference) → its directory."""
+    roots = {}   # reference → the directory with a trailing separator
+    for image_id, root, path in manifests.iter_locations(manifests.manifest_path(annotations_dir, split)):
+        if root not in roots:
+            roots[root] = os.path.join(str(image_root(root)), "")
+        yield image_id, root, path, roots[root] + path if not path.startswith("/") else path
+
+
+def _batches(items, size: int = 8192):
+    """Lists of up to `size` consecutive items."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def listing_digest(annotations_dir, split: str, image_root) -> str:
     """A digest of (image id, size, mtime) of every image file of a split: it changes when a file is replaced,
-    touched, added or removed. Stats only; the split index records it (ExtractFeatures' completeness check)."""
+    touched, added or removed. Stats only, a batch at a time in threads; the split index records it
+    (ExtractFeatures' completeness check)."""
     digest = hashlib.sha256()
-    for r, path in _split_files(annotations_dir, split, image_root):
-        try:
-            s = os.stat(path)
-            digest.update(f"{r['image_id']} {s.st_size} {s.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{r['image_id']} -\n".encode())
+    for batch in _batches(_split_files(annotations_dir, split, image_root)):
+        found = contents.stat_files([item[3] for item in batch], absent=OSError)
+        digest.update("".join(f"{image_id} {f[0]} {f[1]}\n" if f else f"{image_id} -\n"
+                              for (image_id, *_), f in zip(batch, found)).encode())
     return digest.hexdigest()[:16]
+
+
+def _identified(annotations_dir, split: str, image_root, cache, progress_callback=None):
+    """(image_id, root reference, path, content key) of each image of a split, in manifest order; the keys come
+    from the cache a batch at a time (storage.contents.ContentCache.keys). Logs files/s and ETA."""
+    total = manifests.count_records(manifests.manifest_path(annotations_dir, split))
+    progress = Progress(total, f"identifying {split} images", "files", progress_callback)
+    for batch in _batches(_split_files(annotations_dir, split, image_root)):
+        for (image_id, root, path, _), key in zip(batch, cache.keys([item[3] for item in batch])):
+            yield image_id, root, path, key
+        progress.update(len(batch))
 
 
 def identify_split(annotations_dir, split: str, image_root, cache, progress_callback=None) -> dict[int, str]:
     """{image_id: content key} of a split; cache: storage.contents.ContentCache (files unchanged since they were
-    last hashed are not read again). Logs files/s and ETA."""
-    files = _split_files(annotations_dir, split, image_root)
-    progress = Progress(len(files), f"identifying {split} images", "files", progress_callback)
-    keys = {}
-    for r, path in files:
-        keys[r["image_id"]] = cache.key(path)
-        progress.update()
-    return keys
+    last hashed are not read again)."""
+    return {image_id: key for image_id, _, _, key in
+            _identified(annotations_dir, split, image_root, cache, progress_callback)}
 
 
 def classify_split(annotations_dir, store_dir, split: str, keys: dict[int, str]) -> dict:
     """Sort the images of `split` by what the store has for their content keys (`keys`: identify_split):
     {"stored": {id: (shard, row)}, "undecodable": {id: (record, shard, reason)}, "missing": [record],
-    "bad": [damaged shard paths]}. Images of shards that fail their quick check count as missing, so they are
-    extracted again."""
+    "bad": [damaged shard paths]}, records holding image_id, root and path. Images of shards that fail their
+    quick check count as missing, so they are extracted again."""
     rows, skipped, bad = shards.store_contents(store_dir)
     out = {"stored": {}, "undecodable": {}, "missing": [], "bad": bad}
-    for r in manifests.read_manifest(manifests.manifest_path(annotations_dir, split)):
-        key = keys[r["image_id"]]
+    for image_id, root, path in manifests.iter_locations(manifests.manifest_path(annotations_dir, split)):
+        key = keys[image_id]
         if key in rows:
-            out["stored"][r["image_id"]] = rows[key]
+            out["stored"][image_id] = rows[key]
         elif key in skipped:
-            out["undecodable"][r["image_id"]] = (r, *skipped[key])
+            out["undecodable"][image_id] = ({"image_id": image_id, "root": root, "path": path}, *skipped[key])
         else:
-            out["missing"].append(r)
+            out["missing"].append({"image_id": image_id, "root": root, "path": path})
     return out
 
 
@@ -118,17 +134,38 @@ def plan_shards(plan_name: str, todo_by_split: dict, shard_size: int) -> dict:
     return plan
 
 
-def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, keys_by_split: dict) -> dict:
-    """The extraction plan for every split of an annotation version: only contents the store lacks, each once
-    (a picture in two splits is extracted for the first)."""
-    todo, counts, planned = {}, {}, set()
-    for split in manifests.SPLITS:
-        found, counts[split] = images_to_extract(annotations_dir, store_dir, split, keys_by_split[split])
-        todo[split] = [item for item in found if item[0] not in planned]
-        planned.update(item[0] for item in found)
+def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, image_root, cache, out_path,
+               progress_callback=None) -> dict:
+    """Write the extraction plan for every split of an annotation version to `out_path` (plan_shards' layout,
+    with "already": what the store holds of each split): only contents the store lacks, each once (a picture in
+    two splits is extracted for the first). The splits' images are identified through `cache`
+    (storage.contents.ContentCache) and planned as they are read, a shard written as soon as it is full.
+    Returns {"images", "shards", "already"}."""
+    rows, skipped, bad = shards.store_contents(store_dir)
+    for path in bad:
+        log.warning("store: %s fails its check and is not used; its images are extracted again", path.name)
+    counts, planned, n_shards = {}, set(), 0
+    with manifests.PlanWriter(out_path, plan_name, shard_size) as plan:
+        for split in manifests.SPLITS:
+            counts[split], todo, k = {"stored": 0, "undecodable": 0}, [], 0
+            for image_id, root, path, key in _identified(annotations_dir, split, image_root, cache,
+                                                          progress_callback):
+                if key in rows or key in skipped:
+                    counts[split]["stored" if key in rows else "undecodable"] += 1
+                elif key not in planned:
+                    planned.add(key)
+                    todo.append([key, image_id, root, path])
+                if len(todo) == shard_size:
+                    plan.add({"name": f"shard-{plan_name}-{split}-{k:05d}", "split": split, "images": todo})
+                    todo, k, n_shards = [], k + 1, n_shards + 1
+            if todo:
+                plan.add({"name": f"shard-{plan_name}-{split}-{k:05d}", "split": split, "images": todo})
+                n_shards += 1
+        plan.finish(counts)
     log.info("store already holds: %s", ", ".join(f"{s} {c['stored']} (+{c['undecodable']} undecodable)"
                                                  for s, c in counts.items()))
-    return {**plan_shards(plan_name, todo, shard_size), "already": counts}
+    log.info("feature plan %s: %d images to extract in %d shards", plan_name, len(planned), n_shards)
+    return {"images": len(planned), "shards": n_shards, "already": counts}
 
 
 def note_older_stores(store_dir) -> None:

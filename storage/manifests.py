@@ -260,6 +260,47 @@ class Spool:
         return paths
 
 
+class PlanWriter:
+    """A feature store's extraction plan (`plans/<name>.json`) written a shard at a time, atomically: the file is
+    what write_json(path, {"plan", "shard_size", "shards", "already"}, indent=None) writes, without the plan
+    ever being whole in memory.
+
+        with PlanWriter(path, "3f2a…", 1000) as plan:
+            plan.add({"name": "shard-3f2a…-train-00000", "split": "train", "images": [[key, id, root, path]]})
+            plan.finish({"train": {"stored": 0, "undecodable": 0}, …})
+    """
+
+    def __init__(self, path: str | os.PathLike, plan: str, shard_size: int):
+        self.path, self.plan, self.shard_size, self._shards = Path(path), plan, shard_size, 0
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        tmp = self._stack.enter_context(atomic_file(self.path))
+        self._file = self._stack.enter_context(open(tmp, "w", encoding="utf-8"))
+        self._file.write(json.dumps({"plan": self.plan, "shard_size": self.shard_size}, ensure_ascii=False)[:-1]
+                         + ', "shards": [')
+        return self
+
+    def add(self, shard: dict) -> None:
+        self._file.write((", " if self._shards else "") + json.dumps(shard, ensure_ascii=False))
+        self._shards += 1
+
+    def finish(self, already: dict) -> None:
+        self._file.write(f'], "already": {json.dumps(already, ensure_ascii=False)}}}\n')
+
+    def __exit__(self, *exc):
+        return self._stack.__exit__(*exc)
+
+
+def count_records(path: str | os.PathLike) -> int:
+    """The number of records of a manifest (its lines), without decoding them."""
+    count = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            count += block.count(b"\n")
+    return count
+
+
 def read_lines(path: str | os.PathLike) -> list[bytes]:
     """Every line of a spool or part file (without newlines)."""
     return [line for block in _line_blocks(path, 1 << 22) for line in block]
@@ -302,5 +343,6 @@ def read_json(path: str | os.PathLike):
 
 __all__ = ["MANIFEST_KEYS", "OPTIONAL_KEYS", "VOCAB_FILE", "REPORT_FILE", "SPLITS", "manifest_path", "write_manifest",
            "read_manifest", "iter_manifest", "iter_locations", "iter_captions", "split_assignment",
-           "read_split_assignment", "json_string", "json_lines", "ManifestWriter", "optional_keys_json", "Spool", "read_lines",
+           "read_split_assignment", "json_string", "json_lines", "ManifestWriter", "optional_keys_json", "Spool",
+           "PlanWriter", "count_records", "read_lines",
            "latest_other_output", "read_json", "write_json", "write_jsonl", "root_reference", "resolve_root"]

@@ -157,11 +157,9 @@ class PlanShards(Stage):
 
     def run(self):
         features_lib.note_older_stores(store_dir())
-        keys = {split: context.content_keys(self.input().path, split, self.report_progress)
-                for split in manifests.SPLITS}
-        plan = features_lib.plan_store(self.input().path, store_dir(), features.read().shard_size,
-                                       self.fingerprint(), keys)
-        manifests.write_json(self.output().path, plan, indent=None)
+        with context.content_cache() as cache:
+            features_lib.plan_store(self.input().path, store_dir(), features.read().shard_size, self.fingerprint(),
+                                    context.image_root, cache, self.output().path, self.report_progress)
 
 
 class ExtractShard(ReportsProgress, luigi.Task):
