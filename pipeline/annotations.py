@@ -48,6 +48,7 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.progress import Progress
 from storage import manifests
+from storage.contents import in_threads
 from storage.workspace import portable
 
 log = logging.getLogger("captioner")
@@ -71,7 +72,9 @@ LISTED_PER_KIND = 1000   # problem instances listed in report.json per kind (the
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
 _NOT_WORD = re.compile(r"[^\w']|_")
 _LOOSE_APOSTROPHE = re.compile(r"(?<!\w)'|'(?!\w)")
-_LOOSE_APOSTROPHE_ASCII = re.compile(rb"(?<![a-z0-9])'|'(?![a-z0-9])")   # on text where only a-z 0-9 ' remain
+# the same on text where only a-z 0-9 ' remain, as an apostrophe then a look back (so re searches for ' alone)
+_LOOSE_APOSTROPHE_ASCII = re.compile(rb"'(?:(?<![a-z0-9]')|(?![a-z0-9]))")
+_SPACE_RUNS = re.compile(rb"  +")
 # steps 1-2 of the rule for ASCII text (NFKC leaves ASCII alone): letters lowercased, digits and ' kept, ` → ',
 # every other byte a space
 _ASCII_WORD = bytes(c + 32 if 65 <= c <= 90 else c if 97 <= c <= 122 or 48 <= c <= 57 or c == 39 else
@@ -129,6 +132,7 @@ class _JsonFile:
         self.text, self.pos = "", 0                 # text read and not dropped yet; where parsing is in it
         self._dropped, self._newlines, self._last_newline = 0, 0, -1   # characters, newlines before self.text
         self._bytes, self.eof = 0, False
+        self._single = 0                            # items are parsed one at a time before this character
         self._progress = Progress(max(size >> 20, 1), f"reading {Path(path).name}", "MiB", progress_callback)
         self.seen, self.not_lists = [], {}
 
@@ -192,19 +196,13 @@ class _JsonFile:
         if self.text.startswith("]", self.pos):
             self.pos += 1
             return
-        i, scan = 0, _SCAN
+        i = 0
         while True:
-            text, pos = self.text, self.pos
-            try:   # most items: parsed in place, far from the end of the text read
-                value, end = scan(text, pos) if len(text) - pos > _AHEAD else (None, len(text))
-            except (StopIteration, json.JSONDecodeError):
-                end = len(text)
-            if end < len(text):
-                self.pos = end
-            else:
-                value = self._value()   # read on, or the error with its position
-            handle(i, value)
-            i += 1
+            items = (self._many() if len(self.text) - self.pos > _AHEAD and self._dropped + self.pos >= self._single
+                     else None)
+            for value in items or (self._value(),):   # one item: read on, or the error with its position
+                handle(i, value)
+                i += 1
             text, pos = self.text, self.pos
             if text.startswith(", ", pos) and pos + 2 < len(text) and text[pos + 2] not in " \t\n\r":
                 self.pos = pos + 2   # json.dump's separator: the next item follows at once
@@ -217,6 +215,26 @@ class _JsonFile:
                 raise self._bad_json("Expecting ',' delimiter", self.pos)
             self.pos += 1
             self._skip()
+
+    def _many(self) -> list | None:
+        """The items from self.pos to the last object that ends before '}, {' or '},{' in the text read, parsed
+        at once as one list (the brackets balance only if the cut falls between two items, never inside a
+        string or an item); None when there is no such cut or the items do not parse whole: the caller then
+        takes them one at a time, with json's message and position for an error."""
+        text, pos = self.text, self.pos
+        cut = max(text.rfind("}, {", pos, len(text) - 1), text.rfind("},{", pos, len(text) - 1)) + 1
+        if cut <= pos:
+            self._single = self._dropped + len(text)
+            return None
+        try:
+            items, end = _SCAN("[" + text[pos:cut] + "]", 0)
+        except (StopIteration, json.JSONDecodeError):
+            items, end = None, None
+        if end != cut - pos + 2 or not items:
+            self._single = self._dropped + cut   # one at a time up to there
+            return None
+        self.pos = cut
+        return items
 
     def _value(self):
         """The JSON value at self.pos, read on until it is whole."""
@@ -458,7 +476,7 @@ def _karpathy_split(path) -> tuple[np.ndarray, np.ndarray]:
 
     reader = _JsonFile(path, "Karpathy split file")
     top = reader.parse({"images": image})
-    if top is not None or "images" not in reader.seen or "images" in reader.not_lists or reader.seen.count("images") > 1:
+    if top is not None or reader.seen.count("images") != 1 or "images" in reader.not_lists:
         raise InputError(f"{path}: expected an object with an 'images' list (Karpathy's dataset_coco.json). "
                          "Fix: point [dataset] karpathy_split at dataset_coco.json.")
     if errors:
@@ -604,10 +622,13 @@ def _normalised_lines(captions: list[str]) -> list[bytes]:
 
 
 def _normalised_ascii(joined: str) -> list[bytes]:
-    """normalize_caption of each line of `joined` (ASCII text, one caption a line), UTF-8."""
-    sub = _LOOSE_APOSTROPHE_ASCII.sub
-    return [b" ".join((sub(b" ", line) if b"'" in line else line).split())
-            for line in joined.encode("ascii").translate(_ASCII_LINES).split(b"\n")]
+    """normalize_caption of each line of `joined` (ASCII text, one caption a line), UTF-8, by operations on the
+    whole text (after the translation only a-z, 0-9, ', space and newline remain)."""
+    text = joined.encode("ascii").translate(_ASCII_LINES)
+    if b"'" in text:
+        text = _LOOSE_APOSTROPHE_ASCII.sub(b" ", text)
+    text = _SPACE_RUNS.sub(b" ", text).replace(b" \n", b"\n").replace(b"\n ", b"\n")
+    return text.strip(b" ").split(b"\n")
 
 
 class _Sorted:
@@ -746,13 +767,14 @@ def _inside_root(file_name: str) -> bool:
     return not path.is_absolute() and not file_name.startswith(("/", "\\")) and ".." not in path.parts
 
 
-def _gather(lines: list[bytes], wanted: np.ndarray) -> list[bytes]:
-    """A part file holds the lines of the entries `wanted` in the order read (ascending): the same lines in
+def _gather(wanted: np.ndarray, *files: list[bytes]) -> list[list[bytes]]:
+    """Part files hold the lines of the entries `wanted` in the order read (ascending): the same lines in
     `wanted`'s order."""
-    assert len(lines) == len(wanted), (len(lines), len(wanted))
+    assert all(len(lines) == len(wanted) for lines in files), (len(wanted), [len(lines) for lines in files])
     if len(wanted) < 2:
-        return list(lines)
-    return list(operator.itemgetter(*np.searchsorted(np.sort(wanted), wanted).tolist())(lines))
+        return [list(lines) for lines in files]
+    take = operator.itemgetter(*np.searchsorted(np.sort(wanted), wanted).tolist())
+    return [list(take(lines)) for lines in files]
 
 
 def _load_part(files: dict, k: int, s: _Sorted, lo: int, hi: int, caption_lo: int, caption_hi: int,
@@ -761,16 +783,19 @@ def _load_part(files: dict, k: int, s: _Sorted, lo: int, hi: int, caption_lo: in
     lines = {key: manifests.read_lines(paths[k]) for key, paths in files.items()}
     for paths in files.values():
         paths[k].unlink()
-    names_json = _gather(lines["names"], s.index[lo:hi])
-    captions = s.caption_order[caption_lo:caption_hi]
+    names_json, = _gather(s.index[lo:hi], lines["names"])
+    raw, normalised = _gather(s.caption_order[caption_lo:caption_hi], lines["raw"], lines["normalised"])
     names = [n[1:-1].decode() if b"\\" not in n else json.loads(n) for n in names_json]
     files_, counts = s.files[lo:hi].tolist(), s.counts[lo:hi].tolist()
-    found = [n > 0 and _inside_root(name) and _is_file(os.path.join(roots[f], name))
-             for name, f, n in zip(names, files_, counts)]
+    checked = [j for j, (name, n) in enumerate(zip(names, counts)) if n > 0 and _inside_root(name)]
+    found = [False] * len(names)
+    for j, ok in zip(checked, in_threads(lambda part: list(map(_is_file, part)),
+                                         [os.path.join(roots[files_[j]], names[j]) for j in checked])):
+        found[j] = ok
     index = s.index[lo:hi].tolist() if extras else []
     return {"places": range(lo, hi), "ids": s.ids[lo:hi].tolist(), "files": files_, "counts": counts,
             "names_json": names_json, "names": names, "found": found,
-            "raw": _gather(lines["raw"], captions), "normalised": _gather(lines["normalised"], captions),
+            "raw": raw, "normalised": normalised,
             "extras": {lo + j: extras[i] for j, i in enumerate(index) if i in extras}}
 
 

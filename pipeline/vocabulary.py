@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from itertools import repeat
 
 import numpy as np
 
@@ -78,15 +79,25 @@ def vocabulary_of(caption_lists, min_count: int = 5, max_size: int = 0, max_leng
 def _count(caption_lists) -> tuple[Counter, Counter, int]:
     """(word counts, {caption length in words: captions}, images) of the captions, a batch at a time."""
     counts, lengths, n_images, batch = Counter(), Counter(), 0, []
+
+    def count(batch):
+        text = " ".join(batch)
+        words = text.split()
+        counts.update(words)
+        if (len(words) == text.count(" ") + 1 and "  " not in text and text[:1] != " " != text[-1:]
+                and text.isprintable()):   # single spaces between words, no other whitespace: words = spaces + 1
+            for spaces, n in Counter(map(str.count, batch, repeat(" "))).items():
+                lengths[spaces + 1] += n
+        else:
+            lengths.update(map(len, map(str.split, batch)))
+
     for captions in caption_lists:
         n_images += 1
         batch += captions
         if len(batch) >= 65536:
-            counts.update(" ".join(batch).split())
-            lengths.update(map(len, map(str.split, batch)))
+            count(batch)
             batch = []
-    counts.update(" ".join(batch).split())
-    lengths.update(map(len, map(str.split, batch)))
+    count(batch)
     return counts, lengths, n_images
 
 

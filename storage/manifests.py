@@ -121,8 +121,9 @@ def iter_captions(path: str | os.PathLike):
                 yield []
                 continue
             if end > start and line[start] == line[end - 1] == '"':
-                captions = line[start + 1:end - 1].split('", "')
-                if not any('"' in c or "\\" in c for c in captions):
+                inner = line[start + 1:end - 1]
+                captions = inner.split('", "')
+                if "\\" not in inner and inner.count('"') == 2 * len(captions) - 2:   # no quote but separators'
                     yield captions
                     continue
             if line.strip():
@@ -302,8 +303,13 @@ def count_records(path: str | os.PathLike) -> int:
 
 
 def read_lines(path: str | os.PathLike) -> list[bytes]:
-    """Every line of a spool or part file (without newlines)."""
-    return [line for block in _line_blocks(path, 1 << 22) for line in block]
+    """Every line of a spool or part file (without newlines), read at once (a part is a few tens of MB)."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines[-1]:
+        raise ValueError(f"{path}: the last line is not whole")
+    lines.pop()
+    return lines
 
 
 def _line_blocks(path, size: int):

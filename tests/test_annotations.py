@@ -361,7 +361,8 @@ def test_manifest_writer_writes_the_lines_write_manifest_writes(tmp_path):
                        b", ".join(map(manifests.json_string, r["captions"])),
                        b", ".join(map(manifests.json_string, r["raw_captions"])), manifests.optional_keys_json(r))
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
-    assert list(manifests.iter_locations(tmp_path / "a.jsonl")) == [(5, "images:0", 'a "q".jpg'), (-2, "r", "\u00e9.jpg")]
+    assert list(manifests.iter_locations(tmp_path / "a.jsonl")) == [(5, "images:0", 'a "q".jpg'),
+                                                                     (-2, "r", "\u00e9.jpg")]
     assert manifests.json_lines(["a\nb", "\ud800"]) == b'"a\\nb"\n"\\ud800"\n'   # no raw newline; no bad UTF-8
 
 

@@ -88,3 +88,20 @@ def test_counted_from_the_streamed_manifest_as_from_records(tmp_path):
     artifact = make_vocabulary(ann, out, min_count=1, max_size=0, max_length=2, length_policy="truncate")
     assert artifact == build_vocabulary(expected, min_count=1, max_length=2)
     assert artifact["stats"]["train_images"] == 7 and artifact["stats"]["captions_longer_than_max_length"] == 4
+
+
+def test_caption_lengths_counted_by_spaces_only_where_that_is_exact():
+    """Batches of single-spaced captions are measured by their spaces; any other whitespace, an empty caption or
+    a double space sends the batch to str.split. Either way: the lengths and counts of str.split."""
+    import random
+    from collections import Counter
+
+    from pipeline.vocabulary import _count
+    rng = random.Random(0)
+    for _ in range(5000):
+        lists = [["".join(rng.choice("ab \t\u00a0") for _ in range(rng.randint(0, 6)))
+                  for _ in range(rng.randint(0, 3))] for _ in range(rng.randint(0, 5))]
+        counts, lengths, images = _count(lists)
+        assert lengths == Counter(len(c.split()) for captions in lists for c in captions)
+        assert counts == Counter(w for captions in lists for c in captions for w in c.split())
+        assert images == len(lists)
