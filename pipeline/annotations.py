@@ -22,8 +22,8 @@ Memory: a caption file is read as a stream (_JsonFile: blocks of bytes, one list
 json module's own messages and positions for a file that is not JSON). What is kept of an image or a caption is
 a few integers in arrays; file names and captions go to scratch files under the output directory (storage's
 Spool), are put in image-id order part by part, and are copied into the manifests without being decoded again.
-A million images with five captions each need a few hundred MB of memory and about twice the manifests' size
-of scratch disk while the stage runs.
+Memory grows by about 50 bytes per caption (under 500 MB for a million images with five captions each, the
+process included); scratch disk peaks at about one and a half times the manifests' size while the stage runs.
 """
 from __future__ import annotations
 
@@ -591,6 +591,10 @@ class _Collected:
         for spool in (self.names, self.raw, self.normalised):
             spool.close()
 
+    def release(self) -> None:
+        """Drop the arrays (once _Sorted has what it needs of them)."""
+        self.image_ids, self.caption_ids, self.caption_images = array("q"), array("q"), array("q")
+
     def arrays(self) -> dict:
         """The arrays as numpy arrays, with each entry's file (index) and the captions' masks."""
         n_captions = len(self.caption_ids)
@@ -652,10 +656,7 @@ class _Sorted:
         caption_ids, has_id, images, caption_files, empty = (a["caption_ids"], a["has_id"], a["images"],
                                                              a["caption_files"], a["empty"])
         duplicate = _later_duplicates(caption_ids, has_id)
-        self.image_of = np.searchsorted(self.ids, images)
-        at = np.minimum(self.image_of, max(len(self.ids) - 1, 0))
-        known = (self.image_of < len(self.ids)) & (self.ids[at] == images) & (self.files[at] == caption_files) \
-            if len(self.ids) else np.zeros(len(images), bool)
+        self.image_of, known = self._images_of(images, caption_files)
         caption_id = lambda k: int(caption_ids[k]) if has_id[k] else None
         _list(problems, "duplicate_caption_id", duplicate,
               lambda k: {"file": files[caption_files[k]], "caption_id": int(caption_ids[k])})
@@ -668,16 +669,38 @@ class _Sorted:
                          "caption": json.loads(raw_of[k])})
         self.kept = ~duplicate & known & ~empty
         kept = np.flatnonzero(self.kept)
-        order = self.image_of[kept] * len(caption_ids) + kept   # by image, then as read: unique, so np.sort will do
+        order = self.image_of[kept].astype(np.int64)   # by image, then as read: unique, so np.sort will do
+        self.counts = np.bincount(order, minlength=len(self.ids))
+        order *= max(len(caption_ids), 1)
+        order += kept
+        del kept
         order.sort()
-        self.caption_order = order % max(len(caption_ids), 1)
-        self.counts = np.bincount(self.image_of[kept], minlength=len(self.ids))
+        order %= max(len(caption_ids), 1)
+        self.caption_order = order.astype(_index_type(len(caption_ids)))
+
+    def _images_of(self, images: np.ndarray, caption_files: np.ndarray, step: int = 1 << 20):
+        """(each caption's image by its place in self.ids, whether that image is the caption's: listed in the
+        caption's file), a million captions at a time."""
+        image_of, known = np.zeros(len(images), _index_type(len(self.ids))), np.zeros(len(images), bool)
+        for lo in range(0, len(images) if len(self.ids) else 0, step):
+            where = np.searchsorted(self.ids, images[lo:lo + step])
+            at = np.minimum(where, len(self.ids) - 1)
+            known[lo:lo + step] = ((where < len(self.ids)) & (self.ids[at] == images[lo:lo + step])
+                                   & (self.files[at] == caption_files[lo:lo + step]))
+            image_of[lo:lo + step] = at
+        return image_of, known
+
+
+def _index_type(n: int):
+    """The integer type of indexes into n entries."""
+    return np.int32 if n < 2 ** 31 else np.int64
 
 
 def _later_duplicates(ids: np.ndarray, has_id: np.ndarray) -> np.ndarray:
     """A mask of the entries whose id (where has_id) an earlier entry has too."""
     duplicate = np.zeros(len(ids), bool)
-    values = np.sort(ids[has_id])
+    values = ids[has_id]
+    values.sort()
     repeated = np.unique(values[1:][values[1:] == values[:-1]])
     if len(repeated):   # rare: only the entries with a repeated id, in the order read
         at = np.flatnonzero(has_id & np.isin(ids, repeated))
@@ -811,11 +834,14 @@ def _write_manifests(outdir, c: _Collected, s: _Sorted, writer_args: tuple, scra
     """Every image kept, by id, with its captions into <split>.jsonl of `outdir`: the spools are cut into parts of
     consecutive images (about _PART_LINES lines each); each part is put in order in memory (the next one in a
     thread meanwhile, its image files looked up) and written."""
-    part = (np.cumsum(s.counts + 1) - 1) // _PART_LINES   # of each image, by id: ascending
+    part = ((np.cumsum(s.counts + 1) - 1) // _PART_LINES).astype(np.int32)   # of each image, by id: ascending
     n_parts = int(part[-1]) + 1 if len(part) else 0
-    name_parts = np.full(c.names.count, -1, np.int64)
+    name_parts = np.full(c.names.count, -1, np.int32)
     name_parts[s.index] = part
-    caption_parts = np.where(s.kept, part[np.minimum(s.image_of, len(part) - 1)] if len(part) else -1, -1)
+    caption_parts = np.full(len(s.kept), -1, np.int32)
+    if len(part):
+        caption_parts[s.kept] = part[s.image_of[s.kept]]
+    del s.image_of, s.kept
     files = {"names": c.names.distribute(name_parts, n_parts, scratch, "names"),
              "raw": c.raw.distribute(caption_parts, n_parts, scratch, "raw"),
              "normalised": c.normalised.distribute(caption_parts, n_parts, scratch, "normalised")}
@@ -863,6 +889,7 @@ def _write_annotations(outdir, annotation_files, roots: list[str], root_names: l
         collected.close()
         karpathy = _karpathy_split(karpathy_split) if karpathy_split else None
         s = _Sorted(collected, files, problems)
+        collected.release()
         split_codes = _split_lookup(*karpathy, s.ids) if karpathy else None
         writer = _write_manifests(outdir, collected, s, (roots, root_names, split_codes,
                                                          (val_fraction, test_fraction, seed), problems),
