@@ -34,7 +34,7 @@ import numpy as np
 
 from storage.workspace import TEMP_PREFIX, atomic_file, resolve
 
-SCHEMA_VERSION = 2   # 2: rows keyed by content (`contents`); version 1 keyed them by dataset image id
+SCHEMA_VERSION = 2   # rows keyed by content (`contents`)
 SHARD_GLOB = "shard-*.h5"
 STRING = h5py.string_dtype("utf-8")
 REQUIRED_DATASETS = ("features", "contents", "image_ids", "paths", "skipped", "skipped_ids", "skipped_contents")

@@ -26,7 +26,7 @@ class TrainDecoder(Stage):
     stage = "models"
     expected_files = ("decoder.weights.h5", "decoder.json", "vocab.json", "config.json", "features.json",
                       "history.json")
-    version = 3   # 2: features standardised with train-set statistics; 3: loss per token, validation as generation
+    version = 3
 
     def requires(self):
         return {"vocabulary": BuildVocabulary(), "train": ExtractFeatures(split="train"),
@@ -118,7 +118,7 @@ class GenerateCaptions(SplitStage):
     """Caption a split: captions/<fp>/<split>.json (COCO results format) + <split>-attention.h5; one directory
     per model and decoding, whatever the split."""
     stage, companion = "captions", "-attention.h5"
-    version = 2   # 2: one directory for all splits
+    version = 2
 
     def requires(self):
         needs = {"features": ExtractFeatures(split=self.split)}
@@ -216,7 +216,7 @@ class EvaluateCaptions(SplitStage):
     """Score a split's captions: metrics/<fp>/<split>.json and <split>-report.html, one directory per captions
     directory."""
     stage, companion = "metrics", "-report.html"
-    version = 2   # 2: one directory for all splits
+    version = 2
 
     def requires(self):
         return {"captions": GenerateCaptions(split=self.split), "annotations": ExtractAnnotations()}

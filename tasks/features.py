@@ -20,7 +20,7 @@ class MakeDemoDataset(Stage):
     """The built-in digits dataset in COCO captions format (see pipeline/demo.py)."""
     stage = "demo"
     expected_files = (*(f"captions_{s}.json" for s in manifests.SPLITS), "karpathy_split.json")
-    version = 2   # 2: digit boxes in the images' metadata
+    version = 2
 
     def settings(self):
         c = demo.read()
@@ -39,8 +39,7 @@ class ExtractAnnotations(Stage):
     """Stage 1: caption files → annotations/<fp>/{train,val,test}.jsonl + report.json."""
     stage = "annotations"
     expected_files = (*(f"{s}.jsonl" for s in manifests.SPLITS), manifests.REPORT_FILE)
-    version = 4   # 2: digit datasets' labels and boxes kept in the manifests; 3: hash splits, item-level problems;
-    #               4: image roots as references (images:<k>), files identified by content only
+    version = 4
 
     def requires(self):
         return [MakeDemoDataset()] if dataset.read().source == "demo" else []
@@ -86,7 +85,7 @@ class PretrainDigitsEncoder(Stage):
     """InceptionV3 pretrained on scikit-learn digits (the demo's train pool): encoders/<fp>/ with the weights
     file and report.json (held-out accuracy, steps, seconds). Feeds ExtractShard when [encoder] weights = digits."""
     stage = "encoders"
-    version = 2   # 2: the per-cell head saved beside the weights (for `<layer>+cell_scores` features)
+    version = 3
     expected_files = (pretrain_lib.WEIGHTS_FILE, CELL_HEAD_FILE, manifests.REPORT_FILE)
 
     def settings(self):
