@@ -57,7 +57,7 @@ def test_settings_shows_each_value_with_its_source(monkeypatch):
     assert rows[("workspace", "root")]["value"] == "/srv/captioner-work"
     assert rows[("workspace", "root")]["source"] == "environment $CAPTIONER_WORKDIR"
     assert rows[("training", "scst_samples")]["source"] == "default" and rows[("training", "scst_samples")]["help"]
-    assert rows[("pretrain", "crop")]["source"] == f"file {REPO / 'configs' / 'demo.cfg'}"   # the demo's layer
+    assert rows[("vocabulary", "min_count")]["source"] == f"file {REPO / 'configs' / 'demo.cfg'}"   # the demo's layer
     text = CliRunner().invoke(cli, ["settings", "--training-epochs=3"]).output
     assert re.search(r"epochs = 3 +# flag --training-epochs · default '20'", text)
 

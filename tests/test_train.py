@@ -212,7 +212,8 @@ def test_reduced_precision_extraction_and_training(tmp_path, training):
     assert history and all(np.isfinite(h["loss"]) for h in history)
     assert json.loads((model / "config.json").read_text())["precision"] == training
 
-    assert run_luigi("ExtractFeatures", "--split", "train", workdir=workdir).returncode == 0   # float32 too
+    assert run_luigi("ExtractFeatures", "--split", "train", "--encoder-precision", "float32",
+                     workdir=workdir).returncode == 0                                  # float32 too
     stores = [p for p in (workdir / "features").iterdir() if p.is_dir()]
     assert len(stores) == 2                                     # a store never mixes precisions
     (full,) = [p for p in stores if p != store]
