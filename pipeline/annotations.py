@@ -181,14 +181,8 @@ class _JsonFile:
             else:
                 self._value()
             self.seen.append(key)
-            self._skip()
-            if self.text.startswith("}", self.pos):
-                self.pos += 1
+            if self._closed_or_next("}"):
                 return
-            if not self.text.startswith(",", self.pos):
-                raise self._bad_json("Expecting ',' delimiter", self.pos)
-            self.pos += 1
-            self._skip()
 
     def _items(self, handle) -> None:
         """A list after its '[': handle(i, item) for each item, as json's scanner parses a list."""
@@ -207,14 +201,21 @@ class _JsonFile:
             if text.startswith(", ", pos) and pos + 2 < len(text) and text[pos + 2] not in " \t\n\r":
                 self.pos = pos + 2   # json.dump's separator: the next item follows at once
                 continue
-            self._skip()
-            if self.text.startswith("]", self.pos):
-                self.pos += 1
+            if self._closed_or_next("]"):
                 return
-            if not self.text.startswith(",", self.pos):
-                raise self._bad_json("Expecting ',' delimiter", self.pos)
+
+    def _closed_or_next(self, close: str) -> bool:
+        """After a member or item: True past the closing `close`, False past a ',' (and the white space after
+        it); json's own message otherwise."""
+        self._skip()
+        if self.text.startswith(close, self.pos):
             self.pos += 1
-            self._skip()
+            return True
+        if not self.text.startswith(",", self.pos):
+            raise self._bad_json("Expecting ',' delimiter", self.pos)
+        self.pos += 1
+        self._skip()
+        return False
 
     def _many(self) -> list | None:
         """The items from self.pos to the last object that ends before '}, {' or '},{' in the text read, parsed
