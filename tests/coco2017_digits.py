@@ -1,4 +1,4 @@
-"""A digit-scene dataset in COCO 2017 form, for the README's "COCO 2017 form" row (issue 9's second goal):
+"""The demo's digit scenes in COCO 2017 form (docs/results.md, "The digits in COCO 2017 form"):
 
     .venv/bin/python -m tests.coco2017_digits /data/digits2017
 
@@ -8,7 +8,7 @@ two in val2017). Each image's five references are five different phrasings, none
 and rendering come from pipeline.demo; digit samples from the demo pools of [demo] seed 1797 (the digits
 encoder pretrains on that train pool only, so val and test digits stay unseen), scenes from another seed.
 Point a config at it with `[dataset] source = coco`, the two caption files, the two image folders and
-`karpathy_split` (README, "What the demo reaches")."""
+`karpathy_split` (docs/results.md has the config)."""
 import json
 import os
 import re
