@@ -121,13 +121,18 @@ def images_to_extract(annotations_dir, store_dir, split: str, keys: dict[int, st
     return todo, {"stored": len(found["stored"]), "undecodable": len(found["undecodable"])}
 
 
+def shard_name(plan_name: str, split: str, k: int) -> str:
+    """The k-th shard of a plan's split: 'shard-<plan>-<split>-<k>' (plan_of reads the plan back)."""
+    return f"shard-{plan_name}-{split}-{k:05d}"
+
+
 def plan_shards(plan_name: str, todo_by_split: dict, shard_size: int) -> dict:
     """Group images into shards of at most `shard_size`, one split per shard, in the order given:
     {"plan", "shard_size", "shards": [{"name", "split", "images": [[content key, image_id, root, path], ...]}]}."""
     plan = {"plan": plan_name, "shard_size": shard_size, "shards": []}
     for split, todo in todo_by_split.items():
         for k, start in enumerate(range(0, len(todo), shard_size)):
-            plan["shards"].append({"name": f"shard-{plan_name}-{split}-{k:05d}", "split": split,
+            plan["shards"].append({"name": shard_name(plan_name, split, k), "split": split,
                                    "images": todo[start:start + shard_size]})
     n_new = sum(len(s["images"]) for s in plan["shards"])
     log.info("feature plan %s: %d images to extract in %d shards", plan_name, n_new, len(plan["shards"]))
@@ -156,10 +161,10 @@ def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, imag
                     planned.add(key)
                     todo.append([key, image_id, root, path])
                 if len(todo) == shard_size:
-                    plan.add({"name": f"shard-{plan_name}-{split}-{k:05d}", "split": split, "images": todo})
+                    plan.add({"name": shard_name(plan_name, split, k), "split": split, "images": todo})
                     todo, k, n_shards = [], k + 1, n_shards + 1
             if todo:
-                plan.add({"name": f"shard-{plan_name}-{split}-{k:05d}", "split": split, "images": todo})
+                plan.add({"name": shard_name(plan_name, split, k), "split": split, "images": todo})
                 n_shards += 1
         plan.finish(counts)
     log.info("store already holds: %s", ", ".join(f"{s} {c['stored']} (+{c['undecodable']} undecodable)"
