@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.errors import InputError
 from pipeline.inputs import feature_statistics
 from pipeline.steps import build_model, make_optimizer, make_strategy
-from pipeline.validation import SELECTION_NAMES
+from pipeline.validation import selection_name
 from storage import manifests
 
 log = logging.getLogger("captioner")
@@ -32,7 +32,7 @@ def exclusive_lock(path: Path):
 class TrainingState:
     """Model, optimizer, counters and history of one training, checkpointed together in `checkpoint_dir` and
     restored from its latest checkpoint. state[name] reads a counter: epoch, step, step_in_epoch, best (the best
-    epoch's val CIDEr-D, or digits exact with select_by = digits_exact), bad_epochs."""
+    epoch's val CIDEr-D, or the plug-in val score select_by names), bad_epochs."""
 
     def __init__(self, checkpoint_dir: Path, data, vocab_size: int, settings: dict):
         import tensorflow as tf
@@ -64,7 +64,7 @@ class TrainingState:
             self.history = history[:self["epoch"]]   # epochs after the checkpoint are trained again
             log.info("resuming from checkpoint %s: epoch %d, step %d (%d into the epoch), best val %s %.4f",
                      self.manager.latest_checkpoint, self["epoch"] + 1, self["step"], self["step_in_epoch"],
-                     SELECTION_NAMES[settings["select_by"]], self["best"])
+                     selection_name(settings["select_by"]), self["best"])
         else:   # a resumed run restored them with the checkpoint
             mean, std = feature_statistics(data.train_rows, settings["block_rows"])
             self.model.feature_mean.assign(mean)

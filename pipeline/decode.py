@@ -20,13 +20,21 @@ def _cache(model) -> dict:
     return model._captioner_decoders
 
 
-def greedy_fn(model, max_length: int, start_id: int, end_id: int, unk_id: int | None = None, samples: int = 0):
+def greedy_fn(model, max_length: int, start_id: int, end_id: int, unk_id: int | None = None):
     """A compiled greedy decoder for `model`: features (B, P, D) → (tokens (B, L), alphas (B, L, P)).
-    With `unk_id`, <unk> is never chosen.
+    With `unk_id`, <unk> is never chosen."""
+    return _word_by_word_fn(model, max_length, start_id, end_id, unk_id, samples=0)
 
-    samples = n > 0: a sampler instead, for self-critical training: each word is drawn from the model's
-    distribution (tf.random.categorical), n captions per image, → tokens (B·n, L) image by image; <pad> and
-    <start> are never drawn."""
+
+def sampler_fn(model, samples: int, max_length: int, start_id: int, end_id: int, unk_id: int | None = None):
+    """A compiled sampler for self-critical training: each word is drawn from the model's distribution
+    (tf.random.categorical), `samples` captions per image: features (B, P, D) → (tokens (B·samples, L) image by
+    image, alphas). <pad>, <start> and (with `unk_id`) <unk> are never drawn."""
+    return _word_by_word_fn(model, max_length, start_id, end_id, unk_id, samples)
+
+
+def _word_by_word_fn(model, max_length: int, start_id: int, end_id: int, unk_id: int | None, samples: int):
+    """greedy_fn (samples = 0) and sampler_fn (samples = n > 0): one compiled loop, a word per step."""
     key = ("greedy", max_length, start_id, end_id, unk_id, samples)
     if key in _cache(model):
         return _cache(model)[key]
@@ -201,14 +209,13 @@ def beam_fn(model, beam_size: int, max_length: int, start_id: int, end_id: int, 
 
 
 def decoder_fn(model, vocab, beam_size: int = 3, max_length: int = 20, length_penalty: float = 1.0,
-               suppress_unk: bool = True, samples: int = 0):
+               suppress_unk: bool = True):
     """The compiled decoder for the [generation] settings: greedy_fn when beam_size is 1, else beam_fn.
-    Both return tokens (B, L) and alphas (B, L, P) first. samples = n > 0: greedy_fn's sampler, n captions per
-    image (beam_size and length_penalty unused)."""
+    Both return tokens (B, L) and alphas (B, L, P) first."""
     unk = vocab.index["<unk>"] if suppress_unk else None
     start, end = vocab.index["<start>"], vocab.index["<end>"]
-    if beam_size == 1 or samples:
-        return greedy_fn(model, max_length, start, end, unk, samples)
+    if beam_size == 1:
+        return greedy_fn(model, max_length, start, end, unk)
     return beam_fn(model, beam_size, max_length, start, end, unk, length_penalty)
 
 

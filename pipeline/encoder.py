@@ -10,9 +10,8 @@ Weights:
   imagenet       Keras' cached file ~/.keras/models/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5
                  ($KERAS_HOME/models when set), downloaded by Keras when missing and online.
   /path/file.h5  a weights file for InceptionV3(include_top=False): a Keras `.weights.h5` or legacy `.h5`.
-  digits         InceptionV3 pretrained here, offline, on scikit-learn's handwritten digits (pipeline/pretrain.py,
-                 Luigi stage PretrainDigitsEncoder): the demo's stand-in for ImageNet. Identified by the
-                 pretraining stage's fingerprint; the file's sha256 is recorded in every shard as well.
+  <name>         weights a plug-in's stage makes here, offline (tasks/plugins.py WEIGHTS; the demo has one): a file
+                 identified by that stage's fingerprint; its sha256 is recorded in every shard as well.
   random:<seed>  no pretrained weights, for tests only (its features barely differ between images, so captions
                  trained on them mean nothing): the InceptionV3 architecture with every
                  convolution kernel drawn He-normal (std √(2 / fan_in)) from numpy's generator seeded with
@@ -27,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import extensions
 from pipeline.errors import InputError
-from storage.weights import CELL_HEAD_FILE, read_cell_head, weights_file_problem
+from storage.weights import weights_file_problem
 from storage.workspace import file_sha256
 
 IMAGENET_FILE = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -39,21 +39,14 @@ IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/in
 # stride·k pixels: InceptionV3's strided layers are 'valid', so the grid does not span the input).
 LAYERS = {"mixed10": {"channels": 2048, "reductions": 2, "stride": 32, "offset": 37.5},
           "mixed7": {"channels": 768, "reductions": 1, "stride": 16, "offset": 21.5}}
-# `<layer>+cell_scores` (weights = digits only): the layer's features, then the digits encoder's per-cell head
-# output appended to each cell: 11 probabilities (digits 0–9, background; a softmax of the 1×1 convolution its
-# pretraining trained to name what lies under that cell, storage.weights.CELL_HEAD_FILE). Local by construction,
-# they let the decoder's attention keys find the digits (`[decoder] attention_keys = cell_scores`). Probabilities,
-# not logits: a background cell's digit logits still vary with the digit beside it, and the decoder's per-channel
-# standardisation magnifies that.
-CELL_SCORES = 11
-LAYERS.update({f"{name}+cell_scores": {**spec, "channels": spec["channels"] + CELL_SCORES, "base": name,
-                                       "cell_scores": CELL_SCORES} for name, spec in list(LAYERS.items())})
+# `<layer>+<extra>`: the layer's features, then the channels a plug-in's feature extra appends to each cell
+# (pipeline/extensions.py FeatureExtra; the decoder can take its attention keys from them alone:
+# `[decoder] attention_keys = extras`).
 DEFAULT_LAYER = "mixed10"
 # [encoder] precision → the Keras dtype policy the network is built under (weights stay float32)
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 PREPROCESS = "pillow bilinear resize to SxS (no crop), x/127.5-1 (inception_v3.preprocess_input)"
 _NAME_PREFIX = "keras.applications.InceptionV3(include_top=False)/"
-DIGITS_PROVENANCE = "pretrained on scikit-learn handwritten digits (pipeline/pretrain.py), not ImageNet"
 
 
 def keras_cache_file() -> Path:
@@ -68,7 +61,30 @@ def encoder_name(layer: str = DEFAULT_LAYER) -> str:
 def layer_of(name: str) -> str | None:
     """The layer of an encoder_name(), or None when `name` is not one this version extracts."""
     layer = name[len(_NAME_PREFIX):] if name.startswith(_NAME_PREFIX) else None
-    return layer if layer in LAYERS else None
+    return layer if layer is not None and layer_problem(layer) is None else None
+
+
+def layer_spec(layer: str) -> dict:
+    """LAYERS' entry of `layer`; for `<base>+<extra>`, the base's with the extra's channels added ("channels"),
+    and "base", "extra", "extra_channels". KeyError for a layer or extra nobody offers (layer_problem)."""
+    base, _, extra = layer.partition("+")
+    spec = dict(LAYERS[base])
+    if extra:
+        channels = extensions.FEATURE_EXTRAS[extra].channels
+        spec.update(channels=spec["channels"] + channels, base=base, extra=extra, extra_channels=channels)
+    return spec
+
+
+def layer_problem(layer: str) -> str | None:
+    """Why `layer` is not a feature layer this process can extract (None when it is)."""
+    base, _, extra = layer.partition("+")
+    if base not in LAYERS:
+        return f"is not a feature layer: use one of {', '.join(LAYERS)}"
+    if extra and extra not in extensions.FEATURE_EXTRAS:
+        offered = ", ".join(f"{base}+{name}" for name in extensions.FEATURE_EXTRAS) or "none"
+        return (f"appends '{extra}', which no plug-in of [dataset] plugins offers (offered: {offered}); add the "
+                f"plug-in that provides it to [dataset] plugins, or use {base}")
+    return None
 
 
 def grid_size(image_size: int, layer: str = DEFAULT_LAYER) -> int:
@@ -79,7 +95,7 @@ def grid_size(image_size: int, layer: str = DEFAULT_LAYER) -> int:
     s = (s - 3) // 2 + 1                # max-pool 3×3 stride 2
     s = s - 2                           # conv 3×3
     s = (s - 3) // 2 + 1                # max-pool 3×3 stride 2
-    for _ in range(LAYERS[layer]["reductions"]):
+    for _ in range(LAYERS[base_layer(layer)]["reductions"]):
         s = (s - 3) // 2 + 1            # mixed3 reduction (→ mixed4 … mixed7), mixed8's (→ mixed8 … mixed10)
     return s
 
@@ -94,7 +110,8 @@ def grid_side(positions: int) -> int:
 
 def cell_centres(side: int, layer: str = DEFAULT_LAYER) -> np.ndarray:
     """Input pixel on which each of the side cells of a row (or column) of `layer` is centred: offset + stride·k."""
-    return LAYERS[layer]["offset"] + LAYERS[layer]["stride"] * np.arange(side)
+    spec = LAYERS[base_layer(layer)]
+    return spec["offset"] + spec["stride"] * np.arange(side)
 
 
 def cell_edges(side: int, layer: str = DEFAULT_LAYER) -> list[float]:
@@ -105,7 +122,7 @@ def cell_edges(side: int, layer: str = DEFAULT_LAYER) -> list[float]:
     17×17), not on (k + ½)·S/side: at 299 px mixed10's centres run from 37.5 to 261.5. Each cell owns the
     input up to the midpoints between neighbouring centres (the first and last cells reach the borders). Used by
     the attention pictures and attention grounding."""
-    stride, offset = LAYERS[layer]["stride"], LAYERS[layer]["offset"]
+    stride, offset = LAYERS[base_layer(layer)]["stride"], LAYERS[base_layer(layer)]["offset"]
     size = stride * side + 2 * offset - stride
     centres = cell_centres(side, layer).tolist()
     middles = [(a + b) / 2 / size for a, b in zip(centres, centres[1:])]
@@ -131,20 +148,20 @@ def resolve_weights(spec: str) -> dict:
     if not path.is_file():
         raise InputError(f"[encoder] weights = {spec!r}: no such file {path}. Fix: give the path of an "
                          "InceptionV3 (include_top=False) weights .h5 file, or 'imagenet' (Keras' cached file), "
-                         "'digits' (digit images only) or 'random:<seed>' (tests only).")
+                         "a plug-in's weights, or 'random:<seed>' (tests only).")
     problem = weights_file_problem(path)
     if problem:
         raise InputError(f"[encoder] weights = {spec!r}: {path} {problem}. Fix: give the path of an InceptionV3 "
-                         "(include_top=False) weights .h5 file, or 'imagenet' (Keras' cached file), 'digits' "
-                         "(digit images only) or 'random:<seed>' (tests only).")
+                         "(include_top=False) weights .h5 file, or 'imagenet' (Keras' cached file), a plug-in's "
+                         "weights, or 'random:<seed>' (tests only).")
     return {"weights": "file", "path": str(path), "sha256": file_sha256(path)}
 
 
-def digits_identity(path, pretrain_fingerprint: str) -> dict:
-    """The identity of the built-in digits encoder: the pretraining stage's fingerprint (known before the file
-    exists, so Luigi can plan the feature store) and where its weights file is (or will be)."""
-    return {"weights": "digits", "pretrain": pretrain_fingerprint, "path": str(path),
-            "pretrained_on": DIGITS_PROVENANCE}
+def stage_identity(name: str, path, stage_fingerprint: str, provenance: str) -> dict:
+    """The identity of weights a stage makes (`[encoder] weights = <name>`, a plug-in's): that stage's
+    fingerprint (known before the file exists, so Luigi can plan the feature store), where its weights file is
+    (or will be), and what they were trained on."""
+    return {"weights": name, "stage": stage_fingerprint, "path": str(path), "pretrained_on": provenance}
 
 
 def _download_imagenet(path: Path) -> None:
@@ -161,7 +178,8 @@ def _download_imagenet(path: Path) -> None:
             f"{IMAGENET_URL} (Keras' InceptionV3 no-top weights, md5 bcbd6486424b2319ff4ef7d526e38f63; "
             "`python -c \"import keras; keras.applications.InceptionV3(include_top=False)\"` fetches it into "
             f"~/.keras/models/), copy it to {path} (or $KERAS_HOME/models/{IMAGENET_FILE}), or set [encoder] "
-            "weights to its path. For digit images only, weights = digits pretrains an encoder here, offline. "
+            "weights to its path. A plug-in may make weights here, offline (the built-in demo's, for its kind of "
+            "images only). "
             "random:<seed> is for tests: its features barely differ between images and its captions mean "
             "nothing.") from e
 
@@ -171,9 +189,9 @@ def weights_attrs(identity: dict) -> dict:
     out = {"weights": identity["weights"]}
     if "sha256" in identity:
         out.update(weights_sha256=identity["sha256"], weights_path=identity["path"])
-    if identity["weights"] == "digits":
+    if "stage" in identity:   # made by a stage: hashed once it exists
         out.update(weights_sha256=file_sha256(identity["path"]), weights_path=identity["path"],
-                   pretrain=identity["pretrain"], pretrained_on=identity["pretrained_on"])
+                   stage=identity["stage"], pretrained_on=identity["pretrained_on"])
     if "seed" in identity:
         out.update(seed=identity["seed"], weights_init=identity["init"])
     return out
@@ -206,23 +224,29 @@ def truncated(inception, layer: str):
 
 
 def base_layer(layer: str) -> str:
-    """The InceptionV3 layer a LAYERS entry reads: `mixed7` for both mixed7 and mixed7+cell_scores."""
-    return LAYERS[layer].get("base", layer)
+    """The InceptionV3 layer a feature layer reads: `mixed7` for both mixed7 and mixed7+<extra>."""
+    return layer.partition("+")[0]
 
 
-def cell_head_file(identity: dict, layer: str) -> Path:
-    """The per-cell head file whose scores `layer` (a `+cell_scores` layer) appends; InputError for weights other
-    than digits, which have no such head."""
-    if identity["weights"] != "digits":
-        raise InputError(f"[encoder] layer = {layer} appends the per-cell digit scores of the digits encoder's "
-                         f"pretraining head, and [encoder] weights is {identity['weights']!r}. Fix: set weights = "
-                         f"digits, or layer = {base_layer(layer)}.")
-    return Path(identity["path"]).parent / CELL_HEAD_FILE
+def extra_of(layer: str):
+    """The FeatureExtra `layer` appends, or None."""
+    extra = layer.partition("+")[2]
+    return extensions.FEATURE_EXTRAS[extra] if extra else None
+
+
+def extra_problem(identity: dict, layer: str) -> str | None:
+    """Why weights `identity` cannot give `layer`'s extra channels (None when they can, or there are none)."""
+    extra = extra_of(layer)
+    if extra is None or identity["weights"] == extra.weights:
+        return None
+    return (f"[encoder] layer = {layer} appends channels that only weights = {extra.weights} provides, and "
+            f"[encoder] weights is {identity['weights']!r}. Fix: set weights = {extra.weights}, or layer = "
+            f"{base_layer(layer)}.")
 
 
 def build_encoder(identity: dict, image_size: int, layer: str = DEFAULT_LAYER, precision: str = "float32"):
     """uint8 (B, S, S, 3) → (B, P, D) Keras model (P = grid_size(S, layer)², D = the layer's channels; a
-    `+cell_scores` layer: the base layer's channels, then its cell head's scores), computing in `precision`
+    `+<extra>` layer: the base layer's channels, then the extra's), computing in `precision`
     (PRECISIONS: its output is float32, or bfloat16 / float16 under reduced precision)."""
     import keras
 
@@ -237,16 +261,14 @@ def build_encoder(identity: dict, image_size: int, layer: str = DEFAULT_LAYER, p
 def _build_encoder(identity: dict, image_size: int, layer: str):
     import keras
 
-    head_file = cell_head_file(identity, layer) if LAYERS[layer].get("cell_scores") else None
+    problem, extra = extra_problem(identity, layer), extra_of(layer)
+    if problem:
+        raise InputError(problem)
     inception = truncated(build_inception(identity, image_size), base_layer(layer))
     images = keras.Input((image_size, image_size, 3), dtype="uint8", name="images")
     x = keras.applications.inception_v3.preprocess_input(keras.ops.cast(images, "float32"))
     grid = inception(x, training=False)
-    if head_file is not None:
-        kernel, bias, _ = read_cell_head(head_file)
-        head = keras.layers.Dense(len(bias), activation="softmax", name="cell_scores")
-        scores = head(grid)
-        head.set_weights([kernel, bias])
-        grid = keras.layers.Concatenate(name="features_and_scores")([grid, scores])
-    features = keras.layers.Reshape((-1, LAYERS[layer]["channels"]), name="positions")(grid)
+    if extra is not None:
+        grid = keras.layers.Concatenate(name="features_and_extras")([grid, extra.build(identity, layer, grid)])
+    features = keras.layers.Reshape((-1, layer_spec(layer)["channels"]), name="positions")(grid)
     return keras.Model(images, features, name="encoder")

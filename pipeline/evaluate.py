@@ -12,8 +12,9 @@ import logging
 import shutil
 import subprocess
 
-from pipeline.annotations import normalize_caption
-from pipeline.plots import DIGIT_LABELS, metric_label
+from pipeline import extensions
+from pipeline.captions import distinct_captions, normalize_caption
+from pipeline.plots import metric_label
 
 log = logging.getLogger("captioner")
 
@@ -106,51 +107,24 @@ def evaluate(references: dict, hypotheses: dict, java: bool | None = None, spice
             "java": use_java, "notes": notes, "n_images": len(ids)}
 
 
-def summary_table(corpus: dict, digits: dict | None = None) -> str:
-    """Readable one-metric-per-line table for the log: the caption metrics, then (when given) the digit metrics
-    and caption diversity."""
+def summary_table(corpus: dict, distinct: int, images: int, blocks: dict) -> str:
+    """Readable one-metric-per-line table for the log: the caption metrics, caption diversity, then the scores of
+    each plug-in's metrics block ({name: block}, extensions.METRICS)."""
     rows = [(metric_label(k), "unavailable" if v is None else f"{v:.4f}") for k, v in corpus.items()]
-    if digits:
-        rows += [(label, "unavailable" if digits.get(k) is None else f"{digits[k]:.4f}")
-                 for k, label in DIGIT_LABELS.items()]
-        rows.append(("distinct captions", f"{digits['distinct_captions']} / {digits['images']} images"))
+    rows.append(("distinct captions", f"{distinct} / {images} images"))
+    for name, block in blocks.items():
+        rows += [(label, "unavailable" if block.get(k) is None else f"{block[k]:.4f}")
+                 for k, label in extensions.METRICS[name].labels.items()]
     width = max(len(label) for label, _ in rows + [("metric", "")])
     return "\n".join([f"{'metric':<{width}} score"] + [f"{label:<{width}} {value}" for label, value in rows])
-
-
-def digit_metrics(hypotheses: dict, records: dict, attention: dict) -> tuple[dict | None, dict]:
-    """The metrics JSON's "digits" block and {image_id: expected digits | None}. attention: shards.read_all_attention
-    of the split. Records of digit datasets carry "digits", "digit_boxes" and "width"/"height"; without boxes
-    the grounding is None (not measured). A split none of whose records carries digit labels has no digit
-    metrics at all: the block is None."""
-    from pipeline import digits as dg
-    from pipeline.plots import word_attention
-
-    expected = {i: dg.expected_digits(records[i]) for i in hypotheses}
-    if not dg.declares_digits(records[i] for i in hypotheses):
-        return None, expected
-    boxes, sizes, words, maps = {}, {}, {}, {}
-    rows = {int(i): k for k, i in enumerate(attention["image_ids"])}
-    for i in hypotheses:
-        record = records[i]
-        if record.get("digit_boxes") is None or record.get("width") is None or record.get("height") is None:
-            continue
-        boxes[i], sizes[i] = record["digit_boxes"], (record["width"], record["height"])
-        words[i] = hypotheses[i].split()
-        maps[i] = word_attention(attention["tokens"][rows[i]], attention["attention"][rows[i]])
-    block = {"digits_exact": dg.digits_exact(hypotheses, expected),
-             "digit_count_right": dg.digit_count_right(hypotheses, expected),
-             "attention_grounding": dg.attention_grounding(words, maps, boxes, sizes, attention["layer"]),
-             "distinct_captions": dg.distinct_captions(hypotheses), "images": len(hypotheses),
-             "images_with_digits": sum(e is not None for e in expected.values()), "images_with_boxes": len(boxes)}
-    return block, expected
 
 
 def evaluate_split(outdir, split: str, results_path, attention_path, manifest_path, java: bool | None = None,
                    spice: bool = False, examples: int = 12, seed: int = 0, dataset_roots=None,
                    about: dict | None = None) -> dict:
     """Score a GenerateCaptions output against the split's raw reference captions; write
-    `outdir`/<split>.json (corpus, distinct captions, digits for digit datasets, per-image scores) and
+    `outdir`/<split>.json (corpus, distinct captions, a block per plug-in metrics whose truth the records
+    declare (extensions.METRICS), per-image scores) and
     `outdir`/<split>-report.html.
     `dataset_roots`: the current [dataset] images, through which the report finds dataset images. `about`:
     what was evaluated ({label: text}: model, encoder, decoding, config…), shown at the top of the report and
@@ -158,7 +132,6 @@ def evaluate_split(outdir, split: str, results_path, attention_path, manifest_pa
     import time
     from pathlib import Path
 
-    from pipeline.digits import digit_sequence, distinct_captions
     from storage import manifests, shards
 
     results = manifests.read_json(results_path)
@@ -166,32 +139,31 @@ def evaluate_split(outdir, split: str, results_path, attention_path, manifest_pa
     hypotheses = {r["image_id"]: r["caption"] for r in results}
     scores = evaluate({i: records[i]["raw_captions"] for i in hypotheses}, hypotheses, java=java, spice=spice)
     attention = shards.read_all_attention(attention_path, dataset_roots)
-    digits, expected = digit_metrics(hypotheses, records, attention)
+    blocks = {name: m.evaluate(hypotheses, records, attention) for name, m in extensions.METRICS.items()}
+    blocks = {name: block for name, block in blocks.items() if block is not None}
     per_image = []
     for i, s in scores["per_image"].items():
         entry = {"image_id": i, "caption": hypotheses[i], **s}
-        if expected[i] is not None:
-            entry["digits_exact"] = digit_sequence(hypotheses[i]) == expected[i]
+        for name in blocks:
+            entry.update(extensions.METRICS[name].per_image(hypotheses[i], records[i]))
         per_image.append(entry)
     about = {"evaluated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **(about or {})}
     metrics = {"split": split, **{k: v for k, v in scores.items() if k != "per_image"},
-               "distinct_captions": distinct_captions(hypotheses), **({"digits": digits} if digits else {}),
-               "about": about, "per_image": per_image}
+               "distinct_captions": distinct_captions(hypotheses), **blocks, "about": about, "per_image": per_image}
     manifests.write_json(Path(outdir) / f"{split}.json", metrics)
     log.info("%s split, %d images, tokenizer %s:\n%s", split, len(hypotheses), metrics["tokenizer"],
-             summary_table(metrics["corpus"], digits))
+             summary_table(metrics["corpus"], metrics["distinct_captions"], len(hypotheses), blocks))
     _write_report(Path(outdir) / f"{split}-report.html", f"{split} split: {len(hypotheses)} images", metrics,
-                  records, attention, expected, examples, seed)
+                  records, attention, list(blocks), examples, seed)
     return metrics
 
 
-def _write_report(path, title: str, metrics: dict, records: dict, attention: dict, expected: dict,
+def _write_report(path, title: str, metrics: dict, records: dict, attention: dict, blocks: list[str],
                   examples: int, seed: int) -> None:
     """The HTML report: what was evaluated, the metrics, then the worst CIDEr-D images, the best ones and a
     random sample, each with per-word attention."""
     import numpy as np
 
-    from pipeline.digits import digit_sequence
     from pipeline.images import load_for_display
     from pipeline.plots import html_report, word_attention
 
@@ -210,5 +182,7 @@ def _write_report(path, title: str, metrics: dict, records: dict, attention: dic
                         "cider": scored[image_id]["CIDEr"], "words": caption.split(),
                         "alphas": word_attention(attention["tokens"][row], attention["attention"][row]),
                         "layer": attention["layer"],
-                        "expected": expected.get(image_id), "named": digit_sequence(caption)})
-    html_report(path, title, metrics["corpus"], entries, metrics["notes"], metrics.get("digits"), metrics["about"])
+                        "details": [extensions.METRICS[name].describe(caption, records[image_id]) for name in blocks]})
+    tables = [(extensions.METRICS[name], metrics[name]) for name in blocks]
+    html_report(path, title, metrics["corpus"], entries, metrics["notes"], tables, metrics["about"],
+                (metrics["distinct_captions"], len(scored)))

@@ -1,8 +1,8 @@
 """`captioner export MODEL_DIR OUT_DIR`: a trained captioner as one TensorFlow SavedModel, for TF Serving,
 `saved_model_cli run` or `tf.saved_model.load`, with no project code installed (docs/serving.md).
 
-It holds InceptionV3 with exactly the weights recorded in the model's provenance (and, for a `+cell_scores`
-layer, the digits encoder's per-cell head), the decoder, the vocabulary and the beam search
+It holds InceptionV3 with exactly the weights recorded in the model's provenance (and, for a `+<extra>`
+layer, its extra channels), the decoder, the vocabulary and the beam search
 (pipeline/decode.py: beam_fn) with the model's [generation] settings. Signature `serving_default`:
 
     images      tf.string  [batch]          encoded image bytes: JPEG, PNG, GIF (first frame), BMP, WebP
@@ -209,9 +209,9 @@ def exif_orientation(encoded, window: int = 1 << 17):
     little = tf.equal(byte(tiff), ord("I"))
 
     def number(at, size):      # unsigned integers of `size` bytes at `at` in the TIFF's byte order
-        digits = [byte(at + i) for i in range(size)]
-        return tf.where(little, sum(d * 256 ** i for i, d in enumerate(digits)),
-                        sum(d * 256 ** (size - 1 - i) for i, d in enumerate(digits)))
+        values = [byte(at + i) for i in range(size)]
+        return tf.where(little, sum(v * 256 ** i for i, v in enumerate(values)),
+                        sum(v * 256 ** (size - 1 - i) for i, v in enumerate(values)))
 
     ifd = tiff + number(tiff + 4, 4)
     entries = ifd + 2 + 12 * tf.range(tf.minimum(number(ifd, 2), 1024))

@@ -225,16 +225,16 @@ def extract_shard(out_path, image_list, identity: dict, image_size: int, batch_s
     Undecodable images are recorded in the shard's `skipped` dataset, never stored as zeros. The encoder's
     provenance (weights identity, image size, preprocessing, software versions) goes into the attrs, plus
     `attrs` given by the caller (store fingerprint, split, plan). compression: gzip, lzf, or none / None.
-    layer: the InceptionV3 layer the features come from (pipeline.encoder.LAYERS); precision: the forward pass's
+    layer: the InceptionV3 layer the features come from (pipeline.encoder.layer_spec); precision: the forward pass's
     (pipeline.encoder.PRECISIONS), recorded in the attrs."""
     compression = None if compression in (None, "none") else compression
     forward = encoder_forward(identity, image_size, layer, precision)
-    shape = encoder_lib.grid_size(image_size, layer) ** 2, encoder_lib.LAYERS[layer]["channels"]
+    shape = encoder_lib.grid_size(image_size, layer) ** 2, encoder_lib.layer_spec(layer)["channels"]
     name = Path(out_path).stem
     progress = Progress(len(image_list), name, "images", progress_callback)
     items = [((key, image_id, rel), str(Path(root) / rel)) for key, image_id, root, rel in image_list]
-    if encoder_lib.LAYERS[layer].get("cell_scores"):   # the head whose scores the last channels are
-        attrs = {"cell_head_sha256": workspace.file_sha256(encoder_lib.cell_head_file(identity, layer)), **attrs}
+    if encoder_lib.extra_of(layer) is not None:   # the file the last channels are computed with
+        attrs = {"extra_sha256": workspace.file_sha256(encoder_lib.extra_of(layer).file(identity)), **attrs}
     attrs = {**encoder_lib.weights_attrs(identity), "encoder": encoder_lib.encoder_name(layer), "layer": layer,
              "image_size": image_size, "preprocess": encoder_lib.PREPROCESS, "precision": precision,
              "software": software_versions(), **attrs}

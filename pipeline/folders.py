@@ -95,7 +95,8 @@ def caption_folder(outdir, folder, listing: dict, previous_dir, store, cache, ex
     """Stage entry point. store: the encoder's feature store (a directory of shards); cache: a
     storage.contents.ContentCache; extract(shard path, [[key, id, folder, path], ...]) writes one shard;
     decode(index {"images": {id: (shard, row)}}) → (ids, tokens, alphas, scores, captions); layer: the encoder
-    layer whose grid the attention maps cover. Returns the report."""
+    layer whose grid the attention maps cover. Returns the report. (Over 50 lines: reuse, extraction, decoding
+    and the four output files in the order a reader follows a rerun.)"""
     folder, outdir = Path(folder), Path(outdir)
     _, previous_captions, previous_attention = read_previous(previous_dir)
     listing = identify(folder, listing, cache)

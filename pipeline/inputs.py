@@ -68,7 +68,8 @@ def count_pairs(by_shard, captions) -> tuple[int, int]:
 
 def pairs_dataset(by_shard, captions, batch_size: int, seed: int, epoch: int, shuffle_buffer: int,
                   block_rows: int, positions: int, channels: int, group: bool = False, bucket_width: int = 0):
-    """tf.data of padded batches (image_ids (B,), features (B, P, D) float16, captions (B, T) int32).
+    """tf.data of padded batches (image_ids (B,), features (B, P, D) float16, captions (B, T) int32). (Over 50
+    lines: one tf.data graph, its reading, bucketing and padding, read top to bottom.)
 
     bucket_width > 0 (pairs only): after the shuffle buffer, each pair waits in the bucket of its caption length
     (bands of bucket_width tokens: length_boundaries) until `batch_size` pairs fill it, so a batch pads its

@@ -4,7 +4,7 @@ Shapes: B batch, P positions (64), D encoder channels (2048), F projected featur
 H recurrent units, E word embedding size, V vocabulary, T caption steps.
 
     x = (features − μ) / σ                  (B, P, D)  per-channel statistics of the training features
-                                                       (last k channels: cell scores s, see key_channels)
+                                                       (last k channels: extra channels s, see key_channels)
     a = relu(W_a x + W_p pos)               (B, P, F)  projected once per sequence; pos (P, 16): each cell's
                                                        row and column as sin/cos at 4 frequencies (optional)
     k = U a                                 (B, P, A)  attention keys, also once per sequence
@@ -21,25 +21,25 @@ summed over the batch and divided by the batch's real tokens, so the cross-entro
 mean and the doubly stochastic part is on the same per-word footing (see caption_loss).
 
 The position encoding (not in the paper) tells the decoder where each cell is. Convolutional features say little
-about absolute position, and a caption that reads digits left to right needs it: with it, the attention can step
-from one digit to the next (docs/results.md). `positions = True` adds it to the projected features: the keys
-(where to look) and the context (what is read) both see it, so the decoder also knows where it has read (two
-alike digits otherwise look like one). False: none (the paper).
+about absolute position, and a caption that reads objects in order (left to right, say) needs it: with it, the
+attention can step from one object to the next (docs/results.md). `positions = True` adds it to the projected
+features: the keys (where to look) and the context (what is read) both see it, so the decoder also knows where
+it has read (two alike objects otherwise look like one). False: none (the paper).
 
-`key_channels` (k > 0: `[decoder] attention_keys = cell_scores`, features of a `+cell_scores` layer) splits each
-cell's features: the last k channels (the digits encoder's per-cell scores, local by construction) make the keys,
-k = U relu(W_s s + W_p pos), and the other channels the context, a = relu(W_a x). A mixed7 cell sees far beyond
-itself, so with keys from the features the attention can read a digit from a background cell beside it; keys from
-the cell's own scores can only find the digit where it is (docs/results.md). `context_scores` (`[decoder]
-context_scores = true`) adds the scores to the context too, a = relu(W_a x + W_c s): what the decoder reads at a
-cell then includes what the encoder's head says is there.
+`key_channels` (k > 0: `[decoder] attention_keys = extras`, features of a `+<extra>` layer) splits each cell's
+features: the last k channels (a plug-in's extra channels, e.g. per-cell class scores, local by construction)
+make the keys, k = U relu(W_s s + W_p pos), and the other channels the context, a = relu(W_a x). A mixed7 cell
+sees far beyond itself, so with keys from the features the attention can read an object from a background cell
+beside it; keys from the cell's own scores can only find the object where it is (docs/results.md).
+`context_extras` (`[decoder] context_extras = true`) adds the extra channels to the context too,
+a = relu(W_a x + W_c s): what the decoder reads at a cell then includes what they say is there.
 
 `location` (`[decoder] location = n`, n > 0) makes the attention location-sensitive (Chorowski et al. 2015; the
 cumulative form of Tacotron 2): the previous step's attention and the sum of all earlier ones, laid out on the
 side × side grid of cells, go through a convolution of LOCATION_FILTERS n × n filters, and a linear map of the
 result joins the attention scores. A cell then scores by where it lies relative to where the attention just was
-and has been: the decoder can step from one digit to the next instead of staying (a repeated digit), jumping
-one (a skipped digit) or reading a neighbour (docs/results.md).
+and has been: the decoder can step from one object to the next instead of staying (one object read twice),
+jumping one (a skipped object) or reading a neighbour (docs/results.md).
 """
 from __future__ import annotations
 
@@ -61,25 +61,25 @@ class ShowAttendTell(keras.Model):
 
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
                  units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
-                 positions: bool = False, key_channels: int = 0, context_scores: bool = False,
+                 positions: bool = False, key_channels: int = 0, context_extras: bool = False,
                  location: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
                            embed_dim=embed_dim, units=units, dropout=dropout, cell=cell,
                            feature_channels=feature_channels, positions=positions, key_channels=key_channels,
-                           context_scores=context_scores, location=location)
+                           context_extras=context_extras, location=location)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
         if not 0 <= key_channels < feature_channels:
             raise ValueError(f"key_channels must be in [0, {feature_channels}), got {key_channels}")
-        if context_scores and not key_channels:
-            raise ValueError("context_scores needs key_channels (the cell scores) > 0")
+        if context_extras and not key_channels:
+            raise ValueError("context_extras needs key_channels (the extra channels) > 0")
         self.units, self.cell_kind, self.key_channels = units, cell, key_channels
         self.project = keras.layers.Dense(feature_dim, name="project_features")
         self.project_scores = (keras.layers.Dense(feature_dim, name="project_key_channels")
                                if key_channels else None)
-        self.context_scores = (keras.layers.Dense(feature_dim, use_bias=False, name="project_scores_context")
-                               if context_scores else None)
+        self.context_extras = (keras.layers.Dense(feature_dim, use_bias=False, name="project_scores_context")
+                               if context_extras else None)
         self.project_positions = (keras.layers.Dense(feature_dim, use_bias=False, name="project_positions")
                                   if positions else None)
         self.keys = keras.layers.Dense(attention_dim, use_bias=False, name="attention_keys")
@@ -118,11 +118,11 @@ class ShowAttendTell(keras.Model):
     def encode(self, features):
         """features (B, P, D) → (a (B, P, F), keys (B, P, A), initial state [h, c] or [h])."""
         features = tf.cast((tf.cast(features, tf.float32) - self.feature_mean) / self.feature_std, self.compute_dtype)
-        if self.key_channels:   # the last key_channels channels (cell scores) make the keys, the rest the context
+        if self.key_channels:   # the last key_channels channels (extras) make the keys, the rest the context
             features, scores = features[..., :-self.key_channels], features[..., -self.key_channels:]
         a = self.project(features)
-        if self.context_scores is not None:
-            a = a + self.context_scores(scores)
+        if self.context_extras is not None:
+            a = a + self.context_extras(scores)
         where = (self.project_positions(tf.cast(position_encoding(tf.shape(features)[1]), self.compute_dtype))
                  if self.project_positions is not None else None)
         if where is not None:
@@ -210,15 +210,17 @@ def position_encoding(positions):
     return tf.reshape(tf.concat([tf.sin(angles), tf.cos(angles)], -1), [positions, 16])
 
 
-def caption_loss(logits, alphas, words_out, attention_lambda: float = 1.0):
+def caption_loss(logits, alphas, words_out, attention_lambda: float = 1.0, tokens=None):
     """(logits (B, T, V), alphas (B, T, P), targets (B, T) with 0 = padding) → (total, cross-entropy, attention).
 
     The paper's per-caption loss Σ_t NLL + λ Σ_i (1 − Σ_t α_ti)², summed over the batch and divided by its
     number of real tokens: cross-entropy is the mean per real token, and the attention term is the doubly
     stochastic penalty per real token, so total = cross-entropy + λ · attention. (Summing the penalty over
-    positions against a per-token mean made it ~97% of the loss; its minimum is uniform attention.)"""
+    positions against a per-token mean made it ~97% of the loss; its minimum is uniform attention.)
+    `tokens`: the real tokens to divide by instead, e.g. the whole global batch's when this is one replica's
+    part of it (pipeline/steps.py)."""
     mask = tf.cast(words_out != 0, tf.float32)                                     # (B, T)
-    tokens = tf.maximum(tf.reduce_sum(mask), 1.0)
+    tokens = tf.maximum(tf.reduce_sum(mask) if tokens is None else tokens, 1.0)
     xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=words_out, logits=logits)
     xent = tf.reduce_sum(xent * mask) / tokens
     coverage = tf.reduce_sum(alphas * mask[:, :, None], axis=1)                  # (B, P): Σ_t α over real steps

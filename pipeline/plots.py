@@ -6,9 +6,9 @@ from pathlib import Path
 # pycocoevalcap's "CIDEr" scorer computes CIDEr-D: say so wherever a person reads the score (other metrics
 # keep their JSON key names, which people grep logs for)
 LABELS = {"CIDEr": "CIDEr-D"}
-# the metrics JSON's "digits" shares (pipeline/digits.py), by display label
-DIGIT_LABELS = {"digits_exact": "digits exact", "digit_count_right": "digit count right",
-                "attention_grounding": "attention grounding"}
+
+
+_VAL_PLOTTED = ("val_Bleu_4", "val_CIDEr", "val_distinct")   # the history's general val scores
 
 
 def metric_label(key: str) -> str:
@@ -18,7 +18,8 @@ def metric_label(key: str) -> str:
 
 def training_curves(history: list[dict], path) -> None:
     """history.json → PNG: training loss with its two parts (cross-entropy epochs), and val BLEU-4 / CIDEr-D
-    (/ digits exact) per epoch, self-critical epochs shaded."""
+    (and any plug-in val score the history holds) per epoch, self-critical epochs
+    shaded."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -38,8 +39,9 @@ def training_curves(history: list[dict], path) -> None:
     left.legend()
     right.plot(epochs, [h["val_Bleu_4"] for h in history], marker="o", label="BLEU-4")
     right.plot(epochs, [h["val_CIDEr"] for h in history], marker="s", label="CIDEr-D")
-    if history and history[0].get("val_digits_exact") is not None:
-        right.plot(epochs, [h["val_digits_exact"] for h in history], marker="^", label="digits exact")
+    for key in (k for k in (history[0] if history else {}) if k.startswith("val_") and k not in _VAL_PLOTTED):
+        if history[0][key] is not None:   # a plug-in's val score (extensions.Metrics.val_scores)
+            right.plot(epochs, [h.get(key) for h in history], marker="^", label=key[4:].replace("_", " "))
     scst = [h["epoch"] for h in history if h.get("phase") == "scst"]
     if scst:   # [training] scst_epochs
         right.axvspan(scst[0] - 0.5, scst[-1] + 0.5, color="orange", alpha=0.15, label="self-critical epochs")
@@ -104,9 +106,10 @@ def _place_grid(grid, image_size: tuple[int, int], layer: str):
     import numpy as np
     from PIL import Image
 
-    from pipeline.encoder import LAYERS
+    from pipeline.encoder import LAYERS, base_layer
 
-    side, stride, offset = grid.shape[0], LAYERS[layer]["stride"], LAYERS[layer]["offset"]
+    spec = LAYERS[base_layer(layer)]
+    side, stride, offset = grid.shape[0], spec["stride"], spec["offset"]
     cells = np.asarray(Image.fromarray(grid, mode="F").resize((stride * side, stride * side), Image.BICUBIC))
     before = int(offset - stride / 2)                                      # 21 px for mixed10, 13 for mixed7
     after = int(2 * offset - stride) - before                              # centres at offset + stride·k
@@ -177,34 +180,30 @@ def _thumbnail_data_uri(image, width: int, overlay=None) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _score(value, digits: int = 4) -> str:
-    return "unavailable" if value is None else f"{value:.{digits}f}"
+def _score(value, places: int = 4) -> str:
+    return "unavailable" if value is None else f"{value:.{places}f}"
 
 
-def _metrics_tables(corpus: dict, digits: dict | None) -> str:
-    """The report's head: caption metrics (CIDEr shown as CIDEr-D, the variant pycocoevalcap computes), then
-    the digit metrics and caption diversity."""
+def _metrics_tables(corpus: dict, tables: list, diversity: tuple[int, int] | None) -> str:
+    """The report's head: caption metrics (CIDEr shown as CIDEr-D, the variant pycocoevalcap computes), caption
+    diversity, then each plug-in's metrics block (tables: [(extensions.Metrics, block)])."""
     import html
 
+    def table(cells):
+        return ("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k, _ in cells) + "</tr><tr>"
+                + "".join(f"<td>{html.escape(v)}</td>" for _, v in cells) + "</tr></table>")
 
-    head = ("<table><tr>" + "".join(f"<th>{html.escape(metric_label(k))}</th>" for k in corpus) + "</tr><tr>"
-            + "".join(f"<td>{_score(v)}</td>" for v in corpus.values()) + "</tr></table>")
-    if not digits:
-        return head
-    cells = [(label, _score(digits.get(key))) for key, label in DIGIT_LABELS.items()]
-    cells.append(("caption diversity", f"{digits['distinct_captions']} distinct captions / {digits['images']} images "
-                                       f"({digits['distinct_captions'] / max(digits['images'], 1):.3f})"))
-    return (head + "<h3>Digits and diversity</h3><table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k, _ in cells)
-            + "</tr><tr>" + "".join(f"<td>{html.escape(v)}</td>" for _, v in cells) + "</tr></table>"
-            + f"<p><em>{html.escape(digits_note(digits))}</em></p>")
-
-
-def digits_note(digits: dict) -> str:
-    """What the digit metrics count (unavailable = not measurable here, never a zero score)."""
-    return (f"digits exact / count right: over {digits['images_with_digits']} images with known digits; attention "
-            f"grounding: share of emitted digit words whose strongest attention cell overlaps that digit's box, "
-            f"over {digits['images_with_boxes']} images with boxes. Unavailable = nothing to measure (no digit labels, "
-            "no boxes, or no digit word emitted), not a score of 0.")
+    cells = [(metric_label(k), _score(v)) for k, v in corpus.items()]
+    if diversity is not None:
+        distinct, images = diversity
+        cells.append(("caption diversity", f"{distinct} distinct captions / {images} images "
+                                           f"({distinct / max(images, 1):.3f})"))
+    parts = [table(cells)]
+    for metrics, block in tables:
+        parts += [f"<h3>{html.escape(metrics.name.capitalize())}</h3>",
+                  table([(label, _score(block.get(key))) for key, label in metrics.labels.items()]),
+                  f"<p><em>{html.escape(metrics.note(block))}</em></p>"]
+    return "".join(parts)
 
 
 def _entry_row(e: dict) -> str:
@@ -219,18 +218,19 @@ def _entry_row(e: dict) -> str:
                       f"<figcaption>{html.escape(w)} ({a.max():.2f})</figcaption></figure>"
                       for w, m, a in zip(e["words"], maps, alphas))
     refs = "".join(f"<li>{html.escape(r)}</li>" for r in e["references"])
-    named = (f"<br>digits named {e['named']}, expected {e['expected']}" if e.get("expected") is not None else "")
+    named = "".join(f"<br>{html.escape(line)}" for line in e.get("details", ()) if line)
     return (f"<tr><td><img src='{_thumbnail_data_uri(e['image'], 200)}'><br>id {e['image_id']}</td>"
             f"<td><b>{html.escape(e['caption'])}</b><br>CIDEr-D {e['cider']:.3f}{named}<ul>{refs}</ul></td>"
             f"<td class=att>{figures}<br><small>{html.escape(scale_note(alphas))}</small></td></tr>")
 
 
 def html_report(path, title: str, corpus: dict, entries: list[dict], notes: list[str] = (),
-                digits: dict | None = None, about: dict | None = None) -> None:
+                tables: list = (), about: dict | None = None, diversity: tuple[int, int] | None = None) -> None:
     """A static, self-contained HTML page (images embedded). entries: {"section", "image" uint8 (H, W, 3),
     "image_id", "caption", "references", "cider", "words", "alphas" (≥ len(words), P) row k = word k,
-    optional "expected" / "named" digit lists}; digits: the metrics' "digits" dict (evaluate_split); about:
-    {label: text} of what was evaluated (model, encoder, decoding, config, date)."""
+    optional "details": lines from plug-in metrics}; tables: [(extensions.Metrics, its block)]; about:
+    {label: text} of what was evaluated (model, encoder, decoding, config, date); diversity: (distinct
+    captions, images)."""
     import html
     import itertools
 
@@ -244,7 +244,7 @@ def html_report(path, title: str, corpus: dict, entries: list[dict], notes: list
     if about:
         parts.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                                          for k, v in about.items()) + "</table>")
-    parts.append(_metrics_tables(corpus, digits))
+    parts.append(_metrics_tables(corpus, tables, diversity))
     parts += [f"<p><em>{html.escape(n)}</em></p>" for n in notes]
     for section, group in itertools.groupby(entries, key=lambda e: e["section"]):
         parts.append(f"<h2>{html.escape(section)}</h2><table><tr><th>image</th><th>captions</th>"

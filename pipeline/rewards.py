@@ -61,31 +61,3 @@ class CiderD:
 
     def scores(self, image_ids, captions) -> np.ndarray:
         return np.array([self.score(i, c) for i, c in zip(image_ids, captions)], np.float32)
-
-
-def edit_distance(a: list, b: list) -> int:
-    """Levenshtein distance between two sequences (insertions, deletions, substitutions)."""
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        previous, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
-    return row[-1]
-
-
-class DigitReward:
-    """For digit datasets: 1 − edit distance(digits the caption names, the image's digits) / the longer of the two,
-    so 1 for exactly the right digits in order, partial credit for one digit wrong, missing or extra. `expected`
-    is {image_id: [digits]} (pipeline.digits.expected_digits); images without digits score 0."""
-
-    def __init__(self, expected: dict):
-        self.expected = expected
-
-    def scores(self, image_ids, captions) -> np.ndarray:
-        from pipeline.digits import digit_sequence
-
-        out = []
-        for image_id, caption in zip(image_ids, captions):
-            want, got = self.expected.get(image_id), digit_sequence(caption)
-            out.append(1.0 - edit_distance(got, want) / max(len(got), len(want), 1) if want else 0.0)
-        return np.array(out, np.float32)

@@ -127,45 +127,8 @@ def settings_table(schema_rows, config_paths, argv: list[str], environment: dict
 
 # ------------------------------------------------------------------------- docs/configuration.md
 
-# What a key means, for the keys whose definition (a `Section` subclass in tasks/config.py) has no description;
-# a description there takes precedence over the line here.
-MEANINGS = {
-    ("dataset", "source"): "`demo`: the built-in digits dataset ([demo]); `coco`: COCO caption files",
-    ("dataset", "val_fraction"): "share of images in val when there is no Karpathy split file",
-    ("dataset", "test_fraction"): "share of images in test when there is no Karpathy split file",
-    ("dataset", "seed"): "seed of that split: an image's split is a hash of (seed, image id), so it never moves",
-    ("demo", "train_images"): "images written for training",
-    ("demo", "val_images"): "images written for validation",
-    ("demo", "test_images"): "images written for testing",
-    ("demo", "seed"): "the same seed writes the same files; it also draws the disjoint train / val / test pools "
-                      "of digit samples (the digits encoder pretrains on the train pool only)",
-    ("vocabulary", "min_count"): "a word needs this many occurrences in the training captions",
-    ("vocabulary", "length_policy"): "captions longer than max_length: `truncate` keeps the first words, `drop` "
-                                     "leaves them out of training",
-    ("pretrain", "warmup_steps"): "linear warm-up of the learning rate, then cosine decay to 0 (each phase)",
-    ("pretrain", "seed"): "scenes, crops and initial weights",
-    ("features", "compression"): "HDF5 compression of shards written from then on (`none` reads fastest)",
-    ("decoder", "attention_dim"): "size of the attention keys and query",
-    ("decoder", "embed_dim"): "word embedding size (and of the deep output layer)",
-    ("decoder", "dropout"): "dropout before the output layer",
-    ("decoder", "cell"): "the recurrent cell",
-    ("training", "epochs"): "cross-entropy epochs (fewer when patience stops it)",
-    ("training", "batch_size"): "(image, caption) pairs per step",
-    ("training", "learning_rate"): "Adam's (peak) learning rate",
-    ("training", "lr_schedule"): "`constant`, `cosine` (to 0 over all steps) or `exponential` (× lr_decay per "
-                                 "epoch)",
-    ("training", "seed"): "data order and initial weights",
-    ("training", "jit_compile"): "XLA-compile the train step (one program per caption length)",
-    ("training", "strategy"): "`auto`: MirroredStrategy when several GPUs are visible, else one device; "
-                              "`mirrored`: over all GPUs (or logical CPUs); `default`: one device",
-    ("training", "val_batch_size"): "images per decoding batch when validating each epoch",
-    ("generation", "suppress_unk"): "never emit `<unk>`",
-    ("generation", "batch_size"): "images per decoding batch",
-}
-
-
 def _natural(text: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", text)]
 
 
 def _rules(section_cls) -> dict[str, list[str]]:
@@ -245,7 +208,7 @@ def settings_markdown(schema_rows, sections: dict, shipped: list[tuple[str, str]
             lines += _section_header(name, cls)
         param = dict(cls.get_params())[key]
         default = _shown(param, default)
-        meaning = re.sub(r"\s*Choices: \{.*\}$", "", help_text) or MEANINGS.get((name, key), "")
+        meaning = re.sub(r"\s*Choices: \{.*\}$", "", help_text) or ""
         valid = "; ".join([_valid_values(param), *rules.get(key, [])])
         lines.append(f"| `{key}` | {f'`{default}`' if default else '(empty)'} | {_cell(valid)} | {_cell(meaning)} "
                      f"| {_cell(_shipped_values(param, name, key, default, files))} |")

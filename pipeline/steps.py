@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.encoder import LAYERS
+from pipeline.encoder import LAYERS, base_layer
 from pipeline.errors import InputError
 from pipeline.model import ShowAttendTell, caption_loss
 
 log = logging.getLogger("captioner")
 
 DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions",
-                "context_scores", "location")
+                "context_extras", "location")
 
 
 def split_cpu(n: int) -> None:
@@ -45,20 +45,21 @@ def make_strategy(kind: str = "auto"):
 
 
 def build_model(vocab_size: int, settings: dict, channels: int = 2048, layer: str | None = None):
-    return ShowAttendTell(vocab_size, feature_channels=channels, key_channels=key_channels(settings, layer),
+    return ShowAttendTell(vocab_size, feature_channels=channels, key_channels=key_channels(settings, layer, channels),
                           **{k: settings[k] for k in DECODER_KEYS})
 
 
-def key_channels(settings: dict, layer: str | None) -> int:
+def key_channels(settings: dict, layer: str | None, channels: int) -> int:
     """How many trailing feature channels the attention keys are computed from: 0 (all features) for
-    `attention_keys = features`; for `cell_scores`, the cell scores of a `+cell_scores` layer."""
+    `attention_keys = features`; for `extras`, the extra channels of a `+<extra>` layer (the features'
+    `channels` beyond the base layer's)."""
     if settings["attention_keys"] == "features":
         return 0
-    n = LAYERS.get(layer, {}).get("cell_scores", 0) if layer else 0
-    if not n:
-        raise InputError(f"[decoder] attention_keys = cell_scores: the features ({layer}) carry no cell scores. "
-                         f"Fix: set [encoder] layer = {layer or 'mixed7'}+cell_scores (with weights = digits), or "
-                         "[decoder] attention_keys = features.")
+    n = channels - LAYERS[base_layer(layer)]["channels"] if layer and "+" in layer else 0
+    if n <= 0:
+        raise InputError(f"[decoder] attention_keys = extras: the features ({layer}) carry no extra channels. "
+                         f"Fix: set [encoder] layer to a plug-in's <layer>+<extra>, or [decoder] attention_keys = "
+                         "features.")
     return n
 
 
@@ -93,30 +94,35 @@ def update(model, optimizer, settings: dict, replicas: int, losses):
 
 
 def make_train_step(model, optimizer, strategy, settings):
-    """The compiled step: (features, captions) → (loss, xent, attention term, real captions), averaged over the
-    replicas."""
+    """The compiled step: (features, captions) → (loss, xent, attention term, real captions) of the global batch.
+
+    Each replica divides its part of the loss by the real tokens of the whole global batch (summed over the
+    replicas), and the replicas' gradients are summed: the update is the one a single device takes on the whole
+    batch, however its tokens fall among the replicas."""
     import tensorflow as tf
 
     replicas = strategy.num_replicas_in_sync
+    total = tf.distribute.ReduceOp.SUM
 
     def replica_step(features, captions):
         words_in, words_out = captions[..., :-1], captions[..., 1:]   # (B, T) or, grouped, (B, C, T)
 
         def losses():
             logits, alphas = model(features, words_in, training=True)
-            return caption_loss(logits, alphas, tf.reshape(words_out, tf.shape(logits)[:2]),
-                                settings["attention_lambda"])
+            targets = tf.reshape(words_out, tf.shape(logits)[:2])
+            tokens = tf.reduce_sum(tf.cast(targets != 0, tf.float32))
+            if replicas > 1:
+                tokens = tf.distribute.get_replica_context().all_reduce(total, tokens)
+            return caption_loss(logits, alphas, targets, settings["attention_lambda"], tokens)
 
-        loss, xent, doubly = update(model, optimizer, settings, replicas, losses)
-        return loss, xent, doubly, tf.reduce_sum(tf.cast(captions[..., 0] != 0, tf.int32))   # real captions
+        loss, xent, attention_term = update(model, optimizer, settings, 1, losses)   # already a share of the whole
+        return loss, xent, attention_term, tf.reduce_sum(tf.cast(captions[..., 0] != 0, tf.int32))   # real captions
 
     # XLA compiles one program per batch shape anyway, and needs each trace's caption length to be static
     @tf.function(jit_compile=settings["jit_compile"], reduce_retracing=not settings["jit_compile"])
     def step(features, captions):
-        loss, xent, doubly, n = strategy.run(replica_step, args=(features, captions))
-        mean = tf.distribute.ReduceOp.MEAN
-        return (strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, xent, axis=None),
-                strategy.reduce(mean, doubly, axis=None), strategy.reduce(tf.distribute.ReduceOp.SUM, n, axis=None))
+        parts = strategy.run(replica_step, args=(features, captions))
+        return tuple(strategy.reduce(total, part, axis=None) for part in parts)
 
     return step
 
@@ -127,7 +133,7 @@ def make_scst_step(model, optimizer, strategy, settings, start_id: int):
 
     loss = −Σ advantage · log p(word) over the sampled words (<end> included) / their number, the REINFORCE
     gradient with a baseline, as self-critical.pytorch's RewardCriterion. The log-probabilities come from a
-    teacher-forced pass over the samples without dropout: the sampler (pipeline/decode.py greedy_fn, samples = K)
+    teacher-forced pass over the samples without dropout: the sampler (pipeline/decode.py sampler_fn, K samples)
     draws without it too, so the gradient is of the policy that decodes. Under MirroredStrategy every replica
     gets the whole batch (it was sampled outside the strategy) and the replicas' gradients are averaged."""
     import tensorflow as tf

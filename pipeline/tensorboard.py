@@ -7,7 +7,7 @@ a killed run are trained, and logged, again; TensorBoard shows the later points.
     per step    train/loss, train/xent, train/attention (the doubly stochastic term, before λ),
                 train/learning_rate, train/captions_per_second;
                 self-critical epochs: train/scst_loss, train/scst_reward (the mean reward of the samples)
-    per epoch   val/Bleu_4, val/CIDEr_D, val/digits_exact (digit datasets), val/distinct_captions,
+    per epoch   val/Bleu_4, val/CIDEr-D, val/<score> (a plug-in's val scores), val/distinct_captions,
                 text val/examples: a few val images' captions beside a reference
 """
 from __future__ import annotations
@@ -36,14 +36,14 @@ class TrainingBoard:
             for tag, value in values.items():
                 self._tf.summary.scalar(tag, value)
 
-    def epoch(self, step: int, scores: dict, digits_exact: float | None, distinct: int, hypotheses: dict,
+    def epoch(self, step: int, scores: dict, extra: dict, distinct: int, hypotheses: dict,
               references: dict) -> None:
         with self._writer.as_default(step=step):
             self._tf.summary.scalar("val/Bleu_4", scores["Bleu_4"])
-            self._tf.summary.scalar("val/CIDEr_D", scores["CIDEr"])
+            self._tf.summary.scalar("val/CIDEr-D", scores["CIDEr"])
             self._tf.summary.scalar("val/distinct_captions", distinct)
-            if digits_exact is not None:
-                self._tf.summary.scalar("val/digits_exact", digits_exact)
+            for key, value in extra.items():   # plug-in val scores (extensions.Metrics.val_scores)
+                self._tf.summary.scalar(f"val/{key}", value)
             rows = [f"| {image_id} | {hypotheses[image_id]} | {references[image_id][0]} |"
                     for image_id in sorted(hypotheses)[:EXAMPLES]]
             self._tf.summary.text("val/examples", "\n".join(["| image | caption | a reference |", "|---|---|---|",

@@ -10,12 +10,12 @@ strategy (MirroredStrategy over several GPUs, default strategy otherwise), optio
 Checkpoints (model, optimizer, counters) every `checkpoint_every` steps and at each epoch end, in a
 directory outside the task output. Each epoch ends with free-running decoding of the val split with the
 [generation] settings (beam, length penalty, <unk> suppression: what GenerateCaptions will run) scored with
-BLEU-4 and CIDEr-D (and digits exact when the val images have digit labels); the best epoch's weights are
-kept — best by val CIDEr-D, or with `select_by = digits_exact` by val digits exact, CIDEr-D breaking ties
-(validation.selection_key) — and training stops early after `patience` epochs without a better one. With
+BLEU-4 and CIDEr-D (and the val scores of plug-in metrics whose truth the val images declare); the best
+epoch's weights are kept — best by val CIDEr-D, or by the plug-in val score `select_by` names, CIDEr-D breaking
+ties (validation.selection_key) — and training stops early after `patience` epochs without a better one. With
 `scst_epochs` > 0, self-critical epochs follow (self_critical: REINFORCE on sampled captions, rewarded with
-CIDEr-D or the digit reward of pipeline/rewards.py), starting from the best cross-entropy epoch and validated
-and kept the same way. Loss
+CIDEr-D or a plug-in's reward), starting from the best cross-entropy epoch and validated and kept the same
+way. Loss
 parts, learning rate, speed and validation scores also go to TensorBoard (pipeline/tensorboard.py:
 checkpoints/<fp>/tensorboard/).
 """
@@ -28,35 +28,27 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline import digits
+from pipeline import defaults, extensions
 from pipeline.checkpoints import TrainingState, exclusive_lock
 from pipeline.errors import InputError
 from pipeline.inputs import batches_per_epoch, caption_ids, count_pairs, pairs_dataset, shard_rows
 from pipeline.self_critical import self_critical
 from pipeline.steps import make_train_step, split_cpu
 from pipeline.tensorboard import TrainingBoard
-from pipeline.validation import SELECTION_NAMES, end_epoch, report_progress, shown
+from pipeline.validation import end_epoch, selection_name, report_progress, shown
 from pipeline.vocabulary import Vocabulary
 from storage import manifests, shards
 from storage.workspace import write_json
 
 log = logging.getLogger("captioner")
 
-DEFAULTS = dict(
-    # [decoder]
-    feature_dim=512, attention_dim=512, embed_dim=256, units=512, dropout=0.5, cell="lstm", positions=False,
-    attention_keys="features", context_scores=False, location=0,
-    # [training]
-    epochs=20, batch_size=64, learning_rate=4e-4, lr_schedule="constant", lr_decay=0.8, clip_norm=5.0,
-    attention_lambda=1.0, patience=5, select_by="cider", bucket_width=0,
-    scst_epochs=0, scst_reward="cider", scst_samples=5, scst_batch_size=16, scst_learning_rate=5e-5,
-    checkpoint_every=500,
-    shuffle_buffer=1000, block_rows=256,
-    seed=0,
-    precision="float32", jit_compile=False, strategy="auto", val_batch_size=128, cpu_devices=1,
-    # [generation]: validation decodes exactly as GenerateCaptions will, so the best epoch is chosen for it
-    decoding=dict(beam_size=3, max_length=20, length_penalty=1.0, suppress_unk=True),
-)
+# What a caller passing no settings gets (tests, benchmarks): the defaults of configs/luigi.cfg, where the Luigi
+# config sections read them too. Validation decodes exactly as GenerateCaptions will, so the best epoch is chosen
+# for it.
+DEFAULTS = {**defaults.section("decoder"), **defaults.section("training"),
+            "decoding": {k: v for k, v in defaults.section("generation").items()
+                         if k in ("beam_size", "max_length", "length_penalty", "suppress_unk")}}
+
 
 def train_decoder(outdir, checkpoint_dir, store_dir, train_index: dict, val_index: dict, annotations_dir,
                   vocab_path, settings: dict, provenance: dict | None = None, progress_callback=None) -> dict:
@@ -90,9 +82,13 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
     vocab = Vocabulary.load(vocab_path)
     keras.utils.set_random_seed(settings["seed"])
     data = _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings)
-    if settings["select_by"] == "digits_exact" and not any(data.val_digits.values()):
-        raise InputError("[training] select_by = digits_exact, but no val image has digit labels (\"digits\" in "
-                         "its annotation entry). Fix: select_by = cider.")
+    if settings["select_by"] != "cider":
+        metrics = extensions.metrics_for(settings["select_by"])
+        if metrics is None or not metrics.declares(data.val_records.values()):
+            raise InputError(f"[training] select_by = {settings['select_by']}, but "
+                             + (f"no val image declares its truth (\"{metrics.truth_key}\" in its annotation entry)"
+                                if metrics else "no plug-in of [dataset] plugins offers that val score")
+                             + ". Fix: select_by = cider.")
     state = TrainingState(Path(checkpoint_dir), data, len(vocab), settings)
     train_step = make_train_step(state.model, state.optimizer, state.strategy, settings)
     board = TrainingBoard(checkpoint_dir)
@@ -116,17 +112,17 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
 
 def _stopped_early(state, settings: dict) -> None:
     if state["bad_epochs"] >= settings["patience"]:
-        log.info("early stop: no better val %s for %d epochs", SELECTION_NAMES[settings["select_by"]],
+        log.info("early stop: no better val %s for %d epochs", selection_name(settings["select_by"]),
                  settings["patience"])
 
 
 def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings: dict) -> SimpleNamespace:
-    """Train rows and caption ids; val rows, references and expected digits; feature shape; the batch of pairs
+    """Train rows and caption ids; val rows, references and records; feature shape; the batch of pairs
     and steps per epoch."""
     train_rows, val_rows = shard_rows(store_dir, train_index), shard_rows(store_dir, val_index)
     train_records = list(manifests.read_manifest(manifests.manifest_path(annotations_dir, "train")))
     captions = caption_ids(train_records, vocab)
-    val_records = manifests.read_manifest(manifests.manifest_path(annotations_dir, "val"))
+    val_records = {r["image_id"]: r for r in manifests.read_manifest(manifests.manifest_path(annotations_dir, "val"))}
     positions, channels = shards.feature_shape(next(iter(train_rows)))
     layer = shards.read_attrs(next(iter(train_rows))).get("layer")
     n_pairs, n_images = count_pairs(train_rows, captions)
@@ -135,8 +131,7 @@ def _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settin
     what = f"{batch} pairs" + (f" of similar caption lengths (bands of {width} tokens)" if width else "")
     data = SimpleNamespace(train_rows=train_rows, val_rows=val_rows, captions=captions, positions=positions,
                            channels=channels, layer=layer, batch=batch, steps_per_epoch=steps,
-                           val_refs={r["image_id"]: r["captions"] for r in val_records},
-                           val_digits={r["image_id"]: digits.expected_digits(r) for r in val_records},
+                           val_refs={i: r["captions"] for i, r in val_records.items()}, val_records=val_records,
                            train_records=train_records, train_images=n_images)
     log.info("training on %d (image, caption) pairs of %d images from %d shards, batches of %s: %d steps per epoch; "
              "validating on %d images", n_pairs, n_images, len(train_rows), what, steps, len(val_index["images"]))
@@ -157,10 +152,10 @@ def _train_epoch(state, data, train_step, board, settings: dict, progress_callba
     start = last_log = step_started = time.monotonic()
     seen, losses = 0, []
     for features, caps in ds:
-        loss, xent, doubly, n = train_step(features, caps)
+        loss, xent, attention_term, n = train_step(features, caps)
         state.counters["step"].assign_add(1)
         state.counters["step_in_epoch"].assign_add(1)
-        losses.append((float(loss), float(xent), float(doubly)))
+        losses.append((float(loss), float(xent), float(attention_term)))
         seen += int(n)
         now = time.monotonic()
         board.step(state["step"], *losses[-1], float(tf.convert_to_tensor(state.optimizer.learning_rate)),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from pipeline import digits
+from pipeline import extensions
+from pipeline.captions import distinct_captions
 from pipeline.decode import decoder_fn
 from pipeline.evaluate import validation_scores
 from pipeline.inputs import feature_batches
@@ -14,13 +15,15 @@ from storage.workspace import atomic_file, write_json
 
 log = logging.getLogger("captioner")
 
-SELECTION_NAMES = {"cider": "CIDEr-D", "digits_exact": "digits exact (CIDEr-D breaking ties)"}
+def selection_name(select_by: str) -> str:
+    """How the log names [training] select_by: CIDEr-D, or a plug-in's val score with CIDEr-D breaking ties."""
+    return "CIDEr-D" if select_by == "cider" else f"{extensions.val_labels()[select_by]} (CIDEr-D breaking ties)"
 
 
 def selection_key(entry: dict, select_by: str) -> tuple:
-    """What ranks an epoch's history entry: (val CIDEr-D,) or (val digits exact, val CIDEr-D)."""
-    if select_by == "digits_exact":
-        return entry["val_digits_exact"], entry["val_CIDEr"]
+    """What ranks an epoch's history entry: (val CIDEr-D,), or (a plug-in's val score, val CIDEr-D)."""
+    if select_by != "cider":
+        return entry[f"val_{select_by}"], entry["val_CIDEr"]
     return (entry["val_CIDEr"],)
 
 
@@ -51,10 +54,11 @@ def end_epoch(state, data, vocab, summary: dict, text: str, seen: int, seconds: 
     hyps = decoded_captions(state.model, data.val_rows, vocab, settings["decoding"], settings["val_batch_size"],
                             settings["block_rows"])
     scores = validation_scores(data.val_refs, hyps)
-    exact = digits.digits_exact(hyps, data.val_digits)   # None unless the val images have digit labels
+    extra = {key: value for m in extensions.METRICS.values() if m.declares(data.val_records.values())
+             for key, value in m.val_scores(hyps, data.val_records).items() if value is not None}
     entry = {"epoch": state["epoch"] + 1, **summary, "val_Bleu_4": scores["Bleu_4"],
-             "val_CIDEr": scores["CIDEr"], **({"val_digits_exact": exact} if exact is not None else {}),
-             "val_distinct": digits.distinct_captions(hyps), "seconds": round(seconds, 2),
+             "val_CIDEr": scores["CIDEr"], **{f"val_{key}": value for key, value in extra.items()},
+             "val_distinct": distinct_captions(hyps), "seconds": round(seconds, 2),
              "captions_per_second": round(seen / max(seconds, 1e-9), 1), "best": False,
              "example": next(iter(hyps.values()), "")}
     key = lambda e: selection_key(e, settings["select_by"])
@@ -67,21 +71,22 @@ def end_epoch(state, data, vocab, summary: dict, text: str, seen: int, seconds: 
     else:
         state.counters["bad_epochs"].assign_add(1)
     state.history.append(entry)
+    labels = extensions.val_labels()
     log.info("%s, val BLEU-4 %.4f, CIDEr-D %.4f%s, %s%.0fs, %.1f captions/s", text, scores["Bleu_4"],
              scores["CIDEr"], " (best)" if improved else "",
-             f"digits exact {exact:.3f}, " if exact is not None else "", seconds,
+             "".join(f"{labels[key]} {value:.3f}, " for key, value in extra.items()), seconds,
              state.history[-1]["captions_per_second"])
-    board.epoch(state["step"], scores, exact, state.history[-1]["val_distinct"], hyps, data.val_refs)
+    board.epoch(state["step"], scores, extra, state.history[-1]["val_distinct"], hyps, data.val_refs)
     state.counters["epoch"].assign_add(1)
     state.counters["step_in_epoch"].assign(0)
     state.save()
     write_json(state.history_path, state.history)
 
 
-def report_progress(callback, epoch, epochs, step_in_epoch, steps_per_epoch, step, total_steps, loss, xent, doubly, rate,
+def report_progress(callback, epoch, epochs, step_in_epoch, steps_per_epoch, step, total_steps, loss, xent, attention_term, rate,
             eta_seconds):
     message = (f"epoch {epoch + 1}/{epochs}, step {step_in_epoch}/{steps_per_epoch} (total {step}/{total_steps}), "
-               f"loss {loss:.4f} (xent {xent:.4f} + λ × attention {doubly:.4f}), {rate:.1f} captions/s, "
+               f"loss {loss:.4f} (xent {xent:.4f} + λ × attention {attention_term:.4f}), {rate:.1f} captions/s, "
                f"ETA {format_seconds(eta_seconds)} (+ validation)")
     log.info(message)
     if callback is not None:

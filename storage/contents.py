@@ -1,6 +1,6 @@
 """Content keys: what the feature store knows an image by.
 
-An image's key is the sha256 of its file's bytes (64 hex digits), never a dataset's image id: two datasets may
+An image's key is the sha256 of its file's bytes (64 hex characters), never a dataset's image id: two datasets may
 number their images alike, and a file may be replaced under its id. Hashing a COCO-sized dataset reads every
 byte once; after that a rerun only stats the files. The cache behind that is one SQLite file per workspace,
 
@@ -10,7 +10,7 @@ keyed by the file's absolute path and valid while its size and mtime (nanosecond
 never a task output: deleting it costs one re-read of the images. Several processes may use it at once (SQLite
 locks the file; writers wait up to a minute).
 
-A file that does not exist has the key `missing:<sha256 of its path, 16 hex digits>`, so extraction records it
+A file that does not exist has the key `missing:<sha256 of its path, 16 hex characters>`, so extraction records it
 as skipped ("not found") like any other undecodable image, and the key changes once the file appears.
 
 A split of a million images is identified with ContentCache.keys, a batch of paths at a time: the files are

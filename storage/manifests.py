@@ -6,8 +6,8 @@ A split manifest (`annotations/<fp>/<split>.jsonl`) has one JSON object per line
      "captions": ["a man with a red helmet on a small moped on a dirt road"],
      "raw_captions": ["A man with a red helmet on a small moped on a dirt road. "]}
 
-Digit datasets (the demo) add `digits`, `digit_boxes` ([x, y, w, h] pixels, left to right), `width` and
-`height` (OPTIONAL_KEYS), used only by the digit metrics.
+A record may carry more keys after these: the per-image fields a plug-in keeps from the annotation file
+(pipeline/extensions.py image_fields; the demo's: what each image shows, and where).
 
 `root` says where the image lies without naming a mount point, so a workspace and its dataset can each move
 (another host, another mount): `images:<k>` is the k-th root of the current config's `[dataset] images` (k from
@@ -37,7 +37,6 @@ import numpy as np
 from storage.workspace import atomic_file, portable, resolve, write_json
 
 MANIFEST_KEYS = ("image_id", "root", "path", "captions", "raw_captions")
-OPTIONAL_KEYS = ("digits", "digit_boxes", "width", "height")
 VOCAB_FILE = "vocab.json"
 REPORT_FILE = "report.json"
 SPLITS = ("train", "val", "test")
@@ -73,8 +72,8 @@ def write_manifest(path: str | os.PathLike, records: list[dict]) -> None:
     with atomic_file(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for record in records:
-                f.write(json.dumps({k: record[k] for k in MANIFEST_KEYS + OPTIONAL_KEYS if k in record},
-                                   ensure_ascii=False))
+                ordered = {**{k: record[k] for k in MANIFEST_KEYS if k in record}, **record}
+                f.write(json.dumps(ordered, ensure_ascii=False))
                 f.write("\n")
 
 
@@ -194,17 +193,16 @@ class ManifestWriter:
     def add(self, image_id: int, root: bytes, path: bytes, captions: bytes, raw_captions: bytes,
             extra: bytes = b"") -> None:
         """One record: `root` and `path` JSON strings (json_string), `captions` and `raw_captions` the items of
-        each list, JSON strings separated by ', '; `extra` the optional keys already encoded, starting with ', '
-        (or b'', optional_keys_json)."""
+        each list, JSON strings separated by ', '; `extra` the record's further keys already encoded, starting with
+        ', ' (or b'', extra_keys_json)."""
         self._file.write(b'{"image_id": %d, "root": %s, "path": %s, "captions": [%s], "raw_captions": [%s]%s}\n'
                          % (image_id, root, path, captions, raw_captions, extra))
         self.count += 1
 
 
-def optional_keys_json(record: dict) -> bytes:
-    """The OPTIONAL_KEYS of `record` as ManifestWriter.add's `extra`."""
-    present = {k: record[k] for k in OPTIONAL_KEYS if k in record}
-    return b", " + json.dumps(present, ensure_ascii=False)[1:-1].encode("utf-8") if present else b""
+def extra_keys_json(fields: dict) -> bytes:
+    """A record's keys beyond MANIFEST_KEYS ({key: JSON value}) as ManifestWriter.add's `extra`."""
+    return b", " + json.dumps(fields, ensure_ascii=False)[1:-1].encode("utf-8") if fields else b""
 
 
 class Spool:
@@ -347,8 +345,8 @@ def read_json(path: str | os.PathLike):
         return json.load(f)
 
 
-__all__ = ["MANIFEST_KEYS", "OPTIONAL_KEYS", "VOCAB_FILE", "REPORT_FILE", "SPLITS", "manifest_path", "write_manifest",
+__all__ = ["MANIFEST_KEYS", "VOCAB_FILE", "REPORT_FILE", "SPLITS", "manifest_path", "write_manifest",
            "read_manifest", "iter_manifest", "iter_locations", "iter_captions", "split_assignment",
-           "read_split_assignment", "json_string", "json_lines", "ManifestWriter", "optional_keys_json", "Spool",
+           "read_split_assignment", "json_string", "json_lines", "ManifestWriter", "extra_keys_json", "Spool",
            "PlanWriter", "count_records", "read_lines",
            "latest_other_output", "read_json", "write_json", "write_jsonl", "root_reference", "resolve_root"]

@@ -80,7 +80,7 @@ def read_runs(root: str | os.PathLike) -> list[dict]:
         run_id = path.name[1:-len(".events.jsonl")]
         stamp, _, rest = run_id.partition("-")
         host, _, pid = rest.rpartition("-")
-        if not pid.isdigit():
+        if not pid.isdecimal():
             continue
         if host != host_name():
             state = "running or interrupted"

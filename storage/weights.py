@@ -30,9 +30,9 @@ def weights_file_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-# The digits encoder's per-cell head (pipeline/pretrain.py): the 1×1 convolution that names the digit (or
-# background) under each cell of its feature layer, saved beside the InceptionV3 weights. Features of the layer
-# `<layer>+cell_scores` append its output (pipeline/encoder.py).
+# A per-cell head: the 1×1 convolution a pretraining trained to name the class under each cell of its feature
+# layer, saved beside the InceptionV3 weights (the demo's encoder has one; a feature extra may append its output,
+# pipeline/extensions.py).
 CELL_HEAD_FILE = "cell_head.h5"
 
 

@@ -78,7 +78,7 @@ def remove_stale_temporaries(final: Path) -> list[Path]:
     for tmp in final.parent.glob(f"{TEMP_PREFIX}{final.name}.*"):
         owner = tmp.name[len(f"{TEMP_PREFIX}{final.name}."):].split(".")[0]
         owner_host, _, pid = owner.rpartition("-")
-        if owner_host == host and pid.isdigit() and not process_alive(int(pid)):
+        if owner_host == host and pid.isdecimal() and not process_alive(int(pid)):
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

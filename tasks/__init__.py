@@ -5,10 +5,12 @@
     luigi --module tasks EvaluateCaptions --split test
     LUIGI_CONFIG_PATH=configs/coco2014.cfg luigi --module tasks TrainDecoder
 
-    config.py      the config sections (checked when read), the strict startup check, the per-workspace lock
+    config.py      the config files layered, the config sections (checked when read)
+    startup.py     the strict startup check, the per-workspace lock
     base.py        Stage: a fingerprinted output directory written atomically; the shard targets
     context.py     what the config names, resolved for the library (image roots, input files, decoding)
-    features.py    the data half of the DAG: demo → annotations → vocabulary; digits encoder → feature store
+    features.py    the data half of the DAG: annotations → vocabulary; feature store
+    demo.py        the built-in demo's stages (its dataset, its encoder weights), registered in context.py
     captioning.py  the model half: TrainDecoder → GenerateCaptions → EvaluateCaptions; CaptionImages
     records.py     run records (runs/*.json), failures repeated last, the final `captioner: results` line
 
@@ -27,14 +29,14 @@ import luigi
 import luigi.configuration
 
 from tasks import records  # noqa: F401  (importing it registers the run-record event handlers)
-from tasks.config import (config_files, config_paths, launched_by_luigi_cli, lock_on_workspace, settings_schema,
-                          startup_problems)
+from tasks.config import config_files, config_paths
+from tasks.startup import launched_by_luigi_cli, lock_on_workspace, settings_schema, startup_problems
 from tasks.captioning import CaptionImages, EvaluateCaptions, GenerateCaptions, TrainDecoder
-from tasks.features import (BuildVocabulary, ExtractAnnotations, ExtractFeatures, ExtractShard, MakeDemoDataset,
-                            PlanShards, PretrainDigitsEncoder, store_dir)
+from tasks import demo  # noqa: F401  (the built-in demo's stages and sections, registered in tasks/context.py)
+from tasks.features import BuildVocabulary, ExtractAnnotations, ExtractFeatures, ExtractShard, PlanShards, store_dir
 
 __all__ = ["BuildVocabulary", "CaptionImages", "EvaluateCaptions", "ExtractAnnotations", "ExtractFeatures",
-           "ExtractShard", "GenerateCaptions", "MakeDemoDataset", "PlanShards", "PretrainDigitsEncoder",
+           "ExtractShard", "GenerateCaptions", "PlanShards",
            "TrainDecoder", "config_files", "config_paths", "settings_schema", "store_dir"]
 
 # Strict configuration: checked while luigi imports this module to parse its command line, so a typo'd key,

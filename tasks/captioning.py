@@ -13,10 +13,10 @@ from pipeline.errors import InputError
 from storage import manifests, shards, workspace as ws
 from tasks import context
 from tasks.base import SplitStage, Stage
-from tasks.config import (config_files, decoder, encoder, evaluation, features, generation, section_values, training,
-                          workspace_root)
-from tasks.features import (BuildVocabulary, ExtractAnnotations, ExtractFeatures, ExtractShard, PretrainDigitsEncoder,
-                            encoder_identity, extraction_options, store_dir, store_settings)
+from tasks.config import (config_files, dataset, decoder, encoder, evaluation, features, generation, load_plugins,
+                          section_values, training, workspace_root)
+from tasks.features import (BuildVocabulary, ExtractAnnotations, ExtractFeatures, ExtractShard, encoder_identity,
+                            extraction_options, store_dir, store_settings)
 
 
 log = logging.getLogger("captioner")
@@ -41,10 +41,13 @@ class TrainDecoder(Stage):
     def settings(self):
         values = self.training_settings()
         unused = {k for k in values if k.startswith("scst_")} if not values.get("scst_epochs") else set()
-        return {k: v for k, v in values.items() if k not in self.operational and k not in unused}
+        plugins = context.comma_list(dataset.read().plugins)   # their val scores, selection and rewards
+        return {**{k: v for k, v in values.items() if k not in self.operational and k not in unused},
+                **({"plugins": plugins} if plugins else {})}
 
     def run(self):
         from pipeline import train   # TensorFlow: imported by the worker that trains, never by the scheduler
+        load_plugins()
         indexes = {s: manifests.read_json(self.input()[s].path) for s in ("train", "val")}
         if training.read().verify_shards:   # never train on damaged features: re-extract them first
             yield from self.repair_damaged_shards(list(indexes.values()))
@@ -77,7 +80,7 @@ class TrainDecoder(Stage):
         path = identity.get("path")
         return {"store": store_dir().name, "encoder": store_settings(), "positions": context.len_positions(),
                 "weights_path": ws.portable(path, root) if path else None,
-                "weights_sha256": ws.file_sha256(path) if context.uses_digits_encoder() else identity.get("sha256"),
+                "weights_sha256": ws.file_sha256(path) if "stage" in identity else identity.get("sha256"),
                 "train_index": ws.portable(self.input()["train"].path, root),
                 "val_index": ws.portable(self.input()["val"].path, root)}
 
@@ -164,7 +167,8 @@ class CaptionImages(Stage):
     resources = {"gpu": 1}
 
     def requires(self):
-        needs = {"pretrained": PretrainDigitsEncoder()} if context.uses_digits_encoder() else {}
+        stage = context.weights_stage()
+        needs = {"pretrained": stage} if stage is not None else {}
         if not generation.read().model:
             needs["model"] = TrainDecoder()
         return needs
@@ -195,6 +199,7 @@ class CaptionImages(Stage):
 
     def run(self):
         from pipeline import decode
+        load_plugins()   # a `+<extra>` layer's channels come from a plug-in
         model_dir = checked_model_dir(generation.read().model or self.input()["model"].path)
         store, plan = store_dir(), f"folder-{self.fingerprint()}"
         extract = lambda path, images: features_lib.extract_shard(
@@ -223,11 +228,13 @@ class EvaluateCaptions(SplitStage):
 
     def settings(self):
         e = evaluation.read()
-        return {"spice": e.spice, "java": e.java}
+        plugins = context.comma_list(dataset.read().plugins)   # their metrics
+        return {"spice": e.spice, "java": e.java, **({"plugins": plugins} if plugins else {})}
 
     def run(self):
         from pipeline import evaluate
         e = evaluation.read()
+        load_plugins()
         captions = Path(self.input()["captions"].path).parent
         with self.atomic_output() as tmp:
             metrics = evaluate.evaluate_split(tmp, self.split, captions / f"{self.split}.json",

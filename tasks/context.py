@@ -1,5 +1,6 @@
-"""What the current configuration names, resolved for the library: image roots, input files, decoding settings.
-Read through the config sections of tasks/config.py; used by the stages (tasks/features.py, tasks/captioning.py)."""
+"""What the current configuration names, resolved for the library: image roots, input files, decoding settings,
+the stages its plug-ins add (tasks/plugins.py). Read through the config sections of tasks/config.py; used by the
+stages (tasks/features.py, tasks/captioning.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,22 @@ from pathlib import Path
 from pipeline import encoder as encoder_lib, features as features_lib
 from pipeline.errors import InputError
 from storage import contents, manifests, workspace as ws
+from tasks import plugins
 from tasks.config import (comma_list, config_files, dataset, encoder, generation, section_values,
                           workspace_root)
+
+
+def dataset_stage():
+    """The stage that writes the dataset `[dataset] source` names (an instance), or None for source = coco."""
+    source = dataset.read().source
+    return plugins.DATASETS[source]() if source in plugins.DATASETS else None
+
+
+def weights_stage():
+    """The stage that makes the weights `[encoder] weights` names (an instance), or None for weights that exist
+    already (imagenet, a file, random:<seed>)."""
+    weights = encoder.read().weights.strip()
+    return plugins.WEIGHTS[weights]() if weights in plugins.WEIGHTS else None
 
 
 def dataset_image_roots() -> list[str]:
@@ -35,27 +50,30 @@ def content_keys(annotations_dir, split: str, progress_callback=None) -> dict[in
         return features_lib.identify_split(annotations_dir, split, image_root, cache, progress_callback)
 
 
-def annotation_inputs(demo_dir: Path | None) -> tuple[list[str], list[str], str]:
-    """(annotation files, image roots, karpathy split file or '') of `[dataset]`, or of the demo dataset written
-    in `demo_dir`."""
-    if demo_dir is not None:
-        return ([str(demo_dir / f"captions_{s}.json") for s in manifests.SPLITS],
-                [str(demo_dir / s) for s in manifests.SPLITS], str(demo_dir / "karpathy_split.json"))
+def annotation_inputs(written: Path | None) -> tuple[list[str], list[str], str]:
+    """(annotation files, image roots, karpathy split file or '') of `[dataset]`, or of the dataset a DATASETS
+    stage wrote in `written` (COCO format, the layout in this module's docstring)."""
+    if written is not None:
+        return ([str(written / f"captions_{s}.json") for s in manifests.SPLITS],
+                [str(written / s) for s in manifests.SPLITS], str(written / "karpathy_split.json"))
     d = dataset.read()
     return comma_list(d.annotations), comma_list(d.images), d.karpathy_split
 
 
 def annotation_settings(files: list[str], karpathy: str) -> dict:
     """ExtractAnnotations' significant settings. COCO caption and split files count by content, not by path (the
-    files and image roots may move to another host or mount); the demo's by its upstream fingerprint."""
+    files and image roots may move to another host or mount); a written dataset's by its upstream fingerprint.
+    The plug-ins count too: their image fields are kept in the manifests."""
     d = dataset.read()
     s = {"source": d.source, "seed": d.seed, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction}
     if d.source == "coco":
         s["annotations"] = [identify_input(f, "annotations") for f in files]
         s["karpathy_split"] = identify_input(karpathy, "karpathy_split") if karpathy else ""
-    if s.get("karpathy_split") or d.source == "demo":
+    if s.get("karpathy_split") or d.source != "coco":
         for key in ("seed", "val_fraction", "test_fraction"):   # unused with a split file
             s.pop(key)
+    if d.plugins:
+        s["plugins"] = comma_list(d.plugins)
     return s
 
 
@@ -83,10 +101,6 @@ def validation_decoding() -> dict:
     g = generation.read()
     return {"beam_size": g.beam_size, "max_length": g.max_length, "length_penalty": g.length_penalty,
             "suppress_unk": g.suppress_unk}
-
-
-def uses_digits_encoder() -> bool:
-    return encoder.read().weights.strip() == "digits"
 
 
 def len_positions() -> int:

@@ -1,4 +1,5 @@
-"""The data half of the DAG: demo dataset → annotations → vocabulary; digits encoder → feature store.
+"""The data half of the DAG: [a plug-in's dataset →] annotations → vocabulary; [a plug-in's weights →] feature
+store.
 Each output is `<workspace>/<stage>/<fingerprint>` (tasks/base.py); each run() calls the library."""
 from __future__ import annotations
 
@@ -6,33 +7,11 @@ from pathlib import Path
 
 import luigi
 
-from pipeline import annotations, demo as demo_lib, encoder as encoder_lib, features as features_lib
-from pipeline import pretrain as pretrain_lib, vocabulary as vocab_lib
-from pipeline.progress import Progress
+from pipeline import annotations, encoder as encoder_lib, features as features_lib, vocabulary as vocab_lib
 from storage import manifests, shards, workspace as ws
-from storage.weights import CELL_HEAD_FILE
 from tasks import context
 from tasks.base import ReportsProgress, ShardTarget, SplitIndexTarget, Stage
-from tasks.config import dataset, demo, encoder, features, pretrain, section_values, vocabulary, workspace_root
-
-
-class MakeDemoDataset(Stage):
-    """The built-in digits dataset in COCO captions format (see pipeline/demo.py)."""
-    stage = "demo"
-    expected_files = (*(f"captions_{s}.json" for s in manifests.SPLITS), "karpathy_split.json")
-    version = 2
-
-    def settings(self):
-        c = demo.read()
-        return {"train_images": c.train_images, "val_images": c.val_images, "test_images": c.test_images,
-                "seed": c.seed}
-
-    def run(self):
-        s = self.settings()
-        progress = Progress(sum(s[f"{k}_images"] for k in manifests.SPLITS), "demo dataset", "images",
-                            self.report_progress)
-        with self.atomic_output() as tmp:
-            demo_lib.write_demo_dataset(tmp, **s, progress=lambda done, total: progress.update())
+from tasks.config import dataset, encoder, features, load_plugins, vocabulary, workspace_root
 
 
 class ExtractAnnotations(Stage):
@@ -42,7 +21,8 @@ class ExtractAnnotations(Stage):
     version = 4
 
     def requires(self):
-        return [MakeDemoDataset()] if dataset.read().source == "demo" else []
+        written = context.dataset_stage()
+        return [written] if written is not None else []
 
     def inputs(self) -> tuple[list[str], list[str], str]:
         """(annotation files, image roots, karpathy split file or '')."""
@@ -54,6 +34,7 @@ class ExtractAnnotations(Stage):
 
     def run(self):
         d = dataset.read()
+        load_plugins()   # their image fields are kept in the manifests
         files, roots, karpathy = self.inputs()
         with self.atomic_output() as tmp:
             previous = manifests.latest_other_output(Path(self.output().path).parent, self.output().path)
@@ -81,38 +62,12 @@ class BuildVocabulary(Stage):
             vocab_lib.make_vocabulary(self.input().path, tmp, **self.settings())
 
 
-class PretrainDigitsEncoder(Stage):
-    """InceptionV3 pretrained on scikit-learn digits (the demo's train pool): encoders/<fp>/ with the weights
-    file and report.json (held-out accuracy, steps, seconds). Feeds ExtractShard when [encoder] weights = digits."""
-    stage = "encoders"
-    version = 3
-    expected_files = (pretrain_lib.WEIGHTS_FILE, CELL_HEAD_FILE, manifests.REPORT_FILE)
-
-    def settings(self):
-        # trained, batch-norm re-estimated and checked on scenes of the size the encoder will see, at its layer
-        e = encoder.read()
-        return {**section_values(pretrain), "pool_seed": demo.read().seed,
-                "scene_size": e.image_size, "layer": encoder_lib.base_layer(e.layer)}
-
-    def weights_path(self) -> Path:
-        return Path(self.output().path) / pretrain_lib.WEIGHTS_FILE
-
-    def run(self):
-        with self.atomic_output() as tmp:
-            report = pretrain_lib.pretrain(tmp, self.settings(), progress_callback=self.report_progress)
-            manifests.write_json(tmp / "report.json", report)
-        self.counts = {"held_out": report["held_out"], "seconds": report["seconds"]}
-
-
 def encoder_identity() -> dict:
     """The configured weights, resolved (file hashed, imagenet located) once per process."""
     spec = encoder.read().weights
     if spec not in _identities:
-        if context.uses_digits_encoder():
-            task = PretrainDigitsEncoder()
-            _identities[spec] = encoder_lib.digits_identity(task.weights_path(), task.fingerprint())
-        else:
-            _identities[spec] = encoder_lib.resolve_weights(spec)
+        stage = context.weights_stage()
+        _identities[spec] = stage.identity() if stage is not None else encoder_lib.resolve_weights(spec)
     return _identities[spec]
 
 
@@ -168,12 +123,14 @@ class ExtractShard(ReportsProgress, luigi.Task):
     resources = {"gpu": 1}
 
     def requires(self):
-        return PretrainDigitsEncoder() if context.uses_digits_encoder() else []
+        stage = context.weights_stage()
+        return stage if stage is not None else []
 
     def output(self):
         return ShardTarget(str(store_dir() / f"{self.shard}.h5"))
 
     def run(self):
+        load_plugins()   # a `+<extra>` layer's channels come from a plug-in
         self.counts = features_lib.extract_planned_shard(store_dir(), self.plan, self.shard, context.image_root,
                                                          extraction_options(), self.report_progress)
 

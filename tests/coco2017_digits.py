@@ -5,7 +5,7 @@
 writes train2017/ and val2017/ (%012d.jpg), annotations/captions_{train,val}2017.json (with each image's
 "digits" and "digit_boxes") and dataset_coco.json (a Karpathy split: 1200 train, 100 val, 100 test, the last
 two in val2017). Each image's five references are five different phrasings, none of them the demo's. Layout
-and rendering come from pipeline.demo; digit samples from the demo pools of [demo] seed 1797 (the digits
+and rendering come from pipeline.digits.demo; digit samples from the demo pools of [demo] seed 1797 (the digits
 encoder pretrains on that train pool only, so val and test digits stay unseen), scenes from another seed.
 Point a config at it with `[dataset] source = coco`, the two caption files, the two image folders and
 `karpathy_split` (docs/results.md has the config)."""
@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from pipeline import demo
+from pipeline.digits import demo
 
 NUM = demo.NUMBER_WORDS
 

@@ -21,6 +21,15 @@ def workdir(tmp_path, monkeypatch):
     return root
 
 
+@pytest.fixture
+def digits_plugin(monkeypatch):
+    """The digits plug-in registered for one test; the extension registries are restored after it."""
+    from pipeline import extensions
+    for name in ("IMAGE_FIELDS", "METRICS", "REWARDS", "FEATURE_EXTRAS", "_loaded"):
+        monkeypatch.setattr(extensions, name, type(getattr(extensions, name))(getattr(extensions, name)))
+    extensions.load(["pipeline.digits"])
+
+
 def run_luigi(task, *args, config=TEST_CONFIG, workdir=None, timeout=600):
     """Run `luigi --module tasks TASK ARGS...` from the repo root as a user would. Returns CompletedProcess
     with .output (stdout + stderr)."""

@@ -1,5 +1,5 @@
 """An independent digit-scene yardstick in COCO 2017 form, rendered from a specification rather than by
-pipeline/demo.py's renderer:
+pipeline/digits/demo.py's renderer:
 
     .venv/bin/python -m tests.digit_yardstick OUTDIR [--train 1200 --val 100 --test 200 --seed 5]
 
@@ -8,10 +8,10 @@ COCO), OUTDIR/annotations/captions_{train,val}2017.json (each image with "digits
 [x, y, w, h] in pixels left to right, and "digit_samples", indices into scikit-learn's load_digits()) and
 OUTDIR/dataset_coco.json (the Karpathy split). Point a config at it like tests/coco2017_digits.py's dataset.
 
-Why: the digits encoder (pipeline/pretrain.py) is pretrained on the demo's own scenes and reads them well, so
+Why: the digits encoder (pipeline/digits/pretrain.py) is pretrained on the demo's own scenes and reads them well, so
 a yardstick drawn by the same renderer measures how well it learned that renderer. These scenes share only the
 glyphs' source with the demo, and only glyphs the encoder never saw: samples of the demo's VAL and TEST pools
-(pipeline.demo.sample_pools with the demo's seed 1797, as tests/coco2017_digits.py draws them), never its train
+(pipeline.digits.demo.sample_pools with the demo's seed 1797, as tests/coco2017_digits.py draws them), never its train
 pool. Yardstick train images draw from the demo's val pool, yardstick val and test from the two halves of its
 test pool, so the three splits share no sample either.
 
@@ -32,11 +32,11 @@ Rendering (the demo's choices in brackets):
 - ink of any hue and saturation, HSV value at most min(100, darkest background − 55) [0..90 per channel];
 - JPEG quality 70..95 [90].
 
-Captions: five of ten phrasings per image, none of them the demo's templates (pipeline.demo.caption_templates)
+Captions: five of ten phrasings per image, none of them the demo's templates (pipeline.digits.demo.caption_templates)
 or tests/coco2017_digits.py's forms, digits always as number words, e.g. for 4 0 7: "Three digits, namely four,
 zero and seven.", "reading left to right: four, zero, seven", "a four, then a zero, then a seven", "four first,
 then zero, seven last", "a three-digit code: four zero seven". Every caption is checked to satisfy
-pipeline.digits.digit_sequence(caption) == labels: a number word followed within two tokens by "digit" or
+pipeline.digits.metrics.digit_sequence(caption) == labels: a number word followed within two tokens by "digit" or
 "number" is a count, so no digit word ever stands right before those words.
 
 Measured against the demo's renderer with `.venv/bin/python -m tests.digit_yardstick --probe 500` (500 scenes
@@ -75,9 +75,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-from pipeline import demo
-from pipeline.annotations import tokenize
-from pipeline.digits import digit_sequence
+from pipeline.digits import demo
+from pipeline.captions import tokenize
+from pipeline.digits.metrics import digit_sequence
 
 DEMO_SEED = 1797        # [demo] seed: the pools the digits encoder was pretrained from
 SPLITS = ("train", "val", "test")

@@ -3,8 +3,10 @@ import json
 
 import pytest
 
-from pipeline.annotations import (PROBLEM_KINDS, extract_annotations, load_coco_captions, make_annotations,
-                                  normalize_caption, split_by_fraction, split_changes)
+from pipeline.annotations import PROBLEM_KINDS, extract_annotations, make_annotations
+from pipeline.captions import normalize_caption
+from pipeline.coco_files import load_coco_captions
+from pipeline.splits import split_by_fraction, split_changes
 from pipeline.errors import InputError
 from storage import manifests
 
@@ -197,16 +199,16 @@ DOC = ('{"info": {"v": [1, 2.5e3, -7, true, false, null], "s": "x\\\\y"},\n "ima
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Blocks of a few bytes, so every value, string, number and UTF-8 character is cut somewhere."""
-    from pipeline import annotations
+    from pipeline import coco_files
 
     def use(block):
-        monkeypatch.setattr(annotations, "_BLOCK", block)
-        monkeypatch.setattr(annotations, "_AHEAD", 2)
+        monkeypatch.setattr(coco_files, "_BLOCK", block)
+        monkeypatch.setattr(coco_files, "_AHEAD", 2)
     return use
 
 
 @pytest.mark.parametrize("block", [1, 2, 3, 7, 64, 1 << 22])
-def test_streamed_reading_equals_json_loads(tmp_path, tiny_blocks, block):
+def test_streamed_reading_equals_json_loads(tmp_path, tiny_blocks, block, digits_plugin):
     tiny_blocks(block)
     path = tmp_path / "captions.json"
     path.write_bytes(DOC)
@@ -301,7 +303,7 @@ def test_ids_outside_64_bits_are_malformed_entries(tmp_path):
 
 
 def test_karpathy_split_streamed_last_listing_wins_and_errors_kept(tmp_path):
-    from pipeline.annotations import load_karpathy_split
+    from pipeline.coco_files import load_karpathy_split
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps({"dataset": "coco", "images": [{"cocoid": 5, "split": "val", "sentences": []},
                                                               {"cocoid": 2, "split": "restval"},
@@ -319,8 +321,8 @@ def test_karpathy_split_streamed_last_listing_wins_and_errors_kept(tmp_path):
 
 
 def test_problem_lists_are_capped_and_counts_exact(tmp_path, monkeypatch):
-    from pipeline import annotations
-    monkeypatch.setattr(annotations, "LISTED_PER_KIND", 3)
+    from pipeline import problems
+    monkeypatch.setattr(problems, "LISTED_PER_KIND", 3)
     make_images(tmp_path / "imgs", ["a.jpg"])
     f = write_coco(tmp_path / "c.json", [{"id": 1, "file_name": "a.jpg"}] + [{"id": 1, "file_name": "a.jpg"}] * 10,
                    [{"id": 7, "image_id": 1, "caption": "A dog."}] * 12 + [{"image_id": 1, "caption": "..."}] * 5)
@@ -339,7 +341,7 @@ def test_problem_lists_are_capped_and_counts_exact(tmp_path, monkeypatch):
 def test_normalising_in_batches_equals_normalize_caption():
     import random
 
-    from pipeline.annotations import _normalised_lines
+    from pipeline.captions import normalised_lines as _normalised_lines
     rng = random.Random(1)
     alphabet = "aZ09 '`_-.,!?\t\n\r\x0b\x0c\x1c\x1f\x7f\"\\\u00e9\u2019\u02bc\ufb01\ud800abcdefghij  "
     for _ in range(2000):
@@ -357,9 +359,10 @@ def test_manifest_writer_writes_the_lines_write_manifest_writes(tmp_path):
     manifests.write_manifest(tmp_path / "a.jsonl", records)
     with manifests.ManifestWriter(tmp_path / "b.jsonl") as writer:
         for r in records:
+            extra = {k: v for k, v in r.items() if k not in manifests.MANIFEST_KEYS}
             writer.add(r["image_id"], manifests.json_string(r["root"]), manifests.json_string(r["path"]),
                        b", ".join(map(manifests.json_string, r["captions"])),
-                       b", ".join(map(manifests.json_string, r["raw_captions"])), manifests.optional_keys_json(r))
+                       b", ".join(map(manifests.json_string, r["raw_captions"])), manifests.extra_keys_json(extra))
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     assert list(manifests.iter_locations(tmp_path / "a.jsonl")) == [(5, "images:0", 'a "q".jpg'),
                                                                      (-2, "r", "\u00e9.jpg")]

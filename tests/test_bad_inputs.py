@@ -157,10 +157,11 @@ BAD_SETTINGS = [
     (("--decoder-positions", "maybe"), ["[decoder] positions: not a valid bool", "cannot interpret 'maybe'"]),
     (("--encoder-layer", "mixed7+cell_scores"), ["[encoder] layer = 'mixed7+cell_scores' needs weights = digits",
                                                  "use mixed7 with other weights"]),
-    (("--decoder-attention-keys", "cell_scores"), ["[decoder] attention_keys = 'cell_scores'",
-                                                   "needs features with cell scores",
-                                                   "set attention_keys = features and context_scores = false"]),
-    (("--decoder-context-scores", "true"), ["[decoder] context_scores = True needs attention_keys = cell_scores"]),
+    (("--dataset-plugins", "pipeline.nowhere"), ["[dataset] plugins: cannot import pipeline.nowhere"]),
+    (("--decoder-attention-keys", "extras"), ["[decoder] attention_keys = 'extras'",
+                                              "needs features with extra channels",
+                                              "set attention_keys = features and context_extras = false"]),
+    (("--decoder-context-extras", "true"), ["[decoder] context_extras = True needs attention_keys = extras"]),
     (("--pretrain-scene-train-from", "mixed9", "--encoder-layer", "mixed7"),
      ["[pretrain] scene_train_from = 'mixed9' must be all or a block at or below the feature layer mixed7"]),
     (("--training-bucket-width", "-1"), ["[training] bucket_width = -1 must be 0 (off) or more"]),
@@ -232,14 +233,22 @@ def test_a_missing_config_file_or_an_abbreviated_flag_stops_at_once(tmp_path):
     assert not (tmp_path / "w").exists()                                              # nothing ran
 
 
-def test_select_by_digits_exact_is_refused_for_a_dataset_without_digit_labels(tmp_path):
+def test_plug_in_settings_are_refused_without_the_plug_in_or_its_truth(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     (images / "a.jpg").write_bytes(b"x")
     coco, cfg = coco_setup(tmp_path, images, ["a.jpg"])
     cfg.write_text(cfg.read_text().replace("select_by = cider", "select_by = digits_exact"))
-    run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w", timeout=60)
-    assert run.returncode == 35 and "select_by needs a dataset with digit labels" in run.output, run.output
+    run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w", timeout=60)   # no plug-in offers it
+    assert run.returncode == 35 and "select_by = 'digits_exact' must be one of cider" in run.output, run.output
+    run = run_luigi("BuildVocabulary", "--training-select-by", "cider", "--encoder-layer", "mixed7+cell_scores",
+                    config=cfg, workdir=tmp_path / "w", timeout=60)
+    assert run.returncode == 35, run.output
+    assert "appends 'cell_scores', which no plug-in of [dataset] plugins offers" in run.output, run.output
+    run = run_luigi("BuildVocabulary", "--dataset-plugins", "pipeline.digits", config=cfg, workdir=tmp_path / "w",
+                    timeout=60)   # the plug-in offers it, and no image carries "digits"
+    assert run.returncode == 35, run.output
+    assert "select_by = digits_exact needs per-image truth" in run.output and '"digits"' in run.output, run.output
 
 
 

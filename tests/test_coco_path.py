@@ -5,7 +5,7 @@ search, metrics and report — and nothing about digits anywhere."""
 import json
 import shutil
 
-from pipeline.demo import write_demo_dataset
+from pipeline.digits.demo import write_demo_dataset
 from tests.conftest import REPO, run_luigi
 
 SHRUNK = ["--encoder-weights", "random:0", "--encoder-batch-size", "8", "--features-shard-size", "16",

@@ -7,7 +7,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 
-from pipeline.demo import NUMBER_WORDS, caption_templates, write_demo_dataset
+from pipeline.digits.demo import NUMBER_WORDS, caption_templates, write_demo_dataset
 
 SPLITS = ("train", "val", "test")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import demo
-from pipeline.annotations import extract_annotations, normalize_caption, tokenize
-from pipeline.digits import digit_sequence
+from pipeline.digits import demo
+from pipeline.annotations import extract_annotations
+from pipeline.captions import normalize_caption, tokenize
+from pipeline.digits.metrics import digit_sequence
 from tests import coco2017_digits
 from tests import digit_yardstick as ys
 

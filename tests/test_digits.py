@@ -1,4 +1,4 @@
-"""Digit metrics (pipeline/digits.py), their place in evaluation, and attention pictures on one shared scale."""
+"""Digit metrics (pipeline/digits/metrics.py), their place in evaluation, and attention pictures on one shared scale."""
 import json
 import logging
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import digits as dg
+from pipeline.digits import metrics as dg
 from pipeline.encoder import cell_edges
-from pipeline.demo import NUMBER_WORDS, caption_templates
+from pipeline.digits.demo import NUMBER_WORDS, caption_templates
 from pipeline.evaluate import evaluate_split, summary_table
 from pipeline.plots import attention_grid, attention_maps, html_report, word_attention
 from storage import shards
@@ -68,7 +68,8 @@ def test_digits_exact_and_count_right_skip_images_without_expected_digits():
 
 
 def test_distinct_captions_compares_normalised_captions():
-    assert dg.distinct_captions({1: "A seven.", 2: "a seven", 3: "a two"}) == 2
+    from pipeline.captions import distinct_captions
+    assert distinct_captions({1: "A seven.", 2: "a seven", 3: "a two"}) == 2
 
 
 # ------------------------------------------------------------------------------------- attention grounding
@@ -163,19 +164,20 @@ def test_attention_grid_writes_a_png(tmp_path):
 # ------------------------------------------------------------------------------------------- in reports
 
 DIGITS_BLOCK = {"digits_exact": 0.5, "digit_count_right": 0.75, "attention_grounding": None,
-                "distinct_captions": 3, "images": 4, "images_with_digits": 4, "images_with_boxes": 0}
+                "images": 4, "images_with_digits": 4, "images_with_boxes": 0}
 
 
-def test_summary_table_and_html_report_show_cider_d_digits_and_diversity(tmp_path):
+def test_summary_table_and_html_report_show_cider_d_digits_and_diversity(tmp_path, digits_plugin):
     corpus = {"Bleu_4": 0.25, "METEOR": None, "CIDEr": 1.5}
-    table = summary_table(corpus, DIGITS_BLOCK)
+    table = summary_table(corpus, 3, 4, {"digits": DIGITS_BLOCK})
     assert "CIDEr-D" in table and "digits exact" in table and "3 / 4 images" in table
     assert "attention grounding" in table and "unavailable" in table
     entry = {"section": "s", "image": np.full((40, 60, 3), 128, np.uint8), "image_id": 1, "caption": "a seven",
              "references": ["a seven"], "cider": 1.0, "words": ["a", "seven"], "alphas": one_hot(0, 5),
-             "expected": [7], "named": [7]}
-    html_report(tmp_path / "r.html", "t", corpus, [entry], [], DIGITS_BLOCK)
+             "details": [dg.DigitMetrics().describe("a seven", {"digits": [7]})]}
+    html_report(tmp_path / "r.html", "t", corpus, [entry], [], [(dg.DigitMetrics(), DIGITS_BLOCK)], None, (3, 4))
     page = (tmp_path / "r.html").read_text()
+    assert "digits named [7], expected [7]" in page
     assert "<th>CIDEr-D</th>" in page and "<th>CIDEr</th>" not in page
     assert "digits exact" in page and "3 distinct captions / 4 images" in page and "uniform attention = 1/16" in page
 
@@ -220,7 +222,7 @@ def evaluate_logged(tmp_path) -> tuple[dict, str]:
     return metrics, collect.text
 
 
-def test_evaluate_split_adds_digit_metrics(tmp_path):
+def test_evaluate_split_adds_digit_metrics(tmp_path, digits_plugin):
     records = [{"image_id": 1, "captions": ["a seven", "just a seven"], "digits": [7],
                 "digit_boxes": [[10, 25, 20, 30]], "width": W, "height": H},
                {"image_id": 2, "captions": ["two digits seven and nine", "seven nine"], "digits": [7, 9],
@@ -233,7 +235,7 @@ def test_evaluate_split_adds_digit_metrics(tmp_path):
     d = metrics["digits"]
     assert d["digits_exact"] == 0.5 and d["digit_count_right"] == 0.5
     assert d["attention_grounding"] == 0.5                 # image 1's seven at cell 4: yes; image 2's at cell 5: no
-    assert (d["distinct_captions"], d["images"], d["images_with_boxes"]) == (2, 2, 2)
+    assert (metrics["distinct_captions"], d["images"], d["images_with_boxes"]) == (2, 2, 2)
     assert [e["digits_exact"] for e in metrics["per_image"]] == [True, False]
     assert json.loads((tmp_path / "out" / "test.json").read_text())["digits"] == d
     assert "digits exact" in logged and "CIDEr-D" in logged
@@ -241,7 +243,7 @@ def test_evaluate_split_adds_digit_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("layer,grounded", [("mixed7", 1.0), (None, 0.0)])
-def test_evaluate_split_places_cells_where_the_attention_files_layer_looks(tmp_path, layer, grounded):
+def test_evaluate_split_places_cells_where_the_attention_files_layer_looks(tmp_path, layer, grounded, digits_plugin):
     # a 17×17 map peaked at cell (1, 1): mixed7's cell spans 29.5–45.5 px of 299, so it overlaps a digit at
     # 44–45 px; a file without a layer attr is read as mixed10 (a 17×17 mixed10 grid: 587 px input, cell 1 at
     # 53.5–85.5 px of it = 27.3–43.6 of 299), which misses it
@@ -256,8 +258,9 @@ def test_evaluate_split_places_cells_where_the_attention_files_layer_looks(tmp_p
     assert metrics["digits"]["attention_grounding"] == grounded
 
 
-def test_evaluate_split_without_digit_labels_has_no_digit_metrics_anywhere(tmp_path):
-    """A COCO-style dataset whose captions contain number words: "two dogs and one frisbee" names no digits."""
+def test_evaluate_split_without_digit_labels_has_no_digit_metrics_anywhere(tmp_path, digits_plugin):
+    """A COCO-style dataset whose captions contain number words: "two dogs and one frisbee" names no digits,
+    even with the digits plug-in registered (its metrics need labels)."""
     records = [{"image_id": 1, "captions": ["two dogs and one frisbee", "a man riding a horse"]},
                {"image_id": 2, "captions": ["three cats on a sofa", "a seven"]}]   # no labels, no boxes
     write_split(tmp_path, records, ["two dogs", "a seven"], np.array([[4, 5, 2], [4, 6, 2]], np.int32),

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from pipeline import encoder as encoder_lib, features
 from cli import main as cli
-from pipeline.demo import write_demo_dataset
+from pipeline.digits.demo import write_demo_dataset
 from pipeline.errors import InputError
 from pipeline.images import load_image
 from storage import shards, workspace as ws

@@ -96,7 +96,7 @@ def test_java_free_fallback_reports_meteor_unavailable():
 
     ours = evaluate(REFS, HYPS, java=False)
     assert ours["corpus"]["METEOR"] is None and ours["notes"] and ours["tokenizer"] == "captioner-normalise"
-    from pipeline.annotations import normalize_caption
+    from pipeline.captions import normalize_caption
     gts = {i: [normalize_caption(c) for c in r] for i, r in REFS.items()}
     res = {i: [normalize_caption(c)] for i, c in HYPS.items()}
     assert ours["corpus"]["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0])
@@ -176,9 +176,9 @@ def test_training_writes_tensorboard_curves(evaluated):
     for tag in ("train/loss", "train/xent", "train/attention", "train/learning_rate", "train/captions_per_second"):
         assert len(steps[tag]) >= 2 and steps[tag] == sorted(steps[tag]), tag      # one point per step
     history = json.loads(next(workdir.glob("models/*/history.json")).read_text())
-    for tag in ("val/Bleu_4", "val/CIDEr_D", "val/distinct_captions", "val/digits_exact", "val/examples"):
+    for tag in ("val/Bleu_4", "val/CIDEr-D", "val/distinct_captions", "val/digits_exact", "val/examples"):
         assert len(steps[tag]) == len(history), tag                                 # one point per epoch
-    assert max(steps["train/loss"]) == max(steps["val/CIDEr_D"])                    # the same step axis
+    assert max(steps["train/loss"]) == max(steps["val/CIDEr-D"])                    # the same step axis
 
 
 def test_caption_images_captions_a_folder_and_a_rerun_does_only_what_changed(evaluated, tmp_path):

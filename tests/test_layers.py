@@ -6,10 +6,14 @@ import ast
 from tests.conftest import REPO
 
 
+def source_files() -> list:
+    return [*(REPO / "pipeline").rglob("*.py"), *(REPO / "storage").glob("*.py"), *(REPO / "tasks").glob("*.py"),
+            *(REPO / "cli").glob("*.py")]
+
+
 def project_imports() -> dict[str, set[str]]:
     """{module: project modules and third-party top-level packages it imports anywhere in its file}."""
-    files = [*(REPO / "pipeline").glob("*.py"), *(REPO / "storage").glob("*.py"), *(REPO / "tasks").glob("*.py"),
-             *(REPO / "cli").glob("*.py")]
+    files = source_files()
     names = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__") for p in files}
     out = {}
     for path in files:
@@ -54,3 +58,44 @@ def test_no_import_cycles():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def test_modules_stay_short():
+    for path in source_files():
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        assert lines <= 400, f"{path.relative_to(REPO)}: {lines} lines (ARCHITECTURE.md: at most ~400)"
+
+
+def test_the_demo_is_one_plug_in():
+    """Outside pipeline/digits/, at most 3 modules of pipeline/, storage/ and tasks/ mention digits (the demo's
+    wiring, tasks/demo.py, is one), and none but that wiring imports the plug-in, even inside a function."""
+    general = [p for p in source_files() if p.parts[len(REPO.parts)] in ("pipeline", "storage", "tasks")
+               and "digits" not in p.relative_to(REPO).parts[:-1]]
+    mentioning = [str(p.relative_to(REPO)) for p in general if "digit" in p.read_text(encoding="utf-8").lower()]
+    assert len(mentioning) <= 3, mentioning
+    for module, deps in project_imports().items():
+        if not module.startswith(("pipeline.digits", "tasks.demo", "cli")):
+            assert not any(d.startswith("pipeline.digits") for d in deps), f"{module} imports the demo plug-in"
+
+
+def test_a_coco_config_imports_nothing_of_the_demo_plug_in(tmp_path):
+    """The stages, the library and the config check under a COCO config (no plug-in) leave pipeline.digits
+    unimported."""
+    import os
+    import subprocess
+    import sys
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (tmp_path / "captions.json").write_text('{"images": [], "annotations": []}')
+    (tmp_path / "coco.cfg").write_text(f"[dataset]\nsource = coco\nannotations = {tmp_path / 'captions.json'}\n"
+                                       f"images = {images}\n[encoder]\nweights = random:0\n")
+    code = ("import sys, tasks, tasks.context as c, tasks.config as config\n"
+            "from pipeline import decode, evaluate, export, features, train\n"
+            "config.check_every_section(); config.load_plugins(); tasks.TrainDecoder().requires()\n"
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.digits')))")
+    env = {**os.environ, "LUIGI_CONFIG_PATH": str(tmp_path / "coco.cfg"), "CAPTIONER_WORKDIR": str(tmp_path / "w")}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"

@@ -60,7 +60,7 @@ def fingerprints(*argv):
     luigi.task_register.Register.clear_instance_cache()
     with luigi.cmdline_parser.CmdlineParser.global_instance(["BuildVocabulary", *argv]):
         return {t.stage: t.fingerprint()
-                for t in (tasks.MakeDemoDataset(), tasks.ExtractAnnotations(), tasks.BuildVocabulary())}
+                for t in (tasks.demo.MakeDemoDataset(), tasks.ExtractAnnotations(), tasks.BuildVocabulary())}
 
 
 def test_fingerprints_change_exactly_downstream_of_a_changed_setting():
@@ -80,7 +80,7 @@ def test_self_critical_keys_count_only_when_self_critical_epochs_run():
         import tasks
         luigi.task_register.Register.clear_instance_cache()
         with luigi.cmdline_parser.CmdlineParser.global_instance(["TrainDecoder", *argv]):
-            return tasks.PretrainDigitsEncoder().fingerprint(), tasks.TrainDecoder().fingerprint()
+            return tasks.demo.PretrainDigitsEncoder().fingerprint(), tasks.TrainDecoder().fingerprint()
     encoder, decoder = stage_fingerprints()
     assert stage_fingerprints("--pretrain-scene-train-from", "mixed5")[0] != encoder
     assert stage_fingerprints("--training-scst-reward", "digits")[1] == decoder

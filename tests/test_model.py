@@ -10,11 +10,11 @@ from pipeline.model import ShowAttendTell, caption_loss
 P, D, V = 16, 32, 12
 
 
-def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0, context_scores=False,
+def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0, context_extras=False,
                 location=0):
     model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell,
                            feature_channels=D, positions=positions, key_channels=key_channels,
-                           context_scores=context_scores, location=location)
+                           context_extras=context_extras, location=location)
     model(tf.zeros((1, P, D)), tf.zeros((1, 1), tf.int32))
     return model
 
@@ -80,7 +80,7 @@ def content_and_scores_changed(k):
 
 @pytest.mark.parametrize("positions", [False, True])
 def test_key_channels_make_the_keys_and_the_other_channels_the_context(positions):
-    # attention_keys = cell_scores: the last K channels (the cell scores) decide where to look, and only that;
+    # attention_keys = extras: the last K channels (the cell scores) decide where to look, and only that;
     # the others are what is read, and only that
     K = 5
     model = small_model(positions=positions, key_channels=K)
@@ -98,10 +98,10 @@ def test_key_channels_make_the_keys_and_the_other_channels_the_context(positions
     assert np.allclose(keys_alike[:, :1].numpy(), keys_alike.numpy(), atol=1e-6) == (not positions)
 
 
-def test_context_scores_let_the_context_read_the_cell_scores_too():
-    # [decoder] context_scores = true: the keys are still the scores' alone, and the context reads both
+def test_context_extras_let_the_context_read_the_cell_scores_too():
+    # [decoder] context_extras = true: the keys are still the scores' alone, and the context reads both
     K = 5
-    model = small_model(positions=True, key_channels=K, context_scores=True)
+    model = small_model(positions=True, key_channels=K, context_extras=True)
     features, other_content, other_scores = content_and_scores_changed(K)
     a, keys, _ = model.encode(features)
     a_content, keys_content, _ = model.encode(other_content)
@@ -109,8 +109,8 @@ def test_context_scores_let_the_context_read_the_cell_scores_too():
     np.testing.assert_allclose(keys.numpy(), keys_content.numpy(), atol=1e-6)
     assert not np.allclose(a.numpy(), a_content.numpy(), atol=1e-3)
     assert not np.allclose(a.numpy(), a_scores.numpy(), atol=1e-3)
-    with pytest.raises(ValueError, match="context_scores needs key_channels"):
-        small_model(context_scores=True)
+    with pytest.raises(ValueError, match="context_extras needs key_channels"):
+        small_model(context_extras=True)
 
 
 def test_location_carries_the_last_attention_and_its_sum_and_they_steer_the_next():
@@ -184,7 +184,7 @@ def test_memorises_a_few_captions_and_greedy_returns_them(cell):
     model = small_model(cell)
     features = tf.random.stateless_normal((4, P, D), seed=(5, 6))
     captions = tf.constant([[1, 4, 5, 6, 2, 0], [1, 7, 8, 2, 0, 0], [1, 9, 10, 11, 4, 2], [1, 5, 4, 2, 0, 0]])
-    settings = {**train_lib.DEFAULTS, "learning_rate": 0.01, "clip_norm": 5.0, "epochs": 1}
+    settings = {**train_lib.DEFAULTS, "learning_rate": 0.01, "lr_schedule": "constant", "clip_norm": 5.0, "epochs": 1}
     optimizer = steps.make_optimizer(settings, steps_per_epoch=1)
     step = steps.make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
     for _ in range(300):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import demo, pretrain
+from pipeline.digits import demo, pretrain, scenes as scene_lib
 from cli import main as cli
 from pipeline.encoder import grid_size
 from storage import workspace as ws
@@ -17,18 +17,18 @@ from tests.conftest import run_luigi
 def test_cell_labels_mark_the_digit_under_each_cell_centre():
     # a 107-px crop has a 2×2 mixed10 grid with centres at 37.5 and 69.5 px
     assert grid_size(107) == 2
-    labels = pretrain.cell_labels([(60, 0, 20, 50, 7)], 0, 0, 107, "mixed10")   # covers x 60–80, y 0–50
+    labels = scene_lib.cell_labels([(60, 0, 20, 50, 7)], 0, 0, 107, "mixed10")   # covers x 60–80, y 0–50
     np.testing.assert_array_equal(labels, [[10, 7], [10, 10]])
     # the same box seen from a crop shifted 30 px right lands under the left column
-    labels = pretrain.cell_labels([(60, 0, 20, 50, 7)], 30, 0, 107, "mixed10")
+    labels = scene_lib.cell_labels([(60, 0, 20, 50, 7)], 30, 0, 107, "mixed10")
     np.testing.assert_array_equal(labels, [[7, 10], [10, 10]])
     # mixed7: a 75-px crop has 3×3 cells centred at 21.5, 37.5 and 53.5 px; x 30–45, y 0–40 holds two of them
-    np.testing.assert_array_equal(pretrain.cell_labels([(30, 0, 15, 40, 2)], 0, 0, 75, "mixed7"),
+    np.testing.assert_array_equal(scene_lib.cell_labels([(30, 0, 15, 40, 2)], 0, 0, 75, "mixed7"),
                                   [[10, 2, 10], [10, 2, 10], [10, 10, 10]])
 
 
 def test_pretraining_sees_only_the_demo_train_pool(tmp_path):
-    pools = pretrain.pools(5)
+    pools = scene_lib.pools(5)
     assert not set(pools["train"]) & (set(pools["val"]) | set(pools["test"]))
     demo.write_demo_dataset(tmp_path, 20, 5, 5, seed=5)
     for split in ("train", "val", "test"):
@@ -41,21 +41,21 @@ def test_pretraining_sees_only_the_demo_train_pool(tmp_path):
 def test_cell_labels_follow_a_resized_window():
     # a 150-px scene window shown at 75 px: the single cell's centre is scene pixel (x0 + 75, y0 + 75)
     box = [(100, 100, 40, 40, 3)]
-    assert pretrain.cell_labels(box, 30, 30, 75, "mixed10", scale=2.0).tolist() == [[3]]
-    assert pretrain.cell_labels(box, 0, 0, 75, "mixed10", scale=2.0).tolist() == [[10]]
+    assert scene_lib.cell_labels(box, 30, 30, 75, "mixed10", scale=2.0).tolist() == [[3]]
+    assert scene_lib.cell_labels(box, 0, 0, 75, "mixed10", scale=2.0).tolist() == [[10]]
 
 
 def test_scene_labels_give_every_digit_a_cell():
     # cell centres of a 299-px scene: 37.5 + 32k. A 20-px-wide digit at x 42–62 contains no centre column
     # (37.5, 69.5): it still labels its nearest cell, and only that one
-    labels = pretrain.scene_labels([(42, 100, 20, 80, 4), (200, 20, 60, 60, 9)], 299, "mixed10")
+    labels = scene_lib.scene_labels([(42, 100, 20, 80, 4), (200, 20, 60, 60, 9)], 299, "mixed10")
     assert labels.shape == (8, 8)
     assert labels[3, 0] == 4 and (labels == 4).sum() == 1             # centre (52, 140): row 3 (133.5)
-    assert pretrain.cell_labels([(42, 100, 20, 80, 4)], 0, 0, 299, "mixed10").max() == pretrain.BACKGROUND
+    assert scene_lib.cell_labels([(42, 100, 20, 80, 4)], 0, 0, 299, "mixed10").max() == pretrain.BACKGROUND
     # x 200–260 holds column 6's centre (229.5), y 20–80 rows 0 and 1 (37.5, 69.5)
     assert np.argwhere(labels == 9).tolist() == [[0, 6], [1, 6]]
     # mixed7's 17×17 cells, centred on 21.5 + 16k: x 42–62 holds column 2 (53.5), y 100–180 rows 5–9
-    fine = pretrain.scene_labels([(42, 100, 20, 80, 4)], 299, "mixed7")
+    fine = scene_lib.scene_labels([(42, 100, 20, 80, 4)], 299, "mixed7")
     assert fine.shape == (17, 17) and np.argwhere(fine == 4).tolist() == [[r, 2] for r in range(5, 10)]
 
 
@@ -66,19 +66,19 @@ def test_read_digit_sums_the_probabilities_of_the_cells_in_the_box():
     logits[1, 6, [7, 8]] = 3.0                  # the other torn between 7 and 8: 3 wins the sum
     logits[2, 6, 1] = 9.0                       # outside the box: ignored
     box = (200, 20, 60, 60, 3)
-    assert pretrain.read_digit(logits, box, "mixed10") == 3
+    assert scene_lib.read_digit(logits, box, "mixed10") == 3
     logits[1, 6, 7] = 8.0                       # now the second cell is surer of a 7 than the first of a 3
-    assert pretrain.read_digit(logits, box, "mixed10") == 7
+    assert scene_lib.read_digit(logits, box, "mixed10") == 7
     # background scores do not count: a box whose cells say background still reads its likeliest digit
     logits[0, 6, pretrain.BACKGROUND] = logits[1, 6, pretrain.BACKGROUND] = 20.0
-    assert pretrain.read_digit(logits, box, "mixed10") == 7
+    assert scene_lib.read_digit(logits, box, "mixed10") == 7
     # a box too narrow to hold a cell centre (x 42–62) reads its nearest cell, (3, 0)
     logits[3, 0, 5] = 4.0
-    assert pretrain.read_digit(logits, (42, 100, 20, 80, 5), "mixed10") == 5
+    assert scene_lib.read_digit(logits, (42, 100, 20, 80, 5), "mixed10") == 5
 
 
 def test_scene_batches_are_whole_scenes_with_every_digit_labelled():
-    scenes, labels = next(pretrain.scene_batches(0, pretrain.pools(1797)["train"], 6, 299, "mixed10"))
+    scenes, labels = next(scene_lib.scene_batches(0, scene_lib.pools(1797)["train"], 6, 299, "mixed10"))
     assert scenes.shape == (6, 299, 299, 3) and scenes.dtype == np.uint8 and labels.shape == (6, 8, 8)
     assert all(1 <= len(set(row[row != pretrain.BACKGROUND].tolist())) <= 4 for row in labels.reshape(6, -1))
 
@@ -91,7 +91,7 @@ def test_the_scene_phase_learns_from_whole_labelled_scenes():
     images = keras.Input((299, 299, 3), dtype="uint8")
     cells = keras.layers.AveragePooling2D(75, strides=32)(keras.ops.cast(images, "float32") / 255.0)   # 8×8
     model = keras.Model(images, keras.layers.Conv2D(pretrain.BACKGROUND + 1, 1)(cells))
-    batches = pretrain.scene_batches(0, pretrain.pools(1797)["train"], 8, 299, "mixed10")
+    batches = scene_lib.scene_batches(0, scene_lib.pools(1797)["train"], 8, 299, "mixed10")
     settings = {**pretrain.DEFAULTS, "learning_rate": 0.05, "warmup_steps": 1}
     losses = pretrain._fit(model, batches, 12, settings, "scenes", pretrain.BACKGROUND_WEIGHT, None)
     assert len(losses) == 12 and np.isfinite(losses).all()
@@ -110,7 +110,7 @@ def test_scene_train_from_keeps_the_layers_below_that_block():
     above = [w for layer in base.layers[names.index("mixed3"):] for w in layer.trainable_weights]
     assert below and above
     before = [w.numpy().copy() for w in below + above]
-    batches = pretrain.crop_batches(0, pretrain.pools(1797)["train"], {**pretrain.DEFAULTS, "layer": "mixed7",
+    batches = scene_lib.crop_batches(0, scene_lib.pools(1797)["train"], {**pretrain.DEFAULTS, "layer": "mixed7",
                                                                         "batch_size": 4})
     pretrain._fit(model, batches, 2, {**pretrain.DEFAULTS, "warmup_steps": 0}, "scenes", 1.0, None)
     after = [w.numpy() for w in below + above]
@@ -119,7 +119,7 @@ def test_scene_train_from_keeps_the_layers_below_that_block():
 
     # the batch-norm re-estimation leaves the frozen layers' statistics too: the blocks above trained on them
     settings = {**pretrain.DEFAULTS, "layer": "mixed7", "scene_size": 75, "bn_scenes": 16}
-    scene = pretrain.recalibrate_batchnorm(base, pretrain.pools(1797)["train"], settings, "mixed3")
+    scene = pretrain.recalibrate_batchnorm(base, scene_lib.pools(1797)["train"], settings, "mixed3")
     stats = lambda model: [(layer.name, layer.moving_mean.numpy()) for layer in model.layers
                            if isinstance(layer, keras.layers.BatchNormalization)]
     frozen = set(names[:names.index("mixed3")])
@@ -132,7 +132,7 @@ def test_scene_train_from_keeps_the_layers_below_that_block():
 @pytest.mark.parametrize("crop,layer", [(75, "mixed10"), (107, "mixed10"), (75, "mixed7")])
 def test_crops_frame_digits_and_background(crop, layer):
     settings = {**pretrain.DEFAULTS, "batch_size": 96, "crop": crop, "layer": layer}
-    crops, labels = next(pretrain.crop_batches(0, pretrain.pools(1797)["train"], settings))
+    crops, labels = next(scene_lib.crop_batches(0, scene_lib.pools(1797)["train"], settings))
     g = grid_size(crop, layer)
     assert crops.shape == (96, crop, crop, 3) and crops.dtype == np.uint8
     assert labels.shape == (96, g, g)
@@ -164,7 +164,7 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     assert shards
     for shard in shards:
         with h5py.File(shard) as f:
-            assert f.attrs["weights"] == "digits" and f.attrs["pretrain"] == encoder_dir.name
+            assert f.attrs["weights"] == "digits" and f.attrs["stage"] == encoder_dir.name
             assert f.attrs["weights_sha256"] == ws.file_sha256(weights)
             assert "scikit-learn" in f.attrs["pretrained_on"] and "not ImageNet" in f.attrs["pretrained_on"]
             assert f.attrs["layer"] == "mixed7" and f.attrs["encoder"].endswith("/mixed7")
@@ -185,7 +185,7 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     (scored_shard, *_) = [p for p in sorted(workdir.glob("features/*/shard-*.h5")) if p not in shards]
     with h5py.File(scored_shard) as f, h5py.File(shards[0]) as plain:
         assert f.attrs["layer"] == "mixed7+cell_scores" and f.attrs["encoder"].endswith("/mixed7+cell_scores")
-        assert f.attrs["cell_head_sha256"] == ws.file_sha256(encoder_dir / CELL_HEAD_FILE)
+        assert f.attrs["extra_sha256"] == ws.file_sha256(encoder_dir / CELL_HEAD_FILE)
         features = f["features"][:].astype(np.float32)
         assert features.shape[1:] == (17 * 17, 768 + 11)
         np.testing.assert_array_equal(features[..., :768], plain["features"][:].astype(np.float32))
@@ -197,12 +197,12 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     # settings), and captioning a new image with it (the CLI rebuilds the encoder, head included, from the
     # model's provenance)
     trained = run_luigi("TrainDecoder", *args[2:4], "--encoder-layer", "mixed7+cell_scores", *args[6:],
-                        "--decoder-attention-keys", "cell_scores", "--decoder-context-scores", "true",
+                        "--decoder-attention-keys", "extras", "--decoder-context-extras", "true",
                         workdir=workdir)
     assert trained.returncode == 0, trained.output
     (model_dir,) = workdir.glob("models/[!.]*")
     decoder_config = json.loads((model_dir / "decoder.json").read_text())
-    assert decoder_config["key_channels"] == 11 and decoder_config["context_scores"] is True
+    assert decoder_config["key_channels"] == 11 and decoder_config["context_extras"] is True
     image = sorted(workdir.glob("demo/*/test/*.jpg"))[0]
     captioned = CliRunner().invoke(cli, ["caption", str(image), "--model", str(model_dir), "--json"])
     assert captioned.exit_code == 0, captioned.output
@@ -222,20 +222,20 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
 def _varied_scenes(n, seed=0):
     """n varied scenes at their own size: [(image (H, W, 3), boxes [(x, y, w, h)], coverage (H, W))], the
     coverage drawn with the same generator state as render_varied's."""
-    digits, pool = demo.load_digits(), pretrain.pools(1797)["train"]
+    digits, pool = demo.load_digits(), scene_lib.pools(1797)["train"]
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         samples = rng.choice(pool, size=int(rng.integers(1, 5))).tolist()
         state = rng.bit_generator.state
-        image, boxes = pretrain.render_varied(rng, digits.images, samples)
+        image, boxes = scene_lib.render_varied(rng, digits.images, samples)
         replay = np.random.default_rng()
         replay.bit_generator.state = state
-        glyphs = [pretrain.glyph_ink(digits.images[k]) for k in samples]
-        width, height, again = pretrain.varied_layout(replay, glyphs)
+        glyphs = [scene_lib.glyph_ink(digits.images[k]) for k in samples]
+        width, height, again = scene_lib.varied_layout(replay, glyphs)
         replay.uniform(size=7)   # grey, tint (3), hue, saturation, value: render_varied's draws before the glyphs
         assert again == boxes and image.shape == (height, width, 3)
-        out.append((image, boxes, pretrain.glyph_coverage(replay, glyphs, width, height, boxes)))
+        out.append((image, boxes, scene_lib.glyph_coverage(replay, glyphs, width, height, boxes)))
     return out
 
 
@@ -285,13 +285,13 @@ def test_varied_boxes_hold_all_the_ink_and_label_their_cells():
         assert not coverage[~inside].any()                         # and no ink lies outside the boxes
     # resized to the encoder's square input, every digit labels the cells whose centres lie in its box, or its
     # nearest cell, and no cell outside its box
-    digits, pool = demo.load_digits(), pretrain.pools(1797)["train"]
+    digits, pool = demo.load_digits(), scene_lib.pools(1797)["train"]
     rng = np.random.default_rng(2)
-    centres = pretrain.cell_centres(17, "mixed7")
+    centres = scene_lib.cell_centres(17, "mixed7")
     for _ in range(40):
-        scene, boxes = pretrain.render_scene(rng, digits.images, digits.target, pool, 299, varied=1.0)
+        scene, boxes = scene_lib.render_scene(rng, digits.images, digits.target, pool, 299, varied=1.0)
         assert scene.shape == (299, 299, 3)
-        labels = pretrain.scene_labels(boxes, 299, "mixed7")
+        labels = scene_lib.scene_labels(boxes, 299, "mixed7")
         for x, y, w, h, label in boxes:
             assert 0 <= x and x + w <= 299.01 and 0 <= y and y + h <= 299.01
             assert label in labels
@@ -302,19 +302,19 @@ def test_varied_boxes_hold_all_the_ink_and_label_their_cells():
 
 
 def test_pretraining_scenes_are_seeded_and_mix_both_renderers():
-    pool = pretrain.pools(1797)["train"]
-    first = next(pretrain.scene_batches(4, pool, 12, 299, "mixed7"))
-    again = next(pretrain.scene_batches(4, pool, 12, 299, "mixed7"))
+    pool = scene_lib.pools(1797)["train"]
+    first = next(scene_lib.scene_batches(4, pool, 12, 299, "mixed7"))
+    again = next(scene_lib.scene_batches(4, pool, 12, 299, "mixed7"))
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
-    demo_only = next(pretrain.scene_batches(4, pool, 12, 299, "mixed7", varied=0.0))
+    demo_only = next(scene_lib.scene_batches(4, pool, 12, 299, "mixed7", varied=0.0))
     assert not np.array_equal(first[0], demo_only[0])
     # a share of varied_fraction varied scenes, the rest the demo's
     calls = []
-    render = pretrain.render_varied
+    render = scene_lib.render_varied
     try:
-        pretrain.render_varied = lambda *args: calls.append(1) or render(*args)
-        next(pretrain.scene_batches(4, pool, 90, 299, "mixed7", varied=2 / 3))
+        scene_lib.render_varied = lambda *args: calls.append(1) or render(*args)
+        next(scene_lib.scene_batches(4, pool, 90, 299, "mixed7", varied=2 / 3))
     finally:
-        pretrain.render_varied = render
+        scene_lib.render_varied = render
     assert 45 <= len(calls) <= 75

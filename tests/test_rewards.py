@@ -4,8 +4,9 @@ import pytest
 import tensorflow as tf
 
 from pipeline import steps, train as train_lib
-from pipeline.decode import greedy_fn
-from pipeline.rewards import CiderD, DigitReward, edit_distance
+from pipeline.decode import sampler_fn
+from pipeline.digits.metrics import DigitReward, edit_distance
+from pipeline.rewards import CiderD
 from tests.test_model import P, D, V, small_model
 
 WORDS = "a an image of digits digit two three seven reading written in dark ink on light paper".split()
@@ -64,7 +65,7 @@ def test_the_sampler_draws_k_captions_per_image_from_the_models_distribution():
     model = small_model()
     features = tf.random.stateless_normal((2, P, D), seed=(1, 2))
     k, start, end, unk = 1500, 1, 2, 3
-    tokens = greedy_fn(model, 6, start, end, unk, samples=k)(features)[0].numpy()
+    tokens = sampler_fn(model, k, 6, start, end, unk)(features)[0].numpy()
     assert tokens.shape == (2 * k, 6)
     assert not np.isin(tokens[:, 0], [0, start, unk]).any()   # <pad>, <start>, <unk> are never drawn
     want = first_word_probabilities(model, features, start, [0, start, unk])
@@ -98,18 +99,28 @@ def test_a_self_critical_step_raises_a_rewarded_caption_and_lowers_a_punished_on
     assert change * advantage > 0.5
 
 
-def test_self_critical_epochs_follow_the_best_cross_entropy_epoch(workdir):
+def test_self_critical_epochs_start_from_the_best_cross_entropy_epoch(workdir):
+    """Four cross-entropy epochs of which the third is the best (a rate that overshoots in the fourth), then one
+    self-critical epoch at a rate too small to move the weights: it validates exactly as the third epoch did,
+    not as the last; its rewards are those of its reward."""
     import json
-    from tests.conftest import run_luigi
+    from tests.conftest import assert_real_picture, run_luigi
+    base = ("--training-epochs", "4", "--training-patience", "9", "--training-learning-rate", "0.02",
+            "--training-select-by", "cider", "--training-scst-epochs", "1", "--training-scst-learning-rate", "1e-12",
+            "--training-scst-batch-size", "8")
     for reward in ("cider", "digits"):   # the second run reuses the features
-        run = run_luigi("TrainDecoder", "--training-epochs", "1", "--training-scst-epochs", "1",
-                        "--training-scst-reward", reward, "--training-scst-batch-size", "8", workdir=workdir)
+        run = run_luigi("TrainDecoder", *base, "--training-scst-reward", reward, workdir=workdir)
         assert run.returncode == 0, run.output
-        assert "epoch 2, self-critical 1/1, step 3/3" in run.output   # 24 train images, 8 per step
+        assert "epoch 5, self-critical 1/1, step 3/3" in run.output   # 24 train images, 8 per step
         model_dir, = [d for d in workdir.glob("models/[!.]*")
                       if json.loads((d / "config.json").read_text())["scst_reward"] == reward]
         history = json.loads((model_dir / "history.json").read_text())
-        assert [h["phase"] for h in history] == ["xent", "scst"]
-        assert np.isfinite(history[1]["loss"]) and history[1]["reward"] >= 0
-        assert history[1]["reward_name"] == {"cider": "CIDEr-D", "digits": "digit reward"}[reward]
-        assert (model_dir / "curves.png").stat().st_size > 0
+        assert [h["phase"] for h in history] == ["xent"] * 4 + ["scst"]
+        kept = [h for h in history[:4] if h["best"]][-1]
+        assert kept["epoch"] != 4, "the test needs a best epoch before the last"
+        for key in ("val_CIDEr", "val_Bleu_4", "example"):
+            assert history[4][key] == kept[key], key
+        assert np.isfinite(history[4]["loss"])
+        assert history[4]["reward_name"] == {"cider": "CIDEr-D", "digits": "digit reward"}[reward]
+        assert 0 < history[4]["reward"] <= (10.0 if reward == "cider" else 1.0)
+        assert_real_picture(model_dir / "curves.png")

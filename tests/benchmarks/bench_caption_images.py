@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline import decode, features, folders  # noqa: E402
-from pipeline.demo import write_demo_dataset  # noqa: E402
+from pipeline.digits.demo import write_demo_dataset  # noqa: E402
 from pipeline.inputs import shard_rows  # noqa: E402
 from pipeline.model import load_model  # noqa: E402
 from storage import shards  # noqa: E402

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 
 from pipeline import encoder as encoder_lib, features  # noqa: E402
-from pipeline.demo import write_demo_dataset  # noqa: E402
+from pipeline.digits.demo import write_demo_dataset  # noqa: E402
 from pipeline.images import load_image  # noqa: E402
 
 

@@ -37,7 +37,7 @@ def train_step(precision: str):
     keras.mixed_precision.set_global_policy(precision)   # as train_decoder does, for the model it builds
     try:
         settings = {**DEFAULTS, "attention_lambda": 0.0, "precision": precision}
-        model = ShowAttendTell(V, feature_channels=D, key_channels=11, positions=True, context_scores=True,
+        model = ShowAttendTell(V, feature_channels=D, key_channels=11, positions=True, context_extras=True,
                                location=17, attention_dim=128, feature_dim=256, embed_dim=128, units=256,
                                dropout=0.3)
         model(tf.zeros((1, P, D), tf.float16), tf.zeros((1, 1), tf.int32))

@@ -2,7 +2,7 @@
 
     python tests/benchmarks/bench_pretrain_freeze.py [--runs 3] [--steps 3]
 
-One phase-2 step as pipeline/pretrain.py runs it (InceptionV3 up to mixed7 + the 1×1 cell head, bfloat16 compute,
+One phase-2 step as pipeline/digits/pretrain.py runs it (InceptionV3 up to mixed7 + the 1×1 cell head, bfloat16 compute,
 batch 16 of 299-px uint8 images, Adam) with every layer trained (the baseline: the default), with the stem
 frozen (`mixed0`), and with everything below mixed3 frozen (`mixed3`): pretrain.freeze_below, as the stage does.
 Each variant is traced and warmed first, then timed `--steps` steps at a time, the variants alternating, `--runs`
@@ -26,7 +26,7 @@ def variant(block: str, images):
     import keras
     import tensorflow as tf
 
-    from pipeline import pretrain
+    from pipeline.digits import pretrain
 
     keras.utils.set_random_seed(0)
     base, model = pretrain.build_classifier(299, "mixed7")

@@ -1,4 +1,11 @@
-"""Digit-aware caption metrics for datasets whose images show handwritten digits (the built-in demo).
+"""Digit metrics for datasets whose images show digits and say which (the demo; COCO-format files whose `images`
+entries carry "digits"): the image fields they read, digits exact, count right, attention grounding, and the
+digit reward of self-critical training. Registered by pipeline.digits (extensions.METRICS "digits",
+extensions.REWARDS "digits", extensions.IMAGE_FIELDS "digits").
+
+Image fields: `digits` (labels, left to right), and optionally `digit_boxes` ([x, y, w, h] in pixels, same
+order) with `width` and `height`. Kept only when well-formed; read by the metrics and the reward, never by
+cross-entropy training.
 
 Which words are digits. Captions are compared after pipeline.annotations.normalize_caption (lowercase,
 punctuation to spaces). A number word (zero .. nine) names a digit, except when it counts them: a number
@@ -23,7 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.annotations import normalize_caption
+from pipeline import extensions
+from pipeline.captions import normalize_caption
 from pipeline.encoder import DEFAULT_LAYER, cell_edges, grid_side
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -63,6 +71,19 @@ def declares_digits(records) -> bool:
     return any(r.get("digits") is not None for r in records)
 
 
+def image_fields(image: dict) -> dict:
+    """The digit fields of one `images` entry of an annotation file, when well-formed; else {}."""
+    digits, boxes = image.get("digits"), image.get("digit_boxes")
+    if not (isinstance(digits, list) and all(isinstance(d, int) and 0 <= d <= 9 for d in digits)):
+        return {}
+    out = {"digits": digits}
+    if (isinstance(boxes, list) and len(boxes) == len(digits)
+            and all(isinstance(b, list) and len(b) == 4 for b in boxes)
+            and isinstance(image.get("width"), int) and isinstance(image.get("height"), int)):
+        out.update(digit_boxes=boxes, width=image["width"], height=image["height"])
+    return out
+
+
 def _share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
@@ -78,12 +99,6 @@ def digit_count_right(hypotheses: dict, expected: dict) -> float | None:
     """Share of images with an expected sequence whose caption names the right NUMBER of digits (whichever)."""
     return _share([len(digit_sequence(hypotheses[i])) == len(want) for i, want in expected.items()
                    if want is not None and i in hypotheses])
-
-
-def distinct_captions(hypotheses: dict) -> int:
-    """How many different captions (after normalisation) the model produced: a collapsed model says the
-    same thing for every image."""
-    return len({normalize_caption(c) for c in hypotheses.values()})
 
 
 def cell_rectangle(cell: int, side: int, image_size: tuple[float, float],
@@ -133,3 +148,92 @@ def attention_grounding(words: dict, attention: dict, boxes: dict, sizes: dict,
         hit, total = grounded_digit_words(words[i], attention[i], image_boxes, sizes[i], layer)
         grounded, emitted = grounded + hit, emitted + total
     return grounded / emitted if emitted else None
+
+
+def edit_distance(a: list, b: list) -> int:
+    """Levenshtein distance between two sequences (insertions, deletions, substitutions)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+    return row[-1]
+
+
+class DigitReward:
+    """1 − edit distance(digits the caption names, the image's digits) / the longer of the two, so 1 for exactly
+    the right digits in order, partial credit for one digit wrong, missing or extra. `expected` is {image_id:
+    [digits]} (expected_digits); images without digits score 0."""
+
+    def __init__(self, expected: dict):
+        self.expected = expected
+
+    @classmethod
+    def for_records(cls, train_records) -> "DigitReward":
+        """The reward for a train split's manifest records; InputError when none carries digit labels."""
+        from pipeline.errors import InputError
+
+        expected = {r["image_id"]: expected_digits(r) for r in train_records}
+        if not any(expected.values()):
+            raise InputError("[training] scst_reward = digits, but no train image has digit labels (\"digits\" "
+                             "in its annotation entry). Fix: scst_reward = cider.")
+        return cls(expected)
+
+    def scores(self, image_ids, captions) -> np.ndarray:
+        out = []
+        for image_id, caption in zip(image_ids, captions):
+            want, got = self.expected.get(image_id), digit_sequence(caption)
+            out.append(1.0 - edit_distance(got, want) / max(len(got), len(want), 1) if want else 0.0)
+        return np.array(out, np.float32)
+
+
+class DigitMetrics(extensions.Metrics):
+    """The metrics file's "digits" block: digits exact, digit count right, attention grounding."""
+    name = "digits"
+    labels = {"digits_exact": "digits exact", "digit_count_right": "digit count right",
+              "attention_grounding": "attention grounding"}
+    val_labels = {"digits_exact": "digits exact"}
+    truth_key = "digits"
+
+    def declares(self, records) -> bool:
+        return declares_digits(records)
+
+    def evaluate(self, hypotheses: dict, records: dict, attention: dict) -> dict | None:
+        """Records without boxes count for digits exact and count right but not for the grounding (None when no
+        record has boxes: not measured)."""
+        from pipeline.plots import word_attention
+
+        if not declares_digits(records[i] for i in hypotheses):
+            return None
+        expected = {i: expected_digits(records[i]) for i in hypotheses}
+        boxes, sizes, words, maps = {}, {}, {}, {}
+        rows = {int(i): k for k, i in enumerate(attention["image_ids"])}
+        for i in hypotheses:
+            record = records[i]
+            if record.get("digit_boxes") is None or record.get("width") is None or record.get("height") is None:
+                continue
+            boxes[i], sizes[i] = record["digit_boxes"], (record["width"], record["height"])
+            words[i] = hypotheses[i].split()
+            maps[i] = word_attention(attention["tokens"][rows[i]], attention["attention"][rows[i]])
+        return {"digits_exact": digits_exact(hypotheses, expected),
+                "digit_count_right": digit_count_right(hypotheses, expected),
+                "attention_grounding": attention_grounding(words, maps, boxes, sizes, attention["layer"]),
+                "images": len(hypotheses), "images_with_digits": sum(e is not None for e in expected.values()),
+                "images_with_boxes": len(boxes)}
+
+    def per_image(self, caption: str, record: dict) -> dict:
+        want = expected_digits(record)
+        return {} if want is None else {"digits_exact": digit_sequence(caption) == want}
+
+    def describe(self, caption: str, record: dict) -> str:
+        want = expected_digits(record)
+        return "" if want is None else f"digits named {digit_sequence(caption)}, expected {want}"
+
+    def note(self, block: dict) -> str:
+        return (f"digits exact / count right: over {block['images_with_digits']} images with known digits; "
+                "attention grounding: share of emitted digit words whose strongest attention cell overlaps that "
+                f"digit's box, over {block['images_with_boxes']} images with boxes. Unavailable = nothing to "
+                "measure (no digit labels, no boxes, or no digit word emitted), not a score of 0.")
+
+    def val_scores(self, hypotheses: dict, records: dict) -> dict:
+        return {"digits_exact": digits_exact(hypotheses, {i: expected_digits(records[i]) for i in hypotheses})}

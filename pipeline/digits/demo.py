@@ -122,7 +122,7 @@ def load_digits():
 
 def sample_pools(rng: np.random.Generator, n_samples: int) -> dict[str, np.ndarray]:
     """Disjoint sample pools per split, so val/test never show a train sample: {split: indices}.
-    Must be the first draw of the demo's generator (pipeline/pretrain.py rebuilds the pools from the seed)."""
+    Must be the first draw of the demo's generator (pipeline/digits/pretrain.py rebuilds the pools from the seed)."""
     perm = rng.permutation(n_samples)
     cut1 = int(POOL_FRACTIONS[0] * len(perm))
     cut2 = cut1 + int(POOL_FRACTIONS[1] * len(perm))
