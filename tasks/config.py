@@ -129,9 +129,8 @@ class dataset(Section):
     karpathy_split = luigi.Parameter(description="Karpathy dataset_coco.json; empty: fractions")
     val_fraction = luigi.FloatParameter(description="share of images in val when there is no Karpathy split file")
     test_fraction = luigi.FloatParameter(description="share of images in test when there is no Karpathy split file")
-    seed = luigi.IntParameter(
-        description="seed of that split: an image's split is a hash of (seed, image id), so it never "
-                    "moves")
+    seed = luigi.IntParameter(description="seed of that split: an image's split is a hash of (seed, image id), "
+                                          "so it never moves")
 
     def problems(self):
         out = self.require(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")

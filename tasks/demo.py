@@ -25,10 +25,9 @@ class demo(Section):
     train_images = luigi.IntParameter(description="images written for training")
     val_images = luigi.IntParameter(description="images written for validation")
     test_images = luigi.IntParameter(description="images written for testing")
-    seed = luigi.IntParameter(
-        description="the same seed writes the same files; it also draws the disjoint train / val / "
-                    "test pools of digit samples (the digits encoder pretrains on the train pool "
-                    "only)")
+    seed = luigi.IntParameter(description="the same seed writes the same files; it also draws the disjoint train / "
+                                          "val / test pools of digit samples (the digits encoder pretrains on the "
+                                          "train pool only)")
 
     def problems(self):
         out = []
@@ -43,8 +42,8 @@ class pretrain(Section):
     batch_size = luigi.IntParameter(description="scene crops per step")
     crop = luigi.IntParameter(description="crop side in px; 75 has one mixed10 cell, 107 has 2x2")
     learning_rate = luigi.FloatParameter(description="Adam peak rate (warm-up, then cosine decay)")
-    warmup_steps = luigi.IntParameter(
-        description="linear warm-up of the learning rate, then cosine decay to 0 (each phase)")
+    warmup_steps = luigi.IntParameter(description="linear warm-up of the learning rate, then cosine decay to 0 "
+                                                  "(each phase)")
     scene_steps = luigi.IntParameter(description="training steps on whole 299-px scenes (phase 2)")
     scene_batch_size = luigi.IntParameter(description="whole scenes per step")
     scene_train_from = luigi.ChoiceParameter(choices=["all"] + [f"mixed{i}" for i in range(11)],

@@ -168,7 +168,8 @@ def scene_labels(boxes, size: int, layer: str) -> np.ndarray:
 
 def nearest_cell(centre: float, g: int, layer: str) -> int:
     """The row (or column) of the `layer` cell whose centre is nearest pixel row (column) `centre`, of g."""
-    return int(np.clip(round((centre - LAYERS[base_layer(layer)]["offset"]) / LAYERS[base_layer(layer)]["stride"]), 0, g - 1))
+    spec = LAYERS[base_layer(layer)]
+    return int(np.clip(round((centre - spec["offset"]) / spec["stride"]), 0, g - 1))
 
 
 def render_scene(rng, digit_images, targets, pool, size: int, varied: float = 0.0) -> tuple[np.ndarray, list[tuple]]:
