@@ -6,8 +6,6 @@ from pathlib import Path
 # pycocoevalcap's "CIDEr" scorer computes CIDEr-D: say so wherever a person reads the score (other metrics
 # keep their JSON key names, which people grep logs for)
 LABELS = {"CIDEr": "CIDEr-D"}
-
-
 _VAL_PLOTTED = ("val_Bleu_4", "val_CIDEr", "val_distinct")   # the history's general val scores
 
 
@@ -18,8 +16,7 @@ def metric_label(key: str) -> str:
 
 def training_curves(history: list[dict], path) -> None:
     """history.json → PNG: training loss with its two parts (cross-entropy epochs), and val BLEU-4 / CIDEr-D
-    (and any plug-in val score the history holds) per epoch, self-critical epochs
-    shaded."""
+    (and any plug-in val score the history holds) per epoch, self-critical epochs shaded."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
