@@ -11,6 +11,7 @@ from PIL import Image
 from pipeline.digits import demo
 from pipeline.annotations import extract_annotations
 from pipeline.captions import normalize_caption, tokenize
+from pipeline.digits import yardstick
 from pipeline.digits.metrics import digit_sequence
 from tests import coco2017_digits
 from tests import digit_yardstick as ys
@@ -113,7 +114,7 @@ def test_sizes_aspects_backgrounds_and_inks_span_the_specified_ranges(data):
     aspects, fractions, glyphs, backgrounds, inks, counts = [], [], [], [], [], set()
     for _, im, _, lum, rgb in images:
         width, height = im["width"], im["height"]
-        assert ys.HEIGHT_RANGE[0] <= height <= ys.HEIGHT_RANGE[1] and width <= ys.MAX_WIDTH
+        assert yardstick.HEIGHT_RANGE[0] <= height <= yardstick.HEIGHT_RANGE[1] and width <= yardstick.MAX_WIDTH
         aspects.append(width / height)
         fractions += [h / height for *_, h in im["digit_boxes"]]
         glyphs += [w / h for *_, w, h in im["digit_boxes"]]
@@ -133,7 +134,7 @@ def test_sizes_aspects_backgrounds_and_inks_span_the_specified_ranges(data):
     assert set(np.argmax(coloured, axis=1).tolist()) == {0, 1, 2}   # reddish, greenish and bluish inks
 
 
-def test_split_file_and_coco_files_agree(data):
+def test_split_file_and_coco_files_agree(data, digits_plugin):
     out, coco, split, images = data
     entries = split["images"]
     assert {s: sum(e["split"] == s for e in entries) for s in ys.SPLITS} == COUNTS

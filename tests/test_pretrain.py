@@ -155,8 +155,12 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     assert report["held_out"]["pool"] == "val"
     for phase in ("crops", "scenes"):
         assert 0 <= report["held_out"][phase]["digit_cells"] <= 1 and report["held_out"][phase]["digit_cell_count"]
-    scenes = report["held_out"]["scenes"]
-    assert 0 <= scenes["scenes_all_digits_right"] <= scenes["digits"] <= 1 and scenes["digits_read"] >= scenes["scenes"]
+    for kind in ("scenes", "varied_scenes", "yardstick_scenes"):   # the last drawn by pipeline/digits/yardstick.py
+        scenes = report["held_out"][kind]
+        assert 0 <= scenes["scenes_all_digits_right"] <= scenes["digits"] <= 1, kind
+        assert scenes["digits_read"] >= scenes["scenes"] == 16, kind
+        read = [v for v in scenes["by_digit"].values() if v is not None]
+        assert set(scenes["by_digit"]) == {str(d) for d in range(10)} and read and all(0 <= v <= 1 for v in read)
     assert report["final_loss"]["scenes"] is None            # --pretrain-scene-steps 0 skips the phase
     provenance = json.loads((encoder_dir / "provenance.json").read_text())
     assert provenance["fingerprint"] == encoder_dir.name
@@ -318,3 +322,20 @@ def test_pretraining_scenes_are_seeded_and_mix_both_renderers():
     finally:
         scene_lib.render_varied = render
     assert 45 <= len(calls) <= 75
+
+
+def test_yardstick_scenes_are_seeded_and_their_boxes_hold_the_ink():
+    """The report's yardstick scenes: the same seed draws the same scenes, and each box lies inside the squashed
+    image around darker pixels than the background around it."""
+    pool = scene_lib.pools(1797)["val"]
+    first = next(scene_lib.labelled_scenes(3, pool, 4, 299, "mixed7", renderer="yardstick"))
+    again = next(scene_lib.labelled_scenes(3, pool, 4, 299, "mixed7", renderer="yardstick"))
+    assert np.array_equal(first[0], again[0]) and first[2] == again[2]
+    images, labels, boxes = first
+    assert images.shape == (4, 299, 299, 3) and labels.shape == (4, 17, 17)
+    for image, scene_boxes in zip(images, boxes):
+        grey = image.astype(np.float32).mean(-1)
+        for x, y, w, h, label in scene_boxes:
+            assert 0 <= x and 0 <= y and x + w <= 299.5 and y + h <= 299.5 and 0 <= label <= 9
+            inside = grey[int(y):int(np.ceil(y + h)), int(x):int(np.ceil(x + w))]
+            assert inside.min() < np.median(grey) - 20   # ink in the box

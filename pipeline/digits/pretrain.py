@@ -117,6 +117,7 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
     head = scene_model.get_layer("cell_logits")
     scene_accuracy = evaluate_scenes(final, head, split_pools["val"], settings)
     varied_accuracy = evaluate_scenes(final, head, split_pools["val"], settings, varied=1.0)
+    yardstick_accuracy = evaluate_scenes(final, head, split_pools["val"], settings, renderer="yardstick")
     total = time.monotonic() - started
     report = {"pretrained_on": "scikit-learn handwritten digits (load_digits), the demo's train pool "
                                f"([demo] seed {settings['pool_seed']}), never ImageNet",
@@ -131,13 +132,17 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
                            "varied_scenes": {"what": f"varied {size}-px val-pool scenes (render_varied: other "
                                                      "sizes, aspects, glyph widths, backgrounds, inks, placements), "
                                                      "final weights", **varied_accuracy},
+                           "yardstick_scenes": {"what": f"{size}-px val-pool scenes drawn by the independent "
+                                                        "yardstick's renderer (pipeline/digits/yardstick.py: other "
+                                                        "code and parameters), final weights", **yardstick_accuracy},
                            "crops": {"what": f"{settings['crop']}-px crops of val-pool scenes after the crop "
                                              "phase", **crop_accuracy}}}
     log.info("digits encoder trained in %s; held-out (val pool) scenes: %.3f of the digits read right "
              "(%.3f of the scenes wholly), cells: digits %.3f, background %.3f; varied scenes: %.3f of the digits "
-             "(%.3f of the scenes wholly)", format_seconds(total), scene_accuracy["digits"],
-             scene_accuracy["scenes_all_digits_right"], scene_accuracy["digit_cells"],
-             scene_accuracy["background_cells"], varied_accuracy["digits"], varied_accuracy["scenes_all_digits_right"])
+             "(%.3f of the scenes wholly); the yardstick's scenes: %.3f of the digits", format_seconds(total),
+             scene_accuracy["digits"], scene_accuracy["scenes_all_digits_right"], scene_accuracy["digit_cells"],
+             scene_accuracy["background_cells"], varied_accuracy["digits"], varied_accuracy["scenes_all_digits_right"],
+             yardstick_accuracy["digits"])
     return report
 
 
@@ -239,16 +244,18 @@ def evaluate(model, pool, settings: dict) -> dict:
             "crops": n * 64}
 
 
-def evaluate_scenes(base, head, pool, settings: dict, varied: float = 0.0) -> dict:
-    """Accuracy on `val_scenes` whole scenes drawn from `pool` (a held-out pool), the demo's or (varied = 1)
-    varied ones: `base` (the saved float32 network) followed by the 1×1 convolution `head` — per cell, and per
-    digit as read_digit reads it (with the share of scenes whose every digit is read right)."""
+def evaluate_scenes(base, head, pool, settings: dict, varied: float = 0.0, renderer: str = "pretraining") -> dict:
+    """Accuracy on `val_scenes` whole scenes drawn from `pool` (a held-out pool), the demo's, (varied = 1) varied
+    ones or (renderer "yardstick") the independent yardstick's: `base` (the saved float32 network) followed by
+    the 1×1 convolution `head` — per cell, and per digit as read_digit reads it (with the share of scenes whose
+    every digit is read right, and the share read right of each digit 0–9)."""
     import keras
 
     batch, layer = 16, settings["layer"]
-    batches = labelled_scenes(settings["seed"] + 1_000_003, pool, batch, settings["scene_size"], layer, varied)
+    batches = labelled_scenes(settings["seed"] + 1_000_003, pool, batch, settings["scene_size"], layer, varied,
+                              renderer)
     run = truncated(base, layer)
-    cells, read, scenes_right = [], [], []
+    cells, read, scenes_right, by_digit = [], [], [], {d: [] for d in range(BACKGROUND)}
     for _ in range(max(1, settings["val_scenes"] // batch)):
         images, labels, scene_boxes = next(batches)
         logits = np.asarray(head(run(keras.applications.inception_v3.preprocess_input(images.astype(np.float32)),
@@ -258,8 +265,11 @@ def evaluate_scenes(base, head, pool, settings: dict, varied: float = 0.0) -> di
             right = [read_digit(scene_logits, box, layer) == box[4] for box in boxes]
             read += right
             scenes_right.append(all(right))
+            for box, ok in zip(boxes, right):
+                by_digit[box[4]].append(ok)
     return {**_accuracy(cells), "scenes": len(scenes_right), "digits": round(float(np.mean(read)), 4),
-            "digits_read": len(read), "scenes_all_digits_right": round(float(np.mean(scenes_right)), 4)}
+            "digits_read": len(read), "scenes_all_digits_right": round(float(np.mean(scenes_right)), 4),
+            "by_digit": {str(d): round(float(np.mean(oks)), 4) if oks else None for d, oks in by_digit.items()}}
 
 
 def _accuracy(labels_and_logits) -> dict:

@@ -25,7 +25,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter
 
-from pipeline.digits import demo
+from pipeline.digits import demo, yardstick
 from pipeline.encoder import LAYERS, base_layer, cell_centres, grid_size
 
 
@@ -248,12 +248,31 @@ def scene_batches(seed: int, pool, batch_size: int, size: int, layer: str, varie
     return ((scenes, labels) for scenes, labels, _ in labelled_scenes(seed, pool, batch_size, size, layer, varied))
 
 
-def labelled_scenes(seed: int, pool, batch_size: int, size: int, layer: str, varied: float = VARIED_FRACTION):
-    """scene_batches with each batch's boxes too: endless (scenes, labels, [[(x, y, w, h, label)] per scene])."""
+def render_yardstick_scene(rng, digit_images, targets, pool, size: int) -> tuple[np.ndarray, list[tuple]]:
+    """A scene of 1–4 digits from `pool` drawn by the independent yardstick's renderer (yardstick.py), JPEG
+    quality 70–95, resized to size×size as extraction does: → (uint8 (size, size, 3), boxes [(x, y, w, h, label)]
+    in resized pixels). Not a training scene: the pretraining report measures the encoder on these."""
+    samples = rng.choice(pool, size=int(rng.integers(1, 5))).tolist()
+    pixels, ordered, boxes = yardstick.render(rng, digit_images, samples)
+    height, width = pixels.shape[:2]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, "JPEG", quality=int(rng.integers(70, 96)))
+    image = Image.open(buffer).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    sx, sy = size / width, size / height
+    scaled = [(x * sx, y * sy, w * sx, h * sy, int(targets[k])) for (x, y, w, h), k in zip(boxes, ordered)]
+    return np.asarray(image, np.uint8), scaled
+
+
+def labelled_scenes(seed: int, pool, batch_size: int, size: int, layer: str, varied: float = VARIED_FRACTION,
+                    renderer: str = "pretraining"):
+    """scene_batches with each batch's boxes too: endless (scenes, labels, [[(x, y, w, h, label)] per scene]).
+    renderer "yardstick": the independent yardstick's scenes instead (render_yardstick_scene)."""
     digits = demo.load_digits()
     rng = np.random.default_rng(seed)
+    draw = (lambda: render_yardstick_scene(rng, digits.images, digits.target, pool, size)) if renderer == "yardstick" \
+        else (lambda: render_scene(rng, digits.images, digits.target, pool, size, varied))
     while True:
-        scenes = [render_scene(rng, digits.images, digits.target, pool, size, varied) for _ in range(batch_size)]
+        scenes = [draw() for _ in range(batch_size)]
         boxes = [b for _, b in scenes]
         yield np.stack([s for s, _ in scenes]), np.stack([scene_labels(b, size, layer) for b in boxes]), boxes
 
