@@ -52,7 +52,7 @@ def content_keys(annotations_dir, split: str, progress_callback=None) -> dict[in
 
 def annotation_inputs(written: Path | None) -> tuple[list[str], list[str], str]:
     """(annotation files, image roots, karpathy split file or '') of `[dataset]`, or of the dataset a DATASETS
-    stage wrote in `written` (COCO format, the layout in this module's docstring)."""
+    stage wrote in `written` (COCO format, the layout tasks/plugins.py gives)."""
     if written is not None:
         return ([str(written / f"captions_{s}.json") for s in manifests.SPLITS],
                 [str(written / s) for s in manifests.SPLITS], str(written / "karpathy_split.json"))
