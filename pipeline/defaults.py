@@ -16,6 +16,11 @@ def _parser() -> configparser.ConfigParser:
     return parser
 
 
+def text(section: str, key: str) -> str | None:
+    """A key's default as configs/luigi.cfg writes it, or None when it writes none."""
+    return _parser().get(section, key, fallback=None)
+
+
 def value(text: str):
     """A config value as Python: true/false → bool, an integer, a float, else the string."""
     if text.lower() in ("true", "false"):

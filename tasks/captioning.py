@@ -13,7 +13,7 @@ from pipeline.errors import InputError
 from storage import manifests, shards, workspace as ws
 from tasks import context
 from tasks.base import SplitStage, Stage
-from tasks.config import (config_files, dataset, decoder, encoder, evaluation, features, generation, load_plugins,
+from tasks.config import (config_files, decoder, encoder, evaluation, features, generation, load_plugins,
                           section_values, training, workspace_root)
 from tasks.features import (BuildVocabulary, ExtractAnnotations, ExtractFeatures, ExtractShard, encoder_identity,
                             extraction_options, store_dir, store_settings)
@@ -41,9 +41,8 @@ class TrainDecoder(Stage):
     def settings(self):
         values = self.training_settings()
         unused = {k for k in values if k.startswith("scst_")} if not values.get("scst_epochs") else set()
-        plugins = context.comma_list(dataset.read().plugins)   # their val scores, selection and rewards
         return {**{k: v for k, v in values.items() if k not in self.operational and k not in unused},
-                **({"plugins": plugins} if plugins else {})}
+                **context.plugin_settings()}   # their val scores, selection and rewards
 
     def run(self):
         from pipeline import train   # TensorFlow: imported by the worker that trains, never by the scheduler
@@ -228,8 +227,7 @@ class EvaluateCaptions(SplitStage):
 
     def settings(self):
         e = evaluation.read()
-        plugins = context.comma_list(dataset.read().plugins)   # their metrics
-        return {"spice": e.spice, "java": e.java, **({"plugins": plugins} if plugins else {})}
+        return {"spice": e.spice, "java": e.java, **context.plugin_settings()}   # their metrics
 
     def run(self):
         from pipeline import evaluate

@@ -9,13 +9,13 @@ from pathlib import Path
 import luigi
 import luigi.configuration
 
-from pipeline import encoder as encoder_lib, extensions, vocabulary as vocab_lib
+from pipeline import defaults, encoder as encoder_lib, extensions, vocabulary as vocab_lib
 from pipeline.errors import InputError
 from storage import workspace as ws
 from tasks import plugins
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "configs" / "luigi.cfg"
+DEFAULT_CONFIG = defaults.DEFAULT_CONFIG
 DEMO_CONFIG = REPO / "configs" / "demo.cfg"
 
 

@@ -72,9 +72,14 @@ def annotation_settings(files: list[str], karpathy: str) -> dict:
     if s.get("karpathy_split") or d.source != "coco":
         for key in ("seed", "val_fraction", "test_fraction"):   # unused with a split file
             s.pop(key)
-    if d.plugins:
-        s["plugins"] = comma_list(d.plugins)
-    return s
+    return {**s, **plugin_settings()}
+
+
+def plugin_settings() -> dict:
+    """{"plugins": [...]} when `[dataset] plugins` names any, else {}: part of the settings of the stages whose
+    outputs the plug-ins shape (their image fields, val scores, rewards, metrics)."""
+    plugins = comma_list(dataset.read().plugins)
+    return {"plugins": plugins} if plugins else {}
 
 
 def identify_input(path: str, key: str) -> str:

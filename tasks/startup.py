@@ -13,7 +13,7 @@ import luigi.configuration
 import luigi.lock
 import luigi.task_register
 
-from pipeline import extensions, settings_check
+from pipeline import defaults, extensions, settings_check
 from storage import workspace as ws
 from tasks import config
 from tasks.config import (DEFAULT_CONFIG, Section, comma_list, config_files, config_paths, dataset,
@@ -156,8 +156,5 @@ def missing_config_file() -> str | None:
 def settings_schema() -> list[tuple[str, str, str, str]]:
     """[(section, key, default as configs/luigi.cfg writes it, help)] of every project section, in class order.
     The defaults are written there only: the sections declare types, choices and meanings."""
-    import configparser
-    defaults = configparser.ConfigParser(interpolation=None)
-    defaults.read(DEFAULT_CONFIG, encoding="utf-8")
-    return [(cls.get_task_family(), name, defaults.get(cls.get_task_family(), name, fallback=None),
-             param.description or "") for cls in Section.__subclasses__() for name, param in cls.get_params()]
+    return [(cls.get_task_family(), name, defaults.text(cls.get_task_family(), name), param.description or "")
+            for cls in Section.__subclasses__() for name, param in cls.get_params()]
