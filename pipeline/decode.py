@@ -45,6 +45,7 @@ def _word_by_word_fn(model, max_length: int, start_id: int, end_id: int, unk_id:
         if samples:
             a, keys, state = tf.nest.map_structure(lambda x: tf.repeat(x, samples, axis=0), (a, keys, state))
         batch = tf.shape(a)[0]
+        location = model.location_matrix(a.shape[1] or tf.shape(a)[1])
         vocab = model.config["vocab_size"]
         banned = [unk_id] if unk_id is not None else []
         banned += [0, start_id] if samples else []   # <pad> is 0 (pipeline/vocabulary.py)
@@ -56,7 +57,7 @@ def _word_by_word_fn(model, max_length: int, start_id: int, end_id: int, unk_id:
 
         def body(t, words, done, state, tokens, alphas):
             emb = model.embed(words)
-            h, z, alpha, state = model.step(emb, a, keys, state)
+            h, z, alpha, state = model.step(emb, a, keys, state, location_matrix=location)
             logits = tf.cast(model.output_logits(emb, h, z), tf.float32) + ban
             chosen = (tf.squeeze(tf.random.categorical(logits, 1, dtype=tf.int32), -1) if samples
                       else tf.argmax(logits, axis=-1, output_type=tf.int32))
@@ -128,6 +129,7 @@ def beam_fn(model, beam_size: int, max_length: int, start_id: int, end_id: int, 
         tile = lambda x: tf.repeat(x, k, axis=0)                       # (B, ...) → (B·K, ...), image-major
         a, keys, state = tile(a), tile(keys), [tile(s) for s in state]
         positions = tf.shape(a)[1]
+        location = model.location_matrix(a.shape[1] or positions)
         ban = tf.zeros([vocab]) if unk_id is None else tf.one_hot(unk_id, vocab, on_value=neg_inf, off_value=0.0)
         image_rows = tf.range(batch)[:, None] * k                       # (B, 1): first row of each image
 
@@ -145,7 +147,7 @@ def beam_fn(model, beam_size: int, max_length: int, start_id: int, end_id: int, 
 
         def body(t, words, scores, state, tokens, alphas, best_score, best_tokens, best_alphas, finished, stopped):
             emb = model.embed(words)
-            h, z, alpha, state = model.step(emb, a, keys, state)
+            h, z, alpha, state = model.step(emb, a, keys, state, location_matrix=location)
             logp = tf.nn.log_softmax(tf.cast(model.output_logits(emb, h, z), tf.float32)) + ban
             candidates = tf.reshape(scores[:, :, None] + tf.reshape(logp, [batch, k, vocab]), [batch, k * vocab])
             cand_scores, flat = tf.math.top_k(candidates, k=n_cand)       # (B, 2K), best first

@@ -40,7 +40,10 @@ class TableModel:
     def embed(self, words):
         return words
 
-    def step(self, emb, a, keys, state):
+    def location_matrix(self, positions):
+        return None                                             # no location-sensitive attention
+
+    def step(self, emb, a, keys, state, location_matrix=None):
         h = tf.concat(state, -1)                                # (B, 2): image, w_{t-2}
         alpha = tf.one_hot(emb % POSITIONS, POSITIONS)
         return h, tf.zeros_like(h), alpha, [state[0], tf.cast(emb, tf.float32)[:, None]]

@@ -134,6 +134,23 @@ def test_location_carries_the_last_attention_and_its_sum_and_they_steer_the_next
     np.testing.assert_allclose(tf.reduce_sum(alphas, -1).numpy(), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("width, side", [(3, 4), (4, 4), (17, 17), (9, 3), (2, 5)])
+def test_the_location_matrix_is_the_location_convolution(width, side):
+    # [α, Σ α] · T must be the "same"-padded convolution of the location kernel, for odd and even kernel widths,
+    # and for kernels wider than the grid (the demo's 17 on a 17×17 grid); the gradient must reach the kernel
+    model = ShowAttendTell(V, feature_dim=8, attention_dim=8, embed_dim=8, units=8, feature_channels=D,
+                           location=width)
+    where = tf.random.stateless_uniform((3, side, side, 2), seed=(width, side))
+    with tf.GradientTape() as tape:
+        matrix = model.location_matrix(side * side)
+        flat = tf.reshape(tf.reshape(where, [3, -1]) @ matrix, [3, side, side, -1])
+        total = tf.reduce_sum(flat * where[..., :1])
+    convolved = model.location_conv(where)
+    np.testing.assert_allclose(flat.numpy(), convolved.numpy(), rtol=1e-5, atol=1e-6)
+    gradient = tape.gradient(total, model.location_conv.kernel)
+    assert gradient is not None and np.any(gradient.numpy())
+
+
 def test_key_channels_must_leave_channels_to_read():
     with pytest.raises(ValueError, match="key_channels"):
         small_model(key_channels=D)
