@@ -172,9 +172,9 @@ def test_training_under_a_two_device_strategy(tmp_path):
     assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
     assert run_luigi("ExtractFeatures", "--split", "train", workdir=workdir).returncode == 0
     histories = {}
-    for strategy, devices in (("mirrored", "2"), ("default", "1")):
+    for strategy, devices, scst in (("mirrored", "2", "1"), ("default", "1", "0")):   # one device: the xent epoch
         run = run_luigi("TrainDecoder", "--training-strategy", strategy, "--training-cpu-devices", devices,
-                        "--training-epochs", "1", "--training-scst-epochs", "1", "--decoder-dropout", "0",
+                        "--training-epochs", "1", "--training-scst-epochs", scst, "--decoder-dropout", "0",
                         workdir=workdir)
         assert run.returncode == 0, run.output
         if strategy == "mirrored":
@@ -207,21 +207,23 @@ def test_an_empty_split_still_writes_a_valid_attention_file(tmp_path):
         assert f["attention"].shape == (0, 5, 64)
 
 
-@pytest.mark.parametrize("training", ["mixed_bfloat16", "mixed_float16"])
-def test_reduced_precision_extraction_and_training(tmp_path, training):
+def test_reduced_precision_extraction_and_training(tmp_path):
     """[encoder] precision is part of the store's identity (its own store, recorded in every shard) and its
-    features stay close to float32's; [training] precision trains to finite losses (float16 with loss scaling)."""
+    features stay close to float32's; [training] precision trains to finite losses (float16 with loss scaling),
+    each precision a model of its own over the same features."""
     workdir = tmp_path / "w"
-    args = ["--encoder-precision", "bfloat16", "--training-precision", training, "--training-epochs", "1"]
-    run = run_luigi("TrainDecoder", *args, workdir=workdir)
-    assert run.returncode == 0, run.output
+    for training in ("mixed_bfloat16", "mixed_float16"):
+        args = ["--encoder-precision", "bfloat16", "--training-precision", training, "--training-epochs", "1"]
+        run = run_luigi("TrainDecoder", *args, workdir=workdir)
+        assert run.returncode == 0, run.output
     store, = [p for p in (workdir / "features").iterdir() if p.is_dir()]
     assert {shards.read_attrs(p)["precision"] for p in shards.list_shards(store)} == {"bfloat16"}
-    model, = workdir.glob("models/[!.]*")
-    assert json.loads((model / "features.json").read_text())["encoder"]["precision"] == "bfloat16"
-    history = json.loads((model / "history.json").read_text())
-    assert history and all(np.isfinite(h["loss"]) for h in history)
-    assert json.loads((model / "config.json").read_text())["precision"] == training
+    models = {json.loads((m / "config.json").read_text())["precision"]: m for m in workdir.glob("models/[!.]*")}
+    assert set(models) == {"mixed_bfloat16", "mixed_float16"}
+    for model in models.values():
+        assert json.loads((model / "features.json").read_text())["encoder"]["precision"] == "bfloat16"
+        history = json.loads((model / "history.json").read_text())
+        assert history and all(np.isfinite(h["loss"]) for h in history)
 
     assert run_luigi("ExtractFeatures", "--split", "train", "--encoder-precision", "float32",
                      workdir=workdir).returncode == 0                                  # float32 too
