@@ -134,15 +134,17 @@ def test_location_carries_the_last_attention_and_its_sum_and_they_steer_the_next
     np.testing.assert_allclose(tf.reduce_sum(alphas, -1).numpy(), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("width, side", [(3, 4), (4, 4), (17, 17), (9, 3), (2, 5)])
-def test_the_location_matrix_is_the_location_convolution(width, side):
+@pytest.mark.parametrize("width, side, static", [(3, 4, True), (4, 4, True), (17, 17, True), (9, 3, True),
+                                                 (2, 5, True), (17, 17, False), (4, 5, False)])
+def test_the_location_matrix_is_the_location_convolution(width, side, static):
     # [α, Σ α] · T must be the "same"-padded convolution of the location kernel, for odd and even kernel widths,
-    # and for kernels wider than the grid (the demo's 17 on a 17×17 grid); the gradient must reach the kernel
+    # for kernels wider than the grid (the demo's 17 on a 17×17 grid), and for a grid size known only when the
+    # graph runs (a tensor); the gradient must reach the kernel
     model = ShowAttendTell(V, feature_dim=8, attention_dim=8, embed_dim=8, units=8, feature_channels=D,
                            location=width)
     where = tf.random.stateless_uniform((3, side, side, 2), seed=(width, side))
     with tf.GradientTape() as tape:
-        matrix = model.location_matrix(side * side)
+        matrix = model.location_matrix(side * side if static else tf.constant(side * side))
         flat = tf.reshape(tf.reshape(where, [3, -1]) @ matrix, [3, side, side, -1])
         total = tf.reduce_sum(flat * where[..., :1])
     convolved = model.location_conv(where)

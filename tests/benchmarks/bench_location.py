@@ -8,8 +8,9 @@ location-sensitive attention 17 wide, batch 32, captions of 8–18 words) traine
 step, at float32 and mixed_bfloat16, in two forms with the same weights: `matrix`, the model as it is
 (pipeline/model.py: [α, Σ α] · location_matrix, laid out once per batch; the context as a batched matrix
 product), and `conv`, the same model whose attention calls its Keras Conv2D on the 17×17 grid at every step
-(the usual Tacotron 2 / Chorowski form) and reads the context with einsum, as this model did before. Both are traced and warmed over every length first; then captions/s over all 11 batches,
-the four sides alternating, `--runs` times: median and min–max, and each side's ratio to float32 `conv`.
+(the usual Tacotron 2 / Chorowski form) and reads the context with einsum, as this model did before. Both are
+traced and warmed over every length first; then captions/s over all 11 batches, the four sides alternating,
+`--runs` times: median and min–max, and each side's ratio to float32 `conv`.
 """
 import argparse
 import os
