@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-P, D, V, BATCH = 289, 779, 60, 32
+from bench_precision import BATCH, D, P, V, train_step  # noqa: E402  (the same decoder and train step)
 
 
 def conv_attend(model):
@@ -49,31 +49,6 @@ def conv_attend(model):
     model.attend = attend
 
 
-def train_step(precision: str, form: str):
-    import keras
-    import tensorflow as tf
-
-    from pipeline.model import ShowAttendTell
-    from pipeline.steps import make_optimizer, make_train_step
-    from pipeline.train import DEFAULTS
-
-    keras.utils.set_random_seed(0)
-    keras.mixed_precision.set_global_policy(precision)   # as train_decoder does, for the model it builds
-    try:
-        settings = {**DEFAULTS, "attention_lambda": 0.0, "precision": precision}
-        model = ShowAttendTell(V, feature_channels=D, key_channels=11, positions=True, context_extras=True,
-                               location=17, attention_dim=128, feature_dim=256, embed_dim=128, units=256,
-                               dropout=0.3)
-        if form == "conv":
-            conv_attend(model)
-        model(tf.zeros((1, P, D), tf.float16), tf.zeros((1, 1), tf.int32))
-        optimizer = make_optimizer(settings, 100)
-        optimizer.build(model.trainable_variables)
-        return model, make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
@@ -84,9 +59,9 @@ def main():
     batches = [(tf.constant(rng.standard_normal((BATCH, P, D)).astype(np.float16)),
                 tf.constant(rng.integers(1, V, (BATCH, length)).astype(np.int32))) for length in range(8, 19)]
     sides = [(precision, form) for precision in ("float32", "mixed_bfloat16") for form in ("conv", "matrix")]
-    models, steps, rates = {}, {}, {side: [] for side in sides}
-    for side in sides:
-        models[side], steps[side] = train_step(*side)
+    steps, rates = {}, {side: [] for side in sides}
+    for precision, form in sides:
+        steps[(precision, form)] = train_step(precision, conv_attend if form == "conv" else None)
     # same weights, same numbers: the first float32 step of each form from the same initial weights
     first = {form: float(steps[("float32", form)](*batches[0])[0]) for form in ("conv", "matrix")}
     for side in sides:

@@ -25,7 +25,9 @@ import numpy as np  # noqa: E402
 P, D, V, BATCH = 289, 779, 60, 32
 
 
-def train_step(precision: str):
+def train_step(precision: str, prepare=None):
+    """The demo decoder's compiled train step under `precision`; `prepare(model)` runs before the model is built
+    (bench_location.py swaps its attention there)."""
     import keras
     import tensorflow as tf
 
@@ -40,6 +42,8 @@ def train_step(precision: str):
         model = ShowAttendTell(V, feature_channels=D, key_channels=11, positions=True, context_extras=True,
                                location=17, attention_dim=128, feature_dim=256, embed_dim=128, units=256,
                                dropout=0.3)
+        if prepare is not None:
+            prepare(model)
         model(tf.zeros((1, P, D), tf.float16), tf.zeros((1, 1), tf.int32))
         optimizer = make_optimizer(settings, 100)
         optimizer.build(model.trainable_variables)
