@@ -46,6 +46,8 @@ class pretrain(Section):
                                                   "(each phase)")
     scene_steps = luigi.IntParameter(description="training steps on whole 299-px scenes (phase 2)")
     scene_batch_size = luigi.IntParameter(description="whole scenes per step")
+    scene_train_size = luigi.IntParameter(description="side in px of phase 2's scenes; 0: [encoder] image_size "
+                                                      "(batch norms are re-estimated and the report read there)")
     scene_train_from = luigi.ChoiceParameter(choices=["all"] + [f"mixed{i}" for i in range(11)],
                                              description="phase 2 trains this block and those above it; the layers "
                                                          "below keep their phase-1 weights (all: every layer)")
@@ -62,6 +64,8 @@ class pretrain(Section):
         for key in ("warmup_steps", "scene_steps"):
             out += self.require(getattr(self, key) >= 0, key, "must be 0 or more")
         out += self.require(self.crop >= 75, "crop", "must be at least 75 (InceptionV3's minimum)")
+        out += self.require(self.scene_train_size == 0 or self.scene_train_size >= 75, "scene_train_size",
+                            "must be 0 (the encoder's image size) or at least 75 (InceptionV3's minimum)")
         layer = encoder_lib.base_layer(encoder.read().layer)
         out += self.require(self.scene_train_from == "all" or int(self.scene_train_from[5:]) <= int(layer[5:]),
                             "scene_train_from", f"must be all or a block at or below the feature layer {layer}")

@@ -339,3 +339,22 @@ def test_yardstick_scenes_are_seeded_and_their_boxes_hold_the_ink():
             assert 0 <= x and 0 <= y and x + w <= 299.5 and y + h <= 299.5 and 0 <= label <= 9
             inside = grey[int(y):int(np.ceil(y + h)), int(x):int(np.ceil(x + w))]
             assert inside.min() < np.median(grey) - 20   # ink in the box
+
+
+def test_the_scene_phase_trains_on_smaller_scenes_where_asked(tmp_path):
+    """[pretrain] scene_train_size: phase 2 trains on scenes of that side (cheaper steps); the batch norms are
+    re-estimated and the report read at the encoder's image size, where the saved network is used. An error
+    while rendering a phase's batches stops the pretraining (not a wait for ever on batches that never come)."""
+    import keras
+    settings = {"layer": "mixed7", "scene_size": 299, "scene_train_size": 107, "steps": 1, "batch_size": 2,
+                "scene_steps": 2, "scene_batch_size": 2, "warmup_steps": 0, "bn_scenes": 16, "val_scenes": 16,
+                "val_crops": 64}
+    report = pretrain.pretrain(tmp_path, settings)
+    assert "whole 107-px scenes" in report["task"] and report["final_loss"]["scenes"] is not None
+    assert report["held_out"]["yardstick_scenes"]["scenes"] == 16
+    base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(299, 299, 3))
+    base.load_weights(str(tmp_path / pretrain.WEIGHTS_FILE))     # saved for the encoder's 299-px input
+    from tasks.demo import pretrain as section
+    assert section(scene_train_size=50).problems() and not section(scene_train_size=75).problems()
+    with pytest.raises(ValueError):   # a 107-px scene cannot hold the crop phase's windows
+        pretrain.pretrain(tmp_path, {**settings, "scene_size": 107})

@@ -11,10 +11,11 @@ Two phases, then one fix-up:
 1. Crops (`steps` × `batch_size`): square windows around one digit (or anywhere) resized to C×C (C = `crop`,
    75 px, InceptionV3's minimum and cheapest input: one mixed10 cell, 3×3 mixed7 cells). Teaches the glyphs
    fast: ~120 crops/s on 2 cores.
-2. Whole scenes (`scene_steps` × `scene_batch_size`): the 299-px scenes the encoder will see, every one of the
-   8×8 (17×17) cells labelled (a digit too small to contain a cell centre labels its nearest cell; background cells
-   weigh BACKGROUND_WEIGHT). Teaches the scale, the layout and the neighbours of the real input: ~6 scenes/s, or
-   ~12 with `scene_train_from = mixed3` (only that block and those above it trained: freeze_below).
+2. Whole scenes (`scene_steps` × `scene_batch_size`): the 299-px scenes the encoder will see (or, with
+   `scene_train_size`, smaller ones: cheaper steps), every one of the 8×8 (17×17) cells labelled (a digit too
+   small to contain a cell centre labels its nearest cell; background cells weigh BACKGROUND_WEIGHT). Teaches
+   the scale, the layout and the neighbours of the real input: ~6 scenes/s, or ~12 with `scene_train_from =
+   mixed3` (only that block and those above it trained: freeze_below).
 3. Every batch norm's statistics (those phase 2 trained) are re-estimated on `bn_scenes` whole 299-px train-pool
    scenes (recalibrate_batchnorm), in float32, where the encoder is used.
 
@@ -101,10 +102,11 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
         crop_losses = _fit(model, crop_batches(seed, split_pools["train"], settings), settings["steps"],
                            settings, "crops", 1.0, progress_callback)
         crop_accuracy = evaluate(model, split_pools["val"], settings)
-        scene_base, scene_model = build_classifier(size, settings["layer"], like=model)
+        train_size = settings["scene_train_size"] or size   # the batch norms and the report: at `size`
+        scene_base, scene_model = build_classifier(train_size, settings["layer"], like=model)
         freeze_below(scene_base, settings["scene_train_from"])
         scene_losses = _fit(scene_model, scene_batches(seed + 1, split_pools["train"], settings["scene_batch_size"],
-                                                       size, settings["layer"], varied_fraction(settings)),
+                                                       train_size, settings["layer"], varied_fraction(settings)),
                             settings["scene_steps"], settings, "scenes", BACKGROUND_WEIGHT, progress_callback)
     finally:   # extraction later in this process must build a float32 encoder
         keras.mixed_precision.set_global_policy(policy)
@@ -122,7 +124,8 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
     report = {"pretrained_on": "scikit-learn handwritten digits (load_digits), the demo's train pool "
                                f"([demo] seed {settings['pool_seed']}), never ImageNet",
               "task": f"name the digit (or background) under each {settings['layer']} cell: of windows of "
-                      f"{size}-px scenes resized to the crop size, then of whole {size}-px scenes",
+                      f"{size}-px scenes resized to the crop size, then of whole "
+                      f"{settings['scene_train_size'] or size}-px scenes",
               "settings": settings, "train_samples": len(split_pools["train"]),
               "seconds": round(total, 1), "training_seconds": round(seconds, 1),
               "final_loss": {"crops": _tail_mean(crop_losses), "scenes": _tail_mean(scene_losses)},
@@ -226,13 +229,25 @@ def recalibrate_batchnorm(base, pool, settings: dict, from_block: str = "all"):
 
 
 def _prefetch(iterator, depth: int):
-    """Run `iterator` in a daemon thread, `depth` items ahead (numpy and Pillow release the GIL)."""
+    """Run `iterator` in a daemon thread, `depth` items ahead (numpy and Pillow release the GIL); an error there
+    is raised here, where the items are consumed (not left to a thread while training waits for ever)."""
     import queue
 
     items = queue.Queue(maxsize=depth)
-    threading.Thread(target=lambda: [items.put(item) for item in iterator], daemon=True).start()
+
+    def fill():
+        try:
+            for item in iterator:
+                items.put((item, None))
+        except BaseException as error:   # noqa: B036 (handed over to the consumer, which raises it)
+            items.put((None, error))
+
+    threading.Thread(target=fill, daemon=True).start()
     while True:
-        yield items.get()
+        item, error = items.get()
+        if error is not None:
+            raise error
+        yield item
 
 
 def evaluate(model, pool, settings: dict) -> dict:
