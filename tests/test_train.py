@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import checkpoints, inputs, train as train_lib
+from pipeline import checkpoints, inputs
 from storage import shards
 from tests.conftest import REPO, TEST_CONFIG, run_luigi
 
