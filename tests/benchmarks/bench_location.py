@@ -23,9 +23,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numpy as np  # noqa: E402
 
-from bench_precision import BATCH, D, P, V, train_step  # noqa: E402  (the same decoder and train step)
+from bench_precision import BATCH, demo_batches, train_step  # noqa: E402  (the same decoder, step, batches)
 
 
 def conv_attend(model):
@@ -55,9 +54,7 @@ def main():
     args = parser.parse_args()
     import tensorflow as tf
 
-    rng = np.random.default_rng(0)
-    batches = [(tf.constant(rng.standard_normal((BATCH, P, D)).astype(np.float16)),
-                tf.constant(rng.integers(1, V, (BATCH, length)).astype(np.int32))) for length in range(8, 19)]
+    batches = demo_batches()
     sides = [(precision, form) for precision in ("float32", "mixed_bfloat16") for form in ("conv", "matrix")]
     steps, rates = {}, {side: [] for side in sides}
     for precision, form in sides:

@@ -52,6 +52,15 @@ def train_step(precision: str, prepare=None):
         keras.mixed_precision.set_global_policy("float32")
 
 
+def demo_batches():
+    """The same 11 batches of random features for every side: BATCH captions of 8–18 words each."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    return [(tf.constant(rng.standard_normal((BATCH, P, D)).astype(np.float16)),
+             tf.constant(rng.integers(1, V, (BATCH, length)).astype(np.int32))) for length in range(8, 19)]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
@@ -59,9 +68,7 @@ def main():
     args = parser.parse_args()
     import tensorflow as tf
 
-    rng = np.random.default_rng(0)
-    batches = [(tf.constant(rng.standard_normal((BATCH, P, D)).astype(np.float16)),
-                tf.constant(rng.integers(1, V, (BATCH, length)).astype(np.int32))) for length in range(8, 19)]
+    batches = demo_batches()
     steps, rates = {}, {p: [] for p in args.precisions}
     for precision in args.precisions:
         steps[precision] = train_step(precision)

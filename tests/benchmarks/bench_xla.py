@@ -19,9 +19,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numpy as np  # noqa: E402
-
-P, D, V, BATCH = 289, 779, 60, 32
+from bench_precision import BATCH, D, P, V, demo_batches  # noqa: E402  (the demo decoder's shapes, the batches)
 
 
 def train_step(jit: bool):
@@ -48,9 +46,7 @@ def main():
     args = parser.parse_args()
     import tensorflow as tf
 
-    rng = np.random.default_rng(0)
-    batches = [(tf.constant(rng.standard_normal((BATCH, P, D)).astype(np.float16)),
-                tf.constant(rng.integers(1, V, (BATCH, length)).astype(np.int32))) for length in range(8, 19)]
+    batches = demo_batches()
     steps, rates = {}, {False: [], True: []}
     for jit in (False, True):
         started = time.perf_counter()
