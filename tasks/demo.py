@@ -44,7 +44,7 @@ class pretrain(Section):
     learning_rate = luigi.FloatParameter(description="Adam peak rate (warm-up, then cosine decay)")
     warmup_steps = luigi.IntParameter(description="linear warm-up of the learning rate, then cosine decay to 0 "
                                                   "(each phase)")
-    scene_steps = luigi.IntParameter(description="training steps on whole 299-px scenes (phase 2)")
+    scene_steps = luigi.IntParameter(description="training steps on whole scenes (phase 2; scene_train_size)")
     scene_batch_size = luigi.IntParameter(description="whole scenes per step")
     scene_train_size = luigi.IntParameter(description="side in px of phase 2's scenes; 0: [encoder] image_size "
                                                       "(batch norms are re-estimated and the report read there)")

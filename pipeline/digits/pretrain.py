@@ -11,11 +11,11 @@ Two phases, then one fix-up:
 1. Crops (`steps` × `batch_size`): square windows around one digit (or anywhere) resized to C×C (C = `crop`,
    75 px, InceptionV3's minimum and cheapest input: one mixed10 cell, 3×3 mixed7 cells). Teaches the glyphs
    fast: ~120 crops/s on 2 cores.
-2. Whole scenes (`scene_steps` × `scene_batch_size`): the 299-px scenes the encoder will see (or, with
-   `scene_train_size`, smaller ones: cheaper steps), every one of the 8×8 (17×17) cells labelled (a digit too
-   small to contain a cell centre labels its nearest cell; background cells weigh BACKGROUND_WEIGHT). Teaches
-   the scale, the layout and the neighbours of the real input: ~6 scenes/s, or ~12 with `scene_train_from =
-   mixed3` (only that block and those above it trained: freeze_below).
+2. Whole scenes (`scene_steps` × `scene_batch_size`) of `scene_train_size` px (configs/luigi.cfg: 224, cheaper
+   steps than at the encoder's 299 and smaller digits; 0: the encoder's size), every one of the cells of
+   `layer` labelled (a digit too small to contain a cell centre labels its nearest cell; background cells weigh
+   BACKGROUND_WEIGHT). Teaches the scale, the layout and the neighbours of the real input: ~6 299-px scenes/s,
+   or ~12 with `scene_train_from = mixed3` (only that block and those above it trained: freeze_below).
 3. Every batch norm's statistics (those phase 2 trained) are re-estimated on `bn_scenes` whole 299-px train-pool
    scenes (recalibrate_batchnorm), in float32, where the encoder is used.
 
