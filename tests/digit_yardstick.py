@@ -2,6 +2,7 @@
 pipeline/digits/demo.py's renderer:
 
     .venv/bin/python -m tests.digit_yardstick OUTDIR [--train 1200 --val 100 --test 200 --seed 5]
+    .venv/bin/python -m tests.digit_yardstick OUTDIR --ceiling   # BLEU-4 with every digit right, by phrasing
 
 writes OUTDIR/train2017/ and OUTDIR/val2017/ (%012d.jpg; test images live in val2017, as in Karpathy's split of
 COCO), OUTDIR/annotations/captions_{train,val}2017.json (each image with "digits" labels, "digit_boxes"
@@ -236,6 +237,33 @@ def probe(n: int = 500, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------- ceiling
+
+def ceiling(root) -> str:
+    """What a decoder that reads every digit of the test split right reaches in each single phrasing: corpus
+    BLEU-4 and CIDEr-D (pipeline.evaluate.evaluate) of the test images captioned in that phrasing against their
+    five references. A decoder cannot know which five of the ten phrasings an image's references use, so the
+    best of these bounds what it can expect."""
+    from pipeline.evaluate import evaluate
+
+    with open(os.path.join(root, "dataset_coco.json"), encoding="utf-8") as f:
+        test = {image["cocoid"] for image in json.load(f)["images"] if image["split"] == "test"}
+    with open(os.path.join(root, "annotations", "captions_val2017.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    digits = {image["id"]: image["digits"] for image in data["images"] if image["id"] in test}
+    references = {}
+    for annotation in data["annotations"]:
+        if annotation["image_id"] in digits:
+            references.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    lines = [f"{len(references)} test images, every digit right, one phrasing each:"]
+    for form in phrasings():
+        hypotheses = {i: form([NUMBER_WORDS[d] for d in digits[i]]) for i in references}
+        corpus = evaluate(references, hypotheses)["corpus"]
+        lines.append(f"  BLEU-4 {corpus['Bleu_4']:.3f}  CIDEr-D {corpus['CIDEr']:.3f}  "
+                     f"e.g. {hypotheses[next(iter(hypotheses))]!r}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", nargs="?", help="output directory (created; must be empty)")
@@ -245,7 +273,13 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--probe", type=int, metavar="N",
                         help="instead: print distributions of N scenes of the demo's renderer and of this one")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="instead: BLEU-4 and CIDEr-D of OUTDIR's test split captioned with every digit right, "
+                             "in each phrasing")
     args = parser.parse_args(argv)
+    if args.ceiling:
+        print(ceiling(args.outdir))
+        return
     if args.probe:
         print(probe(args.probe))
         return
