@@ -125,7 +125,7 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
                                f"([demo] seed {settings['pool_seed']}), never ImageNet",
               "task": f"name the digit (or background) under each {settings['layer']} cell: of windows of "
                       f"{size}-px scenes resized to the crop size, then of whole "
-                      f"{settings['scene_train_size'] or size}-px scenes",
+                      f"{train_size}-px scenes",
               "settings": settings, "train_samples": len(split_pools["train"]),
               "seconds": round(total, 1), "training_seconds": round(seconds, 1),
               "final_loss": {"crops": _tail_mean(crop_losses), "scenes": _tail_mean(scene_losses)},
