@@ -3,6 +3,7 @@ pipeline/digits/demo.py's renderer:
 
     .venv/bin/python -m tests.digit_yardstick OUTDIR [--train 1200 --val 100 --test 200 --seed 5]
     .venv/bin/python -m tests.digit_yardstick OUTDIR --ceiling   # BLEU-4 with every digit right, by phrasing
+    .venv/bin/python -m tests.digit_yardstick OUTDIR --encoder-reads WORKSPACE/features/<fp>   # the encoder alone
 
 writes OUTDIR/train2017/ and OUTDIR/val2017/ (%012d.jpg; test images live in val2017, as in Karpathy's split of
 COCO), OUTDIR/annotations/captions_{train,val}2017.json (each image with "digits" labels, "digit_boxes"
@@ -264,6 +265,72 @@ def ceiling(root) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ encoder reads
+
+def encoder_reads(root, store) -> str:
+    """What the encoder alone reads of each split of OUTDIR, from the cell scores a feature store holds for its
+    images (a store of `[encoder] layer = <layer>+cell_scores`, rows found by the images' content keys): each
+    digit as pipeline.digits.scenes.read_digit reads it given its box, the share of digits and of images with
+    every digit right (what a decoder can caption exactly without guessing), by digit height (box height /
+    image height, in tenths); and, for how hard the split's glyphs are in themselves, the share of its digits an
+    SVM on the raw 8×8 samples reads (scikit-learn's SVC, trained on the demo's train pool)."""
+    from sklearn.svm import SVC
+
+    from pipeline.digits.cell_scores import CLASSES
+    from pipeline.digits.scenes import read_digit
+    from pipeline.encoder import base_layer, grid_side
+    from storage.contents import bytes_sha256
+    from storage.shards import list_shards, read_attrs, read_contents, read_rows
+
+    with open(os.path.join(root, "dataset_coco.json"), encoding="utf-8") as f:
+        split_of = {image["cocoid"]: image["split"] for image in json.load(f)["images"]}
+    images = {}
+    for folder in ("train2017", "val2017"):
+        with open(os.path.join(root, "annotations", f"captions_{folder}.json"), encoding="utf-8") as f:
+            for image in json.load(f)["images"]:
+                images[image["id"]] = (os.path.join(root, folder, image["file_name"]), image)
+    keys = {bytes_sha256(path): image_id for image_id, (path, _) in images.items()}
+    scores, layer = {}, None
+    for shard in list_shards(store):
+        attrs = read_attrs(shard)
+        if not str(attrs.get("layer", "")).endswith("+cell_scores"):
+            raise SystemExit(f"{shard}: layer {attrs.get('layer')!r} has no cell scores; give the store of an "
+                             "`[encoder] layer = <layer>+cell_scores` extraction")
+        layer = base_layer(attrs["layer"])
+        rows = [(k, keys[c]) for k, c in enumerate(read_contents(shard)) if c in keys]
+        if rows:
+            features = read_rows(shard, 0, rows[-1][0] + 1)
+            for k, image_id in rows:
+                scores[image_id] = features[k, :, -CLASSES:].astype(np.float32)
+    size = int(read_attrs(shard)["image_size"]) if scores else 0
+    digits = demo.load_digits()
+    samples = digits.images.reshape(len(digits.target), -1)
+    train_pool = demo.sample_pools(np.random.default_rng(DEMO_SEED), len(digits.target))["train"]
+    svm = SVC(gamma=0.001).fit(samples[train_pool], digits.target[train_pool])
+    lines = [f"{len(scores)} of {len(images)} images found in {store}"]
+    for split in SPLITS:
+        read, scenes, by_height, glyphs = [], [], {}, []
+        for image_id in (i for i in scores if split_of.get(i) == split):
+            _, image = images[image_id]
+            glyphs += image["digit_samples"]
+            side = grid_side(len(scores[image_id]))
+            logits = np.log(scores[image_id].reshape(side, side, CLASSES) + 1e-6)
+            sx, sy = size / image["width"], size / image["height"]
+            right = [read_digit(logits, (x * sx, y * sy, w * sx, h * sy), layer) == label
+                     for (x, y, w, h), label in zip(image["digit_boxes"], image["digits"])]
+            for (_, _, _, h), ok in zip(image["digit_boxes"], right):
+                by_height.setdefault(min(int(10 * h / image["height"]), 9), []).append(ok)
+            read += right
+            scenes.append(all(right))
+        if scenes:
+            bands = "  ".join(f"0.{b}: {np.mean(oks):.2f} of {len(oks)}" for b, oks in sorted(by_height.items()))
+            svm_reads = np.mean(svm.predict(samples[glyphs]) == digits.target[glyphs])
+            lines.append(f"{split:5s}  {len(scenes)} images: digits {np.mean(read):.3f}, images wholly "
+                         f"{np.mean(scenes):.3f}; the 8x8 samples an SVM reads: {svm_reads:.3f}")
+            lines.append(f"       by digit height  {bands}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", nargs="?", help="output directory (created; must be empty)")
@@ -276,7 +343,13 @@ def main(argv=None):
     parser.add_argument("--ceiling", action="store_true",
                         help="instead: BLEU-4 and CIDEr-D of OUTDIR's test split captioned with every digit right, "
                              "in each phrasing")
+    parser.add_argument("--encoder-reads", metavar="STORE",
+                        help="instead: what the encoder alone reads of OUTDIR's splits, from the cell scores of a "
+                             "feature store (WORKSPACE/features/<fingerprint>) that holds its images")
     args = parser.parse_args(argv)
+    if args.encoder_reads:
+        print(encoder_reads(args.outdir, args.encoder_reads))
+        return
     if args.ceiling:
         print(ceiling(args.outdir))
         return

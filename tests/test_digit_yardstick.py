@@ -183,3 +183,41 @@ def test_a_fixed_seed_gives_identical_bytes(tmp_path):
     assert c["dataset_coco.json"] != a["dataset_coco.json"]
     with pytest.raises(ValueError, match="not empty"):
         ys.write_yardstick(tmp_path / "a", 1, 1, 1)
+
+
+def _cell_score_store(store, root, images, misread_split):
+    """A store of `mixed7+cell_scores` rows for the yardstick's images, their cell scores one-hot on the digit
+    each cell lies in (pipeline.digits.scenes.scene_labels), every digit cell one digit off in `misread_split`."""
+    from pipeline.digits.scenes import scene_labels
+    from storage.contents import bytes_sha256
+    from storage.shards import ShardWriter
+
+    with open(os.path.join(root, "dataset_coco.json"), encoding="utf-8") as f:
+        split_of = {image["cocoid"]: image["split"] for image in json.load(f)["images"]}
+    attrs = {"layer": "mixed7+cell_scores", "image_size": 299}
+    with ShardWriter(store / "shard-plan-all-00000.h5", positions=289, channels=12, attrs=attrs) as shard:
+        for folder, im, *_ in images:
+            sx, sy = 299 / im["width"], 299 / im["height"]
+            boxes = [(x * sx, y * sy, w * sx, h * sy, d) for (x, y, w, h), d in zip(im["digit_boxes"], im["digits"])]
+            labels = scene_labels(boxes, 299, "mixed7")
+            if split_of[im["id"]] == misread_split:
+                labels = np.where(labels < 10, (labels + 1) % 10, labels)
+            features = np.zeros((1, 289, 12), np.float32)
+            features[0, np.arange(289), 1 + labels.reshape(-1)] = 1.0
+            path = os.path.join(root, folder, im["file_name"])
+            shard.append([bytes_sha256(path)], [im["id"]], [path], features)
+
+
+def test_encoder_reads_the_digits_the_cell_scores_name(data, tmp_path):
+    """--encoder-reads: per split, the share of digits (and of images wholly) the stored cell scores read right
+    given the boxes, found by content key."""
+    out, _, _, images = data
+    store = tmp_path / "store"
+    store.mkdir()
+    _cell_score_store(store, out, images, misread_split="test")
+    report = ys.encoder_reads(str(out), store).splitlines()
+    assert report[0].startswith(f"{len(images)} of {len(images)} images found")
+    found = {line.split()[0]: line for line in report[1:] if not line.startswith(" ")}
+    assert f"{COUNTS['train']} images: digits 1.000, images wholly 1.000" in found["train"]
+    assert f"{COUNTS['val']} images: digits 1.000, images wholly 1.000" in found["val"]
+    assert f"{COUNTS['test']} images: digits 0.000, images wholly 0.000" in found["test"]
