@@ -271,9 +271,10 @@ def encoder_reads(root, store) -> str:
     """What the encoder alone reads of each split of OUTDIR, from the cell scores a feature store holds for its
     images (a store of `[encoder] layer = <layer>+cell_scores`, rows found by the images' content keys): each
     digit as pipeline.digits.scenes.read_digit reads it given its box, the share of digits and of images with
-    every digit right (what a decoder can caption exactly without guessing), by digit height (box height /
-    image height, in tenths); and, for how hard the split's glyphs are in themselves, the share of its digits an
-    SVM on the raw 8×8 samples reads (scikit-learn's SVC, trained on the demo's train pool)."""
+    every digit right (about as many as a decoder can caption exactly: it reads the base layer's channels too),
+    by digit height (box height / image height, in tenths); and, for how hard the split's glyphs are in
+    themselves, the share of its digits an SVM on the raw 8×8 samples reads (scikit-learn's SVC, trained on the
+    demo's train pool)."""
     from sklearn.svm import SVC
 
     from pipeline.digits.cell_scores import CLASSES
