@@ -240,6 +240,12 @@ def probe(n: int = 500, seed: int = 0) -> str:
 
 # ----------------------------------------------------------------------------------------------- ceiling
 
+def _splits(root) -> dict[int, str]:
+    """{image id: its split} of OUTDIR's Karpathy split file."""
+    with open(os.path.join(root, "dataset_coco.json"), encoding="utf-8") as f:
+        return {image["cocoid"]: image["split"] for image in json.load(f)["images"]}
+
+
 def ceiling(root) -> str:
     """What a decoder that reads every digit of the test split right reaches in each single phrasing: corpus
     BLEU-4 and CIDEr-D (pipeline.evaluate.evaluate) of the test images captioned in that phrasing against their
@@ -247,8 +253,7 @@ def ceiling(root) -> str:
     best of these bounds what it can expect."""
     from pipeline.evaluate import evaluate
 
-    with open(os.path.join(root, "dataset_coco.json"), encoding="utf-8") as f:
-        test = {image["cocoid"] for image in json.load(f)["images"] if image["split"] == "test"}
+    test = {image_id for image_id, split in _splits(root).items() if split == "test"}
     with open(os.path.join(root, "annotations", "captions_val2017.json"), encoding="utf-8") as f:
         data = json.load(f)
     digits = {image["id"]: image["digits"] for image in data["images"] if image["id"] in test}
@@ -278,35 +283,33 @@ def encoder_reads(root, store) -> str:
     from sklearn.svm import SVC
 
     from pipeline.digits.cell_scores import CLASSES
-    from pipeline.digits.scenes import read_digit
+    from pipeline.digits.scenes import pools as demo_pools, read_digit
     from pipeline.encoder import base_layer, grid_side
     from storage.contents import bytes_sha256
     from storage.shards import list_shards, read_attrs, read_contents, read_rows
 
-    with open(os.path.join(root, "dataset_coco.json"), encoding="utf-8") as f:
-        split_of = {image["cocoid"]: image["split"] for image in json.load(f)["images"]}
+    split_of = _splits(root)
     images = {}
     for folder in ("train2017", "val2017"):
         with open(os.path.join(root, "annotations", f"captions_{folder}.json"), encoding="utf-8") as f:
             for image in json.load(f)["images"]:
                 images[image["id"]] = (os.path.join(root, folder, image["file_name"]), image)
     keys = {bytes_sha256(path): image_id for image_id, (path, _) in images.items()}
-    scores, layer = {}, None
+    scores, layer, size = {}, None, 0
     for shard in list_shards(store):
         attrs = read_attrs(shard)
         if not str(attrs.get("layer", "")).endswith("+cell_scores"):
             raise SystemExit(f"{shard}: layer {attrs.get('layer')!r} has no cell scores; give the store of an "
                              "`[encoder] layer = <layer>+cell_scores` extraction")
-        layer = base_layer(attrs["layer"])
+        layer, size = base_layer(attrs["layer"]), int(attrs["image_size"])
         rows = [(k, keys[c]) for k, c in enumerate(read_contents(shard)) if c in keys]
         if rows:
             features = read_rows(shard, 0, rows[-1][0] + 1)
             for k, image_id in rows:
                 scores[image_id] = features[k, :, -CLASSES:].astype(np.float32)
-    size = int(read_attrs(shard)["image_size"]) if scores else 0
     digits = demo.load_digits()
     samples = digits.images.reshape(len(digits.target), -1)
-    train_pool = demo.sample_pools(np.random.default_rng(DEMO_SEED), len(digits.target))["train"]
+    train_pool = demo_pools(DEMO_SEED)["train"]
     svm = SVC(gamma=0.001).fit(samples[train_pool], digits.target[train_pool])
     lines = [f"{len(scores)} of {len(images)} images found in {store}"]
     for split in SPLITS:
