@@ -12,7 +12,8 @@ directory outside the task output. Each epoch ends with free-running decoding of
 [generation] settings (beam, length penalty, <unk> suppression: what GenerateCaptions will run) scored with
 BLEU-4 and CIDEr-D (and the val scores of plug-in metrics whose truth the val images declare); the best
 epoch's weights are kept — best by val CIDEr-D, or by the plug-in val score `select_by` names, CIDEr-D breaking
-ties (validation.selection_key) — and training stops early after `patience` epochs without a better one. With
+ties (validation.selection_key) — and training stops early after `patience` epochs without a better one. A
+small dataset trains more epochs than `epochs`: as many as hold `min_steps` steps (epochs_to_train). With
 `scst_epochs` > 0, self-critical epochs follow (self_critical: REINFORCE on sampled captions, rewarded with
 CIDEr-D or a plug-in's reward), starting from the best cross-entropy epoch and validated and kept the same
 way. Loss
@@ -82,6 +83,7 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
     vocab = Vocabulary.load(vocab_path)
     keras.utils.set_random_seed(settings["seed"])
     data = _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings)
+    settings = {**settings, "epochs": epochs_to_train(settings, data.steps_per_epoch)}
     if settings["select_by"] != "cider":
         metrics = extensions.metrics_for(settings["select_by"])
         if metrics is None or not metrics.declares(data.val_records.values()):
@@ -108,6 +110,16 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
     board.close()
     write_model_dir(outdir, state.best_weights, state.model, vocab_path, settings, state.history, provenance or {})
     return state.history
+
+
+def epochs_to_train(settings: dict, steps_per_epoch: int) -> int:
+    """[training] epochs, raised until they hold at least `min_steps` steps: a small dataset trains about as many
+    updates as a larger one would in `epochs` (the learning rate schedule then spans them all)."""
+    epochs = max(settings["epochs"], -(-settings["min_steps"] // max(steps_per_epoch, 1)))
+    if epochs > settings["epochs"]:
+        log.info("training %d epochs instead of %d: [training] min_steps = %d at %d steps per epoch", epochs,
+                 settings["epochs"], settings["min_steps"], steps_per_epoch)
+    return epochs
 
 
 def _stopped_early(state, settings: dict) -> None:

@@ -40,7 +40,9 @@ class TrainDecoder(Stage):
 
     def settings(self):
         values = self.training_settings()
+        # the keys of a part turned off are not part of the fingerprint
         unused = {k for k in values if k.startswith("scst_")} if not values.get("scst_epochs") else set()
+        unused |= set() if values.get("min_steps") else {"min_steps"}
         return {**{k: v for k, v in values.items() if k not in self.operational and k not in unused},
                 **context.plugin_settings()}   # their val scores, selection and rewards
 

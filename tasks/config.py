@@ -251,6 +251,8 @@ class decoder(Section):
 class training(Section):
     """[training] pipeline/train.py."""
     epochs = luigi.IntParameter(description="cross-entropy epochs (fewer when patience stops it)")
+    min_steps = luigi.IntParameter(description="at least this many steps: more epochs for a dataset whose `epochs` "
+                                               "hold fewer; 0: none")
     batch_size = luigi.IntParameter(description="(image, caption) pairs per step")
     learning_rate = luigi.FloatParameter(description="Adam's (peak) learning rate")
     lr_schedule = luigi.ChoiceParameter(choices=["constant", "cosine", "exponential"],
@@ -299,6 +301,7 @@ class training(Section):
                     "cpu_devices"):
             out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
         out += self.require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be 0 or more")
+        out += self.require(self.min_steps >= 0, "min_steps", "must be 0 (none) or more")
         out += self.require(self.bucket_width >= 0, "bucket_width", "must be 0 (off) or more")
         out += self.require(self.learning_rate > 0, "learning_rate", "must be positive")
         out += self.require(self.scst_epochs >= 0, "scst_epochs", "must be 0 (off) or more")
