@@ -13,12 +13,11 @@ directory outside the task output. Each epoch ends with free-running decoding of
 BLEU-4 and CIDEr-D (and the val scores of plug-in metrics whose truth the val images declare); the best
 epoch's weights are kept — best by val CIDEr-D, or by the plug-in val score `select_by` names, CIDEr-D breaking
 ties (validation.selection_key) — and training stops early after `patience` epochs without a better one. A
-small dataset trains more epochs than `epochs`: as many as hold `min_steps` steps (epochs_to_train). With
-`scst_epochs` > 0, self-critical epochs follow (self_critical: REINFORCE on sampled captions, rewarded with
-CIDEr-D or a plug-in's reward), starting from the best cross-entropy epoch and validated and kept the same
-way. Loss
-parts, learning rate, speed and validation scores also go to TensorBoard (pipeline/tensorboard.py:
-checkpoints/<fp>/tensorboard/).
+small dataset trains more epochs than `epochs`: as many as hold `min_steps` steps (epochs_to_train), with the
+patience scaled alike (patience_for). With `scst_epochs` > 0, self-critical epochs follow (self_critical:
+REINFORCE on sampled captions, rewarded with CIDEr-D or a plug-in's reward), starting from the best
+cross-entropy epoch and validated and kept the same way. Loss parts, learning rate, speed and validation
+scores also go to TensorBoard (pipeline/tensorboard.py: checkpoints/<fp>/tensorboard/).
 """
 from __future__ import annotations
 
@@ -83,7 +82,8 @@ def _train(outdir, checkpoint_dir: Path, store_dir, train_index, val_index, anno
     vocab = Vocabulary.load(vocab_path)
     keras.utils.set_random_seed(settings["seed"])
     data = _load_data(store_dir, train_index, val_index, annotations_dir, vocab, settings)
-    settings = {**settings, "epochs": epochs_to_train(settings, data.steps_per_epoch)}
+    epochs = epochs_to_train(settings, data.steps_per_epoch)
+    settings = {**settings, "epochs": epochs, "patience": patience_for(settings, epochs)}
     if settings["select_by"] != "cider":
         metrics = extensions.metrics_for(settings["select_by"])
         if metrics is None or not metrics.declares(data.val_records.values()):
@@ -120,6 +120,15 @@ def epochs_to_train(settings: dict, steps_per_epoch: int) -> int:
         log.info("training %d epochs instead of %d: [training] min_steps = %d at %d steps per epoch", epochs,
                  settings["epochs"], settings["min_steps"], steps_per_epoch)
     return epochs
+
+
+def patience_for(settings: dict, epochs: int) -> int:
+    """[training] patience, scaled as min_steps scaled the epochs: early stopping waits about as many steps as it
+    would for the configured epochs (three of 25 short epochs are a noisy wait on a small val split)."""
+    patience = -(-settings["patience"] * epochs // max(settings["epochs"], 1))
+    if patience > settings["patience"]:
+        log.info("patience %d epochs instead of %d, as the epochs were raised", patience, settings["patience"])
+    return patience
 
 
 def _stopped_early(state, settings: dict) -> None:

@@ -252,7 +252,7 @@ class training(Section):
     """[training] pipeline/train.py."""
     epochs = luigi.IntParameter(description="cross-entropy epochs (fewer when patience stops it)")
     min_steps = luigi.IntParameter(description="at least this many steps: more epochs for a dataset whose `epochs` "
-                                               "hold fewer; 0: none")
+                                               "hold fewer, and the patience scaled alike; 0: none")
     batch_size = luigi.IntParameter(description="(image, caption) pairs per step")
     learning_rate = luigi.FloatParameter(description="Adam's (peak) learning rate")
     lr_schedule = luigi.ChoiceParameter(choices=["constant", "cosine", "exponential"],

@@ -190,17 +190,20 @@ def test_training_under_a_two_device_strategy(tmp_path):
 
 
 def test_min_steps_raise_the_epochs_of_a_small_dataset(tmp_path):
-    from pipeline.train import epochs_to_train
+    from pipeline.train import epochs_to_train, patience_for
     assert epochs_to_train({"epochs": 5, "min_steps": 1200}, steps_per_epoch=253) == 5   # the demo's own
     assert epochs_to_train({"epochs": 5, "min_steps": 1200}, steps_per_epoch=189) == 7
     assert epochs_to_train({"epochs": 5, "min_steps": 0}, steps_per_epoch=3) == 5
+    # the patience scales with them: as many steps without a better epoch before stopping
+    assert [patience_for({"epochs": 5, "patience": 3}, e) for e in (5, 7, 25)] == [3, 5, 15]
     workdir = tmp_path / "w"
     run = run_luigi("TrainDecoder", "--training-epochs", "1", "--training-min-steps", "17", workdir=workdir)
     assert run.returncode == 0, run.output
     assert "training 3 epochs instead of 1: [training] min_steps = 17 at 8 steps per epoch" in run.output
     model_dir, = workdir.glob("models/[!.]*")
     assert [h["epoch"] for h in json.loads((model_dir / "history.json").read_text())] == [1, 2, 3]
-    assert json.loads((model_dir / "config.json").read_text())["epochs"] == 3      # what ran
+    ran = json.loads((model_dir / "config.json").read_text())
+    assert ran["epochs"] == 3 and ran["patience"] == 15    # what ran: configs/test.cfg's patience 5, times 3
 
 
 def test_two_runs_never_train_the_same_model_at_once(tmp_path):
