@@ -97,7 +97,7 @@ class PretrainDigitsEncoder(Stage):
     """InceptionV3 pretrained on scikit-learn digits (the demo's train pool): encoders/<fp>/ with the weights
     file, its per-cell head and report.json (held-out accuracy, steps, seconds)."""
     stage = "encoders"
-    version = 3
+    version = 4
     expected_files = (WEIGHTS_FILE, CELL_HEAD_FILE, manifests.REPORT_FILE)
 
     def settings(self):

@@ -282,7 +282,7 @@ def encoder_reads(root, store) -> str:
     demo's train pool)."""
     from sklearn.svm import SVC
 
-    from pipeline.digits.cell_scores import CLASSES
+    from pipeline.digits.cell_scores import CHANNELS, CLASSES
     from pipeline.digits.scenes import pools as demo_pools, read_digit
     from pipeline.encoder import base_layer, grid_side
     from storage.contents import bytes_sha256
@@ -306,7 +306,7 @@ def encoder_reads(root, store) -> str:
         if rows:
             features = read_rows(shard, 0, rows[-1][0] + 1)
             for k, image_id in rows:
-                scores[image_id] = features[k, :, -CLASSES:].astype(np.float32)
+                scores[image_id] = features[k, :, -CHANNELS:][:, :CLASSES].astype(np.float32)
     digits = demo.load_digits()
     samples = digits.images.reshape(len(digits.target), -1)
     train_pool = demo_pools(DEMO_SEED)["train"]

@@ -186,8 +186,9 @@ def test_a_fixed_seed_gives_identical_bytes(tmp_path):
 
 
 def _cell_score_store(store, root, images, misread_split):
-    """A store of `mixed7+cell_scores` rows for the yardstick's images, their cell scores one-hot on the digit
-    each cell lies in (pipeline.digits.scenes.scene_labels), every digit cell one digit off in `misread_split`."""
+    """A store of `mixed7+cell_scores` rows for the yardstick's images (one base channel, 11 class scores, the
+    centre score), their class scores one-hot on the digit each cell lies in (pipeline.digits.scenes.scene_labels),
+    every digit cell one digit off in `misread_split`, their centre scores 1 everywhere (not read)."""
     from pipeline.digits.scenes import scene_labels
     from storage.contents import bytes_sha256
     from storage.shards import ShardWriter
@@ -195,15 +196,16 @@ def _cell_score_store(store, root, images, misread_split):
     with open(os.path.join(root, "dataset_coco.json"), encoding="utf-8") as f:
         split_of = {image["cocoid"]: image["split"] for image in json.load(f)["images"]}
     attrs = {"layer": "mixed7+cell_scores", "image_size": 299}
-    with ShardWriter(store / "shard-plan-all-00000.h5", positions=289, channels=12, attrs=attrs) as shard:
+    with ShardWriter(store / "shard-plan-all-00000.h5", positions=289, channels=13, attrs=attrs) as shard:
         for folder, im, *_ in images:
             sx, sy = 299 / im["width"], 299 / im["height"]
             boxes = [(x * sx, y * sy, w * sx, h * sy, d) for (x, y, w, h), d in zip(im["digit_boxes"], im["digits"])]
             labels = scene_labels(boxes, 299, "mixed7")
             if split_of[im["id"]] == misread_split:
                 labels = np.where(labels < 10, (labels + 1) % 10, labels)
-            features = np.zeros((1, 289, 12), np.float32)
+            features = np.zeros((1, 289, 13), np.float32)
             features[0, np.arange(289), 1 + labels.reshape(-1)] = 1.0
+            features[0, :, 12] = 1.0
             path = os.path.join(root, folder, im["file_name"])
             shard.append([bytes_sha256(path)], [im["id"]], [path], features)
 

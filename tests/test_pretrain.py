@@ -78,19 +78,38 @@ def test_read_digit_sums_the_probabilities_of_the_cells_in_the_box():
 
 
 def test_scene_batches_are_whole_scenes_with_every_digit_labelled():
-    scenes, labels = next(scene_lib.scene_batches(0, scene_lib.pools(1797)["train"], 6, 299, "mixed10"))
+    scenes, labels, centres = next(scene_lib.scene_batches(0, scene_lib.pools(1797)["train"], 6, 299, "mixed10"))
     assert scenes.shape == (6, 299, 299, 3) and scenes.dtype == np.uint8 and labels.shape == (6, 8, 8)
     assert all(1 <= len(set(row[row != pretrain.BACKGROUND].tolist())) <= 4 for row in labels.reshape(6, -1))
+    # one centre cell per digit (two digits may share one on the coarse grid), and it lies on its digit's cells
+    assert centres.shape == (6, 8, 8) and all(1 <= c.sum() <= 4 for c in centres)
+    assert (labels[centres == 1] != pretrain.BACKGROUND).all()
+
+
+def test_centre_cells_mark_each_digit_once_even_two_alike_side_by_side():
+    # two 7s side by side on mixed7's 17×17 grid (cells centred on 21.5 + 16k): one run of "7" cells (columns
+    # 1–7), two centres (x 50 → column 2, x 110 → column 6; y 140 → row 7)
+    boxes = [(20, 100, 60, 80, 7), (80, 100, 60, 80, 7)]
+    labels = scene_lib.scene_labels(boxes, 299, "mixed7")
+    centres = scene_lib.centre_cells(boxes, 299, "mixed7")
+    assert np.argwhere(centres == 1).tolist() == [[7, 2], [7, 6]]
+    assert set(labels[7, 1:8].tolist()) == {7}
+    # count_centres finds them from logits: peaks above probability 0.5, one per 3×3 neighbourhood
+    logits = np.full((17, 17), -5.0)
+    logits[7, 2], logits[7, 3], logits[7, 6] = 3.0, 1.0, 2.0    # (7, 3) is above 0.5 but beside a higher peak
+    assert pretrain.count_centres(logits) == 2
+    logits[7, 6] = -1.0
+    assert pretrain.count_centres(logits) == 1
 
 
 def test_the_scene_phase_learns_from_whole_labelled_scenes():
     """pretrain._fit on scene_batches, as phase 2 runs it, with a small stand-in for InceptionV3: 299-px uint8
-    scenes → (8, 8, 11) cell logits, background cells weighted down."""
+    scenes → (8, 8, 12) cell logits (classes, centre), background cells weighted down."""
     import keras
     keras.utils.set_random_seed(0)
     images = keras.Input((299, 299, 3), dtype="uint8")
     cells = keras.layers.AveragePooling2D(75, strides=32)(keras.ops.cast(images, "float32") / 255.0)   # 8×8
-    model = keras.Model(images, keras.layers.Conv2D(pretrain.BACKGROUND + 1, 1)(cells))
+    model = keras.Model(images, keras.layers.Conv2D(pretrain.CENTRE + 1, 1)(cells))
     batches = scene_lib.scene_batches(0, scene_lib.pools(1797)["train"], 8, 299, "mixed10")
     settings = {**pretrain.DEFAULTS, "learning_rate": 0.05, "warmup_steps": 1}
     losses = pretrain._fit(model, batches, 12, settings, "scenes", pretrain.BACKGROUND_WEIGHT, None)
@@ -159,6 +178,7 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
         scenes = report["held_out"][kind]
         assert 0 <= scenes["scenes_all_digits_right"] <= scenes["digits"] <= 1, kind
         assert scenes["digits_read"] >= scenes["scenes"] == 16, kind
+        assert 0 <= scenes["scenes_counted_by_centres"] <= 1, kind
         read = [v for v in scenes["by_digit"].values() if v is not None]
         assert set(scenes["by_digit"]) == {str(d) for d in range(10)} and read and all(0 <= v <= 1 for v in read)
     assert report["final_loss"]["scenes"] is None            # --pretrain-scene-steps 0 skips the phase
@@ -181,7 +201,7 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     # the per-cell head is saved beside the weights; mixed7+cell_scores appends its scores to the same encoder's
     # mixed7 features (no second pretraining: it trains the base layer), in a store of its own
     kernel, bias, layer = read_cell_head(encoder_dir / CELL_HEAD_FILE)
-    assert kernel.shape == (768, 11) and bias.shape == (11,) and layer == "mixed7"
+    assert kernel.shape == (768, 12) and bias.shape == (12,) and layer == "mixed7"   # 11 classes, the centre
     scored = run_luigi("ExtractFeatures", *args[:4], "--encoder-layer", "mixed7+cell_scores", *args[6:],
                        workdir=workdir)
     assert scored.returncode == 0, scored.output
@@ -191,11 +211,12 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
         assert f.attrs["layer"] == "mixed7+cell_scores" and f.attrs["encoder"].endswith("/mixed7+cell_scores")
         assert f.attrs["extra_sha256"] == ws.file_sha256(encoder_dir / CELL_HEAD_FILE)
         features = f["features"][:].astype(np.float32)
-        assert features.shape[1:] == (17 * 17, 768 + 11)
+        assert features.shape[1:] == (17 * 17, 768 + 12)
         np.testing.assert_array_equal(features[..., :768], plain["features"][:].astype(np.float32))
         logits = features[..., :768] @ kernel + bias
-        expected = np.exp(logits - logits.max(-1, keepdims=True))
-        np.testing.assert_allclose(features[..., 768:], expected / expected.sum(-1, keepdims=True), atol=0.01)
+        expected = np.exp(logits[..., :11] - logits[..., :11].max(-1, keepdims=True))
+        np.testing.assert_allclose(features[..., 768:779], expected / expected.sum(-1, keepdims=True), atol=0.01)
+        np.testing.assert_allclose(features[..., 779], 1 / (1 + np.exp(-logits[..., 11])), atol=0.01)
 
     # a decoder whose attention keys come from the scores and whose context reads them too (the demo's
     # settings), and captioning a new image with it (the CLI rebuilds the encoder, head included, from the
@@ -206,7 +227,7 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     assert trained.returncode == 0, trained.output
     (model_dir,) = workdir.glob("models/[!.]*")
     decoder_config = json.loads((model_dir / "decoder.json").read_text())
-    assert decoder_config["key_channels"] == 11 and decoder_config["context_extras"] is True
+    assert decoder_config["key_channels"] == 12 and decoder_config["context_extras"] is True
     image = sorted(workdir.glob("demo/*/test/*.jpg"))[0]
     captioned = CliRunner().invoke(cli, ["caption", str(image), "--model", str(model_dir), "--json"])
     assert captioned.exit_code == 0, captioned.output

@@ -6,7 +6,7 @@
     pretrain.py     InceptionV3 pretrained on them, offline: the stand-in for ImageNet ([encoder] weights = digits)
     yardstick.py    the independent yardstick's renderer (other code, other parameters): tests/digit_yardstick.py's
                     dataset, and the pretraining report's held-out `yardstick_scenes`
-    cell_scores.py  the feature extra `<layer>+cell_scores`: its per-cell head's 11 scores appended to the layer
+    cell_scores.py  the feature extra `<layer>+cell_scores`: its per-cell head's 12 scores appended to the layer
     metrics.py      digits exact, count right, attention grounding; the digit reward; the image fields
 
 register() adds them to the extension points of pipeline/extensions.py (the image fields, metrics and reward

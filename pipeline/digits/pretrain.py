@@ -39,8 +39,8 @@ import numpy as np
 
 from pipeline import defaults
 from pipeline.digits import demo
-from pipeline.digits.scenes import (BACKGROUND, VARIED_FRACTION, crop_batches, labelled_scenes, pools, read_digit,
-                                    render_scene, scene_batches, varied_fraction)
+from pipeline.digits.scenes import (BACKGROUND, CENTRE, VARIED_FRACTION, crop_batches, labelled_scenes, pools,
+                                    read_digit, render_scene, scene_batches, varied_fraction)
 from pipeline.encoder import truncated
 from pipeline.progress import Progress, format_seconds
 from storage.weights import CELL_HEAD_FILE, write_cell_head
@@ -49,22 +49,24 @@ log = logging.getLogger("captioner")
 
 WEIGHTS_FILE = "inception_v3_digits.weights.h5"   # tasks/demo.py names it too (without importing this)
 BACKGROUND_WEIGHT = 0.3   # scene phase: ~90% of a scene's cells are background
+CENTRE_POSITIVE_WEIGHT = 10.0   # scene phase: ~1% of a scene's cells hold a digit's centre
 # What a caller passing no settings gets (tests, benchmarks): [pretrain] of configs/luigi.cfg, the pools of
 # [demo] seed, and what the stage passes from [encoder] (at 299 px, mixed10)
 DEFAULTS = {**defaults.section("pretrain"), "pool_seed": defaults.section("demo")["seed"], "scene_size": 299,
             "layer": "mixed10", "crops_per_scene": 4, "val_crops": 512, "varied_fraction": VARIED_FRACTION}
 
 def build_classifier(side: int, layer: str, like=None):
-    """(base InceptionV3(include_top=False) at side×side, model uint8 images → logits (B, g, g, 11) float32 from
-    `layer`); with `like` (another such model), starting from its weights (InceptionV3's weights fit any input
-    size). The base's blocks above `layer` are not trained (and stay as initialised in the saved file)."""
+    """(base InceptionV3(include_top=False) at side×side, model uint8 images → logits (B, g, g, 12) float32 from
+    `layer`: 11 class logits, then the centre logit, scenes.CENTRE); with `like` (another such model), starting
+    from its weights (InceptionV3's weights fit any input size). The base's blocks above `layer` are not trained
+    (and stay as initialised in the saved file)."""
     import keras
 
     base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(side, side, 3))
     images = keras.Input((side, side, 3), dtype="uint8", name="images")
     x = keras.applications.inception_v3.preprocess_input(keras.ops.cast(images, "float32"))
     features = truncated(base, layer)(x)
-    logits = keras.layers.Conv2D(BACKGROUND + 1, 1, dtype="float32", name="cell_logits")(features)
+    logits = keras.layers.Conv2D(CENTRE + 1, 1, dtype="float32", name="cell_logits")(features)
     model = keras.Model(images, logits, name="digits_pretraining")
     if like is not None:
         model.set_weights(like.get_weights())
@@ -115,7 +117,7 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
     final.save_weights(str(Path(outdir) / WEIGHTS_FILE))
     kernel, bias = scene_model.get_layer("cell_logits").get_weights()
     write_cell_head(Path(outdir) / CELL_HEAD_FILE, kernel.reshape(kernel.shape[-2:]), bias, settings["layer"],
-                    [str(d) for d in range(BACKGROUND)] + ["background"])
+                    [str(d) for d in range(BACKGROUND)] + ["background", "centre"])
     head = scene_model.get_layer("cell_logits")
     scene_accuracy = evaluate_scenes(final, head, split_pools["val"], settings)
     varied_accuracy = evaluate_scenes(final, head, split_pools["val"], settings, varied=1.0)
@@ -125,7 +127,7 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
                                f"([demo] seed {settings['pool_seed']}), never ImageNet",
               "task": f"name the digit (or background) under each {settings['layer']} cell: of windows of "
                       f"{size}-px scenes resized to the crop size, then of whole "
-                      f"{train_size}-px scenes",
+                      f"{train_size}-px scenes, whose cells also say whether a digit's centre lies in them",
               "settings": settings, "train_samples": len(split_pools["train"]),
               "seconds": round(total, 1), "training_seconds": round(seconds, 1),
               "final_loss": {"crops": _tail_mean(crop_losses), "scenes": _tail_mean(scene_losses)},
@@ -142,10 +144,12 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
                                              "phase", **crop_accuracy}}}
     log.info("digits encoder trained in %s; held-out (val pool) scenes: %.3f of the digits read right "
              "(%.3f of the scenes wholly), cells: digits %.3f, background %.3f; varied scenes: %.3f of the digits "
-             "(%.3f of the scenes wholly); the yardstick's scenes: %.3f of the digits", format_seconds(total),
+             "(%.3f of the scenes wholly); the yardstick's scenes: %.3f of the digits; digits counted by their "
+             "centre cells: %.3f, %.3f and %.3f of the scenes", format_seconds(total),
              scene_accuracy["digits"], scene_accuracy["scenes_all_digits_right"], scene_accuracy["digit_cells"],
              scene_accuracy["background_cells"], varied_accuracy["digits"], varied_accuracy["scenes_all_digits_right"],
-             yardstick_accuracy["digits"])
+             yardstick_accuracy["digits"], *(a["scenes_counted_by_centres"]
+                                             for a in (scene_accuracy, varied_accuracy, yardstick_accuracy)))
     return report
 
 
@@ -156,7 +160,9 @@ def _tail_mean(losses: list[float]):
 def _fit(model, batches, steps: int, settings: dict, what: str, background_weight: float,
          progress_callback) -> list[float]:
     """One phase: Adam (warm-up, cosine decay) on `steps` batches, a compiled step fed by a background thread
-    that renders the next batches. Background cells weigh `background_weight` against a digit cell's 1."""
+    that renders the next batches. Background cells weigh `background_weight` against a digit cell's 1. Batches
+    of (images, labels, centres) (whole scenes) also train the centre logit: binary cross-entropy per cell, a
+    centre cell weighing CENTRE_POSITIVE_WEIGHT; crops (images, labels) leave it untrained."""
     import keras
     import tensorflow as tf
 
@@ -168,12 +174,15 @@ def _fit(model, batches, steps: int, settings: dict, what: str, background_weigh
     optimizer = keras.optimizers.Adam(schedule, global_clipnorm=5.0)
 
     @tf.function(reduce_retracing=True)
-    def step(images, labels):
+    def step(images, labels, centres=None):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
-            per_cell = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            per_cell = keras.losses.sparse_categorical_crossentropy(labels, logits[..., :CENTRE], from_logits=True)
             weights = tf.where(labels == BACKGROUND, background_weight, 1.0)
             loss = tf.reduce_sum(per_cell * weights) / tf.reduce_sum(weights)
+            if centres is not None:
+                loss += tf.reduce_mean(tf.nn.weighted_cross_entropy_with_logits(
+                    centres, logits[..., CENTRE], CENTRE_POSITIVE_WEIGHT))
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         return loss
@@ -182,8 +191,7 @@ def _fit(model, batches, steps: int, settings: dict, what: str, background_weigh
     progress = Progress(steps, f"pretraining the digits encoder on {what}", "steps", progress_callback, every=10)
     losses = []
     for _ in range(steps):
-        images, labels = next(batches)
-        losses.append(float(step(tf.constant(images), tf.constant(labels))))
+        losses.append(float(step(*(tf.constant(part) for part in next(batches)))))
         progress.update()
         if progress.done % 50 == 0:
             log.info("pretraining on %s, step %d/%d: loss %.4f (mean of the last 50)", what, progress.done, steps,
@@ -270,7 +278,7 @@ def evaluate_scenes(base, head, pool, settings: dict, varied: float = 0.0, rende
     batches = labelled_scenes(settings["seed"] + 1_000_003, pool, batch, settings["scene_size"], layer, varied,
                               renderer)
     run = truncated(base, layer)
-    cells, read, scenes_right, by_digit = [], [], [], {d: [] for d in range(BACKGROUND)}
+    cells, read, scenes_right, by_digit, counted = [], [], [], {d: [] for d in range(BACKGROUND)}, []
     for _ in range(max(1, settings["val_scenes"] // batch)):
         images, labels, scene_boxes = next(batches)
         logits = np.asarray(head(run(keras.applications.inception_v3.preprocess_input(images.astype(np.float32)),
@@ -280,19 +288,30 @@ def evaluate_scenes(base, head, pool, settings: dict, varied: float = 0.0, rende
             right = [read_digit(scene_logits, box, layer) == box[4] for box in boxes]
             read += right
             scenes_right.append(all(right))
+            counted.append(count_centres(scene_logits[..., CENTRE]) == len(boxes))
             for box, ok in zip(boxes, right):
                 by_digit[box[4]].append(ok)
     return {**_accuracy(cells), "scenes": len(scenes_right), "digits": round(float(np.mean(read)), 4),
             "digits_read": len(read), "scenes_all_digits_right": round(float(np.mean(scenes_right)), 4),
+            "scenes_counted_by_centres": round(float(np.mean(counted)), 4),
             "by_digit": {str(d): round(float(np.mean(oks)), 4) if oks else None for d, oks in by_digit.items()}}
 
 
+def count_centres(centre_logits) -> int:
+    """How many digits the centre logits (g, g) find: cells above probability 0.5 that no neighbour (of the 3×3
+    around them) exceeds."""
+    padded = np.pad(centre_logits, 1, constant_values=-np.inf)
+    g = centre_logits.shape[0]
+    around = np.max([padded[i:i + g, j:j + g] for i in range(3) for j in range(3)], axis=0)
+    return int(np.sum((centre_logits > 0) & (centre_logits >= around)))
+
+
 def _accuracy(labels_and_logits) -> dict:
-    """Accuracy per digit cell and per background cell over (labels (B, g, g), logits (B, g, g, 11)) pairs."""
+    """Accuracy per digit cell and per background cell over (labels (B, g, g), logits (B, g, g, 12)) pairs."""
     correct = {"digit": 0, "background": 0}
     total = {"digit": 0, "background": 0}
     for labels, logits in labels_and_logits:
-        right = np.argmax(np.asarray(logits), axis=-1) == labels
+        right = np.argmax(np.asarray(logits)[..., :CENTRE], axis=-1) == labels
         digit = labels != BACKGROUND
         for key, mask in (("digit", digit), ("background", ~digit)):
             correct[key] += int(right[mask].sum())

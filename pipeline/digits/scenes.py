@@ -12,10 +12,13 @@ demo's scenes alone reads them well but transfers badly to digit scenes rendered
 Target: per cell of the feature layer (`layer`: mixed10 or mixed7, pipeline.encoder.LAYERS; the network above
 it is not run). InceptionV3's cell (i, j) is centred on input pixel (offset + stride·i, offset + stride·j)
 (mixed10: 37.5 + 32 i; mixed7: 21.5 + 16 i; its strided layers are 'valid'); its label is the digit whose box
-contains that point, or 10 = background.
+contains that point, or 10 = background. Whole scenes also mark each digit's centre cell (centre_cells: the
+cell nearest the centre of its box), so the head learns where one glyph ends and the next begins: two alike
+digits side by side are one blob of "8" cells but two centres.
 
     images uint8 (B, C, C, 3) → preprocess_input → InceptionV3 up to `layer` (B, g, g, D)
-    → 1×1 convolution → logits (B, g, g, 11) → cross-entropy per cell
+    → 1×1 convolution → logits (B, g, g, 12): 11 class logits → cross-entropy per cell,
+                                               1 centre logit (CENTRE) → binary cross-entropy per cell
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from pipeline.encoder import LAYERS, base_layer, cell_centres, grid_size
 
 
 BACKGROUND = 10
+CENTRE = 11        # the head's last output: "a digit's centre lies in this cell" (a logit; the others: classes)
 VARIED_FRACTION = 2 / 3   # of the pretraining scenes (both phases and the batch-norm scenes) varied; the rest demo
 
 # The varied scenes: digits as photos and scans show them, not as the demo draws them. Each scene is drawn at its
@@ -166,6 +170,15 @@ def scene_labels(boxes, size: int, layer: str) -> np.ndarray:
     return labels
 
 
+def centre_cells(boxes, size: int, layer: str) -> np.ndarray:
+    """(g, g) float32 of a whole size×size scene: 1 on the cell nearest each digit's box centre, else 0."""
+    g = grid_size(size, layer)
+    centres = np.zeros((g, g), np.float32)
+    for x, y, w, h, _ in boxes:
+        centres[nearest_cell(y + h / 2, g, layer), nearest_cell(x + w / 2, g, layer)] = 1.0
+    return centres
+
+
 def nearest_cell(centre: float, g: int, layer: str) -> int:
     """The row (or column) of the `layer` cell whose centre is nearest pixel row (column) `centre`, of g."""
     spec = LAYERS[base_layer(layer)]
@@ -243,9 +256,10 @@ def crop_batches(seed: int, pool, settings: dict):
 
 
 def scene_batches(seed: int, pool, batch_size: int, size: int, layer: str, varied: float = VARIED_FRACTION):
-    """Endless (scenes uint8 (B, size, size, 3), labels (B, g, g)) batches of whole scenes of `pool`'s digits,
-    a share `varied` of them varied (render_scene)."""
-    return ((scenes, labels) for scenes, labels, _ in labelled_scenes(seed, pool, batch_size, size, layer, varied))
+    """Endless (scenes uint8 (B, size, size, 3), labels (B, g, g), centres (B, g, g)) batches of whole scenes of
+    `pool`'s digits, a share `varied` of them varied (render_scene); centres: centre_cells."""
+    return ((scenes, labels, np.stack([centre_cells(b, size, layer) for b in boxes]))
+            for scenes, labels, boxes in labelled_scenes(seed, pool, batch_size, size, layer, varied))
 
 
 def render_yardstick_scene(rng, digit_images, targets, pool, size: int) -> tuple[np.ndarray, list[tuple]]:
@@ -283,9 +297,10 @@ def pools(pool_seed: int) -> dict:
 
 
 def read_digit(logits, box, layer: str) -> int:
-    """The digit a box (x, y, w, h, …) of a scene shows, read from the cell head's (g, g, 11) logits: the digit
-    with the largest probability summed over the cells whose centres lie in the box, or on the cell nearest the
-    box's centre when none does (the readout of a linear probe given the digit boxes)."""
+    """The digit a box (x, y, w, h, …) of a scene shows, read from the cell head's (g, g, 11 or 12) logits (a
+    centre logit is not a class and is left out): the digit with the largest probability summed over the cells
+    whose centres lie in the box, or on the cell nearest the box's centre when none does (the readout of a
+    linear probe given the digit boxes)."""
     g = logits.shape[0]
     x, y, w, h = box[:4]
     centres = cell_centres(g, layer)
@@ -293,7 +308,7 @@ def read_digit(logits, box, layer: str) -> int:
     if not rows.any() or not cols.any():
         rows = np.arange(g) == nearest_cell(y + h / 2, g, layer)
         cols = np.arange(g) == nearest_cell(x + w / 2, g, layer)
-    scores = logits[np.ix_(rows, cols)].reshape(-1, logits.shape[-1]).astype(np.float64)
+    scores = logits[np.ix_(rows, cols)][..., :CENTRE].reshape(-1, CENTRE).astype(np.float64)
     probabilities = np.exp(scores - scores.max(-1, keepdims=True))
     probabilities /= probabilities.sum(-1, keepdims=True)
     return int(np.argmax(probabilities[:, :BACKGROUND].sum(0)))
