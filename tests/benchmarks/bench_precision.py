@@ -25,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-P, D, V, BATCH = 289, 779, 60, 32
-COCO = {"P": 64, "D": 2048, "V": 10_000, "BATCH": 64}   # --decoder coco
+from pipeline.digits.cell_scores import CHANNELS as SCORES  # noqa: E402  (the demo's extra channels per cell)
+
+P, D, V, BATCH = 289, 768 + SCORES, 60, 32   # the demo's: mixed7+cell_scores, its vocabulary, its batches
+SIZES = {"demo": (P, D, V, BATCH), "coco": (64, 2048, 10_000, 64)}   # positions, channels, words, batch
 
 
 def train_step(precision: str, prepare=None, decoder: str = "demo"):
@@ -42,20 +44,20 @@ def train_step(precision: str, prepare=None, decoder: str = "demo"):
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy(precision)   # as train_decoder does, for the model it builds
     try:
+        positions, channels, words, _ = SIZES[decoder]
         if decoder == "coco":
             settings = {**DEFAULTS, "precision": precision}
-            model = ShowAttendTell(COCO["V"], feature_channels=COCO["D"],
+            model = ShowAttendTell(words, feature_channels=channels,
                                    **{k: DEFAULTS[k] for k in ("feature_dim", "attention_dim", "embed_dim", "units",
                                                                "dropout", "cell")})
         else:
             settings = {**DEFAULTS, "attention_lambda": 0.0, "precision": precision}
-            model = ShowAttendTell(V, feature_channels=D, key_channels=11, positions=True, context_extras=True,
-                                   location=17, attention_dim=128, feature_dim=256, embed_dim=128, units=256,
-                                   dropout=0.3)
+            model = ShowAttendTell(words, feature_channels=channels, key_channels=SCORES, positions=True,
+                                   context_extras=True, location=17, attention_dim=128, feature_dim=256,
+                                   embed_dim=128, units=256, dropout=0.3)
         if prepare is not None:
             prepare(model)
-        model(tf.zeros((1, COCO["P"] if decoder == "coco" else P, model.config["feature_channels"]), tf.float16),
-              tf.zeros((1, 1), tf.int32))
+        model(tf.zeros((1, positions, channels), tf.float16), tf.zeros((1, 1), tf.int32))
         optimizer = make_optimizer(settings, 100)
         optimizer.build(model.trainable_variables)
         return make_train_step(model, optimizer, tf.distribute.get_strategy(), settings)
@@ -68,7 +70,7 @@ def demo_batches(decoder: str = "demo"):
     for `decoder` "coco")."""
     import tensorflow as tf
 
-    p, d, v, batch = COCO.values() if decoder == "coco" else (P, D, V, BATCH)
+    p, d, v, batch = SIZES[decoder]
     rng = np.random.default_rng(0)
     return [(tf.constant(rng.standard_normal((batch, p, d)).astype(np.float16)),
              tf.constant(rng.integers(1, v, (batch, length)).astype(np.int32))) for length in range(8, 19)]

@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench_precision import BATCH, D, P, V, demo_batches  # noqa: E402  (the demo decoder's shapes, the batches)
+from bench_precision import BATCH, D, P, SCORES, V, demo_batches  # noqa: E402  (the demo decoder's shapes, the batches)
 
 
 def train_step(jit: bool):
@@ -32,7 +32,7 @@ def train_step(jit: bool):
 
     keras.utils.set_random_seed(0)
     settings = {**DEFAULTS, "attention_lambda": 0.0, "jit_compile": jit}
-    model = ShowAttendTell(V, feature_channels=D, key_channels=11, positions=True, attention_dim=128,
+    model = ShowAttendTell(V, feature_channels=D, key_channels=SCORES, positions=True, attention_dim=128,
                            feature_dim=256, embed_dim=128, units=256, dropout=0.3)
     model(tf.zeros((1, P, D), tf.float16), tf.zeros((1, 1), tf.int32))
     optimizer = make_optimizer(settings, 100)
