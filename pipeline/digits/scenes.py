@@ -29,11 +29,12 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from pipeline.digits import demo, yardstick
+from pipeline.digits.cell_scores import CLASSES
 from pipeline.encoder import LAYERS, base_layer, cell_centres, grid_size
 
 
 BACKGROUND = 10
-CENTRE = 11        # the head's last output: "a digit's centre lies in this cell" (a logit; the others: classes)
+CENTRE = CLASSES   # the head's last output, after the 11 classes: "a digit's centre lies in this cell" (a logit)
 VARIED_FRACTION = 2 / 3   # of the pretraining scenes (both phases and the batch-norm scenes) varied; the rest demo
 
 # The varied scenes: digits as photos and scans show them, not as the demo draws them. Each scene is drawn at its
