@@ -1,5 +1,6 @@
 """Shared test fixtures. Tests use configs/test.cfg (a tiny demo) and a temporary workspace per test."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,27 @@ def workdir(tmp_path, monkeypatch):
     root = tmp_path / "work"
     monkeypatch.setenv("CAPTIONER_WORKDIR", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def features_template(tmp_path_factory):
+    """A workspace whose features of every split (configs/test.cfg) the real tasks extracted, once per test
+    process (tests/workspaces.py): copied by `extracted`, never used in place."""
+    root = tmp_path_factory.mktemp("template") / "w"
+    env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(root))
+    proc = subprocess.run([sys.executable, "-m", "tests.workspaces"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout
+    return root
+
+
+@pytest.fixture
+def extracted(tmp_path, features_template):
+    """A workspace of the test's own whose features are already extracted, for tests of the stages after
+    extraction: a copy of `features_template` (a workspace works wherever it is copied), without its run records."""
+    workdir = tmp_path / "w"
+    shutil.copytree(features_template, workdir, symlinks=True, ignore=shutil.ignore_patterns("runs"))
+    return workdir
 
 
 @pytest.fixture

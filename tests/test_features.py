@@ -384,9 +384,10 @@ def test_datasets_whose_ids_collide_never_share_features_and_a_shared_picture_is
     assert again.returncode == 0 and "0 images to extract" in again.output, again.output
 
 
-def test_an_image_replaced_under_its_name_is_extracted_again_and_the_model_retrained(workdir):
+def test_an_image_replaced_under_its_name_is_extracted_again_and_the_model_retrained(extracted):
     """The nightly case: an image file is replaced in place. The rerun notices it (sizes and mtimes of the split's
     files), extracts that image only, keys it by its new content and trains the model again from scratch."""
+    workdir = extracted
     from PIL import Image
     assert run_luigi("TrainDecoder", workdir=workdir).returncode == 0
     index_path = max(store_of(workdir).glob("splits/*/train.json"), key=os.path.getmtime)

@@ -99,10 +99,11 @@ def test_a_self_critical_step_raises_a_rewarded_caption_and_lowers_a_punished_on
     assert change * advantage > 0.5
 
 
-def test_self_critical_epochs_start_from_the_best_cross_entropy_epoch(workdir):
+def test_self_critical_epochs_start_from_the_best_cross_entropy_epoch(extracted):
     """Four cross-entropy epochs of which the third is the best (a rate that overshoots in the fourth), then one
     self-critical epoch at a rate too small to move the weights: it validates exactly as the third epoch did,
     not as the last; its rewards are those of its reward."""
+    workdir = extracted
     import json
     from tests.conftest import assert_real_picture, run_luigi
     base = ("--training-epochs", "4", "--training-patience", "9", "--training-learning-rate", "0.02",

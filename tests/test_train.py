@@ -107,10 +107,9 @@ def checkpoint_steps(workdir):
     return sorted(int(p.name.split("-")[1].split(".")[0]) for p in workdir.glob("checkpoints/*/ckpt-*.index"))
 
 
-def test_killed_training_resumes_from_its_checkpoint(tmp_path):
-    workdir = tmp_path / "w"
+def test_killed_training_resumes_from_its_checkpoint(extracted):
+    workdir = extracted
     args = ["--training-epochs", "3", "--training-checkpoint-every", "3", "--training-select-by", "digits_exact"]
-    assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
     env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "luigi"), "--module", "tasks",
                              "TrainDecoder", "--no-lock", *args], cwd=REPO, env=env, start_new_session=True,
@@ -140,11 +139,10 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
         assert (model_dir / name).is_file(), name
 
 
-def test_a_run_killed_in_its_self_critical_epochs_resumes_there(tmp_path):
-    workdir = tmp_path / "w"
+def test_a_run_killed_in_its_self_critical_epochs_resumes_there(extracted):
+    workdir = extracted
     args = ["--training-epochs", "1", "--training-scst-epochs", "2", "--training-scst-batch-size", "2",
             "--training-checkpoint-every", "2"]
-    assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
     env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "luigi"), "--module", "tasks",
                              "TrainDecoder", "--no-lock", *args], cwd=REPO, env=env, start_new_session=True,
@@ -165,12 +163,10 @@ def test_a_run_killed_in_its_self_critical_epochs_resumes_there(tmp_path):
     assert [(h["epoch"], h["phase"]) for h in history] == [(1, "xent"), (2, "scst"), (3, "scst")]
 
 
-def test_training_under_a_two_device_strategy(tmp_path):
+def test_training_under_a_two_device_strategy(extracted):
     """Two replicas train the model one device trains: each global batch split in two, the loss normalised by
     the global batch's tokens, so the epoch's losses agree to float rounding (no dropout, the same data order)."""
-    workdir = tmp_path / "w"
-    assert run_luigi("ExtractFeatures", "--split", "val", workdir=workdir).returncode == 0
-    assert run_luigi("ExtractFeatures", "--split", "train", workdir=workdir).returncode == 0
+    workdir = extracted
     histories = {}
     for strategy, devices, scst in (("mirrored", "2", "1"), ("default", "1", "0")):   # one device: the xent epoch
         run = run_luigi("TrainDecoder", "--training-strategy", strategy, "--training-cpu-devices", devices,
@@ -189,14 +185,14 @@ def test_training_under_a_two_device_strategy(tmp_path):
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-3), key
 
 
-def test_min_steps_raise_the_epochs_of_a_small_dataset(tmp_path):
+def test_min_steps_raise_the_epochs_of_a_small_dataset(extracted):
     from pipeline.train import epochs_to_train, patience_for
     assert epochs_to_train({"epochs": 5, "min_steps": 1200}, steps_per_epoch=253) == 5   # the demo's own
     assert epochs_to_train({"epochs": 5, "min_steps": 1200}, steps_per_epoch=189) == 7
     assert epochs_to_train({"epochs": 5, "min_steps": 0}, steps_per_epoch=3) == 5
     # the patience scales with them: as many steps without a better epoch before stopping
     assert [patience_for({"epochs": 5, "patience": 3}, e) for e in (5, 7, 25)] == [3, 5, 15]
-    workdir = tmp_path / "w"
+    workdir = extracted
     run = run_luigi("TrainDecoder", "--training-epochs", "1", "--training-min-steps", "17", workdir=workdir)
     assert run.returncode == 0, run.output
     assert "training 3 epochs instead of 1: [training] min_steps = 17 at 8 steps per epoch" in run.output
