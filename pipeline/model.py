@@ -11,7 +11,7 @@ H recurrent units, E word embedding size, V vocabulary, T caption steps.
     h0, c0 = tanh(W_h mean(a)), tanh(W_c mean(a))
     step t:  e = v · tanh(k + W h)          (B, P)     Bahdanau attention on the previous state (location = n:
                                                        + W_l conv_n([α_{t-1}, Σ_{t'<t} α_t']), both carried
-                                                       after the cell's state, see below)
+                                                       after the cell's state, see below; query_word: + W_y E y_{t-1})
              α = softmax(e);  z = β Σ α a   (B, F)     β = sigmoid(w_β h), a gating scalar
              h, c = LSTM([E y_{t-1}; z], (h, c))
     logits = L_o dropout(E y_{t-1} + L_h h + L_z z)    deep output, for all steps at once after the loop
@@ -33,6 +33,11 @@ sees far beyond itself, so with keys from the features the attention can read an
 beside it; keys from the cell's own scores can only find the object where it is (docs/results.md).
 `context_extras` (`[decoder] context_extras = true`) adds the extra channels to the context too,
 a = relu(W_a x + W_c s): what the decoder reads at a cell then includes what they say is there.
+
+`query_word` (`[decoder] query_word = true`) lets the attention query read the word the step is given, E y_{t-1},
+beside the state h: the state has not yet read that word, and where to look next depends on it (the object just
+named is read; look past it). The paper's query is h alone. On captions that read objects in order, it reads
+more of them right (docs/results.md).
 
 `location` (`[decoder] location = n`, n > 0) makes the attention location-sensitive (Chorowski et al. 2015; the
 cumulative form of Tacotron 2): the previous step's attention and the sum of all earlier ones, laid out on the
@@ -65,12 +70,12 @@ class ShowAttendTell(keras.Model):
     def __init__(self, vocab_size: int, feature_dim: int = 512, attention_dim: int = 512, embed_dim: int = 256,
                  units: int = 512, dropout: float = 0.5, cell: str = "lstm", feature_channels: int = 2048,
                  positions: bool = False, key_channels: int = 0, context_extras: bool = False,
-                 location: int = 0, **kwargs):
+                 location: int = 0, query_word: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.config = dict(vocab_size=vocab_size, feature_dim=feature_dim, attention_dim=attention_dim,
                            embed_dim=embed_dim, units=units, dropout=dropout, cell=cell,
                            feature_channels=feature_channels, positions=positions, key_channels=key_channels,
-                           context_extras=context_extras, location=location)
+                           context_extras=context_extras, location=location, query_word=query_word)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"cell must be 'lstm' or 'gru', got {cell!r}")
         if not 0 <= key_channels < feature_channels:
@@ -92,7 +97,8 @@ class ShowAttendTell(keras.Model):
                                                      name="attention_location_conv")
             self.location_conv.build((None, None, None, 2))   # its kernel is read by location_matrix, not called
             self.location_dense = keras.layers.Dense(attention_dim, use_bias=False, name="attention_location")
-        self.query = keras.layers.Dense(attention_dim, name="attention_query")
+        self.query = keras.layers.Dense(attention_dim, name="attention_query")   # of h, or [h; E y] (query_word)
+        self.query_word = query_word
         self.score = keras.layers.Dense(1, use_bias=False, name="attention_score")
         self.gate = keras.layers.Dense(1, activation="sigmoid", name="beta_gate")
         self.init_h = keras.layers.Dense(units, activation="tanh", name="init_h")
@@ -167,10 +173,12 @@ class ShowAttendTell(keras.Model):
         t = tf.transpose(t, [0, 2, 4, 1, 3, 5])                                  # (in_i, in_j, 2, out_i, out_j, f)
         return tf.cast(tf.reshape(t, [side * side * 2, side * side * LOCATION_FILTERS]), self.compute_dtype)
 
-    def attend(self, a, keys, h, where=None, location_matrix=None):
+    def attend(self, a, keys, h, where=None, location_matrix=None, word_embedding=None):
         """One attention read: → (context z (B, F) gated by β, α (B, P)). `where`: [previous α, Σ α] (location),
-        read through `location_matrix` (self.location_matrix(P) when not given)."""
-        scores = keys + self.query(h)[:, None, :]
+        read through `location_matrix` (self.location_matrix(P) when not given); `word_embedding` (B, E): the
+        step's input word, read by the query with query_word."""
+        query = tf.concat([h, tf.cast(word_embedding, h.dtype)], -1) if self.query_word else h
+        scores = keys + self.query(query)[:, None, :]
         if where is not None:
             shape = tf.shape(a)
             if location_matrix is None:
@@ -191,7 +199,7 @@ class ShowAttendTell(keras.Model):
         cells = 2 if self.cell_kind == "lstm" else 1
         cell_state, extra = state[:cells], list(state[cells:])
         where = extra if self.location else None
-        z, alpha = self.attend(a, keys, state[0], where, location_matrix)
+        z, alpha = self.attend(a, keys, state[0], where, location_matrix, word_embedding)
         h, new_state = self.cell(tf.concat([word_embedding, z], -1), cell_state, training=training)
         new_state = list(new_state) if isinstance(new_state, (list, tuple)) else [new_state]
         if where is not None:

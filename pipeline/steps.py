@@ -16,7 +16,7 @@ from pipeline.model import ShowAttendTell, caption_loss
 log = logging.getLogger("captioner")
 
 DECODER_KEYS = ("feature_dim", "attention_dim", "embed_dim", "units", "dropout", "cell", "positions",
-                "context_extras", "location")
+                "context_extras", "location", "query_word")
 
 
 def split_cpu(n: int) -> None:

@@ -42,7 +42,7 @@ class TrainDecoder(Stage):
         values = self.training_settings()
         # the keys of a part turned off are not part of the fingerprint
         unused = {k for k in values if k.startswith("scst_")} if not values.get("scst_epochs") else set()
-        unused |= set() if values.get("min_steps") else {"min_steps"}
+        unused |= {k for k in ("min_steps", "query_word") if not values.get(k)}
         return {**{k: v for k, v in values.items() if k not in self.operational and k not in unused},
                 **context.plugin_settings()}   # their val scores, selection and rewards
 

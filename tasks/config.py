@@ -231,6 +231,10 @@ class decoder(Section):
     location = luigi.IntParameter(description="location-sensitive attention: the previous and the summed "
                                                          "attention, convolved over the grid with a kernel this wide, "
                                                          "steer the next; 0: off")
+    query_word = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                     description="the attention query reads the step's input word beside the "
+                                                 "state (where to look next depends on what was just named); "
+                                                 "false: the state alone (the paper's)")
 
     def problems(self):
         out = []

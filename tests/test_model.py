@@ -11,10 +11,10 @@ P, D, V = 16, 32, 12
 
 
 def small_model(cell="lstm", dropout=0.0, positions=False, key_channels=0, context_extras=False,
-                location=0):
+                location=0, query_word=False):
     model = ShowAttendTell(V, feature_dim=24, attention_dim=16, embed_dim=12, units=20, dropout=dropout, cell=cell,
                            feature_channels=D, positions=positions, key_channels=key_channels,
-                           context_extras=context_extras, location=location)
+                           context_extras=context_extras, location=location, query_word=query_word)
     model(tf.zeros((1, P, D)), tf.zeros((1, 1), tf.int32))
     return model
 
@@ -132,6 +132,18 @@ def test_location_carries_the_last_attention_and_its_sum_and_they_steer_the_next
     logits, alphas = model(features, tf.constant([[1, 4, 5, 6]] * 2))   # trains like any other state
     assert logits.shape == (2, 4, V) and np.isfinite(logits.numpy()).all()
     np.testing.assert_allclose(tf.reduce_sum(alphas, -1).numpy(), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("query_word", [False, True])
+def test_query_word_lets_the_input_word_steer_the_attention(query_word):
+    # [decoder] query_word = true: the same state given another word looks elsewhere; without it the word only
+    # reaches the attention at the next step, through the state
+    model = small_model(query_word=query_word)
+    a, keys, state = model.encode(tf.random.stateless_normal((2, P, D), seed=(21, 22)))
+    _, _, alpha, _ = model.step(model.embed(tf.constant([4, 4])), a, keys, state)
+    _, _, other, _ = model.step(model.embed(tf.constant([5, 5])), a, keys, state)
+    assert np.allclose(alpha.numpy(), other.numpy(), atol=1e-7) != query_word
+    assert model.get_layer("attention_query").kernel.shape[0] == 20 + 12 * query_word   # units (+ embed_dim)
 
 
 @pytest.mark.parametrize("width, side, static", [(3, 4, True), (4, 4, True), (17, 17, True), (9, 3, True),

@@ -53,8 +53,8 @@ def train_step(precision: str, prepare=None, decoder: str = "demo"):
         else:
             settings = {**DEFAULTS, "attention_lambda": 0.0, "precision": precision}
             model = ShowAttendTell(words, feature_channels=channels, key_channels=SCORES, positions=True,
-                                   context_extras=True, location=17, attention_dim=128, feature_dim=256,
-                                   embed_dim=128, units=256, dropout=0.3)
+                                   context_extras=True, location=17, query_word=True, attention_dim=128,
+                                   feature_dim=256, embed_dim=128, units=256, dropout=0.3)
         if prepare is not None:
             prepare(model)
         model(tf.zeros((1, positions, channels), tf.float16), tf.zeros((1, 1), tf.int32))
