@@ -2,8 +2,9 @@
 
     python tests/benchmarks/bench_xla.py [--runs 3]
 
-The demo's decoder (configs/luigi.cfg: 289 cells of 768 mixed7 channels + 11 cell scores, keys from the scores,
-256 units, 128 attention, batch 32) trained by pipeline/train.py's make_train_step, plain and XLA-compiled, on the
+The demo's decoder (configs/demo.cfg: 289 cells of 768 mixed7 channels + 12 cell scores, keys from the scores and
+the context reading them too, location-sensitive attention 17 wide, the query reading the input word, 256 units,
+128 attention, batch 32) trained by pipeline/train.py's make_train_step, plain and XLA-compiled, on the
 same 11 batches of random features with caption lengths 8–18 (one XLA program per length). Prints the time to
 trace (and compile) every length once, then captions/s over all 11 batches, the two alternating, `--runs` times:
 median and min–max.
@@ -32,8 +33,9 @@ def train_step(jit: bool):
 
     keras.utils.set_random_seed(0)
     settings = {**DEFAULTS, "attention_lambda": 0.0, "jit_compile": jit}
-    model = ShowAttendTell(V, feature_channels=D, key_channels=SCORES, positions=True, attention_dim=128,
-                           feature_dim=256, embed_dim=128, units=256, dropout=0.3)
+    model = ShowAttendTell(V, feature_channels=D, key_channels=SCORES, positions=True, context_extras=True,
+                           location=17, query_word=True, attention_dim=128, feature_dim=256, embed_dim=128,
+                           units=256, dropout=0.3)
     model(tf.zeros((1, P, D), tf.float16), tf.zeros((1, 1), tf.int32))
     optimizer = make_optimizer(settings, 100)
     optimizer.build(model.trainable_variables)
