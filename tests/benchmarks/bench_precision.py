@@ -31,6 +31,15 @@ P, D, V, BATCH = 289, 768 + SCORES, 60, 32   # the demo's: mixed7+cell_scores, i
 SIZES = {"demo": (P, D, V, BATCH), "coco": (64, 2048, 10_000, 64)}   # positions, channels, words, batch
 
 
+def demo_decoder():
+    """The demo's decoder (configs/demo.cfg's [decoder]) at the demo's sizes, not yet built."""
+    from pipeline.model import ShowAttendTell
+
+    return ShowAttendTell(V, feature_channels=D, key_channels=SCORES, positions=True, context_extras=True,
+                          location=17, query_word=True, attention_dim=128, feature_dim=256, embed_dim=128,
+                          units=256, dropout=0.3)
+
+
 def train_step(precision: str, prepare=None, decoder: str = "demo"):
     """The demo decoder's (or `decoder` "coco": configs/luigi.cfg's) compiled train step under `precision`;
     `prepare(model)` runs before the model is built (bench_location.py swaps its attention there)."""
@@ -52,9 +61,7 @@ def train_step(precision: str, prepare=None, decoder: str = "demo"):
                                                                "dropout", "cell")})
         else:
             settings = {**DEFAULTS, "attention_lambda": 0.0, "precision": precision}
-            model = ShowAttendTell(words, feature_channels=channels, key_channels=SCORES, positions=True,
-                                   context_extras=True, location=17, query_word=True, attention_dim=128,
-                                   feature_dim=256, embed_dim=128, units=256, dropout=0.3)
+            model = demo_decoder()
         if prepare is not None:
             prepare(model)
         model(tf.zeros((1, positions, channels), tf.float16), tf.zeros((1, 1), tf.int32))

@@ -20,22 +20,19 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench_precision import BATCH, D, P, SCORES, V, demo_batches  # noqa: E402  (the demo decoder's shapes, the batches)
+from bench_precision import BATCH, D, P, demo_batches, demo_decoder  # noqa: E402  (the demo's decoder, its batches)
 
 
 def train_step(jit: bool):
     import keras
     import tensorflow as tf
 
-    from pipeline.model import ShowAttendTell
     from pipeline.steps import make_optimizer, make_train_step
     from pipeline.train import DEFAULTS
 
     keras.utils.set_random_seed(0)
     settings = {**DEFAULTS, "attention_lambda": 0.0, "jit_compile": jit}
-    model = ShowAttendTell(V, feature_channels=D, key_channels=SCORES, positions=True, context_extras=True,
-                           location=17, query_word=True, attention_dim=128, feature_dim=256, embed_dim=128,
-                           units=256, dropout=0.3)
+    model = demo_decoder()
     model(tf.zeros((1, P, D), tf.float16), tf.zeros((1, 1), tf.int32))
     optimizer = make_optimizer(settings, 100)
     optimizer.build(model.trainable_variables)
