@@ -38,8 +38,12 @@ def features_template(tmp_path_factory):
 def extracted(tmp_path, features_template):
     """A workspace of the test's own whose features are already extracted, for tests of the stages after
     extraction: a copy of `features_template` (a workspace works wherever it is copied), without its run records."""
-    workdir = tmp_path / "w"
-    shutil.copytree(features_template, workdir, symlinks=True, ignore=shutil.ignore_patterns("runs"))
+    return copy_workspace(features_template, tmp_path / "w")
+
+
+def copy_workspace(template, workdir):
+    """`template` copied to `workdir` (new), without its run records."""
+    shutil.copytree(template, workdir, symlinks=True, ignore=shutil.ignore_patterns("runs"))
     return workdir
 
 

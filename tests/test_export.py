@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline import export as export_lib, images as images_lib
 from cli import main as cli
-from tests.conftest import run_luigi
+from tests.conftest import copy_workspace, run_luigi
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
 SAVED_MODEL_CLI = Path(sys.executable).with_name("saved_model_cli")   # a console script of tensorflow
@@ -44,11 +44,12 @@ def upright_exif(orientation: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny model trained by the real pipeline (configs/test.cfg, random:0 encoder), GenerateCaptions' captions
-    of its test split, its export, and the images to serve: the test split's JPEGs, then new images the pipeline
-    captions with `captioner caption` (EXIF-rotated, RGBA PNG, large JPEG, tall PNG)."""
-    workdir = tmp_path_factory.mktemp("w")
+def exported(tmp_path_factory, features_template):
+    """A tiny model trained by the real pipeline (configs/test.cfg, random:0 encoder) on features already
+    extracted, GenerateCaptions' captions of its test split, its export, and the images to serve: the test
+    split's JPEGs, then new images the pipeline captions with `captioner caption` (EXIF-rotated, RGBA PNG, large
+    JPEG, tall PNG)."""
+    workdir = copy_workspace(features_template, tmp_path_factory.mktemp("w") / "w")
     run = run_luigi("GenerateCaptions", "--split", "test", workdir=workdir)
     assert run.returncode == 0, run.output
     model_dir, = workdir.glob("models/[!.]*")
