@@ -188,7 +188,8 @@ def _train_epoch(state, data, train_step, board, settings: dict, progress_callba
             last_log, elapsed = now, now - start
             report_progress(progress_callback, epoch, settings["epochs"], state["step_in_epoch"], data.steps_per_epoch,
                     state["step"], total_steps, *losses[-1], seen / max(elapsed, 1e-9),
-                    (total_steps - state["step"]) * elapsed / max(state["step_in_epoch"] - skip, 1))
+                    (total_steps - state["step"]) * elapsed / max(state["step_in_epoch"] - skip, 1),
+                    settings["attention_lambda"])
     return losses, seen, time.monotonic() - start
 
 

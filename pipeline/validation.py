@@ -72,10 +72,10 @@ def end_epoch(state, data, vocab, summary: dict, text: str, seen: int, seconds: 
         state.counters["bad_epochs"].assign_add(1)
     state.history.append(entry)
     labels = extensions.val_labels()
-    log.info("%s, val BLEU-4 %.4f, CIDEr-D %.4f%s, %s%.0fs, %.1f captions/s", text, scores["Bleu_4"],
-             scores["CIDEr"], " (best)" if improved else "",
-             "".join(f"{labels[key]} {value:.3f}, " for key, value in extra.items()), seconds,
-             state.history[-1]["captions_per_second"])
+    log.info("%s, val BLEU-4 %.4f, CIDEr-D %.4f, %s%.0fs, %.1f captions/s%s", text, scores["Bleu_4"],
+             scores["CIDEr"], "".join(f"{labels[key]} {value:.3f}, " for key, value in extra.items()), seconds,
+             state.history[-1]["captions_per_second"],
+             f"; the best epoch so far by val {selection_name(settings['select_by'])}" if improved else "")
     board.epoch(state["step"], scores, extra, state.history[-1]["val_distinct"], hyps, data.val_refs)
     state.counters["epoch"].assign_add(1)
     state.counters["step_in_epoch"].assign(0)
@@ -84,9 +84,10 @@ def end_epoch(state, data, vocab, summary: dict, text: str, seen: int, seconds: 
 
 
 def report_progress(callback, epoch, epochs, step_in_epoch, steps_per_epoch, step, total_steps, loss, xent, attention_term, rate,
-            eta_seconds):
+            eta_seconds, attention_lambda: float):
     message = (f"epoch {epoch + 1}/{epochs}, step {step_in_epoch}/{steps_per_epoch} (total {step}/{total_steps}), "
-               f"loss {loss:.4f} (xent {xent:.4f} + λ × attention {attention_term:.4f}), {rate:.1f} captions/s, "
+               f"loss {loss:.4f} (xent {xent:.4f} + {attention_lambda:g} × attention {attention_term:.4f}), "
+               f"{rate:.1f} captions/s, "
                f"ETA {format_seconds(eta_seconds)} (+ validation)")
     log.info(message)
     if callback is not None:

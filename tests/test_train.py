@@ -196,6 +196,9 @@ def test_min_steps_raise_the_epochs_of_a_small_dataset(extracted):
     run = run_luigi("TrainDecoder", "--training-epochs", "1", "--training-min-steps", "17", workdir=workdir)
     assert run.returncode == 0, run.output
     assert "training 3 epochs instead of 1: [training] min_steps = 17 at 8 steps per epoch" in run.output
+    # the step lines show the attention term's weight (configs/test.cfg's λ = 1), the epoch lines the epoch kept
+    assert "(total 8/24), loss" in run.output and "+ 1 × attention" in run.output
+    assert "epoch 1/3: loss" in run.output and "; the best epoch so far by val CIDEr-D" in run.output
     model_dir, = workdir.glob("models/[!.]*")
     assert [h["epoch"] for h in json.loads((model_dir / "history.json").read_text())] == [1, 2, 3]
     ran = json.loads((model_dir / "config.json").read_text())
