@@ -103,10 +103,7 @@ class PretrainDigitsEncoder(Stage):
     def settings(self):
         # trained, batch-norm re-estimated and checked on scenes of the size the encoder will see, at its layer
         e = encoder.read()
-        values = section_values(pretrain)
-        if not values["scene_train_size"]:   # 0, the scene size itself: the encoders trained before the key existed
-            del values["scene_train_size"]   # keep their fingerprints (pretrain fills the default back in)
-        return {**values, "pool_seed": demo.read().seed, "scene_size": e.image_size,
+        return {**section_values(pretrain), "pool_seed": demo.read().seed, "scene_size": e.image_size,
                 "layer": encoder_lib.base_layer(e.layer)}
 
     def identity(self) -> dict:

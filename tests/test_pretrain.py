@@ -375,3 +375,18 @@ def test_scene_train_size_is_checked_and_a_failed_render_stops_the_pretraining(t
                 "scene_batch_size": 2, "warmup_steps": 0}
     with pytest.raises(ValueError):   # a 107-px scene cannot hold the crop phase's windows
         pretrain.pretrain(tmp_path, settings)
+
+
+def test_scene_train_size_zero_reaches_the_pretraining_as_the_encoders_image_size():
+    """0 means phase 2 trains on scenes of [encoder] image_size: the stage passes it on (and fingerprints it),
+    rather than dropping the key and letting the config's default (224) train in its place."""
+    from luigi.cmdline_parser import CmdlineParser
+    from tasks.demo import PretrainDigitsEncoder
+    with CmdlineParser.global_instance(["PretrainDigitsEncoder", "--pretrain-scene-train-size", "0"]):
+        asked = PretrainDigitsEncoder()
+        settings, path = asked.settings(), asked.output().path
+    assert {**pretrain.DEFAULTS, **settings}["scene_train_size"] == 0     # what pretrain() resolves to scene_size
+    PretrainDigitsEncoder.clear_instance_cache()       # luigi hands out one instance per parameters
+    default = PretrainDigitsEncoder()
+    assert default.settings()["scene_train_size"] == pretrain.DEFAULTS["scene_train_size"] != 0
+    assert default.output().path != path                                    # another encoder
