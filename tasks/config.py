@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 
 import luigi
@@ -22,8 +24,9 @@ DEMO_CONFIG = REPO / "configs" / "demo.cfg"
 def _layer_the_defaults() -> None:
     """Put configs/luigi.cfg (the project's defaults: the local scheduler, [retcode], COCO's model) under the file
     LUIGI_CONFIG_PATH names, so that file holds only what it changes; and, when the result says [dataset]
-    source = demo, configs/demo.cfg between the two. Runs when this module is imported, which the `luigi`
-    command does while it parses its command line, before it reads [core] and [retcode]."""
+    source = demo (or `--dataset-source demo` on the command line), configs/demo.cfg between the two. Runs when
+    this module is imported, which the `luigi` command does while it parses its command line, before it reads
+    [core] and [retcode]."""
     # luigi 3.8 keeps the files it reads, in order, in LuigiConfigParser._config_paths (no public accessor);
     # later files override earlier ones
     paths = luigi.configuration.LuigiConfigParser._config_paths
@@ -32,7 +35,8 @@ def _layer_the_defaults() -> None:
     user = os.environ.get("LUIGI_CONFIG_PATH")
     paths.insert(paths.index(user) if user in paths else len(paths), str(DEFAULT_CONFIG))
     luigi.configuration.LuigiConfigParser.reload()
-    if luigi.configuration.get_config().get("dataset", "source", "demo") == "demo":
+    flag = re.search(r"(?:^| )--dataset-source[= ](\S+)", " ".join(sys.argv))   # a flag decides over the files
+    if (flag.group(1) if flag else luigi.configuration.get_config().get("dataset", "source", "demo")) == "demo":
         paths.insert(paths.index(str(DEFAULT_CONFIG)) + 1, str(DEMO_CONFIG))
         _reread(paths)
 
@@ -63,9 +67,6 @@ if not log.handlers:   # luigi configures only its own loggers; ours reports pro
     log.setLevel(logging.INFO)
     log.propagate = False
 
-
-
-# ------------------------------------------------------------------------------------------ configuration
 
 def config_files() -> str:
     """The config files in effect, for error messages."""
@@ -354,9 +355,8 @@ class evaluation(Section):
 
 
 def check_every_section() -> None:
-    """Read (and so check) every project section once per process: InputError listing every problem.
-    Runs before any work: at import for the luigi command (startup_problems), else at the first completeness
-    check."""
+    """Read (and so check) every project section once per process, before any work (at import for the luigi
+    command: startup_problems, else at the first completeness check): InputError listing every problem."""
     global sections_checked
     if not sections_checked:
         problems = section_problems()

@@ -62,6 +62,26 @@ def test_settings_shows_each_value_with_its_source(monkeypatch):
     assert re.search(r"epochs = 3 +# flag --training-epochs · default '20'", text)
 
 
+def test_a_dataset_source_flag_decides_whether_the_demo_config_is_layered(tmp_path):
+    """`--dataset-source coco` on the command line of a demo config drops configs/demo.cfg (its digits encoder
+    and plug-in), and `--dataset-source=demo` on a COCO config adds it: the flag decides, as it does the value."""
+    coco = tmp_path / "coco.cfg"
+    coco.write_text("[dataset]\nsource = coco\n")
+    captioner = os.path.join(os.path.dirname(sys.executable), "captioner")
+
+    def layered(config, *flags):
+        run = subprocess.run([captioner, "settings", *flags, "--json"], cwd=REPO, capture_output=True, text=True,
+                             env=dict(os.environ, LUIGI_CONFIG_PATH=str(config)), timeout=120)
+        assert run.returncode == 0, run.stderr
+        rows = {(r["section"], r["key"]): r for r in json.loads(run.stdout)}
+        return rows[("dataset", "plugins")]["value"], rows[("encoder", "weights")]["value"]
+
+    assert layered(TEST_CONFIG) == ("pipeline.digits", "random:0")   # configs/test.cfg: source = demo
+    assert layered(TEST_CONFIG, "--dataset-source", "coco") == ("", "random:0")
+    assert layered(coco) == ("", "imagenet")
+    assert layered(coco, "--dataset-source=demo") == ("pipeline.digits", "digits")
+
+
 def test_a_killed_run_shows_as_interrupted_with_what_it_finished(workdir):
     env = dict(os.environ, LUIGI_CONFIG_PATH=str(TEST_CONFIG), CAPTIONER_WORKDIR=str(workdir))
     command = [LUIGI, "--module", "tasks", "ExtractFeatures", "--split", "train", "--features-shard-size", "3"]
