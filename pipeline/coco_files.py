@@ -253,9 +253,10 @@ def _id_problem(value, key: str) -> str:
 
 
 def read_coco(path, on_image, on_annotation, problems: Problems, progress_callback=None) -> tuple[int, int]:
-    """Stream one COCO captions file: on_image(image_id, file_name, entry) for each well-formed image entry,
-    on_annotation(caption_id or None, image_id, caption) for each well-formed annotation, in file order; malformed
-    entries (malformed_image, malformed_annotation, caption_not_a_string) go to `problems`. Returns how many of
+    """Stream one COCO captions file: on_image(image_id, file_name, fields) for each well-formed image entry
+    (fields: what the plug-ins' parsers keep of it, extensions.image_fields), on_annotation(caption_id or None,
+    image_id, caption) for each well-formed annotation, in file order; malformed entries (malformed_image,
+    malformed_annotation, caption_not_a_string) and plug-in fields (malformed_image_field) go to `problems`. Returns how many of
     each were well-formed. The file's structure is checked strictly: InputError naming the file and the field.
     (Over 50 lines: the two entry checks are closures over the counters, the way the streaming reader calls
     them per item.)"""
@@ -269,7 +270,10 @@ def read_coco(path, on_image, on_annotation, problems: Problems, progress_callba
             image_id, file_name = entry.get("id"), entry.get("file_name")
             if type(image_id) is int and low <= image_id <= high and type(file_name) is str:
                 good[0] += 1
-                return on_image(image_id, file_name, entry)
+                fields, reasons = extensions.image_fields(entry) if extensions.IMAGE_FIELDS else ({}, [])
+                for reason in reasons:   # the image stays; the field is dropped
+                    skip("malformed_image_field", "images", i, reason, image_id=image_id)
+                return on_image(image_id, file_name, fields)
         if type(entry) is not dict:
             skip("malformed_image", "images", i, f"not an object: {entry!r:.60}")
         elif not _is_id(entry.get("id")):
@@ -324,8 +328,7 @@ def load_coco_captions(path: str | os.PathLike) -> tuple[list[dict], list[dict],
     `annotations`: InputError naming the file. One bad entry among thousands is skipped and reported instead.
     Holds the whole file's entries: the stage itself streams (make_annotations)."""
     images, annotations, problems = [], [], Problems()
-    read_coco(path, lambda image_id, name, entry: images.append({"id": image_id, "file_name": name,
-                                                                  **extensions.image_fields(entry)}),
+    read_coco(path, lambda image_id, name, fields: images.append({"id": image_id, "file_name": name, **fields}),
                lambda caption_id, image_id, caption: annotations.append({"id": caption_id, "image_id": image_id,
                                                                          "caption": caption}), problems)
     return images, annotations, problems.lists()

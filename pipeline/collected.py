@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import extensions
 from pipeline.captions import normalised_lines
 from pipeline.coco_files import read_coco
 from pipeline.problems import Problems
@@ -42,10 +41,9 @@ class Collected:
         """Add an annotation file."""
         ids, names, batch = self.image_ids.append, self._names.append, self.BATCH
 
-        def on_image(image_id, file_name, entry):
+        def on_image(image_id, file_name, fields):
             ids(image_id)
             names(file_name)
-            fields = extensions.image_fields(entry) if extensions.IMAGE_FIELDS else None
             if fields:
                 self.extras[len(self.image_ids) - 1] = manifests.extra_keys_json(fields)
             if len(self._names) >= batch:

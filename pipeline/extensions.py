@@ -5,7 +5,8 @@ built-in demo is one: configs/demo.cfg names it). The general modules ask these 
 so a dataset that names none runs the plain Show-Attend-Tell pipeline.
 
     image_fields     per-image truth an annotation file may carry beside COCO's keys: a parser of one `images`
-                     entry → the keys the split manifests keep for that image ({} when it carries none)
+                     entry → (the keys the split manifests keep for that image ({} when it carries none), why a
+                     field it names is malformed and dropped, or None: the annotations report lists it)
     metrics          a Metrics object: scores of captions against that truth, in the metrics file, its report,
                      the log and TensorBoard; its val scores are what [training] select_by may name
     rewards          a self-critical reward by name ([training] scst_reward): factory(train records) → an object
@@ -22,7 +23,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-IMAGE_FIELDS: dict[str, Callable[[dict], dict]] = {}
+IMAGE_FIELDS: dict[str, Callable[[dict], tuple[dict, str | None]]] = {}
 METRICS: dict[str, "Metrics"] = {}
 REWARDS: dict[str, tuple[str, Callable]] = {}
 FEATURE_EXTRAS: dict[str, "FeatureExtra"] = {}
@@ -87,12 +88,15 @@ def load(modules) -> None:
 _loaded: set[str] = set()
 
 
-def image_fields(entry: dict) -> dict:
-    """The manifest keys every registered parser keeps from one `images` entry of an annotation file."""
-    fields = {}
+def image_fields(entry: dict) -> tuple[dict, list[str]]:
+    """The manifest keys every registered parser keeps from one `images` entry of an annotation file, and why
+    the fields they dropped are malformed."""
+    fields, problems = {}, []
     for parse in IMAGE_FIELDS.values():
-        fields.update(parse(entry))
-    return fields
+        kept, problem = parse(entry)
+        fields.update(kept)
+        problems += [problem] if problem else []
+    return fields, problems
 
 
 def val_labels() -> dict[str, str]:

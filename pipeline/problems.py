@@ -4,6 +4,7 @@ from __future__ import annotations
 
 PROBLEM_KINDS = (
     "malformed_image",             # images[i] not an object, or without an integer id (64-bit) or a string file_name
+    "malformed_image_field",       # a plug-in's field of images[i] malformed (digits: not integers 0-9): field dropped
     "malformed_annotation",        # annotations[i] not an object, or without an integer image_id (or id), 64-bit
     "caption_not_a_string",        # caption missing, null, a number, a list …: that caption dropped
     "caption_for_unknown_image",   # annotation whose image_id is not in images[]

@@ -83,7 +83,7 @@ def test_every_problem_kind_is_counted_listed_and_skipped(tmp_path):
                                             {"cocoid": 3, "split": "val"}, {"cocoid": 4, "split": "test"}]}))
     splits, report = extract_annotations([f], [tmp_path / "imgs"], karpathy_split=split)
     assert report["problem_counts"] == {
-        "malformed_image": 1, "malformed_annotation": 1, "caption_not_a_string": 1, "caption_for_unknown_image": 1,
+        "malformed_image": 1, "malformed_image_field": 0, "malformed_annotation": 1, "caption_not_a_string": 1, "caption_for_unknown_image": 1,
         "image_without_captions": 1, "missing_image_file": 1, "image_outside_root": 0, "empty_caption": 1,
         "duplicate_image_id": 1, "duplicate_caption_id": 1, "image_not_in_split": 1}
     assert report["problems"]["missing_image_file"][0]["path"] == "d.jpg"
@@ -94,6 +94,31 @@ def test_every_problem_kind_is_counted_listed_and_skipped(tmp_path):
     assert [(r["image_id"], r["path"], r["captions"]) for r in splits["train"]] == \
         [(1, "a.jpg", ["a dog"]), (2, "b.jpg", ["a bird"])]
     assert splits["val"] == [] and splits["test"] == []
+
+
+def test_a_malformed_plug_in_field_is_reported_and_dropped_and_the_image_kept(tmp_path, digits_plugin):
+    """The digits plug-in's fields: well-formed ones are kept; `digits` that are not integers 0–9, boxes that
+    are not one per digit, and boxes without the image's width and height are listed as malformed_image_field
+    and dropped (never kept half-read), while the image and its captions stay."""
+    make_images(tmp_path / "imgs", [f"{i}.jpg" for i in range(1, 6)])
+    good = {"digits": [7, 2], "digit_boxes": [[1, 2, 10, 20], [15, 2, 10, 20]], "width": 40, "height": 30}
+    images = [{"id": 1, "file_name": "1.jpg", **good},
+              {"id": 2, "file_name": "2.jpg", **good, "digits": ["7", "2"]},
+              {"id": 3, "file_name": "3.jpg", **good, "digit_boxes": [[1, 2, 10, 20]]},
+              {"id": 4, "file_name": "4.jpg", **{k: v for k, v in good.items() if k != "width"}},
+              {"id": 5, "file_name": "5.jpg"}]                                   # no digit fields: nothing to say
+    f = write_coco(tmp_path / "captions.json", images,
+                   [{"id": 10 + i, "image_id": i, "caption": "Two digits."} for i in range(1, 6)])
+    splits, report = extract_annotations([f], [tmp_path / "imgs"], val_fraction=0.0, test_fraction=0.0, seed=0)
+    assert report["problem_counts"]["malformed_image_field"] == 3
+    reasons = {p["image_id"]: p["reason"] for p in report["problems"]["malformed_image_field"]}
+    assert "'digits' is not a list of integers 0-9" in reasons[2]
+    assert "one [x, y, w, h] per digit" in reasons[3] and "'width' and 'height'" in reasons[4]
+    records = {r["image_id"]: r for r in splits["train"]}
+    assert set(records) == {1, 2, 3, 4, 5}
+    assert records[1]["digit_boxes"] == good["digit_boxes"] and records[1]["width"] == 40
+    assert "digits" not in records[2] and "digits" not in records[5]
+    assert [(records[i]["digits"], "digit_boxes" in records[i]) for i in (3, 4)] == [([7, 2], False)] * 2
 
 
 @pytest.mark.parametrize("content, needle", [

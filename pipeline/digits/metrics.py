@@ -71,17 +71,27 @@ def declares_digits(records) -> bool:
     return any(r.get("digits") is not None for r in records)
 
 
-def image_fields(image: dict) -> dict:
-    """The digit fields of one `images` entry of an annotation file, when well-formed; else {}."""
+def image_fields(image: dict) -> tuple[dict, str | None]:
+    """The digit fields of one `images` entry of an annotation file, those well-formed, and why the others are
+    dropped (or None): `digits` not a list of integers 0–9 leaves the image unlabelled; `digit_boxes` not one
+    [x, y, w, h] per digit, or without the image's integer `width` and `height`, leaves it without grounding."""
     digits, boxes = image.get("digits"), image.get("digit_boxes")
-    if not (isinstance(digits, list) and all(isinstance(d, int) and 0 <= d <= 9 for d in digits)):
-        return {}
-    out = {"digits": digits}
-    if (isinstance(boxes, list) and len(boxes) == len(digits)
-            and all(isinstance(b, list) and len(b) == 4 for b in boxes)
-            and isinstance(image.get("width"), int) and isinstance(image.get("height"), int)):
-        out.update(digit_boxes=boxes, width=image["width"], height=image["height"])
-    return out
+    if digits is None:
+        return {}, None
+    if not (isinstance(digits, list) and all(type(d) is int and 0 <= d <= 9 for d in digits)):
+        return {}, f"'digits' is not a list of integers 0-9 (got {digits!r:.60}): the image counts as unlabelled"
+    if boxes is None:
+        return {"digits": digits}, None
+    if not (isinstance(boxes, list) and len(boxes) == len(digits)
+            and all(isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+                    for b in boxes)):
+        return {"digits": digits}, (f"'digit_boxes' is not one [x, y, w, h] per digit (got {boxes!r:.60}): "
+                                    "dropped, the image has no attention grounding")
+    if not (type(image.get("width")) is int and type(image.get("height")) is int):
+        return {"digits": digits}, ("'digit_boxes' needs the image's integer 'width' and 'height' (got "
+                                    f"{image.get('width')!r:.20}, {image.get('height')!r:.20}): dropped, the "
+                                    "image has no attention grounding")
+    return {"digits": digits, "digit_boxes": boxes, "width": image["width"], "height": image["height"]}, None
 
 
 def _share(hits: list[bool]) -> float | None:
