@@ -243,6 +243,10 @@ def _shipped_values(param, section: str, key: str, default: str, files) -> str:
     """'label, label: `value`; ...' for the shipped configs [(label, parser)] whose value of the key is not the
     default (compared as the parameter reads them: 0.001 is 1e-3)."""
     differing = {}
+    try:   # the default as the parameter reads it too (0.00005 and 5e-05 are one value)
+        default = _shown(param, param.serialize(param.parse(default)))
+    except Exception:
+        pass
     for label, parser in files:
         if parser.has_option(section, key):
             raw = parser.get(section, key)
@@ -263,8 +267,10 @@ def _luigi_sections(retcodes: dict) -> list[str]:
         "Luigi reads these itself; the shipped configs set them as follows.",
         "",
         "- `[core]` `local_scheduler = true`: no `luigid` needed; set it to `false` and `default_scheduler_host`",
-        "  to use a central scheduler. `lock_pid_dir` defaults to `<workspace>/.locks` (one run of a command per",
-        "  workspace).",
+        "  to use a central scheduler. `log_level = INFO`: Luigi's own log lines (the pipeline's `[captioner]` lines",
+        "  are always at INFO).",
+        "  `lock_pid_dir` defaults to `<workspace>/.locks/<config>` (one run of a command per workspace and",
+        "  config: the same command with another config runs beside it).",
         "- `[resources]` `gpu = 1`: at most one feature-extraction task (ExtractShard, CaptionImages) at a time",
         "  per scheduler; with `luigid`, set it in luigid's own config to the GPUs of the cluster.",
         "- `[retcode]`: the exit codes, applied even when a config file leaves the section out: "

@@ -52,7 +52,7 @@ class pretrain(Section):
                                              description="phase 2 trains this block and those above it; the layers "
                                                          "below keep their phase-1 weights (all: every layer)")
     seed = luigi.IntParameter(description="scenes, crops and initial weights")
-    bn_scenes = luigi.IntParameter(description="299-px scenes that re-estimate the batch norms")
+    bn_scenes = luigi.IntParameter(description="whole scenes at [encoder] image_size that re-estimate the batch norms")
     val_scenes = luigi.IntParameter(description="held-out val-pool scenes the report's accuracy uses")
     bfloat16 = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                    description="bfloat16 compute (fast on CPUs with AMX / AVX-512 BF16, GPUs)")

@@ -117,7 +117,7 @@ class PlanShards(Stage):
 
 
 class ExtractShard(ReportsProgress, luigi.Task):
-    """One shard of a plan: features/<encoder-fp>/<shard>.h5. One GPU task at a time per host."""
+    """One shard of a plan: features/<encoder-fp>/<shard>.h5. One GPU task at a time per scheduler ([resources] gpu)."""
     plan = luigi.Parameter()
     shard = luigi.Parameter()
     resources = {"gpu": 1}
