@@ -153,6 +153,9 @@ class dataset(Section):
                                     f"names {path}, which is not a directory")
             if self.karpathy_split:
                 out += self.require(os.path.isfile(self.karpathy_split), "karpathy_split", "is not a file")
+        for key in ("annotations", "images", "karpathy_split") if self.source != "coco" else ():   # never read
+            out += self.require(not getattr(self, key), key, f"is set, but source = {self.source} reads the dataset "
+                                "its plug-in writes, not your files; for your files set source = coco")
         return out
 
 
@@ -229,9 +232,8 @@ class decoder(Section):
     context_extras = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                          description="with attention_keys = extras: the context reads the extra "
                                                      "channels too, not only the base layer's")
-    location = luigi.IntParameter(description="location-sensitive attention: the previous and the summed "
-                                                         "attention, convolved over the grid with a kernel this wide, "
-                                                         "steer the next; 0: off")
+    location = luigi.IntParameter(description="location-sensitive attention: the previous and the summed attention, "
+                                              "convolved over the grid with a kernel this wide, steer the next; 0: off")
     query_word = luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                      description="the attention query reads the step's input word beside the "
                                                  "state (where to look next depends on what was just named); "
@@ -244,10 +246,9 @@ class decoder(Section):
         out += self.require(self.location >= 0, "location", "must be 0 (off) or a kernel width, e.g. 9")
         if self.attention_keys == "extras":   # checked here, not after pretraining and extraction
             layer = encoder.read().layer
-            out += self.require("+" in layer, "attention_keys",
-                                f"needs features with extra channels, and [encoder] layer = {layer}; set "
-                                f"attention_keys = features and context_extras = false, as configs/coco2017.cfg "
-                                f"does (or a layer <layer>+<extra> of a plug-in's)")
+            out += self.require("+" in layer, "attention_keys", f"needs features with extra channels, and [encoder] "
+                                f"layer = {layer}; set attention_keys = features and context_extras = false, as "
+                                "configs/coco2017.cfg does (or a layer <layer>+<extra> of a plug-in's)")
         out += self.require(not self.context_extras or self.attention_keys == "extras", "context_extras",
                             "needs attention_keys = extras (the channels it reads); set one or the other")
         return out + self.require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")

@@ -33,6 +33,7 @@
 | select_by = digits_exact without digit  | stops before any work: the key, the fix                   | 35   |
 | labels in the dataset                   |                                                           |      |
 | a dataset path that does not exist      | stops before any work: section, key, the path             | 35   |
+| caption files named, source not coco    | stops before any work: each key, "set source = coco"      | 35   |
 | several of these at once                | all reported together                                     | 35   |
 """
 import json
@@ -201,6 +202,20 @@ def test_missing_dataset_paths_are_refused_before_any_work(tmp_path):
     assert "[dataset] annotations = " in run.output and "nope.json, which is not a file" in run.output
     assert "no-such-images, which is not a directory" in run.output         # both problems in one run
     assert not list((tmp_path / "w").glob("annotations/*"))
+
+
+def test_your_files_without_source_coco_are_refused_not_swapped_for_the_demo(tmp_path):
+    """A config naming caption files but leaving [dataset] source at its default (demo) would train on the demo's
+    digits and never read them: it stops before any work, naming each key and the fix."""
+    coco, cfg = coco_setup(tmp_path, tmp_path / "images", [])
+    cfg.write_text(cfg.read_text().replace("source = coco\n", ""))
+    run = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w", timeout=60)
+    assert run.returncode == 35, run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("captioner: ERROR:")]
+    for key in ("annotations", "images"):
+        assert any(f"[dataset] {key} = " in e and "but source = demo reads the dataset its plug-in writes" in e
+                   and "set source = coco" in e for e in errors), errors
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_config_holds_only_what_it_changes(tmp_path):
