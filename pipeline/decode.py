@@ -5,12 +5,16 @@ Tokens after <end> are <pad> (0); <end> itself is kept, so `Vocabulary.decode` s
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import tensorflow as tf
 
 from pipeline.inputs import feature_batches
 from pipeline.model import load_model
 from pipeline.progress import Progress
+
+log = logging.getLogger("captioner")
 
 
 def _cache(model) -> dict:
@@ -264,5 +268,10 @@ def decode_rows(decode, vocab, by_shard: dict, batch_size: int, max_length: int,
                 np.zeros((0, max_length, 0), np.float16), np.zeros(0, np.float32), [])
     order = np.argsort(np.concatenate(ids), kind="stable")
     ids, tokens = np.concatenate(ids)[order], np.concatenate(tokens)[order]
+    cut = int(np.sum(~np.any(tokens == vocab.index["<end>"], axis=1)))
+    if cut:
+        log.warning("%d of %d captions reached [generation] max_length = %d (<end> included) unfinished: they are cut "
+                    "short. Fix: raise it above [vocabulary] max_length (%d words here)", cut, len(ids), max_length,
+                    vocab.max_length)
     return (ids, tokens, np.concatenate(attention)[order], np.concatenate(scores)[order] if scores else None,
             [vocab.decode(row) for row in tokens])

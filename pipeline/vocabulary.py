@@ -160,4 +160,10 @@ def make_vocabulary(annotations_dir: str | os.PathLike, outdir: str | os.PathLik
     log.info("vocabulary: %d tokens (%d of %d distinct words kept, min_count %d), %.2f%% of train tokens covered",
              len(artifact["tokens"]), stats["words_kept"], stats["distinct_words"], settings.get("min_count", 0),
              100 * stats["token_coverage"])
+    if stats["captions_longer_than_max_length"]:
+        s = artifact["settings"]
+        log.warning("vocabulary: %d of %d train captions are longer than [vocabulary] max_length = %d words (the "
+                    "longest %d): training %s", stats["captions_longer_than_max_length"], stats["train_captions"],
+                    s["max_length"], stats["caption_length_max"],
+                    "drops them" if s["length_policy"] == "drop" else "keeps their first words")
     return artifact

@@ -1,4 +1,6 @@
 """Shared test fixtures. Tests use configs/test.cfg (a tiny demo) and a temporary workspace per test."""
+import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -80,3 +82,19 @@ def assert_real_picture(path, min_side: int = 200) -> None:
         assert min(image.size) >= min_side, (path, image.size)
         pixels = np.asarray(image.convert("L"), np.float32)
     assert pixels.std() > 10 and len(np.unique(pixels)) > 16, (path, pixels.std())
+
+
+@contextlib.contextmanager
+def captioner_log():
+    """The "captioner" log's lines (INFO and up) while the block runs, in a list of strings: read directly, since
+    tasks/config.py turns its propagation to the root logger (and pytest's caplog) off."""
+    lines, logger = [], logging.getLogger("captioner")
+    handler, level = logging.Handler(logging.INFO), logger.level
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

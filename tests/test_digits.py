@@ -1,6 +1,5 @@
 """Digit metrics (pipeline/digits/metrics.py), their place in evaluation, and attention pictures on one shared scale."""
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from pipeline.digits.demo import NUMBER_WORDS, caption_templates
 from pipeline.evaluate import evaluate_split, summary_table
 from pipeline.plots import attention_grid, attention_maps, html_report, word_attention
 from storage import shards
-from tests.conftest import assert_real_picture
+from tests.conftest import assert_real_picture, captioner_log
 
 
 # ------------------------------------------------------------------------------------------ which words
@@ -197,29 +196,12 @@ def write_split(tmp_path, records, captions, tokens, attention, attrs=None):
                            attrs or {})
 
 
-class Collect(logging.Handler):
-    """Collects the "captioner" log directly (tasks/config.py turns its propagation to the root logger off)."""
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.text = ""
-
-    def emit(self, record):
-        self.text += record.getMessage() + "\n"
-
-
 def evaluate_logged(tmp_path) -> tuple[dict, str]:
     """evaluate_split over the split write_split wrote in tmp_path: (metrics, what it logged)."""
-    logger, collect = logging.getLogger("captioner"), Collect()
-    level = logger.level
-    logger.addHandler(collect)
-    logger.setLevel(logging.INFO)
-    try:
+    with captioner_log() as lines:
         metrics = evaluate_split(tmp_path / "out", "test", tmp_path / "test.json", tmp_path / "att.h5",
                                  tmp_path / "test.jsonl", java=False, examples=1)
-    finally:
-        logger.removeHandler(collect)
-        logger.setLevel(level)
-    return metrics, collect.text
+    return metrics, "\n".join(lines) + "\n"
 
 
 def test_evaluate_split_adds_digit_metrics(tmp_path, digits_plugin):

@@ -12,7 +12,7 @@ from pipeline.decode import beam_fn, greedy_fn
 from pipeline.evaluate import evaluate, java_available
 from pipeline.model import ShowAttendTell
 from storage import contents, manifests, shards, workspace as ws
-from tests.conftest import assert_real_picture, run_luigi
+from tests.conftest import assert_real_picture, captioner_log, run_luigi
 
 PAD, START, END, A, B, C = range(6)
 
@@ -366,3 +366,18 @@ def subprocess_free_generate(workdir, model_dir) -> dict:
                                   d["length_penalty"], d["suppress_unk"])
     return {r["image_id"]: (r["caption"], r["score"]) for r in results}
 
+
+
+def test_captions_cut_by_max_length_are_counted_in_a_warning(evaluated):
+    """A [generation] max_length too short for the captions cuts them: the log says how many, and the fix."""
+    from pipeline import decode, inputs
+    workdir, _ = evaluated
+    model_dir, = workdir.glob("models/[!.]*")
+    store, = [p for p in workdir.glob("features/[!.]*") if p.is_dir()]
+    rows = inputs.shard_rows(store, json.loads(max(store.glob("splits/*/test.json")).read_text()))
+    with captioner_log() as lines:
+        results, _, tokens, _ = decode.generate(model_dir, rows, beam_size=1, max_length=1)
+    unfinished = sum(row[0] != 2 for row in tokens)   # <end> is token 2
+    assert unfinished > 0
+    warning, = [line for line in lines if "captions reached [generation] max_length = 1" in line]
+    assert warning.startswith(f"{unfinished} of {len(results)} captions") and "Fix: raise it above" in warning

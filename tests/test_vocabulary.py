@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.vocabulary import SPECIALS, Vocabulary, build_vocabulary, make_vocabulary
 from storage import manifests
+from tests.conftest import captioner_log
 
 
 def records(*caption_lists):
@@ -46,6 +47,19 @@ def test_counts_only_the_training_split(tmp_path):
     artifact = make_vocabulary(ann, out, min_count=1, max_size=0, max_length=20, length_policy="truncate")
     assert "validation" not in artifact["tokens"] and "words" not in artifact["tokens"]
     assert json.loads((out / "vocab.json").read_text()) == artifact
+
+
+@pytest.mark.parametrize("policy, says", [("truncate", "keeps their first words"), ("drop", "drops them")])
+def test_captions_longer_than_max_length_are_counted_in_a_warning(tmp_path, policy, says):
+    ann, out = tmp_path / "annotations", tmp_path / "vocab"
+    ann.mkdir(), out.mkdir()
+    manifests.write_manifest(manifests.manifest_path(ann, "train"),
+                             records(["one two three four five six", "one two", "a b c d e f g h"]))
+    with captioner_log() as lines:
+        make_vocabulary(ann, out, min_count=1, max_size=0, max_length=5, length_policy=policy)
+    assert [line for line in lines if "longer than" in line] == [
+        f"vocabulary: 2 of 3 train captions are longer than [vocabulary] max_length = 5 words (the longest 8): "
+        f"training {says}"]
 
 
 def test_encode_decode_and_padding():
