@@ -62,13 +62,18 @@ def annotation_inputs(written: Path | None) -> tuple[list[str], list[str], str]:
 
 def annotation_settings(files: list[str], karpathy: str) -> dict:
     """ExtractAnnotations' significant settings. COCO caption and split files count by content, not by path (the
-    files and image roots may move to another host or mount); a written dataset's by its upstream fingerprint.
+    files and image roots may move to another host or mount), but roots inside the workspace by their path there
+    (the manifests name them so); a written dataset's by its upstream fingerprint.
     The plug-ins count too: their image fields are kept in the manifests."""
     d = dataset.read()
     s = {"source": d.source, "seed": d.seed, "val_fraction": d.val_fraction, "test_fraction": d.test_fraction}
     if d.source == "coco":
         s["annotations"] = [identify_input(f, "annotations") for f in files]
         s["karpathy_split"] = identify_input(karpathy, "karpathy_split") if karpathy else ""
+        references = [manifests.root_reference(r, k, workspace_root()) for k, r in enumerate(comma_list(d.images))]
+        inside = [ref for ref in references if not ref.startswith("images:")]   # named by their path, not by k
+        if inside:
+            s["image_roots_in_workspace"] = inside
     if s.get("karpathy_split") or d.source != "coco":
         for key in ("seed", "val_fraction", "test_fraction"):   # unused with a split file
             s.pop(key)

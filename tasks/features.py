@@ -32,6 +32,18 @@ class ExtractAnnotations(Stage):
         files, _, karpathy = self.inputs()
         return context.annotation_settings(files, karpathy)
 
+    def output_problem(self) -> str | None:
+        """Stage's checks, and: an image file the report listed as missing (its first LISTED_PER_KIND) exists now,
+        so the manifests would leave out an image the dataset has (images copied in after a first run)."""
+        problem = super().output_problem()
+        report = Path(self.output().path) / manifests.REPORT_FILE
+        if problem is not None or not report.is_file():
+            return problem
+        for missing in manifests.read_json(report)["problems"].get("missing_image_file", []):
+            if (Path(missing["root"]) / missing["path"]).is_file():
+                return f"{missing['path']} under {missing['root']}, missing then, is there now"
+        return None
+
     def run(self):
         d = dataset.read()
         load_plugins()   # their image fields are kept in the manifests

@@ -11,8 +11,8 @@
 | string captions, annotations without an |                                                           |      |
 | integer image_id, images without id or  |                                                           |      |
 | file_name                               |                                                           |      |
-| image paths that are missing or not a   | listed as missing_image_file in report.json, skipped      | 0    |
-| file                                    |                                                           |      |
+| image paths that are missing or not a   | listed as missing_image_file in report.json, skipped; a   | 0    |
+| file                                    | rerun after they appear takes them in                     |      |
 | file_name absolute or with '..'         | listed as image_outside_root in report.json, skipped      | 0    |
 | no usable training image                | stops: the annotation files, the problems found, the fix  | 30   |
 | images: corrupt, truncated, zero-byte,  | skipped with their reason (shard, split index, log);      | 0    |
@@ -167,6 +167,39 @@ BAD_SETTINGS = [
      ["[pretrain] scene_train_from = 'mixed9' must be all or a block at or below the feature layer mixed7"]),
     (("--training-bucket-width", "-1"), ["[training] bucket_width = -1 must be 0 (off) or more"]),
 ]
+
+
+def test_images_missing_at_first_and_copied_in_later_join_the_dataset_on_the_rerun(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not decoded by this stage")
+    _, cfg = coco_setup(tmp_path, tmp_path / "images", ["a.jpg", "b.jpg"])
+    first = run_luigi("ExtractAnnotations", config=cfg, workdir=tmp_path / "w", timeout=120)
+    assert first.returncode == 0, first.output
+    output, = (tmp_path / "w").glob("annotations/[!.]*")
+    report = json.loads((output / "report.json").read_text())
+    assert [p["path"] for p in report["problems"]["missing_image_file"]] == ["b.jpg"]
+    (tmp_path / "images" / "b.jpg").write_bytes(b"copied in later")
+    second = run_luigi("ExtractAnnotations", config=cfg, workdir=tmp_path / "w", timeout=120)
+    assert second.returncode == 0 and "b.jpg under" in second.output and "is there now" in second.output
+    assert [json.loads(line)["path"] for line in (output / "train.jsonl").open()] == ["a.jpg", "b.jpg"]
+    assert json.loads((output / "report.json").read_text())["problem_counts"]["missing_image_file"] == 0
+
+
+def test_another_image_folder_inside_the_workspace_gives_other_manifests(tmp_path):
+    """Manifests name an image root inside the workspace by its path there: pointing [dataset] images at another
+    such folder with the same caption file makes new manifests, never the old folder's."""
+    for version in ("v1", "v2"):
+        (tmp_path / "w" / version).mkdir(parents=True)
+        (tmp_path / "w" / version / "a.jpg").write_bytes(version.encode())
+    _, cfg = coco_setup(tmp_path, tmp_path / "w" / "v1", ["a.jpg"])
+    roots = []
+    for version in ("v1", "v2"):
+        cfg.write_text(cfg.read_text().replace("/w/v1\n", f"/w/{version}\n"))
+        run = run_luigi("ExtractAnnotations", config=cfg, workdir=tmp_path / "w", timeout=120)
+        assert run.returncode == 0, run.output
+        roots.append({json.loads(line)["root"] for d in (tmp_path / "w").glob("annotations/[!.]*")
+                      for line in (d / "train.jsonl").open()})
+    assert roots == [{"v1"}, {"v1", "v2"}]
 
 
 @pytest.mark.parametrize("flags, needles", BAD_SETTINGS, ids=[f[0] for f, _ in BAD_SETTINGS])
