@@ -207,7 +207,8 @@ def _write_annotations(outdir, annotation_files, roots: list[str], root_names: l
         karpathy = karpathy_split_codes(karpathy_split) if karpathy_split else None
         s = Sorted(collected, files, problems)
         collected.release()
-        split_codes = split_lookup(*karpathy, s.ids) if karpathy else None
+        split_codes = split_lookup(*karpathy[:2], s.ids) if karpathy else None
+        split_file = _split_file_report(karpathy, s.ids, problems) if karpathy else None
         writer = _write_manifests(outdir, collected, s, (roots, root_names, split_codes,
                                                          (val_fraction, test_fraction, seed), problems),
                                   scratch, progress_callback)
@@ -220,6 +221,7 @@ def _write_annotations(outdir, annotation_files, roots: list[str], root_names: l
                         f"fractions(val={val_fraction}, test={test_fraction}, seed={seed})",
         "normalisation": "NFKC, lowercase, non-alphanumerics to spaces, inner apostrophes kept, spaces collapsed",
         "splits": writer.counts,
+        **({"split_file": split_file} if split_file else {}),
         "problem_counts": dict(problems.counts),
         "problems": problems.lists(),
         "problems_listed_at_most": problems.limit,
@@ -232,6 +234,25 @@ def _write_annotations(outdir, annotation_files, roots: list[str], root_names: l
     log.info("annotations: %s", ", ".join(f"{s} {c['images']} images / {c['captions']} captions"
                                           for s, c in report["splits"].items()))
     return report, (np.frombuffer(writer.ids, np.int64), np.frombuffer(writer.codes, np.int8))
+
+
+def _split_file_report(karpathy, annotated_ids: np.ndarray, problems: Problems) -> dict:
+    """The split file's images per split, and those in no caption file (a caption file left out of the config
+    shrinks a split); its ids listed in two splits go to `problems` (split_file_conflict)."""
+    ids, codes, conflicts = karpathy
+    for image_id in conflicts.tolist():
+        kept = SPLITS[codes[np.searchsorted(ids, image_id)]]
+        problems.add("split_file_conflict", {"image_id": image_id, "split": kept})
+    absent = ~np.isin(ids, annotated_ids)
+    report = {"listed": {s: int(np.sum(codes == k)) for k, s in enumerate(SPLITS)},
+              "in_no_caption_file": {s: int(np.sum(absent & (codes == k))) for k, s in enumerate(SPLITS)}}
+    if absent.any():
+        log.warning("annotations: %s of the split file's images are in no caption file: those splits are smaller "
+                    "than the split file says. Fix: list every caption file it covers in [dataset] annotations "
+                    "(COCO 2014: captions_train2014.json and captions_val2014.json)",
+                    ", ".join(f"{n} of {report['listed'][s]} {s}" for s, n in report["in_no_caption_file"].items()
+                              if n))
+    return report
 
 
 def extract_annotations(annotation_files, image_roots, karpathy_split=None, val_fraction=0.05,

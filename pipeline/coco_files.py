@@ -336,13 +336,13 @@ def load_coco_captions(path: str | os.PathLike) -> tuple[list[dict], list[dict],
 
 def load_karpathy_split(path: str | os.PathLike) -> dict[int, str]:
     """Karpathy's dataset_coco.json → {coco image id: 'train' | 'val' | 'test'} ('restval' counts as train)."""
-    ids, codes = karpathy_split_codes(path)
+    ids, codes, _ = karpathy_split_codes(path)
     return {image_id: SPLITS[code] for image_id, code in zip(ids.tolist(), codes.tolist())}
 
 
-def karpathy_split_codes(path) -> tuple[np.ndarray, np.ndarray]:
-    """(image ids, sorted; the split of each as an index into SPLITS) of a Karpathy split file, streamed. An id
-    listed twice keeps its last split."""
+def karpathy_split_codes(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image ids, sorted; the split of each as an index into SPLITS; the ids listed in more than one split) of a
+    Karpathy split file, streamed. An id listed twice keeps its last split."""
     ids, codes, errors = array("q"), array("b"), []
 
     def image(i, entry):
@@ -372,7 +372,9 @@ def karpathy_split_codes(path) -> tuple[np.ndarray, np.ndarray]:
                          "Fix: point [dataset] karpathy_split at dataset_coco.json.")
     if errors:
         raise errors[0]
-    last_first = np.frombuffer(ids, np.int64)[::-1]
+    last_first, codes = np.frombuffer(ids, np.int64)[::-1], np.frombuffer(codes, np.int8)[::-1]
     unique, where = np.unique(last_first, return_index=True)
-    return unique, np.frombuffer(codes, np.int8)[::-1][where]
+    pairs = np.unique(np.stack([last_first, codes.astype(np.int64)], axis=1), axis=0)
+    listed, times = np.unique(pairs[:, 0], return_counts=True)
+    return unique, codes[where], listed[times > 1]
 

@@ -15,6 +15,7 @@ PROBLEM_KINDS = (
     "duplicate_image_id",          # the same image id listed again (same or another file): later one dropped
     "duplicate_caption_id",        # the same annotation id again: later one dropped
     "image_not_in_split",          # Karpathy split given but the image is not in it: dropped
+    "split_file_conflict",         # the split file lists the image in two splits: kept in the last one listed
 )
 LISTED_PER_KIND = 1000   # problem instances listed in report.json per kind (the counts are always exact)
 

@@ -85,7 +85,7 @@ def test_every_problem_kind_is_counted_listed_and_skipped(tmp_path):
     assert report["problem_counts"] == {
         "malformed_image": 1, "malformed_image_field": 0, "malformed_annotation": 1, "caption_not_a_string": 1, "caption_for_unknown_image": 1,
         "image_without_captions": 1, "missing_image_file": 1, "image_outside_root": 0, "empty_caption": 1,
-        "duplicate_image_id": 1, "duplicate_caption_id": 1, "image_not_in_split": 1}
+        "duplicate_image_id": 1, "duplicate_caption_id": 1, "image_not_in_split": 1, "split_file_conflict": 0}
     assert report["problems"]["missing_image_file"][0]["path"] == "d.jpg"
     assert report["problems"]["caption_for_unknown_image"][0]["image_id"] == 99
     assert report["problems"]["image_without_captions"][0]["image_id"] == 3
@@ -343,6 +343,23 @@ def test_karpathy_split_streamed_last_listing_wins_and_errors_kept(tmp_path):
     path.write_text('{"images": {}}')
     with pytest.raises(InputError, match="expected an object with an 'images' list"):
         load_karpathy_split(path)
+
+
+def test_split_file_conflicts_and_images_in_no_caption_file_are_reported(tmp_path):
+    """An image the split file lists in two splits is kept in the last one and reported; images the split file
+    lists that no caption file holds (a caption file left out) are counted per split."""
+    make_images(tmp_path / "imgs", ["1.jpg", "2.jpg"])
+    f = write_coco(tmp_path / "captions.json", [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2)],
+                   [{"id": 10 + i, "image_id": i, "caption": "A cat."} for i in (1, 2)])
+    split = tmp_path / "dataset_coco.json"
+    split.write_text(json.dumps({"images": [{"cocoid": 1, "split": "test"}, {"cocoid": 2, "split": "train"},
+                                            {"cocoid": 1, "split": "train"}, {"cocoid": 3, "split": "test"},
+                                            {"cocoid": 4, "split": "test"}, {"cocoid": 5, "split": "val"}]}))
+    splits, report = extract_annotations([f], [tmp_path / "imgs"], karpathy_split=split)
+    assert [r["image_id"] for r in splits["train"]] == [1, 2] and splits["test"] == []
+    assert report["problems"]["split_file_conflict"] == [{"image_id": 1, "split": "train"}]
+    assert report["split_file"] == {"listed": {"train": 2, "val": 1, "test": 2},
+                                    "in_no_caption_file": {"train": 0, "val": 1, "test": 2}}
 
 
 def test_problem_lists_are_capped_and_counts_exact(tmp_path, monkeypatch):
