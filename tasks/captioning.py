@@ -228,8 +228,12 @@ class EvaluateCaptions(SplitStage):
         return {"captions": GenerateCaptions(split=self.split), "annotations": ExtractAnnotations()}
 
     def settings(self):
+        """Java as resolved (auto: whether this host has it), since it picks the tokenizer and METEOR; the
+        report's examples; the plug-ins (their metrics)."""
+        from pipeline.evaluate import java_available
         e = evaluation.read()
-        return {"spice": e.spice, "java": e.java, **context.plugin_settings()}   # their metrics
+        java = e.java if e.java != "auto" else "yes" if java_available() else "no"
+        return {"spice": e.spice, "java": java, "report_examples": e.report_examples, **context.plugin_settings()}
 
     def run(self):
         from pipeline import evaluate

@@ -89,6 +89,22 @@ def test_self_critical_keys_count_only_when_self_critical_epochs_run():
                                                   "digits")[1] not in (decoder, scst)
 
 
+def test_the_evaluations_identity_holds_what_java_resolves_to_and_the_reports_examples():
+    """Metrics made without Java (auto, before Java was installed) are not taken for ones made with it."""
+    from pipeline.evaluate import java_available
+
+    def settings(*argv):
+        import tasks
+        luigi.task_register.Register.clear_instance_cache()
+        with luigi.cmdline_parser.CmdlineParser.global_instance(["EvaluateCaptions", "--split", "test", *argv]):
+            return tasks.EvaluateCaptions(split="test").settings()
+    auto = settings("--evaluation-java", "auto")
+    assert auto["java"] == ("yes" if java_available() else "no")
+    assert settings("--evaluation-java", auto["java"]) == auto
+    assert settings("--evaluation-java", "no" if auto["java"] == "yes" else "yes") != auto
+    assert settings("--evaluation-report-examples", "3") != auto
+
+
 def write_coco_dataset(tmp_path, captions):
     images = tmp_path / "images"
     images.mkdir()
