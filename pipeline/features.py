@@ -22,11 +22,12 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import encoder as encoder_lib, images
+from pipeline import encoder as encoder_lib, images, splits
 from pipeline.errors import InputError
 from pipeline.progress import Progress
 from storage import contents, manifests, shards, workspace
@@ -143,18 +144,21 @@ def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, imag
                progress_callback=None) -> dict:
     """Write the extraction plan for every split of an annotation version to `out_path` (plan_shards' layout,
     with "already": what the store holds of each split): only contents the store lacks, each once (a picture in
-    two splits is extracted for the first). The splits' images are identified through `cache`
-    (storage.contents.ContentCache) and planned as they are read, a shard written as soon as it is full.
-    Returns {"images", "shards", "already"}."""
+    two splits is extracted for the first, and logged: shared_pictures). The splits' images are identified through
+    `cache` (storage.contents.ContentCache) and planned as they are read, a shard written as soon as it is full.
+    Returns {"images", "shards", "already", "shared_pictures"}."""
     rows, skipped, bad = shards.store_contents(store_dir)
     for path in bad:
         log.warning("store: %s fails its check and is not used; its images are extracted again", path.name)
-    counts, planned, n_shards = {}, set(), 0
+    counts, planned, n_shards, seen = {}, set(), 0, {s: (array("Q"), array("q")) for s in manifests.SPLITS}
     with manifests.PlanWriter(out_path, plan_name, shard_size) as plan:
         for split in manifests.SPLITS:
             counts[split], todo, k = {"stored": 0, "undecodable": 0}, [], 0
             for image_id, root, path, key in _identified(annotations_dir, split, image_root, cache,
                                                           progress_callback):
+                if not key.startswith(contents.MISSING_PREFIX):
+                    seen[split][0].append(int(key[:16], 16))
+                    seen[split][1].append(image_id)
                 if key in rows or key in skipped:
                     counts[split]["stored" if key in rows else "undecodable"] += 1
                 elif key not in planned:
@@ -170,7 +174,8 @@ def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, imag
     log.info("store already holds: %s", ", ".join(f"{s} {c['stored']} (+{c['undecodable']} undecodable)"
                                                  for s, c in counts.items()))
     log.info("feature plan %s: %d images to extract in %d shards", plan_name, len(planned), n_shards)
-    return {"images": len(planned), "shards": n_shards, "already": counts}
+    return {"images": len(planned), "shards": n_shards, "already": counts,
+            "shared_pictures": splits.shared_pictures(seen)}
 
 
 def note_older_stores(store_dir) -> None:

@@ -1,12 +1,16 @@
 """Which split an image belongs to: a hash of (seed, image id) against the fractions when no Karpathy split
-file is given, so an image's split never changes when the file grows; and how two assignments differ."""
+file is given, so an image's split never changes when the file grows; how two assignments differ; and the
+pictures two splits share."""
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import numpy as np
 
 from storage.manifests import SPLITS
+
+log = logging.getLogger("captioner")
 
 
 def split_of_image(image_id: int, val_fraction: float, test_fraction: float, seed: int) -> str:
@@ -52,3 +56,19 @@ def split_lookup(ids: np.ndarray, codes: np.ndarray, wanted: np.ndarray) -> np.n
     at = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
     return np.where(ids[at] == wanted, codes[at], -1).astype(np.int8)
 
+
+def shared_pictures(seen: dict) -> dict:
+    """{"train/test": n, …}: pictures (by content) that two splits both hold, each pair logged with an example,
+    since a test picture also trained on inflates the test scores. seen: {split: (content keys' first 64 bits,
+    image ids)}."""
+    out = {}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        common, ia, ib = np.intersect1d(np.frombuffer(seen[a][0], np.uint64), np.frombuffer(seen[b][0], np.uint64),
+                                        return_indices=True)
+        if len(common):
+            out[f"{a}/{b}"] = len(common)
+            log.warning("splits: %d %s pictures are byte-identical to %s ones (first: %s image %d, %s image %d): "
+                        "its scores count pictures the model %s. Fix: keep each picture in one split", len(common),
+                        b, a, b, seen[b][1][ib[0]], a, seen[a][1][ia[0]],
+                        "trained on" if a == "train" else "was selected on")
+    return out

@@ -9,6 +9,7 @@ from pipeline.coco_files import load_coco_captions
 from pipeline.splits import split_by_fraction, split_changes
 from pipeline.errors import InputError
 from storage import manifests
+from tests.conftest import captioner_log
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -172,6 +173,18 @@ def test_fraction_split_is_deterministic_disjoint_and_order_free():
     # the fractions up to sampling noise: ±3 standard deviations of a binomial over 2000 images
     for split, fraction in (("train", 0.7), ("val", 0.1), ("test", 0.2)):
         assert abs(counts[split] - fraction * 2000) < 3 * (2000 * fraction * (1 - fraction)) ** 0.5
+
+
+def test_pictures_two_splits_share_are_counted_and_logged_with_an_example():
+    from array import array
+    from pipeline.splits import shared_pictures
+    keys = {"train": [1, 2, 3], "val": [4], "test": [3, 5, 2]}
+    seen = {s: (array("Q", k), array("q", [100 * (i + 1) + j for j in range(len(k))])) for i, (s, k) in
+            enumerate(keys.items())}
+    with captioner_log() as lines:
+        assert shared_pictures(seen) == {"train/test": 2}
+    assert lines == ["splits: 2 test pictures are byte-identical to train ones (first: test image 302, train image "
+                     "101): its scores count pictures the model trained on. Fix: keep each picture in one split"]
 
 
 def test_growing_the_data_moves_no_image_between_splits():
