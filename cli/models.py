@@ -37,7 +37,7 @@ def caption(images, model_dir: Path, beam: int | None, max_length: int | None, l
     the others are still captioned. (Over 50 lines: its options and three outputs, text, JSON and plots, read
     best in one place.)"""
     from pipeline import decode, encoder as encoder_lib, features, plots
-    from pipeline.folders import list_images
+    from pipeline.folders import IMAGE_SUFFIXES, list_images
     from pipeline.images import iter_batches, load_for_display
     from pipeline.model import load_model
 
@@ -51,7 +51,7 @@ def caption(images, model_dir: Path, beam: int | None, max_length: int | None, l
     images = [Path(p) for p in shown]
     if not images:
         raise click.ClickException("no image files in the folders given (looked for "
-                                   ".jpg .jpeg .png .webp .bmp .gif, recursively)")
+                                   f"{' '.join(sorted(IMAGE_SUFFIXES))}, recursively)")
     model, vocab, provenance = load_model(model_dir)
     identity = _training_encoder(provenance, weights, model_dir)
     size, layer = provenance["encoder"]["image_size"], encoder_lib.layer_of(provenance["encoder"]["encoder"])

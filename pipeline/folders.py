@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,15 @@ from storage import contents, manifests, shards, workspace
 
 log = logging.getLogger("captioner")
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 FILES = ("captions.jsonl", "captions.csv", "attention.h5", "listing.json", "report.json")
 
 
 def list_images(folder) -> dict[str, list[int]]:
-    """{relative posix path: [size, mtime_ns]} of every image file under `folder`, sorted by path."""
+    """{relative posix path: [size, mtime_ns]} of every image file under `folder` (by its suffix, IMAGE_SUFFIXES),
+    sorted by path; how many other files were left out, and their suffixes, is logged."""
     folder = Path(folder)
-    found = {}
+    found, others = {}, Counter()
     for directory, dirs, files in os.walk(folder):
         dirs.sort()
         for name in files:
@@ -44,6 +46,11 @@ def list_images(folder) -> dict[str, list[int]]:
                 path = Path(directory) / name
                 stat = path.stat()
                 found[path.relative_to(folder).as_posix()] = [stat.st_size, stat.st_mtime_ns]
+            else:
+                others[Path(name).suffix.lower() or name] += 1
+    if others:
+        log.info("%s: %d files left out, not images by their names (%s); images: %s", folder, sum(others.values()),
+                 ", ".join(f"{n} × {s}" for s, n in others.most_common(5)), " ".join(sorted(IMAGE_SUFFIXES)))
     return dict(sorted(found.items()))
 
 

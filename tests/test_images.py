@@ -206,3 +206,18 @@ def test_iter_batches_unexpected_errors_reach_consumer(corpus, monkeypatch):
     monkeypatch.setattr(images, "load_image", broken)
     with pytest.raises(RuntimeError, match="bug"):
         list(iter_batches([("a", corpus["rgb_jpeg"][0])], S, batch_size=2, workers=1))
+
+
+def test_a_folder_lists_tiff_and_jfif_images_and_logs_the_files_it_leaves_out(tmp_path):
+    from pipeline.folders import list_images
+    from tests.conftest import captioner_log
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jpg", "b.tif", "sub/c.TIFF", "d.jfif"):
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / name, format="TIFF" if "tif" in name.lower()
+                                                     else "JPEG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "sub" / "captions.csv").write_text("x")
+    with captioner_log() as lines:
+        assert list(list_images(tmp_path)) == ["a.jpg", "b.tif", "d.jfif", "sub/c.TIFF"]
+    assert lines == [f"{tmp_path}: 2 files left out, not images by their names (1 × .txt, 1 × .csv); images: "
+                     ".bmp .gif .jfif .jpeg .jpg .png .tif .tiff .webp"]
