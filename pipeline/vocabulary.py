@@ -160,6 +160,10 @@ def make_vocabulary(annotations_dir: str | os.PathLike, outdir: str | os.PathLik
     log.info("vocabulary: %d tokens (%d of %d distinct words kept, min_count %d), %.2f%% of train tokens covered",
              len(artifact["tokens"]), stats["words_kept"], stats["distinct_words"], settings.get("min_count", 0),
              100 * stats["token_coverage"])
+    if stats["train_captions"] and stats["caption_length_mean"] < 2:
+        log.warning("vocabulary: train captions average %.2f words: words are split at spaces, so a caption "
+                    "written without them (Chinese, Japanese, Thai) is one token. Fix: put spaces between its "
+                    "words (a word segmenter) in the caption files", stats["caption_length_mean"])
     if stats["captions_longer_than_max_length"]:
         s = artifact["settings"]
         log.warning("vocabulary: %d of %d train captions are longer than [vocabulary] max_length = %d words (the "
