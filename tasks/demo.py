@@ -48,6 +48,8 @@ class pretrain(Section):
     scene_batch_size = luigi.IntParameter(description="whole scenes per step")
     scene_train_size = luigi.IntParameter(description="side in px of phase 2's scenes; 0: [encoder] image_size "
                                                       "(batch norms are re-estimated and the report read there)")
+    position_weight = luigi.FloatParameter(description="weight of phase 2's second target, each cell's row and column "
+                                                       "(so the features say where they lie); 0: none")
     scene_train_from = luigi.ChoiceParameter(choices=["all"] + [f"mixed{i}" for i in range(11)],
                                              description="phase 2 trains this block and those above it; the layers "
                                                          "below keep their phase-1 weights (all: every layer)")
@@ -61,7 +63,7 @@ class pretrain(Section):
         out = []
         for key in ("steps", "batch_size", "scene_batch_size", "bn_scenes", "val_scenes"):
             out += self.require(getattr(self, key) >= 1, key, "must be at least 1")
-        for key in ("warmup_steps", "scene_steps"):
+        for key in ("warmup_steps", "scene_steps", "position_weight"):
             out += self.require(getattr(self, key) >= 0, key, "must be 0 or more")
         out += self.require(self.crop >= 75, "crop", "must be at least 75 (InceptionV3's minimum)")
         out += self.require(self.scene_train_size == 0 or self.scene_train_size >= 75, "scene_train_size",

@@ -102,19 +102,28 @@ def test_centre_cells_mark_each_digit_once_even_two_alike_side_by_side():
     assert pretrain.count_centres(logits) == 1
 
 
-def test_the_scene_phase_learns_from_whole_labelled_scenes():
+@pytest.mark.parametrize("position_weight", [0.0, 1.0])
+def test_the_scene_phase_learns_from_whole_labelled_scenes(position_weight):
     """pretrain._fit on scene_batches, as phase 2 runs it, with a small stand-in for InceptionV3: 299-px uint8
-    scenes → (8, 8, 12) cell logits (classes, centre), background cells weighted down."""
+    scenes → (8, 8, 12) cell logits (classes, centre; 14 with the cells' rows and columns), background cells
+    weighted down."""
     import keras
     keras.utils.set_random_seed(0)
     images = keras.Input((299, 299, 3), dtype="uint8")
     cells = keras.layers.AveragePooling2D(75, strides=32)(keras.ops.cast(images, "float32") / 255.0)   # 8×8
-    model = keras.Model(images, keras.layers.Conv2D(pretrain.CENTRE + 1, 1)(cells))
+    outputs = pretrain.POSITION + (2 if position_weight else 0)
+    model = keras.Model(images, keras.layers.Conv2D(outputs, 1)(cells))
     batches = scene_lib.scene_batches(0, scene_lib.pools(1797)["train"], 8, 299, "mixed10")
     settings = {**pretrain.DEFAULTS, "learning_rate": 0.05, "warmup_steps": 1}
-    losses = pretrain._fit(model, batches, 12, settings, "scenes", pretrain.BACKGROUND_WEIGHT, None)
+    losses = pretrain._fit(model, batches, 12, settings, "scenes", pretrain.BACKGROUND_WEIGHT, None, position_weight)
     assert len(losses) == 12 and np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_cell_positions_run_from_minus_one_to_one_over_rows_and_columns():
+    where = pretrain.cell_positions(3)
+    assert where.shape == (3, 3, 2) and where.dtype == np.float32
+    assert where[0, 2].tolist() == [-1.0, 1.0] and where[1, 0].tolist() == [0.0, -1.0]
 
 
 def test_scene_train_from_keeps_the_layers_below_that_block():
@@ -165,7 +174,8 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
     # and the report read at the encoder's 299 px, where the saved network extracts the features
     args = ["--split", "val", "--encoder-weights", "digits", "--encoder-layer", "mixed7", "--pretrain-bn-scenes", "16",
             "--pretrain-steps", "3", "--pretrain-batch-size", "4", "--pretrain-scene-steps", "2",
-            "--pretrain-scene-batch-size", "2", "--pretrain-scene-train-size", "107", "--pretrain-val-scenes", "16"]
+            "--pretrain-scene-batch-size", "2", "--pretrain-scene-train-size", "107", "--pretrain-val-scenes", "16",
+            "--pretrain-position-weight", "1"]
     first = run_luigi("ExtractFeatures", *args, workdir=workdir)
     assert first.returncode == 0, first.output
     (encoder_dir,) = (workdir / "encoders").iterdir()
@@ -180,10 +190,11 @@ def test_digits_encoder_stage_feeds_the_shards_and_is_reused(workdir):
         scenes = report["held_out"][kind]
         assert 0 <= scenes["scenes_all_digits_right"] <= scenes["digits"] <= 1, kind
         assert scenes["digits_read"] >= scenes["scenes"] == 16, kind
-        assert 0 <= scenes["scenes_counted_by_centres"] <= 1, kind
+        assert 0 <= scenes["scenes_counted_by_centres"] <= 1 and 0 <= scenes["cells_placed"] <= 1, kind
         read = [v for v in scenes["by_digit"].values() if v is not None]
         assert set(scenes["by_digit"]) == {str(d) for d in range(10)} and read and all(0 <= v <= 1 for v in read)
-    assert "whole 107-px scenes" in report["task"] and len(report["final_loss"]) == 2
+    assert "whole 107-px scenes" in report["task"] and "where they lie" in report["task"]
+    assert len(report["final_loss"]) == 2
     assert all(np.isfinite(loss) for loss in report["final_loss"].values())
     provenance = json.loads((encoder_dir / "provenance.json").read_text())
     assert provenance["fingerprint"] == encoder_dir.name
@@ -379,7 +390,7 @@ def test_scene_train_size_is_checked_and_a_failed_render_stops_the_pretraining(t
 
 def test_scene_train_size_zero_reaches_the_pretraining_as_the_encoders_image_size():
     """0 means phase 2 trains on scenes of [encoder] image_size: the stage passes it on (and fingerprints it),
-    rather than dropping the key and letting the config's default (224) train in its place."""
+    rather than dropping the key and letting another default train in its place."""
     from luigi.cmdline_parser import CmdlineParser
     from tasks.demo import PretrainDigitsEncoder
     with CmdlineParser.global_instance(["PretrainDigitsEncoder", "--pretrain-scene-train-size", "0"]):
@@ -387,6 +398,6 @@ def test_scene_train_size_zero_reaches_the_pretraining_as_the_encoders_image_siz
         settings, path = asked.settings(), asked.output().path
     assert {**pretrain.DEFAULTS, **settings}["scene_train_size"] == 0     # what pretrain() resolves to scene_size
     PretrainDigitsEncoder.clear_instance_cache()       # luigi hands out one instance per parameters
-    default = PretrainDigitsEncoder()
-    assert default.settings()["scene_train_size"] == pretrain.DEFAULTS["scene_train_size"] != 0
-    assert default.output().path != path                                    # another encoder
+    configured = PretrainDigitsEncoder()
+    assert configured.settings()["scene_train_size"] == 224                  # the demo's (configs/demo.cfg)
+    assert configured.output().path != path                                 # another encoder

@@ -16,6 +16,11 @@ Two phases, then one fix-up:
    `layer` labelled (a digit too small to contain a cell centre labels its nearest cell; background cells weigh
    BACKGROUND_WEIGHT). Teaches the scale, the layout and the neighbours of the real input: ~6 299-px scenes/s,
    or ~12 with `scene_train_from = mixed3` (only that block and those above it trained: freeze_below).
+   With `position_weight` > 0 the head has two more outputs trained in this phase: each cell's row and column
+   (−1 to 1 over the grid; mean squared error, that weight against the cells' cross-entropy), so the features say
+   where they lie. Convolutional features say it only faintly (a linear probe places 0.18–0.28 of the mixed10
+   cells exactly), and the paper's decoder, whose attention sees nothing else, finds digits but not which comes
+   first (docs/results.md, "The plain path"). Those two outputs are not saved: the cell head stays 12 wide.
 3. Every batch norm's statistics (those phase 2 trained) are re-estimated on `bn_scenes` whole 299-px train-pool
    scenes (recalibrate_batchnorm), in float32, where the encoder is used.
 
@@ -50,23 +55,24 @@ log = logging.getLogger("captioner")
 WEIGHTS_FILE = "inception_v3_digits.weights.h5"   # tasks/demo.py names it too (without importing this)
 BACKGROUND_WEIGHT = 0.3   # scene phase: ~90% of a scene's cells are background
 CENTRE_POSITIVE_WEIGHT = 10.0   # scene phase: ~1% of a scene's cells hold a digit's centre
+POSITION = CENTRE + 1   # with position_weight: the head's outputs POSITION, POSITION + 1 are the cell's row, column
 # What a caller passing no settings gets (tests, benchmarks): [pretrain] of configs/luigi.cfg, the pools of
 # [demo] seed, and what the stage passes from [encoder] (at 299 px, mixed10)
 DEFAULTS = {**defaults.section("pretrain"), "pool_seed": defaults.section("demo")["seed"], "scene_size": 299,
             "layer": "mixed10", "crops_per_scene": 4, "val_crops": 512, "varied_fraction": VARIED_FRACTION}
 
-def build_classifier(side: int, layer: str, like=None):
+def build_classifier(side: int, layer: str, like=None, positions: bool = False):
     """(base InceptionV3(include_top=False) at side×side, model uint8 images → logits (B, g, g, 12) float32 from
-    `layer`: 11 class logits, then the centre logit, scenes.CENTRE); with `like` (another such model), starting
-    from its weights (InceptionV3's weights fit any input size). The base's blocks above `layer` are not trained
-    (and stay as initialised in the saved file)."""
+    `layer`: 11 class logits, then the centre logit, scenes.CENTRE; with `positions`, 14: then the cell's row and
+    column, POSITION); with `like` (another such model), starting from its weights (InceptionV3's weights fit any
+    input size). The base's blocks above `layer` are not trained (and stay as initialised in the saved file)."""
     import keras
 
     base = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(side, side, 3))
     images = keras.Input((side, side, 3), dtype="uint8", name="images")
     x = keras.applications.inception_v3.preprocess_input(keras.ops.cast(images, "float32"))
     features = truncated(base, layer)(x)
-    logits = keras.layers.Conv2D(CENTRE + 1, 1, dtype="float32", name="cell_logits")(features)
+    logits = keras.layers.Conv2D(POSITION + 2 * positions, 1, dtype="float32", name="cell_logits")(features)
     model = keras.Model(images, logits, name="digits_pretraining")
     if like is not None:
         model.set_weights(like.get_weights())
@@ -100,23 +106,26 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
     size, seed = settings["scene_size"], settings["seed"]
     started = time.monotonic()
     try:
-        _, model = build_classifier(settings["crop"], settings["layer"])
+        positions = settings["position_weight"] > 0
+        _, model = build_classifier(settings["crop"], settings["layer"], positions=positions)
         crop_losses = _fit(model, crop_batches(seed, split_pools["train"], settings), settings["steps"],
                            settings, "crops", 1.0, progress_callback)
         crop_accuracy = evaluate(model, split_pools["val"], settings)
         train_size = settings["scene_train_size"] or size   # the batch norms and the report: at `size`
-        scene_base, scene_model = build_classifier(train_size, settings["layer"], like=model)
+        scene_base, scene_model = build_classifier(train_size, settings["layer"], like=model, positions=positions)
         freeze_below(scene_base, settings["scene_train_from"])
         scene_losses = _fit(scene_model, scene_batches(seed + 1, split_pools["train"], settings["scene_batch_size"],
                                                        train_size, settings["layer"], varied_fraction(settings)),
-                            settings["scene_steps"], settings, "scenes", BACKGROUND_WEIGHT, progress_callback)
+                            settings["scene_steps"], settings, "scenes", BACKGROUND_WEIGHT, progress_callback,
+                            settings["position_weight"])
     finally:   # extraction later in this process must build a float32 encoder
         keras.mixed_precision.set_global_policy(policy)
     seconds = time.monotonic() - started
     final = recalibrate_batchnorm(scene_base, split_pools["train"], settings, settings["scene_train_from"])
     final.save_weights(str(Path(outdir) / WEIGHTS_FILE))
-    kernel, bias = scene_model.get_layer("cell_logits").get_weights()
-    write_cell_head(Path(outdir) / CELL_HEAD_FILE, kernel.reshape(kernel.shape[-2:]), bias, settings["layer"],
+    kernel, bias = scene_model.get_layer("cell_logits").get_weights()   # the classes and the centre: 12 outputs
+    write_cell_head(Path(outdir) / CELL_HEAD_FILE, kernel.reshape(kernel.shape[-2:])[:, :POSITION], bias[:POSITION],
+                    settings["layer"],
                     [str(d) for d in range(BACKGROUND)] + ["background", "centre"])
     head = scene_model.get_layer("cell_logits")
     scene_accuracy = evaluate_scenes(final, head, split_pools["val"], settings)
@@ -127,7 +136,8 @@ def pretrain(outdir, settings: dict, progress_callback=None) -> dict:
                                f"([demo] seed {settings['pool_seed']}), never ImageNet",
               "task": f"name the digit (or background) under each {settings['layer']} cell: of windows of "
                       f"{size}-px scenes resized to the crop size, then of whole "
-                      f"{train_size}-px scenes, whose cells also say whether a digit's centre lies in them",
+                      f"{train_size}-px scenes, whose cells also say whether a digit's centre lies in them"
+                      + (" and where they lie" if positions else ""),
               "settings": settings, "train_samples": len(split_pools["train"]),
               "seconds": round(total, 1), "training_seconds": round(seconds, 1),
               "final_loss": {"crops": _tail_mean(crop_losses), "scenes": _tail_mean(scene_losses)},
@@ -158,11 +168,12 @@ def _tail_mean(losses: list[float]):
 
 
 def _fit(model, batches, steps: int, settings: dict, what: str, background_weight: float,
-         progress_callback) -> list[float]:
+         progress_callback, position_weight: float = 0.0) -> list[float]:
     """One phase: Adam (warm-up, cosine decay) on `steps` batches, a compiled step fed by a background thread
     that renders the next batches. Background cells weigh `background_weight` against a digit cell's 1. Batches
     of (images, labels, centres) (whole scenes) also train the centre logit: binary cross-entropy per cell, a
-    centre cell weighing CENTRE_POSITIVE_WEIGHT; crops (images, labels) leave it untrained."""
+    centre cell weighing CENTRE_POSITIVE_WEIGHT, and with `position_weight` the cell's row and column (squared
+    error, cell_positions); crops (images, labels) leave them untrained."""
     import keras
     import tensorflow as tf
 
@@ -183,6 +194,9 @@ def _fit(model, batches, steps: int, settings: dict, what: str, background_weigh
             if centres is not None:
                 loss += tf.reduce_mean(tf.nn.weighted_cross_entropy_with_logits(
                     centres, logits[..., CENTRE], CENTRE_POSITIVE_WEIGHT))
+                if position_weight:
+                    where = tf.constant(cell_positions(logits.shape[1]))
+                    loss += position_weight * tf.reduce_mean(tf.square(logits[..., POSITION:] - where))
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         return loss
@@ -271,19 +285,24 @@ def evaluate_scenes(base, head, pool, settings: dict, varied: float = 0.0, rende
     """Accuracy on `val_scenes` whole scenes drawn from `pool` (a held-out pool), the demo's, (varied = 1) varied
     ones or (renderer "yardstick") the independent yardstick's: `base` (the saved float32 network) followed by
     the 1×1 convolution `head` — per cell, and per digit as read_digit reads it (with the share of scenes whose
-    every digit is read right, and the share read right of each digit 0–9)."""
+    every digit is read right, and the share read right of each digit 0–9); with position outputs, the share of
+    cells whose row and column they give (rounded to the grid) exactly: cells_placed."""
     import keras
 
     batch, layer = 16, settings["layer"]
     batches = labelled_scenes(settings["seed"] + 1_000_003, pool, batch, settings["scene_size"], layer, varied,
                               renderer)
     run = truncated(base, layer)
-    cells, read, scenes_right, by_digit, counted = [], [], [], {d: [] for d in range(BACKGROUND)}, []
+    cells, read, scenes_right, by_digit, counted, placed = [], [], [], {d: [] for d in range(BACKGROUND)}, [], []
     for _ in range(max(1, settings["val_scenes"] // batch)):
         images, labels, scene_boxes = next(batches)
         logits = np.asarray(head(run(keras.applications.inception_v3.preprocess_input(images.astype(np.float32)),
                                      training=False)))
         cells.append((labels, logits))
+        if logits.shape[-1] > POSITION:
+            g = logits.shape[1]
+            grid = np.rint((logits[..., POSITION:] + 1) / 2 * (g - 1))
+            placed.append(np.all(grid == np.rint((cell_positions(g) + 1) / 2 * (g - 1)), axis=-1).ravel())
         for scene_logits, boxes in zip(logits, scene_boxes):
             right = [read_digit(scene_logits, box, layer) == box[4] for box in boxes]
             read += right
@@ -294,7 +313,14 @@ def evaluate_scenes(base, head, pool, settings: dict, varied: float = 0.0, rende
     return {**_accuracy(cells), "scenes": len(scenes_right), "digits": round(float(np.mean(read)), 4),
             "digits_read": len(read), "scenes_all_digits_right": round(float(np.mean(scenes_right)), 4),
             "scenes_counted_by_centres": round(float(np.mean(counted)), 4),
+            **({"cells_placed": round(float(np.mean(np.concatenate(placed))), 4)} if placed else {}),
             "by_digit": {str(d): round(float(np.mean(oks)), 4) if oks else None for d, oks in by_digit.items()}}
+
+
+def cell_positions(g: int) -> np.ndarray:
+    """(g, g, 2) float32: each cell's row and column, −1 to 1 over the grid: the position outputs' targets."""
+    axis = np.linspace(-1.0, 1.0, g, dtype=np.float32)
+    return np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1)
 
 
 def count_centres(centre_logits) -> int:
