@@ -16,11 +16,11 @@ Two phases, then one fix-up:
    `layer` labelled (a digit too small to contain a cell centre labels its nearest cell; background cells weigh
    BACKGROUND_WEIGHT). Teaches the scale, the layout and the neighbours of the real input: ~6 299-px scenes/s,
    or ~12 with `scene_train_from = mixed3` (only that block and those above it trained: freeze_below).
-   With `position_weight` > 0 the head has two more outputs trained in this phase: each cell's row and column
-   (−1 to 1 over the grid; mean squared error, that weight against the cells' cross-entropy), so the features say
-   where they lie. Convolutional features say it only faintly (a linear probe places 0.18–0.28 of the mixed10
-   cells exactly), and the paper's decoder, whose attention sees nothing else, finds digits but not which comes
-   first (docs/results.md, "The plain path"). Those two outputs are not saved: the cell head stays 12 wide.
+   With `position_weight` > 0 the head has two more outputs trained in this phase: each cell's row and column (−1
+   to 1 over the grid; the squared distance per cell, that weight against the cells' cross-entropy), so the
+   features say where they lie. Convolutional features say it only faintly (a linear probe places 0.18–0.28 of the
+   mixed10 cells exactly), and the paper's decoder, whose attention sees nothing else, finds digits but not which
+   comes first (docs/results.md, "The plain path"). Those two outputs are not saved: the cell head stays 12 wide.
 3. Every batch norm's statistics (those phase 2 trained) are re-estimated on `bn_scenes` whole 299-px train-pool
    scenes (recalibrate_batchnorm), in float32, where the encoder is used.
 
@@ -172,8 +172,8 @@ def _fit(model, batches, steps: int, settings: dict, what: str, background_weigh
     """One phase: Adam (warm-up, cosine decay) on `steps` batches, a compiled step fed by a background thread
     that renders the next batches. Background cells weigh `background_weight` against a digit cell's 1. Batches
     of (images, labels, centres) (whole scenes) also train the centre logit: binary cross-entropy per cell, a
-    centre cell weighing CENTRE_POSITIVE_WEIGHT, and with `position_weight` the cell's row and column (squared
-    error, cell_positions); crops (images, labels) leave them untrained."""
+    centre cell weighing CENTRE_POSITIVE_WEIGHT, and with `position_weight` the cell's row and column (the squared
+    distance from cell_positions, per cell); crops (images, labels) leave them untrained."""
     import keras
     import tensorflow as tf
 
@@ -196,7 +196,8 @@ def _fit(model, batches, steps: int, settings: dict, what: str, background_weigh
                     centres, logits[..., CENTRE], CENTRE_POSITIVE_WEIGHT))
                 if position_weight:
                     where = tf.constant(cell_positions(logits.shape[1]))
-                    loss += position_weight * tf.reduce_mean(tf.square(logits[..., POSITION:] - where))
+                    squared = tf.reduce_sum(tf.square(logits[..., POSITION:] - where), axis=-1)
+                    loss += position_weight * tf.reduce_mean(squared)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         return loss
