@@ -335,6 +335,36 @@ def encoder_reads(root, store) -> str:
     return "\n".join(lines)
 
 
+def cell_positions(store, fit: int = 400, read: int = 200) -> str:
+    """How plainly a feature store's cells say where they lie: a ridge probe (λ = 10, channels standardised) of
+    each cell's row and column from its channels, fit on the cells of the first `fit` train-shard rows and read
+    on those of the first `read` test-shard rows: R² of the row and of the column, and the share of cells it
+    places exactly (both rounded to the grid)."""
+    from storage.shards import list_shards, read_attrs, read_rows
+
+    def cells(split, n):
+        rows = []
+        for shard in (s for s in list_shards(store) if read_attrs(s).get("split") == split):
+            rows.append(read_rows(shard, 0, min(n - sum(map(len, rows)), int(read_attrs(shard)["n_rows"]))))
+            if sum(map(len, rows)) >= n:
+                break
+        x = np.concatenate(rows).astype(np.float32)
+        side = int(round(x.shape[1] ** 0.5))
+        where = np.stack(np.divmod(np.arange(x.shape[1]), side), axis=1).astype(np.float32)
+        return x.reshape(-1, x.shape[2]), np.tile(where, (len(x), 1)), len(x)
+
+    x, y, n_fit = cells("train", fit)
+    xt, yt, n_read = cells("test", read)
+    mean, std = x.mean(0), x.std(0) + 1e-3
+    x, xt = np.c_[(x - mean) / std, np.ones(len(x))], np.c_[(xt - mean) / std, np.ones(len(xt))]
+    weights = np.linalg.solve(x.T @ x + 10.0 * np.eye(x.shape[1]), x.T @ y)
+    guess = xt @ weights
+    r2 = 1 - ((guess - yt) ** 2).sum(0) / ((yt - yt.mean(0)) ** 2).sum(0)
+    exact = np.mean(np.all(np.rint(guess) == yt, axis=1))
+    return (f"{store}: fit on {n_fit} train images' cells, read on {n_read} test images': R² row {r2[0]:.3f}, "
+            f"column {r2[1]:.3f}; cells placed exactly {exact:.3f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", nargs="?", help="output directory (created; must be empty)")
@@ -350,7 +380,12 @@ def main(argv=None):
     parser.add_argument("--encoder-reads", metavar="STORE",
                         help="instead: what the encoder alone reads of OUTDIR's splits, from the cell scores of a "
                              "feature store (WORKSPACE/features/<fingerprint>) that holds its images")
+    parser.add_argument("--cell-positions", metavar="STORE",
+                        help="instead: how plainly a feature store's cells say where they lie (a linear probe)")
     args = parser.parse_args(argv)
+    if args.cell_positions:
+        print(cell_positions(args.cell_positions))
+        return
     if args.encoder_reads:
         print(encoder_reads(args.outdir, args.encoder_reads))
         return

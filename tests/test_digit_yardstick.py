@@ -223,3 +223,26 @@ def test_encoder_reads_the_digits_the_cell_scores_name(data, tmp_path):
     assert f"{COUNTS['train']} images: digits 1.000, images wholly 1.000" in found["train"]
     assert f"{COUNTS['val']} images: digits 1.000, images wholly 1.000" in found["val"]
     assert f"{COUNTS['test']} images: digits 0.000, images wholly 0.000" in found["test"]
+
+
+def test_cell_positions_probe_places_cells_whose_channels_say_where_they_lie(tmp_path):
+    """--cell-positions: features with a row and a column channel are placed exactly; features of noise alone
+    are not."""
+    from storage.shards import ShardWriter
+    rng = np.random.default_rng(0)
+    where = np.stack(np.divmod(np.arange(64), 8), axis=1).astype(np.float32)
+    for name, say in (("plain", True), ("noise", False)):
+        store = tmp_path / name
+        store.mkdir()
+        for split, n in (("train", 40), ("test", 20)):
+            with ShardWriter(store / f"shard-p-{split}-00000.h5", positions=64, channels=6,
+                             attrs={"split": split}) as shard:
+                features = rng.normal(size=(n, 64, 6)).astype(np.float32)
+                if say:
+                    features[:, :, :2] = where
+                shard.append([f"{split}{i}" for i in range(n)], list(range(n)), [f"{i}.jpg" for i in range(n)],
+                             features)
+        line = ys.cell_positions(store)
+        placed = float(line.rsplit(" ", 1)[1])
+        assert "fit on 40 train images' cells, read on 20 test images'" in line
+        assert (placed == 1.0) if say else (placed < 0.2), line
