@@ -256,10 +256,10 @@ def read_coco(path, on_image, on_annotation, problems: Problems, progress_callba
     """Stream one COCO captions file: on_image(image_id, file_name, fields) for each well-formed image entry
     (fields: what the plug-ins' parsers keep of it, extensions.image_fields), on_annotation(caption_id or None,
     image_id, caption) for each well-formed annotation, in file order; malformed entries (malformed_image,
-    malformed_annotation, caption_not_a_string) and plug-in fields (malformed_image_field) go to `problems`. Returns how many of
-    each were well-formed. The file's structure is checked strictly: InputError naming the file and the field.
-    (Over 50 lines: the two entry checks are closures over the counters, the way the streaming reader calls
-    them per item.)"""
+    malformed_annotation, caption_not_a_string) and plug-in fields (malformed_image_field) go to `problems`.
+    Returns how many of each were well-formed. The file's structure is checked strictly: InputError naming the
+    file and the field. (Over 50 lines: the two entry checks are closures over the counters, the way the
+    streaming reader calls them per item.)"""
     file, good, (low, high) = str(path), [0, 0], _INT64
 
     def skip(kind, where, i, reason, **more):

@@ -84,7 +84,8 @@ def test_every_problem_kind_is_counted_listed_and_skipped(tmp_path):
                                             {"cocoid": 3, "split": "val"}, {"cocoid": 4, "split": "test"}]}))
     splits, report = extract_annotations([f], [tmp_path / "imgs"], karpathy_split=split)
     assert report["problem_counts"] == {
-        "malformed_image": 1, "malformed_image_field": 0, "malformed_annotation": 1, "caption_not_a_string": 1, "caption_for_unknown_image": 1,
+        "malformed_image": 1, "malformed_image_field": 0, "malformed_annotation": 1, "caption_not_a_string": 1,
+        "caption_for_unknown_image": 1,
         "image_without_captions": 1, "missing_image_file": 1, "image_outside_root": 0, "empty_caption": 1,
         "duplicate_image_id": 1, "duplicate_caption_id": 1, "image_not_in_split": 1, "split_file_conflict": 0}
     assert report["problems"]["missing_image_file"][0]["path"] == "d.jpg"

@@ -124,7 +124,8 @@ def test_caption_lengths_counted_by_spaces_only_where_that_is_exact():
 def test_captions_without_spaces_are_named_in_a_warning(tmp_path):
     ann, out = tmp_path / "annotations", tmp_path / "vocab"
     ann.mkdir(), out.mkdir()
-    manifests.write_manifest(manifests.manifest_path(ann, "train"), records(["一只猫坐在垫子上", "两只狗在草地上跑"]))
+    captions = ["一只猫坐在垫子上", "两只狗在草地上跑"]   # Chinese: no spaces between words
+    manifests.write_manifest(manifests.manifest_path(ann, "train"), records(captions))
     with captioner_log() as lines:
         make_vocabulary(ann, out, min_count=1, max_size=0, max_length=20, length_policy="truncate")
     assert any(line.startswith("vocabulary: train captions average 1.00 words") for line in lines), lines
