@@ -4,6 +4,7 @@ pipeline/digits/demo.py's renderer:
     .venv/bin/python -m tests.digit_yardstick OUTDIR [--train 1200 --val 100 --test 200 --seed 5]
     .venv/bin/python -m tests.digit_yardstick OUTDIR --ceiling   # BLEU-4 with every digit right, by phrasing
     .venv/bin/python -m tests.digit_yardstick OUTDIR --encoder-reads WORKSPACE/features/<fp>   # the encoder alone
+        [--captions WORKSPACE/captions/<fp>/test.json]   # ... and the captions, image by image
 
 writes OUTDIR/train2017/ and OUTDIR/val2017/ (%012d.jpg; test images live in val2017, as in Karpathy's split of
 COCO), OUTDIR/annotations/captions_{train,val}2017.json (each image with "digits" labels, "digit_boxes"
@@ -272,14 +273,16 @@ def ceiling(root) -> str:
 
 # ------------------------------------------------------------------------------------------ encoder reads
 
-def encoder_reads(root, store) -> str:
+def encoder_reads(root, store, captions=None) -> str:
     """What the encoder alone reads of each split of OUTDIR, from the cell scores a feature store holds for its
-    images (a store of `[encoder] layer = <layer>+cell_scores`, rows found by the images' content keys): each
+    images (a store of `[encoder] layer = <layer>+cell_scores`, or of the digits encoder's plain layer, whose cell
+    head next to its weights file then scores the stored features; rows found by the images' content keys): each
     digit as pipeline.digits.scenes.read_digit reads it given its box, the share of digits and of images with
     every digit right (about as many as a decoder can caption exactly: it reads the base layer's channels too),
     by digit height (box height / image height, in tenths); and, for how hard the split's glyphs are in
     themselves, the share of its digits an SVM on the raw 8×8 samples reads (scikit-learn's SVC, trained on the
-    demo's train pool)."""
+    demo's train pool). With `captions` (a split's captions file, captions/<fp>/<split>.json): how many of the
+    images the encoder reads wholly, and of those it does not, the captions read exactly."""
     from sklearn.svm import SVC
 
     from pipeline.digits.cell_scores import CHANNELS, CLASSES
@@ -287,6 +290,7 @@ def encoder_reads(root, store) -> str:
     from pipeline.encoder import base_layer, grid_side
     from storage.contents import bytes_sha256
     from storage.shards import list_shards, read_attrs, read_contents, read_rows
+    from storage.weights import CELL_HEAD_FILE, read_cell_head
 
     split_of = _splits(root)
     images = {}
@@ -298,20 +302,30 @@ def encoder_reads(root, store) -> str:
     scores, layer, size = {}, None, 0
     for shard in list_shards(store):
         attrs = read_attrs(shard)
-        if not str(attrs.get("layer", "")).endswith("+cell_scores"):
-            raise SystemExit(f"{shard}: layer {attrs.get('layer')!r} has no cell scores; give the store of an "
-                             "`[encoder] layer = <layer>+cell_scores` extraction")
+        head = os.path.join(os.path.dirname(str(attrs.get("weights_path", ""))), CELL_HEAD_FILE)
+        if not str(attrs.get("layer", "")).endswith("+cell_scores") and not os.path.exists(head):
+            raise SystemExit(f"{shard}: layer {attrs.get('layer')!r} has no cell scores, and no cell head lies "
+                             "beside its weights; give the store of an `[encoder] layer = <layer>+cell_scores` "
+                             "extraction, or one made with `weights = digits`")
         layer, size = base_layer(attrs["layer"]), int(attrs["image_size"])
         rows = [(k, keys[c]) for k, c in enumerate(read_contents(shard)) if c in keys]
         if rows:
-            features = read_rows(shard, 0, rows[-1][0] + 1)
+            features = read_rows(shard, 0, rows[-1][0] + 1).astype(np.float32)
+            if str(attrs["layer"]).endswith("+cell_scores"):
+                probabilities = features[..., -CHANNELS:][..., :CLASSES]
+            else:   # the head's logits → the probabilities the cell scores would hold
+                kernel, bias, _ = read_cell_head(head)
+                logits = features @ kernel[:, :CLASSES] + bias[:CLASSES]
+                probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+                probabilities /= probabilities.sum(-1, keepdims=True)
             for k, image_id in rows:
-                scores[image_id] = features[k, :, -CHANNELS:][:, :CLASSES].astype(np.float32)
+                scores[image_id] = probabilities[k]
     digits = demo.load_digits()
     samples = digits.images.reshape(len(digits.target), -1)
     train_pool = demo_pools(DEMO_SEED)["train"]
     svm = SVC(gamma=0.001).fit(samples[train_pool], digits.target[train_pool])
     lines = [f"{len(scores)} of {len(images)} images found in {store}"]
+    wholly = {}
     for split in SPLITS:
         read, scenes, by_height, glyphs = [], [], {}, []
         for image_id in (i for i in scores if split_of.get(i) == split):
@@ -326,12 +340,21 @@ def encoder_reads(root, store) -> str:
                 by_height.setdefault(min(int(10 * h / image["height"]), 9), []).append(ok)
             read += right
             scenes.append(all(right))
+            wholly[image_id] = all(right)
         if scenes:
             bands = "  ".join(f"0.{b}: {np.mean(oks):.2f} of {len(oks)}" for b, oks in sorted(by_height.items()))
             svm_reads = np.mean(svm.predict(samples[glyphs]) == digits.target[glyphs])
             lines.append(f"{split:5s}  {len(scenes)} images: digits {np.mean(read):.3f}, images wholly "
                          f"{np.mean(scenes):.3f}; the 8x8 samples an SVM reads: {svm_reads:.3f}")
             lines.append(f"       by digit height  {bands}")
+    if captions:
+        with open(captions, encoding="utf-8") as f:
+            exact = {c["image_id"]: digit_sequence(c["caption"]) == images[c["image_id"]][1]["digits"]
+                     for c in json.load(f) if c["image_id"] in wholly}
+        for read_wholly, what in ((True, "reads wholly"), (False, "misreads")):
+            ids = [i for i in exact if wholly[i] == read_wholly]
+            lines.append(f"{captions}: of the {len(ids)} images the encoder {what}, the captions read "
+                         f"{sum(exact[i] for i in ids)} exactly")
     return "\n".join(lines)
 
 
@@ -380,6 +403,9 @@ def main(argv=None):
     parser.add_argument("--encoder-reads", metavar="STORE",
                         help="instead: what the encoder alone reads of OUTDIR's splits, from the cell scores of a "
                              "feature store (WORKSPACE/features/<fingerprint>) that holds its images")
+    parser.add_argument("--captions", metavar="FILE",
+                        help="with --encoder-reads: a split's captions (captions/<fp>/<split>.json), set against "
+                             "what the encoder alone reads of its images")
     parser.add_argument("--cell-positions", metavar="STORE",
                         help="instead: how plainly a feature store's cells say where they lie (a linear probe)")
     args = parser.parse_args(argv)
@@ -387,7 +413,7 @@ def main(argv=None):
         print(cell_positions(args.cell_positions))
         return
     if args.encoder_reads:
-        print(encoder_reads(args.outdir, args.encoder_reads))
+        print(encoder_reads(args.outdir, args.encoder_reads, args.captions))
         return
     if args.ceiling:
         print(ceiling(args.outdir))

@@ -185,10 +185,11 @@ def test_a_fixed_seed_gives_identical_bytes(tmp_path):
         ys.write_yardstick(tmp_path / "a", 1, 1, 1)
 
 
-def _cell_score_store(store, root, images, misread_split):
+def _cell_score_store(store, root, images, misread_split, head=False):
     """A store of `mixed7+cell_scores` rows for the yardstick's images (one base channel, 11 class scores, the
     centre score), their class scores one-hot on the digit each cell lies in (pipeline.digits.scenes.scene_labels),
-    every digit cell one digit off in `misread_split`, their centre scores 1 everywhere (not read)."""
+    every digit cell one digit off in `misread_split`, their centre scores 1 everywhere (not read). head: a plain
+    `mixed7` store of the same channels instead, with a cell head beside its weights_path that scores them so."""
     from pipeline.digits.scenes import scene_labels
     from storage.contents import bytes_sha256
     from storage.shards import ShardWriter
@@ -196,6 +197,10 @@ def _cell_score_store(store, root, images, misread_split):
     with open(os.path.join(root, "dataset_coco.json"), encoding="utf-8") as f:
         split_of = {image["cocoid"]: image["split"] for image in json.load(f)["images"]}
     attrs = {"layer": "mixed7+cell_scores", "image_size": 299}
+    if head:
+        from storage.weights import CELL_HEAD_FILE, write_cell_head
+        attrs = {"layer": "mixed7", "image_size": 299, "weights_path": str(store / "inception_v3_digits.weights.h5")}
+        write_cell_head(store / CELL_HEAD_FILE, 10 * np.eye(13, 12, -1), np.zeros(12), "mixed7", [""] * 12)
     with ShardWriter(store / "shard-plan-all-00000.h5", positions=289, channels=13, attrs=attrs) as shard:
         for folder, im, *_ in images:
             sx, sy = 299 / im["width"], 299 / im["height"]
@@ -223,6 +228,31 @@ def test_encoder_reads_the_digits_the_cell_scores_name(data, tmp_path):
     assert f"{COUNTS['train']} images: digits 1.000, images wholly 1.000" in found["train"]
     assert f"{COUNTS['val']} images: digits 1.000, images wholly 1.000" in found["val"]
     assert f"{COUNTS['test']} images: digits 0.000, images wholly 0.000" in found["test"]
+
+
+def test_encoder_reads_a_plain_store_through_the_cell_head_and_sets_captions_against_it(data, tmp_path):
+    """--encoder-reads on a store of the digits encoder's plain layer scores it with the cell head beside the
+    weights, as the cell scores would; --captions counts the captions read exactly among the images the encoder
+    reads wholly and among those it misreads."""
+    out, _, split, images = data
+    plain, scored = tmp_path / "plain", tmp_path / "scored"
+    for store, head in ((plain, True), (scored, False)):
+        store.mkdir()
+        _cell_score_store(store, out, images, misread_split="test", head=head)
+    assert ys.encoder_reads(str(out), plain).splitlines()[1:] == ys.encoder_reads(str(out), scored).splitlines()[1:]
+    by_split = {image["cocoid"]: image["split"] for image in split["images"]}
+    words = "zero one two three four five six seven eight nine".split()
+    captions = tmp_path / "test.json"
+    right = [im for _, im, *_ in images][::2]   # exact captions for every other image
+    captions.write_text(json.dumps([{"image_id": im["id"], "caption": " ".join(words[d] for d in im["digits"])}
+                                    for im in right] + [{"image_id": im["id"], "caption": "nothing"}
+                                                        for _, im, *_ in images if im not in right]))
+    report = ys.encoder_reads(str(out), plain, captions).splitlines()
+    wholly = sum(by_split[im["id"]] != "test" for _, im, *_ in images)
+    assert report[-2].endswith(f"of the {wholly} images the encoder reads wholly, the captions read "
+                               f"{sum(by_split[im['id']] != 'test' for im in right)} exactly")
+    assert report[-1].endswith(f"of the {len(images) - wholly} images the encoder misreads, the captions read "
+                               f"{sum(by_split[im['id']] == 'test' for im in right)} exactly")
 
 
 def test_cell_positions_probe_places_cells_whose_channels_say_where_they_lie(tmp_path):
