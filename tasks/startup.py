@@ -57,7 +57,7 @@ def startup_problems(argv: list[str]) -> list[str]:
     if not command_line:   # luigi can parse it: check the values as the run will see them, flags applied
         with luigi.cmdline_parser.CmdlineParser.global_instance(argv):
             values = section_problems()
-            values += [] if values else truth_problems()
+            values += [] if values else truth_problems() + unread_problems(argv)
         luigi.task_register.Register.clear_instance_cache()
         config.sections_checked = not values   # the run sees the same values: complete() need not read them again
         problems += values
@@ -87,6 +87,23 @@ def truth_problems() -> list[str]:
                             f"annotations carries \"{metrics.truth_key}\" (it is never guessed from caption words). "
                             f"Fix: set [training] {key} = cider in {config_files()}.")
     return problems
+
+
+def unread_problems(argv: list[str]) -> list[str]:
+    """Keys set in the user's config file or on the command line that the run would never read: [dataset]
+    val_fraction, test_fraction and seed beside a karpathy_split (the split file decides every image's split), so a
+    value the user chose is never silently dropped. The project's own config files set them for every run."""
+    d = dataset.read()
+    if not d.karpathy_split or d.source != "coco":
+        return []
+    own = {os.path.abspath(p) for p in (DEFAULT_CONFIG, config.DEMO_CONFIG)}
+    return [f"[dataset] {row['key']} = {row['value']} ({row['source']}) is never read: karpathy_split = "
+            f"{d.karpathy_split} decides every image's split. Fix: remove {row['key']}, or empty karpathy_split to "
+            "split by fractions."
+            for row in settings_check.settings_table(settings_schema(), config_paths(), argv, {})
+            if row["section"] == "dataset" and row["key"] in ("val_fraction", "test_fraction", "seed")
+            and row["source"] != "default"
+            and not (row["source"].startswith("file ") and os.path.abspath(row["source"][5:]) in own)]
 
 
 def _exact_flags(root: str | None) -> set[str]:

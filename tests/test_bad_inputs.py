@@ -251,6 +251,25 @@ def test_your_files_without_source_coco_are_refused_not_swapped_for_the_demo(tmp
     assert not (tmp_path / "w").exists()
 
 
+def test_split_fractions_beside_a_karpathy_split_are_refused_not_ignored(tmp_path):
+    """The split file decides every image's split: fractions and a seed the user set beside it (in their file or
+    as a flag) would be dropped without a word, so the run stops first, naming each, where it was set, and the fix.
+    The project's defaults (configs/luigi.cfg sets them for every run) are not the user's choice."""
+    (tmp_path / "images").mkdir()
+    coco, cfg = coco_setup(tmp_path, tmp_path / "images", [], val_fraction=0.1)
+    split = tmp_path / "dataset_coco.json"
+    split.write_text(json.dumps({"images": []}))
+    cfg.write_text(cfg.read_text().replace("test_fraction = 0", f"test_fraction = 0\nkarpathy_split = {split}"))
+    run = run_luigi("BuildVocabulary", "--dataset-seed", "3", config=cfg, workdir=tmp_path / "w", timeout=60)
+    assert run.returncode == 35, run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("captioner: ERROR:")]
+    for key, value, where in (("val_fraction", "0.1", f"file {cfg}"), ("test_fraction", "0", f"file {cfg}"),
+                              ("seed", "3", "flag --dataset-seed")):
+        assert any(f"[dataset] {key} = {value} ({where}) is never read: karpathy_split = {split}" in e
+                   and f"Fix: remove {key}, or empty karpathy_split" in e for e in errors), (key, errors)
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_config_holds_only_what_it_changes(tmp_path):
     """A user's file is layered on configs/luigi.cfg (and configs/demo.cfg for the demo): a few lines run on the
     project's defaults, with its local scheduler and exit codes, and the values it sets win."""
