@@ -306,7 +306,7 @@ def evaluate_scenes(base, head, pool, settings: dict, varied: float = 0.0, rende
         if logits.shape[-1] > POSITION:
             g = logits.shape[1]
             grid = np.rint((logits[..., POSITION:] + 1) / 2 * (g - 1))
-            placed.append(np.all(grid == np.rint((cell_positions(g) + 1) / 2 * (g - 1)), axis=-1).ravel())
+            placed.append(np.all(grid == np.stack(np.indices((g, g)), axis=-1), axis=-1).ravel())
         for scene_logits, boxes in zip(logits, scene_boxes):
             right = [read_digit(scene_logits, box, layer) == box[4] for box in boxes]
             read += right
