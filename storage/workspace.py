@@ -217,10 +217,13 @@ def output_problem(directory: str | os.PathLike, expected: tuple) -> str | None:
 
 
 def set_aside(final: str | os.PathLike) -> Path:
-    """Rename an (incomplete) output to `.broken-<name>-<unix time>` beside it, so it is neither used nor lost;
-    returns the new path."""
+    """Rename an (incomplete) output to `.broken-<name>-<unix time>` beside it (`-<time>-<k>` when one was set aside
+    in the same second), so it is neither used nor lost; returns the new path."""
     final = Path(final)
-    aside = final.with_name(f".broken-{final.name}-{int(time.time())}")
+    stamp = f".broken-{final.name}-{int(time.time())}"
+    aside, k = final.with_name(stamp), 1
+    while os.path.lexists(aside):
+        aside, k = final.with_name(f"{stamp}-{k}"), k + 1
     os.rename(final, aside)
     return aside
 

@@ -72,6 +72,17 @@ def test_output_problem_finds_missing_files_and_bad_json(tmp_path):
     assert ws.output_problem(tmp_path, ("a.json",)) == "a.json is not valid JSON"
 
 
+def test_outputs_set_aside_in_the_same_second_are_all_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(ws.time, "time", lambda: 1_800_000_000.5)   # every rename in one second
+    asides = []
+    for k in range(3):
+        (tmp_path / "fp").mkdir()
+        (tmp_path / "fp" / "part").write_text(str(k))
+        asides.append(ws.set_aside(tmp_path / "fp"))
+    assert [a.name for a in asides] == [".broken-fp-1800000000", ".broken-fp-1800000000-1", ".broken-fp-1800000000-2"]
+    assert [(a / "part").read_text() for a in asides] == ["0", "1", "2"] and not (tmp_path / "fp").exists()
+
+
 def test_file_sha256_follows_content(tmp_path):
     p = tmp_path / "f"
     p.write_bytes(b"one")
