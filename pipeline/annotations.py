@@ -3,9 +3,11 @@
 Problems of single entries are counted, listed in the report and skipped — the run goes on: malformed
 image or annotation entries, captions that are not strings, unknown image ids in captions, images without
 captions, missing image files, empty captions, duplicate image or caption ids, images absent from the Karpathy
-split. The counts are exact; the report lists the first LISTED_PER_KIND instances of each kind. A file whose
-structure is wrong (not readable, not UTF-8, not JSON, no top-level `images` / `annotations` lists, one of
-them twice) raises InputError naming the file and the field.
+split. The counts are exact; the report lists the first LISTED_PER_KIND instances of each kind, and
+missing_images.jsonl every missing image file (a rerun checks them all: one copied in since joins the dataset,
+tasks/features.py ExtractAnnotations.output_problem). A file whose structure is wrong (not readable, not UTF-8,
+not JSON, no top-level `images` / `annotations` lists, one of them twice) raises InputError naming the file and
+the field.
 
 The files are read by pipeline/coco_files.py, captions normalised by pipeline/captions.py, images split by
 pipeline/splits.py (Karpathy's file when given, else split_of_image). A plug-in's image fields
@@ -62,12 +64,13 @@ class _Writer:
     def __init__(self, writers: dict, roots: list[str], root_names: list[str], split_codes, fractions: tuple,
                  problems: Problems):
         self.writers, self.roots, self.problems = [writers[s] for s in SPLITS], roots, problems
-        self.root_names = [manifests.json_string(r) for r in root_names]
+        self.root_names, self.root_references = [manifests.json_string(r) for r in root_names], root_names
         self.split_codes = split_codes
         val, test, seed = fractions
         self.seed, self.test, self.test_or_val = f"{seed}:".encode(), test, test + val   # as split_of_image
         self.counts = {name: {"images": 0, "captions": 0} for name in SPLITS}
         self.ids, self.codes = array("q"), array("b")
+        self.missing = []   # every missing image file, {root (as the manifests name it), path}: MISSING_FILE
 
     def write(self, part: dict) -> None:
         """The images of one part (_load_part), in id order."""
@@ -84,6 +87,7 @@ class _Writer:
                     problems.add("image_outside_root", {"image_id": image_id, "root": roots[k], "path": name})
                 else:
                     problems.add("missing_image_file", {"image_id": image_id, "root": roots[k], "path": name})
+                    self.missing.append({"root": self.root_references[k], "path": name})
                 continue
             if self.split_codes is not None:
                 code = int(self.split_codes[place])
@@ -212,6 +216,7 @@ def _write_annotations(outdir, annotation_files, roots: list[str], root_names: l
         writer = _write_manifests(outdir, collected, s, (roots, root_names, split_codes,
                                                          (val_fraction, test_fraction, seed), problems),
                                   scratch, progress_callback)
+        manifests.write_jsonl(Path(outdir) / manifests.MISSING_FILE, writer.missing)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report = {

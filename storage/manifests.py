@@ -39,6 +39,7 @@ from storage.workspace import atomic_file, portable, resolve, write_json
 MANIFEST_KEYS = ("image_id", "root", "path", "captions", "raw_captions")
 VOCAB_FILE = "vocab.json"
 REPORT_FILE = "report.json"
+MISSING_FILE = "missing_images.jsonl"   # every image file the annotations named and did not find: {root, path}
 SPLITS = ("train", "val", "test")
 
 
@@ -334,7 +335,8 @@ def latest_other_output(stage_root: str | os.PathLike, current: str | os.PathLik
 
 
 def write_jsonl(path: str | os.PathLike, records) -> None:
-    """One JSON object per line (caption lists of CaptionImages and `captioner caption --out`), atomically."""
+    """One JSON object per line (caption lists of CaptionImages, `captioner caption --out`, the annotations' missing
+    images), atomically."""
     with atomic_file(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
@@ -345,7 +347,7 @@ def read_json(path: str | os.PathLike):
         return json.load(f)
 
 
-__all__ = ["MANIFEST_KEYS", "VOCAB_FILE", "REPORT_FILE", "SPLITS", "manifest_path", "write_manifest",
+__all__ = ["MANIFEST_KEYS", "VOCAB_FILE", "REPORT_FILE", "MISSING_FILE", "SPLITS", "manifest_path", "write_manifest",
            "read_manifest", "iter_manifest", "iter_locations", "iter_captions", "split_assignment",
            "read_split_assignment", "json_string", "json_lines", "ManifestWriter", "extra_keys_json", "Spool",
            "PlanWriter", "count_records", "read_lines",

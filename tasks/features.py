@@ -3,6 +3,7 @@ store.
 Each output is `<workspace>/<stage>/<fingerprint>` (tasks/base.py); each run() calls the library."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import luigi
@@ -33,15 +34,22 @@ class ExtractAnnotations(Stage):
         return context.annotation_settings(files, karpathy)
 
     def output_problem(self) -> str | None:
-        """Stage's checks, and: an image file the report listed as missing (its first LISTED_PER_KIND) exists now,
-        so the manifests would leave out an image the dataset has (images copied in after a first run)."""
+        """Stage's checks, and: an image file the annotations named and did not find exists now, so the manifests
+        would leave out an image the dataset has (images copied in after a first run). Every missing file is
+        checked (missing_images.jsonl; an output written before it lists them: the report's first ones)."""
         problem = super().output_problem()
-        report = Path(self.output().path) / manifests.REPORT_FILE
-        if problem is not None or not report.is_file():
+        out = Path(self.output().path)
+        if problem is not None or not (out / manifests.REPORT_FILE).is_file():
             return problem
-        for missing in manifests.read_json(report)["problems"].get("missing_image_file", []):
-            if (Path(missing["root"]) / missing["path"]).is_file():
-                return f"{missing['path']} under {missing['root']}, missing then, is there now"
+        if (out / manifests.MISSING_FILE).is_file():
+            root = functools.cache(context.image_root)   # the reference a manifest would name the root by
+            missing = [(root(m["root"]), m["path"]) for m in manifests.iter_manifest(out / manifests.MISSING_FILE)]
+        else:
+            report = manifests.read_json(out / manifests.REPORT_FILE)
+            missing = [(Path(m["root"]), m["path"]) for m in report["problems"].get("missing_image_file", [])]
+        for root, path in missing:
+            if (root / path).is_file():
+                return f"{path} under {root}, missing then, is there now"
         return None
 
     def run(self):

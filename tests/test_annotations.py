@@ -436,5 +436,5 @@ def test_make_annotations_compares_splits_with_the_previous_output(tmp_path):
     report = make_annotations(tmp_path / "two", [f], [tmp_path / "imgs"], None, 0.3, 0.3, seed=1,
                               previous=tmp_path / "one")
     assert report["split_changes"] == {"previous": "one", "compared_images": 30, "moved": 0, "examples": []}
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["report.json", "test.jsonl", "train.jsonl",
-                                                                      "val.jsonl"]     # no scratch left behind
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "missing_images.jsonl", "report.json", "test.jsonl", "train.jsonl", "val.jsonl"]   # no scratch left behind

@@ -46,6 +46,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.images import load_image
+from pipeline.problems import LISTED_PER_KIND
 from storage import manifests
 from tests.badimages import REASON_KEYWORDS, make_bad_images
 from tests.conftest import REPO, TEST_CONFIG, run_luigi
@@ -170,19 +171,31 @@ BAD_SETTINGS = [
 
 
 def test_images_missing_at_first_and_copied_in_later_join_the_dataset_on_the_rerun(tmp_path):
+    """Every missing file counts, not only those the report lists (its first LISTED_PER_KIND): the last of
+    LISTED_PER_KIND + 1 missing images, copied in, joins the dataset on the rerun."""
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.jpg").write_bytes(b"not decoded by this stage")
-    _, cfg = coco_setup(tmp_path, tmp_path / "images", ["a.jpg", "b.jpg"])
+    missing = [f"m{i:05d}.jpg" for i in range(LISTED_PER_KIND + 1)]
+    _, cfg = coco_setup(tmp_path, tmp_path / "images", ["a.jpg", *missing])
     first = run_luigi("ExtractAnnotations", config=cfg, workdir=tmp_path / "w", timeout=120)
     assert first.returncode == 0, first.output
     output, = (tmp_path / "w").glob("annotations/[!.]*")
     report = json.loads((output / "report.json").read_text())
-    assert [p["path"] for p in report["problems"]["missing_image_file"]] == ["b.jpg"]
-    (tmp_path / "images" / "b.jpg").write_bytes(b"copied in later")
+    assert report["problem_counts"]["missing_image_file"] == len(missing)
+    assert missing[-1] not in {p["path"] for p in report["problems"]["missing_image_file"]}   # beyond the listed
+    again = run_luigi("ExtractAnnotations", config=cfg, workdir=tmp_path / "w", timeout=120)
+    assert again.returncode == 0 and "is there now" not in again.output   # the other 1,000 are still missing
+    assert "complete ones were encountered" in again.output
+    (tmp_path / "images" / missing[-1]).write_bytes(b"copied in later")
     second = run_luigi("ExtractAnnotations", config=cfg, workdir=tmp_path / "w", timeout=120)
-    assert second.returncode == 0 and "b.jpg under" in second.output and "is there now" in second.output
-    assert [json.loads(line)["path"] for line in (output / "train.jsonl").open()] == ["a.jpg", "b.jpg"]
-    assert json.loads((output / "report.json").read_text())["problem_counts"]["missing_image_file"] == 0
+    assert second.returncode == 0 and f"{missing[-1]} under" in second.output and "is there now" in second.output
+    assert [json.loads(line)["path"] for line in (output / "train.jsonl").open()] == ["a.jpg", missing[-1]]
+    report = json.loads((output / "report.json").read_text())
+    assert report["problem_counts"]["missing_image_file"] == len(missing) - 1
+    (output / manifests.MISSING_FILE).unlink()   # as an output written before the file: the report's list counts
+    (tmp_path / "images" / missing[0]).write_bytes(b"copied in later")
+    third = run_luigi("ExtractAnnotations", config=cfg, workdir=tmp_path / "w", timeout=120)
+    assert third.returncode == 0 and f"{missing[0]} under" in third.output and "is there now" in third.output
 
 
 def test_another_image_folder_inside_the_workspace_gives_other_manifests(tmp_path):
