@@ -99,10 +99,19 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
 def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
     """Every setting of the pipeline: its value for a run with these FLAGS (luigi-style, e.g.
     `--training-batch-size 8`) and the config files (configs/luigi.cfg, configs/demo.cfg for the demo, the file of
-    $LUIGI_CONFIG_PATH), its
-    default, where the value comes from (flag, file, environment or default), and what it does."""
-    import tasks
+    $LUIGI_CONFIG_PATH), its default, where the value comes from (flag, file, environment or default), and what it
+    does; then every problem the run would stop on (tasks/startup.py), exiting as it would (35)."""
+    import configparser
+
+    try:
+        import tasks   # luigi reads the config files when imported
+    except configparser.Error as e:
+        click.echo(f"captioner: ERROR: {' '.join(str(e).split())}. Fix: every line of a config file is a [section], "
+                   "a `key = value`, an indented continuation or a # comment, and each section appears once per "
+                   "file.", err=True)
+        sys.exit(35)
     from pipeline import settings_check
+    from tasks.startup import startup_problems
 
     if markdown:
         from tasks.config import RETCODES, Section
@@ -121,16 +130,21 @@ def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
                                                                   os.environ.get("CAPTIONER_WORKDIR", ""))})
     if as_json:
         click.echo(json.dumps(rows, indent=1))
-        return
-    click.echo(f"config files: {tasks.config_files()}")
-    section = None
-    for row in rows:
-        if row["section"] != section:
-            section = row["section"]
-            click.echo(f"[{section}]")
-        notes = [row["source"]] + ([f"default {row['default']!r}"] if row["source"] != "default" else [])
-        notes += [row["help"]] if row["help"] else []
-        click.echo(f"  {row['key'] + ' = ' + row['value']:<34} # {' · '.join(notes)}")
+    else:
+        click.echo(f"config files: {tasks.config_files()}")
+        section = None
+        for row in rows:
+            if row["section"] != section:
+                section = row["section"]
+                click.echo(f"[{section}]")
+            notes = [row["source"]] + ([f"default {row['default']!r}"] if row["source"] != "default" else [])
+            notes += [row["help"]] if row["help"] else []
+            click.echo(f"  {row['key'] + ' = ' + row['value']:<34} # {' · '.join(notes)}")
+    problems = startup_problems(["TrainDecoder", *flags])   # luigi parses flags for a task: one needing no others
+    for problem in problems:
+        click.echo(f"captioner: ERROR: {problem}", err=True)
+    if problems:
+        sys.exit(35)
 
 
 def models_of(root: Path) -> list[Path]:

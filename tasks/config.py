@@ -370,13 +370,13 @@ sections_checked = False
 
 
 def section_problems() -> list[str]:
-    """Every project section's value problems (bad numbers, ranges, missing dataset paths), all of them."""
+    """Every project section's value problems (bad numbers, ranges, missing dataset paths), each once."""
     problems = []
     for section in Section.__subclasses__():
         try:
             section.read()
         except InputError as e:
-            problems.append(str(e))
+            problems += [str(e)] if str(e) not in problems else []
     return problems
 
 

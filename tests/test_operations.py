@@ -69,17 +69,40 @@ def test_a_dataset_source_flag_decides_whether_the_demo_config_is_layered(tmp_pa
     coco.write_text("[dataset]\nsource = coco\n")
     captioner = os.path.join(os.path.dirname(sys.executable), "captioner")
 
-    def layered(config, *flags):
+    def layered(config, *flags, code=0):
         run = subprocess.run([captioner, "settings", *flags, "--json"], cwd=REPO, capture_output=True, text=True,
                              env=dict(os.environ, LUIGI_CONFIG_PATH=str(config)), timeout=120)
-        assert run.returncode == 0, run.stderr
+        assert run.returncode == code, run.stderr
+        assert ("source = coco needs caption files" in run.stderr) == (code == 35)   # a run would stop: none given
         rows = {(r["section"], r["key"]): r for r in json.loads(run.stdout)}
         return rows[("dataset", "plugins")]["value"], rows[("encoder", "weights")]["value"]
 
     assert layered(TEST_CONFIG) == ("pipeline.digits", "random:0")   # configs/test.cfg: source = demo
-    assert layered(TEST_CONFIG, "--dataset-source", "coco") == ("", "random:0")
-    assert layered(coco) == ("", "imagenet")
+    assert layered(TEST_CONFIG, "--dataset-source", "coco", code=35) == ("", "random:0")
+    assert layered(coco, code=35) == ("", "imagenet")
     assert layered(coco, "--dataset-source=demo") == ("pipeline.digits", "digits")
+
+
+def test_settings_stops_on_what_a_run_would_stop_on(tmp_path):
+    """`captioner settings` shows the values, then every problem the run would stop on, with the run's exit code:
+    a flag written in part, an unknown key, a line the config parser cannot read (which `luigi` itself reports
+    only as a traceback)."""
+    captioner = os.path.join(os.path.dirname(sys.executable), "captioner")
+    typo, unreadable = tmp_path / "typo.cfg", tmp_path / "unreadable.cfg"
+    typo.write_text("[training]\nepochz = 3\n")
+    unreadable.write_text("[training]\nepochs 3\n")
+    settings = lambda config, *flags: subprocess.run(
+        [captioner, "settings", *flags], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, LUIGI_CONFIG_PATH=str(config)))
+    partial = settings(TEST_CONFIG, "--training-epoch", "3")
+    assert partial.returncode == 35 and re.search(r"epochs = 2 +# file", partial.stdout)   # the flag unread
+    assert "--training-epoch: not a full flag name (did you mean --training-epochs?)" in partial.stderr
+    unknown = settings(typo)
+    assert unknown.returncode == 35 and f"{typo}: [training] epochz: unknown key (did you mean epochs?)" in \
+        unknown.stderr
+    bad = settings(unreadable)
+    assert bad.returncode == 35 and str(unreadable) in bad.stderr and "[line 2]: 'epochs 3" in bad.stderr
+    assert "Traceback" not in bad.stderr and "Fix: every line of a config file is" in bad.stderr
 
 
 def test_a_killed_run_shows_as_interrupted_with_what_it_finished(workdir):
