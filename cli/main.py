@@ -131,7 +131,7 @@ def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=1))
     else:
-        click.echo(f"config files: {tasks.config_files()}")
+        click.echo(f"config files: {', '.join(tasks.config_paths())}")
         section = None
         for row in rows:
             if row["section"] != section:

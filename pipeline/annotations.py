@@ -71,6 +71,7 @@ class _Writer:
         self.counts = {name: {"images": 0, "captions": 0} for name in SPLITS}
         self.ids, self.codes = array("q"), array("b")
         self.missing = []   # every missing image file, {root (as the manifests name it), path}: MISSING_FILE
+        self.per_root = [{"root": r, "found": 0, "missing": 0} for r in root_names]   # image files of each root
 
     def write(self, part: dict) -> None:
         """The images of one part (_load_part), in id order."""
@@ -88,7 +89,9 @@ class _Writer:
                 else:
                     problems.add("missing_image_file", {"image_id": image_id, "root": roots[k], "path": name})
                     self.missing.append({"root": self.root_references[k], "path": name})
+                    self.per_root[k]["missing"] += 1
                 continue
+            self.per_root[k]["found"] += 1
             if self.split_codes is not None:
                 code = int(self.split_codes[place])
                 if code < 0:
@@ -226,6 +229,7 @@ def _write_annotations(outdir, annotation_files, roots: list[str], root_names: l
                         f"fractions(val={val_fraction}, test={test_fraction}, seed={seed})",
         "normalisation": "NFKC, lowercase, non-alphanumerics to spaces, inner apostrophes kept, spaces collapsed",
         "splits": writer.counts,
+        "image_files_per_root": writer.per_root,
         **({"split_file": split_file} if split_file else {}),
         "problem_counts": dict(problems.counts),
         "problems": problems.lists(),
@@ -289,6 +293,16 @@ def make_annotations(outdir: str | os.PathLike, annotation_files, image_roots, k
                       for k, r in enumerate(image_roots)}
     report, assignment = _write_annotations(outdir, annotation_files, roots, [references.get(r, r) for r in roots],
                                             karpathy_split, val_fraction, test_fraction, seed, progress_callback)
+    for k, root in enumerate(report["image_files_per_root"]):
+        if root["missing"] and not root["found"]:   # an unmounted or wrong folder, not a few lost files
+            for name in SPLITS:
+                manifests.manifest_path(outdir, name).unlink(missing_ok=True)
+            listed = [p["path"] for p in report["problems"].get("missing_image_file", []) if p["root"] == roots[k]]
+            example = f" (first: {listed[0]})" if listed else ""
+            raise InputError(f"[dataset] images: {roots[k]} (entry {k + 1}) holds none of the {root['missing']} "
+                             f"image files {annotation_files[k]} names{example}. Fix: mount or correct that folder "
+                             "(one root per annotation file, same order), or remove the file from [dataset] "
+                             "annotations.")
     if not report["splits"]["train"]["images"]:
         for name in SPLITS:
             manifests.manifest_path(outdir, name).unlink(missing_ok=True)

@@ -3,8 +3,8 @@
 The store `features/<encoder-fp>/` is keyed by image CONTENT (the sha256 of the file's bytes, storage/contents.py),
 never by a dataset's image id, so datasets share one store safely and the same picture is extracted once:
   identify_split   the content key of every image of a split (a file is read only when it is new or changed
-                   since the last run) and a digest of the files' sizes and mtimes, which the split index
-                   records so a replaced file is noticed;
+                   since the last run); the split index also records a digest of the files' sizes and mtimes
+                   (pipeline/listing.py), so a replaced file is noticed;
   plan_shards      assigns every content the store neither holds nor records as undecodable to new shards of at
                    most `shard_size` images, one split per shard;
   extract_shard    decodes images in threads ahead of a compiled InceptionV3 forward pass, writes one shard;
@@ -16,9 +16,7 @@ replaced under its file name has a new key and is extracted again.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
-import os
 import shutil
 import sys
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import encoder as encoder_lib, images, splits
+from pipeline import encoder as encoder_lib, images, listing, splits
 from pipeline.errors import InputError
 from pipeline.progress import Progress
 from storage import contents, manifests, shards, workspace
@@ -37,46 +35,12 @@ log = logging.getLogger("captioner")
 _encoders: dict = {}   # (weights identity, image size) → compiled forward function, one per worker process
 
 
-def _split_files(annotations_dir, split: str, image_root):
-    """(image_id, root reference, path, absolute image path) of each image of a split, streamed from its
-    manifest; image_root(reference) → its directory."""
-    roots = {}   # reference → the directory with a trailing separator
-    for image_id, root, path in manifests.iter_locations(manifests.manifest_path(annotations_dir, split)):
-        if root not in roots:
-            roots[root] = os.path.join(str(image_root(root)), "")
-        yield image_id, root, path, roots[root] + path if not path.startswith("/") else path
-
-
-def _batches(items, size: int = 8192):
-    """Lists of up to `size` consecutive items."""
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def listing_digest(annotations_dir, split: str, image_root) -> str:
-    """A digest of (image id, size, mtime) of every image file of a split: it changes when a file is replaced,
-    touched, added or removed. Stats only, a batch at a time in threads; the split index records it
-    (ExtractFeatures' completeness check)."""
-    digest = hashlib.sha256()
-    for batch in _batches(_split_files(annotations_dir, split, image_root)):
-        found = contents.stat_files([item[3] for item in batch], absent=OSError)
-        digest.update("".join(f"{image_id} {f[0]} {f[1]}\n" if f else f"{image_id} -\n"
-                              for (image_id, *_), f in zip(batch, found)).encode())
-    return digest.hexdigest()[:16]
-
-
 def _identified(annotations_dir, split: str, image_root, cache, progress_callback=None):
     """(image_id, root reference, path, content key) of each image of a split, in manifest order; the keys come
     from the cache a batch at a time (storage.contents.ContentCache.keys). Logs files/s and ETA."""
     total = manifests.count_records(manifests.manifest_path(annotations_dir, split))
     progress = Progress(total, f"identifying {split} images", "files", progress_callback)
-    for batch in _batches(_split_files(annotations_dir, split, image_root)):
+    for batch in listing.batches(listing.split_files(annotations_dir, split, image_root)):
         for (image_id, root, path, _), key in zip(batch, cache.keys([item[3] for item in batch])):
             yield image_id, root, path, key
         progress.update(len(batch))
@@ -150,7 +114,8 @@ def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, imag
     rows, skipped, bad = shards.store_contents(store_dir)
     for path in bad:
         log.warning("store: %s fails its check and is not used; its images are extracted again", path.name)
-    counts, planned, n_shards, seen = {}, set(), 0, {s: (array("Q"), array("q")) for s in manifests.SPLITS}
+    counts, planned, n_shards, seen = {}, {}, 0, {s: (array("Q"), array("q")) for s in manifests.SPLITS}
+    shared_from = {s: set() for s in manifests.SPLITS}   # a split's pictures planned in another split's shards
     with manifests.PlanWriter(out_path, plan_name, shard_size) as plan:
         for split in manifests.SPLITS:
             counts[split], todo, k = {"stored": 0, "undecodable": 0}, [], 0
@@ -162,15 +127,17 @@ def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, imag
                 if key in rows or key in skipped:
                     counts[split]["stored" if key in rows else "undecodable"] += 1
                 elif key not in planned:
-                    planned.add(key)
+                    planned[key] = split
                     todo.append([key, image_id, root, path])
+                elif planned[key] != split:
+                    shared_from[split].add(planned[key])
                 if len(todo) == shard_size:
                     plan.add({"name": shard_name(plan_name, split, k), "split": split, "images": todo})
                     todo, k, n_shards = [], k + 1, n_shards + 1
             if todo:
                 plan.add({"name": shard_name(plan_name, split, k), "split": split, "images": todo})
                 n_shards += 1
-        plan.finish(counts)
+        plan.finish(counts, {s: sorted(others) for s, others in shared_from.items() if others})
     log.info("store already holds: %s", ", ".join(f"{s} {c['stored']} (+{c['undecodable']} undecodable)"
                                                  for s, c in counts.items()))
     log.info("feature plan %s: %d images to extract in %d shards", plan_name, len(planned), n_shards)

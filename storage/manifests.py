@@ -262,8 +262,9 @@ class Spool:
 
 class PlanWriter:
     """A feature store's extraction plan (`plans/<name>.json`) written a shard at a time, atomically: the file is
-    what write_json(path, {"plan", "shard_size", "shards", "already"}, indent=None) writes, without the plan
-    ever being whole in memory.
+    what write_json(path, {"plan", "shard_size", "shards", "already", "shared_from"}, indent=None) writes, without
+    the plan ever being whole in memory. shared_from: {split: [the other splits whose shards hold some of its
+    pictures]} (a picture in two splits is planned once).
 
         with PlanWriter(path, "3f2a…", 1000) as plan:
             plan.add({"name": "shard-3f2a…-train-00000", "split": "train", "images": [[key, id, root, path]]})
@@ -285,8 +286,9 @@ class PlanWriter:
         self._file.write((", " if self._shards else "") + json.dumps(shard, ensure_ascii=False))
         self._shards += 1
 
-    def finish(self, already: dict) -> None:
-        self._file.write(f'], "already": {json.dumps(already, ensure_ascii=False)}}}\n')
+    def finish(self, already: dict, shared_from: dict | None = None) -> None:
+        self._file.write(f'], "already": {json.dumps(already, ensure_ascii=False)}, '
+                         f'"shared_from": {json.dumps(shared_from or {}, ensure_ascii=False)}}}\n')
 
     def __exit__(self, *exc):
         return self._stack.__exit__(*exc)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import luigi
 
-from pipeline import features as features_lib
+from pipeline import listing
 from storage import manifests, shards, workspace as ws
 from tasks import context
 from tasks.config import check_every_section, workspace_root
@@ -58,7 +58,9 @@ class Stage(ReportsProgress, luigi.Task):
                 return False
             problem = self.output_problem()
             if problem:
-                log.warning("%s is incomplete (%s): it will be recomputed", self.output().path, problem)
+                if (self.output().path, problem) not in _warned:   # luigi asks several times while it schedules
+                    _warned.add((self.output().path, problem))
+                    log.warning("%s is incomplete (%s): it will be recomputed", self.output().path, problem)
                 return False
             return all(t.complete() for t in self.upstream_stages())
         except Exception as e:
@@ -111,13 +113,14 @@ class Stage(ReportsProgress, luigi.Task):
     @contextlib.contextmanager
     def atomic_output(self):
         """A temporary directory that becomes output() when the block succeeds, with provenance.json added.
-        An incomplete output found by complete() is set aside first (.broken-<fp>-<time>, kept for inspection)."""
-        if os.path.isdir(self.output().path) and self.output_problem():
-            log.warning("set aside the incomplete %s as %s", self.output().path,
-                        ws.set_aside(self.output().path))
+        An incomplete or stale output found by complete() is set aside then, as it is replaced (.broken-<fp>-<time>,
+        kept for inspection): a run that fails leaves it where it was."""
         with ws.atomic_dir(self.output().path) as tmp:
             yield tmp
             manifests.write_json(tmp / "provenance.json", self.provenance())
+            if os.path.isdir(self.output().path) and self.output_problem():
+                log.warning("set aside the incomplete %s as %s", self.output().path,
+                            ws.set_aside(self.output().path))
         log.info("%s wrote %s", self.task_family, self.output().path)
 
     def provenance(self) -> dict:
@@ -189,6 +192,7 @@ class SplitIndexTarget(luigi.LocalTarget):
         return index.get("listing") == _listing_now(self.path, index)
 
 
+_warned: set = set()   # (output, problem) already logged by Stage.complete in this process
 _listings: dict = {}   # (index path, its mtime) → (when, the listing digest of its split's files)
 
 
@@ -199,6 +203,6 @@ def _listing_now(index_path: str, index: dict) -> str:
     when, digest = _listings.get(key, (0.0, None))
     if time.monotonic() - when > 10:
         annotations = workspace_root() / "annotations" / index["annotations"]
-        digest = features_lib.listing_digest(annotations, index["split"], context.image_root)
+        digest = listing.listing_digest(annotations, index["split"], context.image_root)
         _listings[key] = (time.monotonic(), digest)
     return digest

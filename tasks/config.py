@@ -1,5 +1,4 @@
-"""Configuration: the config files layered, and the config sections (checked when read). The startup check and the
-per-workspace lock: tasks/startup.py."""
+"""Configuration: the config files layered, the config sections (checked when read); the startup check: startup.py."""
 from __future__ import annotations
 
 import logging
@@ -27,8 +26,7 @@ def _layer_the_defaults() -> None:
     source = demo (or `--dataset-source demo` on the command line), configs/demo.cfg between the two. Runs when
     this module is imported, which the `luigi` command does while it parses its command line, before it reads
     [core] and [retcode]."""
-    # luigi 3.8 keeps the files it reads, in order, in LuigiConfigParser._config_paths (no public accessor);
-    # later files override earlier ones
+    # luigi 3.8 keeps the files it reads, in order (later ones win), in LuigiConfigParser._config_paths (not public)
     paths = luigi.configuration.LuigiConfigParser._config_paths
     if str(DEFAULT_CONFIG) in paths:
         return
@@ -69,8 +67,9 @@ if not log.handlers:   # luigi configures only its own loggers; ours reports pro
 
 
 def config_files() -> str:
-    """The config files in effect, for error messages."""
-    return ", ".join(config_paths()) or "(no config file)"
+    """The config files a user sets values in (the project's own when there are none), for messages and records."""
+    paths, own = config_paths(), {str(DEFAULT_CONFIG), str(DEMO_CONFIG)}
+    return ", ".join([p for p in paths if p not in own] or paths) or "(no config file)"
 
 
 class Section(luigi.Config):
@@ -325,7 +324,7 @@ class training(Section):
 
 
 class generation(Section):
-    """[generation] caption decoding (pipeline/decode.py)."""
+    """[generation] caption decoding (pipeline/decode.py); TrainDecoder picks its best epoch decoding so."""
     beam_size = luigi.IntParameter(description="1: greedy")
     max_length = luigi.IntParameter(description="words, <end> included")
     length_penalty = luigi.FloatParameter(description="beam score / length^this; 0: none")

@@ -4,11 +4,12 @@ Each output is `<workspace>/<stage>/<fingerprint>` (tasks/base.py); each run() c
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import luigi
 
-from pipeline import annotations, encoder as encoder_lib, features as features_lib, vocabulary as vocab_lib
+from pipeline import annotations, encoder as encoder_lib, features as features_lib, listing, vocabulary as vocab_lib
 from storage import manifests, shards, workspace as ws
 from tasks import context
 from tasks.base import ReportsProgress, ShardTarget, SplitIndexTarget, Stage
@@ -34,23 +35,13 @@ class ExtractAnnotations(Stage):
         return context.annotation_settings(files, karpathy)
 
     def output_problem(self) -> str | None:
-        """Stage's checks, and: an image file the annotations named and did not find exists now, so the manifests
-        would leave out an image the dataset has (images copied in after a first run). Every missing file is
-        checked (missing_images.jsonl; an output written before it lists them: the report's first ones)."""
+        """Stage's checks, and: an image file appeared or vanished since the manifests were written, so they would
+        leave out an image the dataset has, or list one it lost (_image_files_changed)."""
         problem = super().output_problem()
         out = Path(self.output().path)
         if problem is not None or not (out / manifests.REPORT_FILE).is_file():
             return problem
-        if (out / manifests.MISSING_FILE).is_file():
-            root = functools.cache(context.image_root)   # the reference a manifest would name the root by
-            missing = [(root(m["root"]), m["path"]) for m in manifests.iter_manifest(out / manifests.MISSING_FILE)]
-        else:
-            report = manifests.read_json(out / manifests.REPORT_FILE)
-            missing = [(Path(m["root"]), m["path"]) for m in report["problems"].get("missing_image_file", [])]
-        for root, path in missing:
-            if (root / path).is_file():
-                return f"{path} under {root}, missing then, is there now"
-        return None
+        return _image_files_changed(out)
 
     def run(self):
         d = dataset.read()
@@ -62,6 +53,34 @@ class ExtractAnnotations(Stage):
                                                   d.test_fraction, d.seed, progress_callback=self.report_progress,
                                                   previous=previous, workspace_root=workspace_root())
         self.counts = {"splits": report["splits"], "problems": report["problem_counts"]}
+
+
+_checked: dict = {}   # (annotations output, its report's mtime) → (when, _image_files_changed's answer)
+
+
+def _image_files_changed(out: Path) -> str | None:
+    """An image file the annotations in `out` found missing that is there now (copied in after a first run), or
+    one they list that is gone (files deleted, a folder unmounted: the rerun reports them missing, and stops
+    when a root holds none of its images); None when neither. Every file is checked (missing_images.jsonl; an
+    output written before that file: the report's first listed ones). The answer is reused for a few seconds:
+    luigi asks for completeness several times while it schedules, and each answer stats every image file."""
+    key = (str(out), (out / manifests.REPORT_FILE).stat().st_mtime_ns)
+    when, answer = _checked.get(key, (0.0, None))
+    if time.monotonic() - when <= 10:
+        return answer
+    if (out / manifests.MISSING_FILE).is_file():
+        root = functools.cache(context.image_root)   # the reference a manifest would name the root by
+        missing = [(root(m["root"]), m["path"]) for m in manifests.iter_manifest(out / manifests.MISSING_FILE)]
+    else:
+        report = manifests.read_json(out / manifests.REPORT_FILE)
+        missing = [(Path(m["root"]), m["path"]) for m in report["problems"].get("missing_image_file", [])]
+    answer = next((f"{path} under {root}, missing then, is there now" for root, path in missing
+                   if (root / path).is_file()), None)
+    if answer is None:
+        vanished = listing.vanished_image(out, context.image_root)
+        answer = f"{vanished}, there then, is missing now" if vanished else None
+    _checked[key] = (time.monotonic(), answer)
+    return answer
 
 
 class BuildVocabulary(Stage):
@@ -171,10 +190,13 @@ class ExtractFeatures(Stage):
         return {"plan": plan, "shards": self._static_shards}
 
     def shard_tasks(self, plan_path) -> list:
+        """The plan's shards of this split, and of the splits whose shards hold some of its pictures (planned once:
+        extracted there, not again for this split)."""
         if not hasattr(self, "_shard_tasks"):   # requires() runs often; a COCO plan is megabytes of JSON
             plan = manifests.read_json(plan_path)
+            splits = {self.split, *plan.get("shared_from", {}).get(self.split, [])}
             self._shard_tasks = [ExtractShard(plan=plan["plan"], shard=s["name"]) for s in plan["shards"]
-                                 if s["split"] == self.split]
+                                 if s["split"] in splits]
         return self._shard_tasks
 
     def settings(self):
@@ -188,12 +210,12 @@ class ExtractFeatures(Stage):
         plan_path = self.input()["plan"].path
         yield self.shard_tasks(plan_path)
         annotations_dir = self.requires()["plan"].input().path
-        listing = features_lib.listing_digest(annotations_dir, self.split, context.image_root)
+        listing_now = listing.listing_digest(annotations_dir, self.split, context.image_root)
         keys = context.content_keys(annotations_dir, self.split)
         repair = features_lib.plan_repair(annotations_dir, store_dir(), self.split, features.read().shard_size, keys)
         if repair:   # a shard was damaged or deleted since the plan, or an image file replaced: those images again
             yield [ExtractShard(plan=repair["plan"], shard=s["name"]) for s in repair["shards"]]
         index = features_lib.index_split(annotations_dir, store_dir(), self.split, keys)
-        manifests.write_json(self.output().path, {**index, "encoder": store_settings(), "listing": listing,
+        manifests.write_json(self.output().path, {**index, "encoder": store_settings(), "listing": listing_now,
                                                   "plan": manifests.read_json(plan_path)["plan"],
                                                   "annotations": Path(annotations_dir).name})

@@ -52,8 +52,9 @@ def startup_problems(argv: list[str]) -> list[str]:
                     rule = f"one of {', '.join(sorted(map(str, choices)))}" if choices else str(e)
                     command_line.append(f"--{name.replace('_', '-')} {value}: {root} needs {rule}"
                                         f"{settings_check.nearest(value, map(str, choices or ()))}.")
-    command_line += settings_check.check_flags(unknown, flags)
-    command_line += settings_check.check_abbreviations([a for a in argv if a not in unknown], _exact_flags(root))
+    if not (root and root not in register.task_names()):   # an unknown task's own flags would only add noise
+        command_line += settings_check.check_flags(unknown, flags)
+        command_line += settings_check.check_abbreviations([a for a in argv if a not in unknown], _exact_flags(root))
     if not command_line:   # luigi can parse it: check the values as the run will see them, flags applied
         with luigi.cmdline_parser.CmdlineParser.global_instance(argv):
             values = section_problems()

@@ -198,6 +198,41 @@ def test_images_missing_at_first_and_copied_in_later_join_the_dataset_on_the_rer
     assert third.returncode == 0 and f"{missing[0]} under" in third.output and "is there now" in third.output
 
 
+def test_image_files_gone_since_a_run_are_reported_missing_and_a_root_holding_none_stops_the_run(tmp_path):
+    """A file deleted since the manifests were written is reported missing on the rerun, not left for extraction
+    to skip; a root that holds none of its caption file's images (an unmounted or wrong folder) stops the run,
+    naming it, and leaves the previous output as it was."""
+    for root, names in (("A", ["a1.jpg", "a2.jpg"]), ("B", ["b1.jpg", "b2.jpg"])):
+        (tmp_path / root).mkdir()
+        for name in names:
+            (tmp_path / root / name).write_bytes(b"not decoded by this stage")
+        (tmp_path / f"{root}.json").write_text(json.dumps({
+            "images": [{"id": ord(n[0]) * 10 + int(n[1]), "file_name": n} for n in names],
+            "annotations": [{"id": ord(n[0]) * 10 + int(n[1]), "image_id": ord(n[0]) * 10 + int(n[1]),
+                             "caption": f"picture {n}"} for n in names]}))
+    _, cfg = coco_setup(tmp_path, tmp_path / "A", [])
+    cfg.write_text(cfg.read_text().replace(f"annotations = {tmp_path / 'captions.json'}\nimages = {tmp_path / 'A'}",
+                                           f"annotations = {tmp_path / 'A.json'},{tmp_path / 'B.json'}\n"
+                                           f"images = {tmp_path / 'A'},{tmp_path / 'B'}"))
+    run = lambda: run_luigi("ExtractAnnotations", config=cfg, workdir=tmp_path / "w", timeout=120)
+    paths = lambda: [json.loads(line)["path"] for line in (output / "train.jsonl").open()]
+    assert run().returncode == 0
+    output, = (tmp_path / "w").glob("annotations/[!.]*")
+    assert paths() == ["a1.jpg", "a2.jpg", "b1.jpg", "b2.jpg"]
+    (tmp_path / "A" / "a2.jpg").unlink()
+    second = run()
+    assert second.returncode == 0 and "a2.jpg, there then, is missing now" in second.output
+    assert paths() == ["a1.jpg", "b1.jpg", "b2.jpg"]
+    assert json.loads((output / "report.json").read_text())["problem_counts"]["missing_image_file"] == 1
+    (tmp_path / "B").rename(tmp_path / "B-elsewhere")
+    (tmp_path / "B").mkdir()   # a mount point with nothing mounted on it
+    third = run()
+    assert third.returncode == 30, third.output
+    assert f"[dataset] images: {tmp_path / 'B'} (entry 2) holds none of the 2 image files {tmp_path / 'B.json'} " \
+        "names (first: b1.jpg). Fix: mount or correct that folder" in third.output
+    assert paths() == ["a1.jpg", "b1.jpg", "b2.jpg"]   # the failed rerun left the previous output where it was
+
+
 def test_another_image_folder_inside_the_workspace_gives_other_manifests(tmp_path):
     """Manifests name an image root inside the workspace by its path there: pointing [dataset] images at another
     such folder with the same caption file makes new manifests, never the old folder's."""
@@ -238,6 +273,9 @@ def test_typos_in_config_and_flags_are_refused_together_before_any_work(tmp_path
     assert "--split tset: EvaluateCaptions needs one of test, train, val (did you mean test?)" in errors[2]
     assert "--trainig-epochs: unknown flag (did you mean --training-epochs?)" in errors[3]
     assert "Traceback" not in run.output and not (tmp_path / "w").exists()  # nothing started
+    misspelt = run_luigi("EvaluateCaption", "--split", "test", config=TEST_CONFIG, workdir=tmp_path / "w", timeout=60)
+    assert misspelt.returncode == 35 and [line for line in misspelt.output.splitlines() if "ERROR" in line] == [
+        "captioner: ERROR: EvaluateCaption: unknown task (did you mean EvaluateCaptions?)."]   # not its flags too
 
 
 def test_missing_dataset_paths_are_refused_before_any_work(tmp_path):

@@ -384,6 +384,31 @@ def test_datasets_whose_ids_collide_never_share_features_and_a_shared_picture_is
     assert again.returncode == 0 and "0 images to extract" in again.output, again.output
 
 
+def test_a_picture_in_two_splits_is_extracted_once_whichever_split_is_asked_for_first(tmp_path, workdir):
+    """A test picture that is also a train picture is planned in a train shard; asking for the test split first
+    extracts that shard too, instead of extracting the picture again for the test split."""
+    demo_root = tmp_path / "demo"
+    write_demo_dataset(demo_root, 5, 1, 1, seed=5)
+    cfg, ids = coco_config(tmp_path, demo_root, 5)
+    coco = json.loads((tmp_path / "captions.json").read_text())
+    twin = dict(coco["images"][0], id=999, file_name="twin-" + coco["images"][0]["file_name"])
+    shutil.copy(demo_root / "train" / coco["images"][0]["file_name"], demo_root / "train" / twin["file_name"])
+    coco["images"].append(twin)
+    coco["annotations"].append({"id": 999, "image_id": 999, "caption": "the same picture again"})
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    (tmp_path / "split.json").write_text(json.dumps({"images": [{"cocoid": i, "split": "train"} for i in ids]
+                                                    + [{"cocoid": 999, "split": "test"}]}))
+    cfg.write_text(cfg.read_text().replace("val_fraction = 0\ntest_fraction = 0",
+                                           f"karpathy_split = {tmp_path / 'split.json'}"))
+    run = run_luigi("ExtractFeatures", "--split", "test", config=cfg, workdir=workdir)
+    assert run.returncode == 0, run.output
+    store = store_of(workdir)
+    assert not list(store.glob("plans/repair-*")) and "-test-" not in " ".join(p.name for p in store.glob("*.h5"))
+    test_index = json.loads(next(store.glob("splits/*/test.json")).read_text())
+    assert list(test_index["images"]) == ["999"] and "-train-" in test_index["images"]["999"][0]
+    assert sum(len(shards.read_ids(p)[0]) for p in shards.list_shards(store)) == len(ids)   # each picture once
+
+
 def test_an_image_replaced_under_its_name_is_extracted_again_and_the_model_retrained(extracted):
     """The nightly case: an image file is replaced in place. The rerun notices it (sizes and mtimes of the split's
     files), extracts that image only, keys it by its new content and trains the model again from scratch."""

@@ -44,12 +44,12 @@ STEPS = ("annotations+vocabulary", "plan", "no-op rerun", "stat check")
 STAT_CHECK = """
 import sys, time
 from pathlib import Path
-from pipeline import features
+from pipeline import listing
 from tasks import context
 from tasks.config import workspace_root
 annotations = next(p for p in (workspace_root() / "annotations").iterdir() if not p.name.startswith("."))
 for split in ("train", "val", "test"):
-    features.listing_digest(annotations, split, context.image_root)
+    listing.listing_digest(annotations, split, context.image_root)
     context.content_keys(annotations, split)
 """
 
