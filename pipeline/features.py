@@ -104,6 +104,13 @@ def plan_shards(plan_name: str, todo_by_split: dict, shard_size: int) -> dict:
     return plan
 
 
+def _first_free(store_dir, plan_name: str, split: str) -> int:
+    """The first shard number of a plan's split that no shard file has: a plan written again under its name (its
+    annotations recomputed as image files came or went) never reuses a name whose file holds other images."""
+    taken = [int(p.stem.rsplit("-", 1)[1]) for p in Path(store_dir).glob(f"shard-{plan_name}-{split}-*.h5")]
+    return max(taken, default=-1) + 1
+
+
 def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, image_root, cache, out_path,
                progress_callback=None) -> dict:
     """Write the extraction plan for every split of an annotation version to `out_path` (plan_shards' layout,
@@ -118,7 +125,7 @@ def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, imag
     shared_from = {s: set() for s in manifests.SPLITS}   # a split's pictures planned in another split's shards
     with manifests.PlanWriter(out_path, plan_name, shard_size) as plan:
         for split in manifests.SPLITS:
-            counts[split], todo, k = {"stored": 0, "undecodable": 0}, [], 0
+            counts[split], todo, k = {"stored": 0, "undecodable": 0}, [], _first_free(store_dir, plan_name, split)
             for image_id, root, path, key in _identified(annotations_dir, split, image_root, cache,
                                                           progress_callback):
                 if not key.startswith(contents.MISSING_PREFIX):
@@ -321,6 +328,12 @@ def rows_changed(store_dir, shard_name: str, indexes: list[dict]) -> int:
 def plan_of(shard_name: str) -> str:
     """'shard-<plan>-<split>-<k>' → '<plan>' (plans named repair-<fp> contain a dash too)."""
     return shard_name[len("shard-"):].rsplit("-", 2)[0]
+
+
+def in_plan(store_dir, shard_name: str) -> bool:
+    """Whether the plan a shard is named for still lists it (not when that plan was written again since)."""
+    path = Path(store_dir) / "plans" / f"{plan_of(shard_name)}.json"
+    return path.is_file() and any(s["name"] == shard_name for s in manifests.read_json(path)["shards"])
 
 
 def verify_store(store_dir) -> tuple[list[str], dict]:

@@ -88,10 +88,18 @@ class TrainDecoder(Stage):
     def repair_damaged_shards(self, indexes: list[dict]):
         """Deep-check the shards the split indexes use; damaged ones are moved aside and their re-extraction is
         yielded to the scheduler (ExtractShard: [resources] hold). Luigi calls run() again once they are done;
-        the indexes must then still find every image at its row, else they are removed and the run fails."""
+        the indexes must then still find every image at its row, else they are removed and the run fails. So
+        does a damaged shard its plan no longer lists (the plan was written again since): the rerun's indexes
+        find its images anew, extracting them."""
         damaged = features_lib.quarantine_damaged(store_dir(), indexes)
-        if damaged:
-            yield [ExtractShard(plan=features_lib.plan_of(name), shard=name) for name in damaged]
+        planned = [name for name in damaged if features_lib.in_plan(store_dir(), name)]
+        if planned:
+            yield [ExtractShard(plan=features_lib.plan_of(name), shard=name) for name in planned]
+        if len(planned) < len(damaged):
+            for split in ("train", "val"):
+                Path(self.input()[split].path).unlink(missing_ok=True)
+            raise InputError(f"damaged shards {sorted(set(damaged) - set(planned))} were set aside; no plan lists them "
+                             "now, so the split indexes were removed. Fix: rerun (it extracts their images again).")
         used = sorted({name for index in indexes for name in index["shards"]})
         stale = {name: n for name in used if (n := features_lib.rows_changed(store_dir(), name, indexes))}
         if stale:   # an image decodes differently now: the split indexes must be rebuilt first

@@ -409,6 +409,46 @@ def test_a_picture_in_two_splits_is_extracted_once_whichever_split_is_asked_for_
     assert sum(len(shards.read_ids(p)[0]) for p in shards.list_shards(store)) == len(ids)   # each picture once
 
 
+def test_a_plan_written_again_never_reuses_a_shard_name_and_an_older_damaged_shard_is_still_repaired(tmp_path,
+                                                                                                        workdir):
+    """An image copied in after a first run recomputes the annotations under the same fingerprint, so the plan is
+    written again under its name: its new shards get names no shard file has (the old files keep what they hold),
+    and a damaged shard of the plan's earlier version, which no plan lists now, is set aside and its images found
+    again before training."""
+    demo_root = tmp_path / "demo"
+    write_demo_dataset(demo_root, 10, 1, 1, seed=5)
+    cfg, ids = coco_config(tmp_path, demo_root, 10)
+    cfg.write_text(cfg.read_text().replace("val_fraction = 0\n", "val_fraction = 0.3\n"))
+    late = demo_root / "train" / json.loads((tmp_path / "captions.json").read_text())["images"][-1]["file_name"]
+    late.rename(tmp_path / "late.jpg")                                   # missing at first
+    assert run_luigi("ExtractFeatures", "--split", "train", config=cfg, workdir=workdir).returncode == 0
+    store = store_of(workdir)
+    first = {p.name: p.stat().st_mtime_ns for p in shards.list_shards(store)}
+    before = split_features(workdir)
+    (tmp_path / "late.jpg").rename(late)
+    again = run_luigi("ExtractFeatures", "--split", "train", config=cfg, workdir=workdir)
+    assert again.returncode == 0 and "is there now" in again.output, again.output
+    plan, = [json.loads(p.read_text()) for p in store.glob("plans/*.json") if not p.name.startswith("repair-")]
+    assert plan["shards"] and not {s["name"] for s in plan["shards"]} & set(first)
+    assert {p.name: p.stat().st_mtime_ns for p in shards.list_shards(store) if p.name in first} == first
+    assert not list(store.glob("plans/repair-*"))                       # the plan holds all that was lacking
+    old, = [store / name for name in first if "-train-" in name]
+    with h5py.File(old) as f:
+        offset = f["features"].id.get_chunk_info(2).byte_offset
+    with open(old, "r+b") as fh:                                       # flip bytes; the file still opens
+        fh.seek(offset + 64)
+        fh.write(b"\x5a" * 16)
+    run = run_luigi("TrainDecoder", "--training-epochs", "1", config=cfg, workdir=workdir)
+    assert run.returncode == 30 and f"shard {old.name} is damaged" in run.output, run.output
+    assert f"damaged shards ['{old.stem}'] were set aside; no plan lists them now" in run.output
+    rerun = run_luigi("TrainDecoder", "--training-epochs", "1", config=cfg, workdir=workdir)
+    assert rerun.returncode == 0, rerun.output
+    after = split_features(workdir)
+    assert set(before) < set(after)
+    for image_id in before:
+        np.testing.assert_array_equal(after[image_id], before[image_id])
+
+
 def test_an_image_replaced_under_its_name_is_extracted_again_and_the_model_retrained(extracted):
     """The nightly case: an image file is replaced in place. The rerun notices it (sizes and mtimes of the split's
     files), extracts that image only, keys it by its new content and trains the model again from scratch."""
