@@ -1,6 +1,6 @@
 """`captioner`: command-line tools around the pipeline's artifacts (the pipeline itself runs with `luigi`).
 
-    main.py       the command group, the entry point (`captioner = cli:run`), status, settings, demo-data
+    main.py       the command group, the entry point (`captioner = cli:run`), status, prune, settings, demo-data
     models.py     caption, export: a trained model used outside the pipeline
     artifacts.py  inspect, verify, plot-attention: what the pipeline's files hold
 """

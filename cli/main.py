@@ -1,4 +1,4 @@
-"""The `captioner` command group, its entry point, and the status, settings and demo-data commands."""
+"""The `captioner` command group, its entry point, and the status, prune, settings and demo-data commands."""
 from __future__ import annotations
 
 import json
@@ -89,6 +89,39 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
             click.echo(f"  {name:<64} {state}{extra}")
     if check:
         sys.exit(0 if latest["result"] == "ok" and not missing else 1)
+
+
+@main.command()
+@click.option("--keep-days", default=7.0, show_default=True, help="Keep whatever changed in the last DAYS.")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+def prune(keep_days: float, dry_run: bool) -> None:
+    """Delete what this config's pipeline no longer uses: older versions of its annotations, vocabulary, models
+    with their checkpoints, captions and metrics (a nightly run on grown data makes new ones), split indexes of
+    older plans, set-aside .broken-* and .damaged-* copies. Kept: everything the config's chain uses now, the
+    feature shards and plans (keyed by content, shared by every version), encoder weights, and anything changed
+    in the last DAYS, so another config's recent outputs too (storage/workspace.py prunable)."""
+    import shutil
+
+    import luigi
+
+    import tasks
+    from storage import workspace
+
+    in_use, seen, todo = [], set(), [tasks.EvaluateCaptions(split=split) for split in manifests.SPLITS]
+    while todo:   # the config's whole chain, as luigi would walk it (nothing runs)
+        task = todo.pop()
+        if task.task_id not in seen:
+            seen.add(task.task_id)
+            in_use += [target.path for target in luigi.task.flatten(task.output())]
+            todo += luigi.task.flatten(task.requires())
+    doomed, freed = workspace.prunable(tasks.config.workspace_root(), in_use, keep_days * 86400), 0
+    for path in doomed:
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+        click.echo(f"{'would delete' if dry_run else 'deleted'} {path} ({size / 2 ** 20:.1f} MiB)")
+        if not dry_run:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        freed += size
+    click.echo(f"{'would free' if dry_run else 'freed'} {freed / 2 ** 20:.1f} MiB ({len(doomed)} outputs)")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]})

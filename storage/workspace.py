@@ -239,3 +239,44 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
 def leftover_temporaries(root: str | os.PathLike) -> list[Path]:
     """Every temporary file or directory under `root` (what a crash leaves behind)."""
     return sorted(p for p in Path(root).rglob(f"{TEMP_PREFIX}*"))
+
+
+# Stage folders whose `<fp>` outputs `prunable` may delete. Never: the feature stores' shards and plans (keyed by
+# content, shared by every annotation version) and the encoder weights a plug-in's stage made (a store's rows
+# came from exactly those weights; made again, they would differ).
+PRUNED_STAGES = ("annotations", "vocabulary", "models", "checkpoints", "captions", "metrics")
+
+
+def _output_key(path: str | os.PathLike) -> tuple | None:
+    """What an output path is: (stage, fingerprint), or ("splits", store, plan) for a split index; None else."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "splits" and i >= 2 and parts[i - 2] == "features":
+            return "splits", parts[i - 1], parts[i + 1]
+        if parts[i] in PRUNED_STAGES:
+            return parts[i], parts[i + 1]
+    return None
+
+
+def _changed_at(path: Path) -> float:
+    """The newest mtime of a path and of everything under it."""
+    return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
+
+
+def prunable(root: str | os.PathLike, in_use: list[str], keep_seconds: float, now: float | None = None) -> list[Path]:
+    """What a workspace holds that `in_use` (output paths, e.g. a config's whole chain) does not name and that
+    nothing changed within `keep_seconds`: stage outputs (PRUNED_STAGES/<fp>; a model's checkpoints go with it),
+    split indexes (features/<store>/splits/<plan>), and set-aside `.broken-*` and `.damaged-*` copies."""
+    now, root = time.time() if now is None else now, Path(root)
+    used = {_output_key(path) for path in in_use}
+    used |= {("checkpoints", key[1]) for key in used if key and key[0] == "models"}
+    old = lambda p: _changed_at(p) < now - keep_seconds
+    out = []
+    for stage in PRUNED_STAGES:
+        out += [p for p in sorted((root / stage).glob("*")) if old(p) and (
+                p.name.startswith(".broken-") or not p.name.startswith(".") and (stage, p.name) not in used)]
+    for store in sorted((root / "features").glob("[!.]*")):
+        out += [p for p in sorted((store / "splits").glob("[!.]*")) if ("splits", store.name, p.name) not in used
+                and old(p)]
+        out += [p for p in sorted(store.glob(".damaged-*")) if old(p)]
+    return out

@@ -43,6 +43,32 @@ def test_run_records_and_status(workdir):
     assert result.exit_code == 1 and "MISSING NOW" in result.output
 
 
+def test_prune_deletes_what_the_config_no_longer_uses_and_keeps_its_chain(extracted, monkeypatch):
+    """`captioner prune`: another version's model and checkpoints, an old set-aside copy and an older plan's
+    split indexes go; the config's own chain, the shards and plans, and a recent output of another config stay,
+    however old the chain's files are."""
+    monkeypatch.setenv("CAPTIONER_WORKDIR", str(extracted))
+    store = store_of(extracted)
+    month_ago = time.time() - 30 * 86400
+    chain = [p for stage in ("annotations", "vocabulary") for p in extracted.glob(f"{stage}/*")]
+    chain += list(store.glob("splits/*")) + list(store.glob("plans/*")) + shards.list_shards(store)
+    stale = [extracted / "models" / "0123456789ab", extracted / "checkpoints" / "0123456789ab",
+             extracted / "annotations" / ".broken-abc-1", store / "splits" / "feedfeedfeed"]
+    recent = extracted / "metrics" / "ba9876543210"
+    for path in stale + [recent]:
+        path.mkdir(parents=True)
+        (path / "part").write_text("1")
+    for path in [p for root in stale + chain for p in [root, *root.rglob("*")]]:
+        os.utime(path, (month_ago, month_ago))
+    dry = CliRunner().invoke(cli, ["prune", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert sorted(line.split()[2] for line in dry.output.splitlines() if line.startswith("would delete")) == \
+        sorted(map(str, stale)) and all(p.exists() for p in stale)
+    real = CliRunner().invoke(cli, ["prune"])
+    assert real.exit_code == 0 and "freed" in real.output, real.output
+    assert not any(p.exists() for p in stale) and recent.exists() and all(p.exists() for p in chain)
+
+
 def test_settings_shows_each_value_with_its_source(monkeypatch):
     """`captioner settings`: a value from the config file, one from a flag, one from the environment, one
     default, each with where it came from."""
