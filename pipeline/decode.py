@@ -271,7 +271,8 @@ def decode_rows(decode, vocab, by_shard: dict, batch_size: int, max_length: int,
     cut = int(np.sum(~np.any(tokens == vocab.index["<end>"], axis=1)))
     if cut:
         log.warning("%d of %d captions reached [generation] max_length = %d (<end> included) unfinished: they are cut "
-                    "short. Fix: raise it above [vocabulary] max_length (%d words here)", cut, len(ids), max_length,
-                    vocab.max_length)
+                    "short. A model that repeats itself needs more training; captions as long as the training ones "
+                    "(at most %d words, [vocabulary] max_length) need [generation] max_length = %d", cut, len(ids),
+                    max_length, vocab.max_length, vocab.max_length + 1)
     return (ids, tokens, np.concatenate(attention)[order], np.concatenate(scores)[order] if scores else None,
             [vocab.decode(row) for row in tokens])

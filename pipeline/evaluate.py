@@ -13,6 +13,7 @@ import shutil
 import subprocess
 
 from pipeline import extensions
+from pipeline.errors import InputError
 from pipeline.captions import distinct_captions, normalize_caption
 from pipeline.plots import metric_label
 
@@ -69,11 +70,15 @@ def evaluate(references: dict, hypotheses: dict, java: bool | None = None, spice
     missing = [i for i in hypotheses if i not in references]
     if missing:
         raise ValueError(f"{len(missing)} captioned images have no references (first: {missing[:5]})")
+    if java and not java_available():
+        raise InputError("[evaluation] java = yes, but no `java` is on PATH. Fix: install Java 8+, or set java = auto "
+                         "(or no) to tokenise without it, METEOR unavailable")
     use_java = java_available() if java is None else java
     notes = []
     if not use_java:
-        notes.append("Java not found: tokenised with captioner's own normaliser instead of the PTB tokenizer; "
-                     "METEOR and SPICE unavailable (install Java 8+ for the official protocol)")
+        notes.append(("Java not found" if java is None else "Java not used ([evaluation] java = no)")
+                     + ": tokenised with captioner's own normaliser instead of the PTB tokenizer; METEOR and SPICE "
+                       "unavailable (Java 8+ gives the official protocol)")
         log.warning(notes[-1])
     refs = {i: references[i] for i in hypotheses}
     gts, res = tokenize(refs, hypotheses, use_java)

@@ -98,8 +98,10 @@ def _at_exit():
 
 def _results_line(tasks: list[dict]) -> str:
     """The main artifacts a run made or found complete, for its last line: the model directory, captions,
-    metrics and report files (paths relative to the current directory when under it)."""
-    shown = lambda path: os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else path
+    metrics and report files (paths relative to the current directory when under it, and it is not /)."""
+    here = Path.cwd()
+    shown = lambda path: os.path.relpath(path) if here.parent != here and Path(path).resolve().is_relative_to(here) \
+        else path
     parts = []
     for t in tasks:
         if t["outcome"] not in ("ran", "complete") or not t["outputs"]:

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from cli import main as cli
 from pipeline.decode import beam_fn, greedy_fn
+from pipeline.errors import InputError
 from pipeline.evaluate import evaluate, java_available
 from pipeline.model import ShowAttendTell
 from storage import contents, manifests, shards, workspace as ws
@@ -95,12 +96,24 @@ def test_java_free_fallback_reports_meteor_unavailable():
     from pycocoevalcap.cider.cider import Cider
 
     ours = evaluate(REFS, HYPS, java=False)
-    assert ours["corpus"]["METEOR"] is None and ours["notes"] and ours["tokenizer"] == "captioner-normalise"
+    assert ours["corpus"]["METEOR"] is None and ours["tokenizer"] == "captioner-normalise"
+    assert ours["notes"][0].startswith("Java not used ([evaluation] java = no)")   # chosen, not missing
     from pipeline.captions import normalize_caption
     gts = {i: [normalize_caption(c) for c in r] for i, r in REFS.items()}
     res = {i: [normalize_caption(c)] for i, c in HYPS.items()}
     assert ours["corpus"]["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0])
     assert 0 < ours["corpus"]["Bleu_4"] <= 1
+
+
+def test_java_required_but_absent_names_the_setting_and_the_fix(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    java_available.cache_clear()   # tried once per process
+    try:
+        with pytest.raises(InputError, match=r"\[evaluation\] java = yes, but no `java` is on PATH. Fix: install"):
+            evaluate(REFS, HYPS, java=True)
+    finally:
+        monkeypatch.undo()
+        java_available.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -380,4 +393,4 @@ def test_captions_cut_by_max_length_are_counted_in_a_warning(evaluated):
     unfinished = sum(row[0] != 2 for row in tokens)   # <end> is token 2
     assert unfinished > 0
     warning, = [line for line in lines if "captions reached [generation] max_length = 1" in line]
-    assert warning.startswith(f"{unfinished} of {len(results)} captions") and "Fix: raise it above" in warning
+    assert warning.startswith(f"{unfinished} of {len(results)} captions") and "need [generation] max_length = " in warning
