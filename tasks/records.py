@@ -92,8 +92,28 @@ def _at_exit():
         print(f"captioner: could not write the run record: {e}", file=sys.stderr)
     for line in dict.fromkeys(failures):
         print(f"captioner: ERROR: {line}", file=sys.stderr)
-    if finished and not failures and _results_line(finished["tasks"]):
-        print(f"captioner: results: {_results_line(finished['tasks'])}", file=sys.stderr)
+    line = _results_line(_with_upstream(finished["tasks"])) if finished and not failures else ""
+    if line:
+        print(f"captioner: results: {line}", file=sys.stderr)
+
+
+def _with_upstream(tasks: list[dict]) -> list[dict]:
+    """A run's tasks, and the captions and model behind those it found complete: luigi looks no further upstream
+    than a complete task, so an unchanged rerun records only the task it was asked for."""
+    out, seen = list(tasks), {t["task"] for t in tasks}
+    try:
+        todo = [luigi.task_register.Register.get_task_cls(t["family"]).from_str_params(t["params"]) for t in tasks
+                if t["outcome"] == "complete" and t["family"] in ("EvaluateCaptions", "GenerateCaptions")]
+        while todo:
+            for up in luigi.task.flatten(todo.pop().requires()):
+                if up.task_family in ("GenerateCaptions", "TrainDecoder") and up.task_id not in seen:
+                    seen.add(up.task_id)
+                    out.append({"task": up.task_id, "family": up.task_family, "params": up.to_str_params(),
+                                "outcome": "complete", "outputs": [t.path for t in luigi.task.flatten(up.output())]})
+                    todo.append(up)
+    except Exception as e:   # the line is a convenience: the record holds what the run saw
+        log.info("results line: the stages upstream of the complete tasks not found (%s)", e)
+    return out
 
 
 def _results_line(tasks: list[dict]) -> str:

@@ -158,6 +158,9 @@ def test_generate_and_evaluate_outputs(evaluated):
     assert status.exit_code == 0, status.output
     assert "model of this config (" in status.output and f"{model_dir} (trained" in status.output
     assert f"test  BLEU-4 {metrics['corpus']['Bleu_4']:.3f}" in status.output and "digits exact" in status.output
+    again = run_luigi("EvaluateCaptions", "--split", "test", workdir=workdir)      # nothing to do: the same artifacts
+    named = lambda line: sorted(line.split(": ", 2)[2].split(" · "))
+    assert again.returncode == 0 and named(again.output.strip().splitlines()[-1]) == named(last)
 
 
 def test_val_and_test_results_of_one_model_share_one_directory(evaluated):
