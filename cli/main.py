@@ -79,7 +79,7 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
                 click.echo(f"  {split:<5} {m['summary']}  {m['path']}")
         others = [d for d in others if mine is None or d.name != mine.name]
         if others:
-            click.echo(f"other models in this workspace (other configs; newest first): "
+            click.echo(f"other models in this workspace (other configs or earlier versions; newest first): "
                        f"{', '.join(str(d) for d in others[:5])}{' …' if len(others) > 5 else ''}")
         click.echo(f"tasks of the last run ({latest['id']}):")
         for t in latest["tasks"]:
@@ -97,24 +97,43 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
 def prune(keep_days: float, dry_run: bool) -> None:
     """Delete what this config's pipeline no longer uses: older versions of its annotations, vocabulary, models
     with their checkpoints, captions and metrics (a nightly run on grown data makes new ones), split indexes of
-    older plans, set-aside .broken-* and .damaged-* copies. Kept: everything the config's chain uses now, the
-    feature shards and plans (keyed by content, shared by every version), encoder weights, and anything changed
-    in the last DAYS, so another config's recent outputs too (storage/workspace.py prunable)."""
+    older plans, set-aside .broken-* and .damaged-* copies. Kept: everything the config's chain uses now (its
+    [generation] model too), what any run of the last DAYS used, anything changed in them, the newest output
+    of a stage whose version in use is not made yet, the feature shards and plans (shared by every version) and
+    encoder weights (storage/workspace.py prunable). Refused while a run of the last DAYS is still going."""
     import shutil
+    import time
 
     import luigi
 
-    import tasks
-    from storage import workspace
+    tasks = _import_tasks()
+    from storage import runs, workspace
+    from tasks.config import generation
+    from tasks.startup import startup_problems
 
-    in_use, seen, todo = [], set(), [tasks.EvaluateCaptions(split=split) for split in manifests.SPLITS]
+    problems = startup_problems(["TrainDecoder"])   # a config a run would refuse names nothing that is in use
+    for problem in problems:
+        click.echo(f"captioner: ERROR: {problem}", err=True)
+    if problems:
+        sys.exit(35)
+    root, keep = tasks.config.workspace_root(), keep_days * 86400
+    records = [r for r in runs.read_runs(root) if r["started"] >= time.time() - keep]
+    going = [r["id"] for r in records if r["result"].startswith("running")]
+    if going:
+        raise click.ClickException(f"runs {', '.join(going)} may still be going in {root}: prune when they end")
+    click.echo(f"config: {tasks.config_files()}; workspace {root}")
+    in_use = [o for r in records for t in r["tasks"] + r.get("upstream", []) for o in t["outputs"]]
+    in_use += [generation.read().model] if generation.read().model else []
+    seen, todo = set(), [tasks.EvaluateCaptions(split=split) for split in manifests.SPLITS]
+    logging.disable(logging.WARNING)   # the completeness checks of the walk: nothing is recomputed here
     while todo:   # the config's whole chain, as luigi would walk it (nothing runs)
         task = todo.pop()
         if task.task_id not in seen:
             seen.add(task.task_id)
             in_use += [target.path for target in luigi.task.flatten(task.output())]
             todo += luigi.task.flatten(task.requires())
-    doomed, freed = workspace.prunable(tasks.config.workspace_root(), in_use, keep_days * 86400), 0
+    logging.disable(logging.NOTSET)
+    doomed, freed = workspace.prunable(root, in_use, keep), 0
     for path in doomed:
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
         click.echo(f"{'would delete' if dry_run else 'deleted'} {path} ({size / 2 ** 20:.1f} MiB)")
@@ -134,15 +153,7 @@ def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
     `--training-batch-size 8`) and the config files (configs/luigi.cfg, configs/demo.cfg for the demo, the file of
     $LUIGI_CONFIG_PATH), its default, where the value comes from (flag, file, environment or default), and what it
     does; then every problem the run would stop on (tasks/startup.py), exiting as it would (35)."""
-    import configparser
-
-    try:
-        import tasks   # luigi reads the config files when imported
-    except configparser.Error as e:
-        click.echo(f"captioner: ERROR: {' '.join(str(e).split())}. Fix: every line of a config file is a [section], "
-                   "a `key = value`, an indented continuation or a # comment, and each section appears once per "
-                   "file.", err=True)
-        sys.exit(35)
+    tasks = _import_tasks()
     from pipeline import settings_check
     from tasks.startup import startup_problems
 
@@ -173,11 +184,43 @@ def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
             notes = [row["source"]] + ([f"default {row['default']!r}"] if row["source"] != "default" else [])
             notes += [row["help"]] if row["help"] else []
             click.echo(f"  {row['key'] + ' = ' + row['value']:<34} # {' · '.join(notes)}")
-    problems = startup_problems(["TrainDecoder", *flags])   # luigi parses flags for a task: one needing no others
+    problems = startup_problems(["TrainDecoder", *_section_flags(flags)])   # luigi parses flags for some task
     for problem in problems:
         click.echo(f"captioner: ERROR: {problem}", err=True)
     if problems:
         sys.exit(35)
+
+
+def _import_tasks():
+    """The tasks package, or exit 35 naming the line of a config file luigi cannot parse (it reads them when
+    imported)."""
+    import configparser
+
+    try:
+        import tasks
+    except configparser.Error as e:
+        click.echo(f"captioner: ERROR: {' '.join(str(e).split())}. Fix: every line of a config file is a [section], "
+                   "a `key = value`, an indented continuation or a # comment, and each section appears once per "
+                   "file.", err=True)
+        sys.exit(35)
+    return tasks
+
+
+def _section_flags(flags) -> list[str]:
+    """The flags without those of a task's own parameters (`--split test`: the settings are the same for all)."""
+    import luigi
+    from luigi.task_register import Register
+
+    own = {f"--{name.replace('_', '-')}" for family in Register.task_names()
+           if not issubclass(cls := Register.get_task_cls(family), luigi.Config) for name, _ in cls.get_params()}
+    out, tokens = [], list(flags)
+    while tokens:
+        token = tokens.pop(0)
+        if token.partition("=")[0] not in own:
+            out.append(token)
+        elif "=" not in token and tokens and not tokens[0].startswith("--"):
+            tokens.pop(0)   # its value
+    return out
 
 
 def models_of(root: Path) -> list[Path]:

@@ -278,14 +278,24 @@ def extract_annotations(annotation_files, image_roots, karpathy_split=None, val_
         return {name: manifests.read_manifest(manifests.manifest_path(tmp, name)) for name in SPLITS}, report
 
 
+def _split_method(output) -> str | None:
+    """How an annotations output was split (its report's split_method), or None when its report is unreadable."""
+    try:
+        return manifests.read_json(Path(output) / manifests.REPORT_FILE)["split_method"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def make_annotations(outdir: str | os.PathLike, annotation_files, image_roots, karpathy_split=None,
                      val_fraction=0.05, test_fraction=0.05, seed=0, progress_callback=None, previous=None,
                      workspace_root=None) -> dict:
     """Stage 1 entry point: read the caption files, write <split>.jsonl for every split and report.json into
     `outdir`. Image roots are written as references that survive a move (storage.manifests.root_reference):
     relative to `workspace_root` when inside it (the demo's), else `images:<k>`, the k-th configured root.
-    `previous`: an earlier annotations output (e.g. last night's), whose split assignment the report compares
-    with this one ("split_changes"; the goal is 0 moved images). Returns the report."""
+    `previous`: earlier annotations outputs, most recent first (manifests.earlier_outputs; or one): the first
+    split the same way (its split_method: the same split file, or the same fractions and seed; another
+    config's outputs in the workspace may not be) is compared with this one ("split_changes"; the goal is 0
+    moved images). Returns the report."""
     roots = [str(Path(r).expanduser().resolve()) for r in image_roots]
     references = {}
     if workspace_root is not None:
@@ -317,6 +327,8 @@ def make_annotations(outdir: str | os.PathLike, annotation_files, image_roots, k
         if karpathy_split:
             report["split_method"] = f"karpathy:{portable(karpathy_split, workspace_root)}"
     report["split_changes"] = {"previous": None}
+    previous = next((p for p in ([previous] if isinstance(previous, (str, os.PathLike)) else previous or [])
+                     if _split_method(p) == report["split_method"]), None)
     if previous is not None:
         changes = split_codes_changes(*manifests.split_assignment(previous), *assignment)
         report["split_changes"] = {"previous": Path(previous).name, **changes}

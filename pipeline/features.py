@@ -122,10 +122,11 @@ def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, imag
     for path in bad:
         log.warning("store: %s fails its check and is not used; its images are extracted again", path.name)
     counts, planned, n_shards, seen = {}, {}, 0, {s: (array("Q"), array("q")) for s in manifests.SPLITS}
-    shared_from = {s: set() for s in manifests.SPLITS}   # a split's pictures planned in another split's shards
+    shared_from = {s: set() for s in manifests.SPLITS}   # the other splits' shards a split's pictures are planned in
     with manifests.PlanWriter(out_path, plan_name, shard_size) as plan:
         for split in manifests.SPLITS:
             counts[split], todo, k = {"stored": 0, "undecodable": 0}, [], _first_free(store_dir, plan_name, split)
+            name = shard_name(plan_name, split, k)
             for image_id, root, path, key in _identified(annotations_dir, split, image_root, cache,
                                                           progress_callback):
                 if not key.startswith(contents.MISSING_PREFIX):
@@ -134,15 +135,16 @@ def plan_store(annotations_dir, store_dir, shard_size: int, plan_name: str, imag
                 if key in rows or key in skipped:
                     counts[split]["stored" if key in rows else "undecodable"] += 1
                 elif key not in planned:
-                    planned[key] = split
+                    planned[key] = name
                     todo.append([key, image_id, root, path])
-                elif planned[key] != split:
+                elif not planned[key].startswith(f"shard-{plan_name}-{split}-"):
                     shared_from[split].add(planned[key])
                 if len(todo) == shard_size:
-                    plan.add({"name": shard_name(plan_name, split, k), "split": split, "images": todo})
+                    plan.add({"name": name, "split": split, "images": todo})
                     todo, k, n_shards = [], k + 1, n_shards + 1
+                    name = shard_name(plan_name, split, k)
             if todo:
-                plan.add({"name": shard_name(plan_name, split, k), "split": split, "images": todo})
+                plan.add({"name": name, "split": split, "images": todo})
                 n_shards += 1
         plan.finish(counts, {s: sorted(others) for s, others in shared_from.items() if others})
     log.info("store already holds: %s", ", ".join(f"{s} {c['stored']} (+{c['undecodable']} undecodable)"

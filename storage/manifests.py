@@ -263,7 +263,7 @@ class Spool:
 class PlanWriter:
     """A feature store's extraction plan (`plans/<name>.json`) written a shard at a time, atomically: the file is
     what write_json(path, {"plan", "shard_size", "shards", "already", "shared_from"}, indent=None) writes, without
-    the plan ever being whole in memory. shared_from: {split: [the other splits whose shards hold some of its
+    the plan ever being whole in memory. shared_from: {split: [the other splits' shards that hold some of its
     pictures]} (a picture in two splits is planned once).
 
         with PlanWriter(path, "3f2a…", 1000) as plan:
@@ -327,13 +327,15 @@ def _line_blocks(path, size: int):
             yield [rest]
 
 
-def latest_other_output(stage_root: str | os.PathLike, current: str | os.PathLike) -> Path | None:
-    """The most recently completed sibling of `current` under `stage_root` (a directory holding REPORT_FILE),
-    e.g. last night's annotations output; None when there is none."""
-    root, current = Path(stage_root), Path(current).name
-    done = [d for d in root.iterdir() if d.name != current and not d.name.startswith(".")   # no temporaries
-            and (d / REPORT_FILE).is_file()] if root.is_dir() else []
-    return max(done, key=lambda d: (d / REPORT_FILE).stat().st_mtime_ns, default=None)
+def earlier_outputs(stage_root: str | os.PathLike, current: str | os.PathLike) -> list[Path]:
+    """The completed outputs under `stage_root` (directories holding REPORT_FILE) a new `current` may be compared
+    with, most recent first: `current` itself when an earlier version of it is there (it is replaced only once
+    the new one is written), then its siblings, e.g. last night's annotations output."""
+    root, current = Path(stage_root), Path(current)
+    whole = lambda d: all((d / name).is_file() for name in (REPORT_FILE, *(f"{s}.jsonl" for s in SPLITS)))
+    done = [d for d in root.iterdir() if d.name != current.name and not d.name.startswith(".")   # no temporaries
+            and whole(d)] if root.is_dir() else []
+    return [current] * whole(current) + sorted(done, key=lambda d: (d / REPORT_FILE).stat().st_mtime_ns, reverse=True)
 
 
 def write_jsonl(path: str | os.PathLike, records) -> None:
@@ -353,4 +355,4 @@ __all__ = ["MANIFEST_KEYS", "VOCAB_FILE", "REPORT_FILE", "MISSING_FILE", "SPLITS
            "read_manifest", "iter_manifest", "iter_locations", "iter_captions", "split_assignment",
            "read_split_assignment", "json_string", "json_lines", "ManifestWriter", "extra_keys_json", "Spool",
            "PlanWriter", "count_records", "read_lines",
-           "latest_other_output", "read_json", "write_json", "write_jsonl", "root_reference", "resolve_root"]
+           "earlier_outputs", "read_json", "write_json", "write_jsonl", "root_reference", "resolve_root"]

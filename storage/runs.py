@@ -55,16 +55,18 @@ def collate(path: str | os.PathLike) -> tuple[list[dict], dict]:
     return sorted(tasks.values(), key=lambda t: t["task"]), counts
 
 
-def finish(root: str | os.PathLike, run: dict, failures: list[str]) -> dict | None:
-    """Collate this run's events into runs/<id>.json (run: id, pid, started, command, config) and delete the
-    events file; None when the run recorded nothing (e.g. it stopped on a bad setting before scheduling)."""
+def finish(root: str | os.PathLike, run: dict, failures: list[str], upstream=None) -> dict | None:
+    """Collate this run's events into runs/<id>.json (run: id, pid, started, command, config; upstream(tasks):
+    the stages above them it did not see, as task entries) and delete the events file; None when the run
+    recorded nothing (e.g. it stopped on a bad setting before scheduling)."""
     path = events_path(root, run["id"])
     if not path.exists():
         return None
     tasks, counts = collate(path)
     record = {**run, "finished": time.time(), "seconds": round(time.time() - run["started"], 3),
               "result": "failed" if counts["failed"] else "incomplete" if counts["not run here"] else "ok",
-              "counts": counts, "tasks": tasks, "failures": failures}
+              "counts": counts, "tasks": tasks, "upstream": upstream(tasks) if upstream else [],
+              "failures": failures}
     write_json(path.with_name(f"{run['id']}.json"), record)
     path.unlink()
     return record

@@ -123,10 +123,12 @@ def atomic_file(final: str | os.PathLike, suffix: str = ""):
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike):
+def atomic_dir(final: str | os.PathLike, replaced: list | None = None):
     """Yield an empty temporary directory beside `final`; rename it to `final` only if the block succeeds.
 
-    Used for stage outputs made of several files: the stage directory appears whole or not at all."""
+    Used for stage outputs made of several files: the stage directory appears whole or not at all. With
+    `replaced` (a list), a `final` that exists then is set aside first (set_aside; its new path appended), so the
+    new directory replaces it; without, an existing `final` is kept (an overlapping run made the same output)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
@@ -135,6 +137,11 @@ def atomic_dir(final: str | os.PathLike):
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         fsync_tree(tmp)
+        if replaced is not None and final.exists():
+            try:
+                replaced.append(set_aside(final))
+            except FileNotFoundError:   # another process set it aside meanwhile
+                pass
         try:
             os.rename(tmp, final)
         except OSError:
@@ -259,24 +266,33 @@ def _output_key(path: str | os.PathLike) -> tuple | None:
 
 
 def _changed_at(path: Path) -> float:
-    """The newest mtime of a path and of everything under it."""
-    return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
+    """The newest mtime of a path and of everything under it (now, for anything that vanishes meanwhile)."""
+    try:
+        return max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.rglob("*"))])
+    except FileNotFoundError:   # being written or removed: changed now
+        return time.time()
 
 
 def prunable(root: str | os.PathLike, in_use: list[str], keep_seconds: float, now: float | None = None) -> list[Path]:
-    """What a workspace holds that `in_use` (output paths, e.g. a config's whole chain) does not name and that
-    nothing changed within `keep_seconds`: stage outputs (PRUNED_STAGES/<fp>; a model's checkpoints go with it),
-    split indexes (features/<store>/splits/<plan>), and set-aside `.broken-*` and `.damaged-*` copies."""
+    """What a workspace holds that `in_use` (output paths: a config's whole chain, what recent runs used) does
+    not name and that nothing changed within `keep_seconds`: stage outputs (PRUNED_STAGES/<fp>; checkpoints go
+    with their model), split indexes (features/<store>/splits/<plan>), and set-aside `.broken-*` and `.damaged-*`
+    copies. The newest output of a stage none of whose outputs in use exists yet is kept (a caption file changed
+    since the last run: every fingerprint is new, and the run that makes them may still fail)."""
     now, root = time.time() if now is None else now, Path(root)
     used = {_output_key(path) for path in in_use}
-    used |= {("checkpoints", key[1]) for key in used if key and key[0] == "models"}
     old = lambda p: _changed_at(p) < now - keep_seconds
     out = []
-    for stage in PRUNED_STAGES:
-        out += [p for p in sorted((root / stage).glob("*")) if old(p) and (
-                p.name.startswith(".broken-") or not p.name.startswith(".") and (stage, p.name) not in used)]
+    for folder, key in [(root / stage, (stage,)) for stage in PRUNED_STAGES if stage != "checkpoints"] + \
+            [(store / "splits", ("splits", store.name)) for store in sorted((root / "features").glob("[!.]*"))]:
+        outputs = [p for p in folder.glob("[!.]*") if p.is_dir()]
+        newest = max(outputs, key=_changed_at, default=None) if not any((*key, p.name) in used for p in outputs) \
+            else None
+        out += sorted(p for p in outputs if (*key, p.name) not in used and p != newest and old(p))
+        out += sorted(p for p in folder.glob(".broken-*") if old(p))
+    models_kept = {p.name for p in (root / "models").glob("[!.]*")} - {p.name for p in out}   # or training:
+    models_kept |= {key[1] for key in used if key and key[0] == "models"}                      # not made yet
+    out += sorted(p for p in (root / "checkpoints").glob("[!.]*") if p.name not in models_kept and old(p))
     for store in sorted((root / "features").glob("[!.]*")):
-        out += [p for p in sorted((store / "splits").glob("[!.]*")) if ("splits", store.name, p.name) not in used
-                and old(p)]
-        out += [p for p in sorted(store.glob(".damaged-*")) if old(p)]
+        out += sorted(p for p in store.glob(".damaged-*") if old(p))
     return out

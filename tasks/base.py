@@ -113,14 +113,15 @@ class Stage(ReportsProgress, luigi.Task):
     @contextlib.contextmanager
     def atomic_output(self):
         """A temporary directory that becomes output() when the block succeeds, with provenance.json added.
-        An incomplete or stale output found by complete() is set aside then, as it is replaced (.broken-<fp>-<time>,
-        kept for inspection): a run that fails leaves it where it was."""
-        with ws.atomic_dir(self.output().path) as tmp:
+        An output there already (incomplete, stale, or made from an upstream output that was itself remade) is
+        set aside only then, as it is replaced (.broken-<fp>-<time>, kept for inspection): a run that fails
+        leaves it where it was."""
+        replaced = []
+        with ws.atomic_dir(self.output().path, replaced) as tmp:
             yield tmp
             manifests.write_json(tmp / "provenance.json", self.provenance())
-            if os.path.isdir(self.output().path) and self.output_problem():
-                log.warning("set aside the incomplete %s as %s", self.output().path,
-                            ws.set_aside(self.output().path))
+        for path in replaced:
+            log.warning("set aside the earlier %s as %s", self.output().path, path)
         log.info("%s wrote %s", self.task_family, self.output().path)
 
     def provenance(self) -> dict:

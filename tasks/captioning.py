@@ -93,13 +93,13 @@ class TrainDecoder(Stage):
         find its images anew, extracting them."""
         damaged = features_lib.quarantine_damaged(store_dir(), indexes)
         planned = [name for name in damaged if features_lib.in_plan(store_dir(), name)]
-        if planned:
-            yield [ExtractShard(plan=features_lib.plan_of(name), shard=name) for name in planned]
         if len(planned) < len(damaged):
             for split in ("train", "val"):
                 Path(self.input()[split].path).unlink(missing_ok=True)
             raise InputError(f"damaged shards {sorted(set(damaged) - set(planned))} were set aside; no plan lists them "
                              "now, so the split indexes were removed. Fix: rerun (it extracts their images again).")
+        if planned:
+            yield [ExtractShard(plan=features_lib.plan_of(name), shard=name) for name in planned]
         used = sorted({name for index in indexes for name in index["shards"]})
         stale = {name: n for name in used if (n := features_lib.rows_changed(store_dir(), name, indexes))}
         if stale:   # an image decodes differently now: the split indexes must be rebuilt first

@@ -4,13 +4,12 @@ Each output is `<workspace>/<stage>/<fingerprint>` (tasks/base.py); each run() c
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 
 import luigi
 
 from pipeline import annotations, encoder as encoder_lib, features as features_lib, listing, vocabulary as vocab_lib
-from storage import manifests, shards, workspace as ws
+from storage import contents, manifests, shards, workspace as ws
 from tasks import context
 from tasks.base import ReportsProgress, ShardTarget, SplitIndexTarget, Stage
 from tasks.config import dataset, encoder, features, load_plugins, vocabulary, workspace_root
@@ -48,39 +47,42 @@ class ExtractAnnotations(Stage):
         load_plugins()   # their image fields are kept in the manifests
         files, roots, karpathy = self.inputs()
         with self.atomic_output() as tmp:
-            previous = manifests.latest_other_output(Path(self.output().path).parent, self.output().path)
+            previous = manifests.earlier_outputs(Path(self.output().path).parent, self.output().path)
             report = annotations.make_annotations(tmp, files, roots, karpathy or None, d.val_fraction,
                                                   d.test_fraction, d.seed, progress_callback=self.report_progress,
                                                   previous=previous, workspace_root=workspace_root())
+            self.written = {split: ws.file_sha256(manifests.manifest_path(tmp, split)) for split in manifests.SPLITS}
         self.counts = {"splits": report["splits"], "problems": report["problem_counts"]}
 
+    def provenance(self) -> dict:
+        """Stage's, and the manifests' sha256: the annotations are remade under the same fingerprint when image
+        files come or go, and the stages below must see that they changed (their inputs digest reads this)."""
+        return {**super().provenance(), "manifests": getattr(self, "written", None)}
 
-_checked: dict = {}   # (annotations output, its report's mtime) → (when, _image_files_changed's answer)
+
+_checked: dict = {}   # (annotations output, its report's mtime) → _image_files_changed's answer, in this process
 
 
 def _image_files_changed(out: Path) -> str | None:
     """An image file the annotations in `out` found missing that is there now (copied in after a first run), or
     one they list that is gone (files deleted, a folder unmounted: the rerun reports them missing, and stops
     when a root holds none of its images); None when neither. Every file is checked (missing_images.jsonl; an
-    output written before that file: the report's first listed ones). The answer is reused for a few seconds:
-    luigi asks for completeness several times while it schedules, and each answer stats every image file."""
+    output written before that file: the report's first listed ones), by stats in threads, once per process and
+    version of the output: luigi asks for completeness many times while it schedules."""
     key = (str(out), (out / manifests.REPORT_FILE).stat().st_mtime_ns)
-    when, answer = _checked.get(key, (0.0, None))
-    if time.monotonic() - when <= 10:
-        return answer
-    if (out / manifests.MISSING_FILE).is_file():
-        root = functools.cache(context.image_root)   # the reference a manifest would name the root by
-        missing = [(root(m["root"]), m["path"]) for m in manifests.iter_manifest(out / manifests.MISSING_FILE)]
-    else:
-        report = manifests.read_json(out / manifests.REPORT_FILE)
-        missing = [(Path(m["root"]), m["path"]) for m in report["problems"].get("missing_image_file", [])]
-    answer = next((f"{path} under {root}, missing then, is there now" for root, path in missing
-                   if (root / path).is_file()), None)
-    if answer is None:
-        vanished = listing.vanished_image(out, context.image_root)
-        answer = f"{vanished}, there then, is missing now" if vanished else None
-    _checked[key] = (time.monotonic(), answer)
-    return answer
+    if key not in _checked:
+        if (out / manifests.MISSING_FILE).is_file():
+            root = functools.cache(context.image_root)   # the reference a manifest would name the root by
+            missing = [root(m["root"]) / m["path"] for m in manifests.iter_manifest(out / manifests.MISSING_FILE)]
+        else:
+            report = manifests.read_json(out / manifests.REPORT_FILE)
+            missing = [Path(m["root"]) / m["path"] for m in report["problems"].get("missing_image_file", [])]
+        there = [path for path, found in zip(missing, contents.stat_files(list(map(str, missing)), absent=OSError))
+                 if found is not None and path.is_file()]
+        vanished = listing.vanished_image(out, context.image_root) if not there else None
+        _checked[key] = (f"{there[0].name} under {there[0].parent}, missing then, is there now" if there else
+                         f"{vanished}, there then, is missing now" if vanished else None)
+    return _checked[key]
 
 
 class BuildVocabulary(Stage):
@@ -190,13 +192,13 @@ class ExtractFeatures(Stage):
         return {"plan": plan, "shards": self._static_shards}
 
     def shard_tasks(self, plan_path) -> list:
-        """The plan's shards of this split, and of the splits whose shards hold some of its pictures (planned once:
-        extracted there, not again for this split)."""
+        """The plan's shards of this split, and the other splits' shards that hold some of its pictures (planned
+        once: extracted there, not again for this split)."""
         if not hasattr(self, "_shard_tasks"):   # requires() runs often; a COCO plan is megabytes of JSON
             plan = manifests.read_json(plan_path)
-            splits = {self.split, *plan.get("shared_from", {}).get(self.split, [])}
+            shared = set(plan.get("shared_from", {}).get(self.split, []))
             self._shard_tasks = [ExtractShard(plan=plan["plan"], shard=s["name"]) for s in plan["shards"]
-                                 if s["split"] in splits]
+                                 if s["split"] == self.split or s["name"] in shared]
         return self._shard_tasks
 
     def settings(self):

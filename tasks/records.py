@@ -84,7 +84,7 @@ def _at_exit():
     failures, finished = list(_failures), None
     try:
         run = {**_RUN, "command": sys.argv, "config": config_files()}
-        finished = runs.finish(workspace_root(), run, list(dict.fromkeys(_failures)))
+        finished = runs.finish(workspace_root(), run, list(dict.fromkeys(_failures)), _chain)
         if finished:   # tasks that failed in forked workers (--workers N) are only known from their events
             failures += [f"{t['family']} failed: {t['error'].split(': ', 1)[-1]}" for t in finished["tasks"]
                          if t["outcome"] == "failed"]
@@ -92,27 +92,31 @@ def _at_exit():
         print(f"captioner: could not write the run record: {e}", file=sys.stderr)
     for line in dict.fromkeys(failures):
         print(f"captioner: ERROR: {line}", file=sys.stderr)
-    line = _results_line(_with_upstream(finished["tasks"])) if finished and not failures else ""
+    line = _results_line(finished["tasks"] + finished["upstream"]) if finished and not failures else ""
     if line:
         print(f"captioner: results: {line}", file=sys.stderr)
 
 
-def _with_upstream(tasks: list[dict]) -> list[dict]:
-    """A run's tasks, and the captions and model behind those it found complete: luigi looks no further upstream
-    than a complete task, so an unchanged rerun records only the task it was asked for."""
-    out, seen = list(tasks), {t["task"] for t in tasks}
+def _chain(tasks: list[dict]) -> list[dict]:
+    """The stages upstream of a run's tasks that it did not record (luigi looks no further upstream than a
+    complete task, so an unchanged rerun records only the task it was asked for), as records: the run record
+    keeps them, so `captioner prune` knows what the run uses, and the results line names the model and
+    captions behind complete metrics."""
+    seen, out = {t["task"] for t in tasks}, []
+    logging.disable(logging.WARNING)   # completeness checks while walking: the run has said what it found
     try:
-        todo = [luigi.task_register.Register.get_task_cls(t["family"]).from_str_params(t["params"]) for t in tasks
-                if t["outcome"] == "complete" and t["family"] in ("EvaluateCaptions", "GenerateCaptions")]
+        todo = [luigi.task_register.Register.get_task_cls(t["family"]).from_str_params(t["params"]) for t in tasks]
         while todo:
             for up in luigi.task.flatten(todo.pop().requires()):
-                if up.task_family in ("GenerateCaptions", "TrainDecoder") and up.task_id not in seen:
+                if up.task_id not in seen:
                     seen.add(up.task_id)
                     out.append({"task": up.task_id, "family": up.task_family, "params": up.to_str_params(),
                                 "outcome": "complete", "outputs": [t.path for t in luigi.task.flatten(up.output())]})
                     todo.append(up)
-    except Exception as e:   # the line is a convenience: the record holds what the run saw
-        log.info("results line: the stages upstream of the complete tasks not found (%s)", e)
+    except Exception as e:   # a convenience: the record holds what the run saw
+        out.append({"task": "?", "family": "?", "params": {}, "outcome": "not found", "outputs": [], "error": str(e)})
+    finally:
+        logging.disable(logging.NOTSET)
     return out
 
 

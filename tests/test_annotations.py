@@ -438,3 +438,9 @@ def test_make_annotations_compares_splits_with_the_previous_output(tmp_path):
     assert report["split_changes"] == {"previous": "one", "compared_images": 30, "moved": 0, "examples": []}
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "missing_images.jsonl", "report.json", "test.jsonl", "train.jsonl", "val.jsonl"]   # no scratch left behind
+    (tmp_path / "other").mkdir()   # another config in the workspace, split by another seed, made since
+    make_annotations(tmp_path / "other", [f], [tmp_path / "imgs"], None, 0.3, 0.3, seed=2)
+    (tmp_path / "three").mkdir()
+    report = make_annotations(tmp_path / "three", [f], [tmp_path / "imgs"], None, 0.3, 0.3, seed=1,
+                              previous=manifests.earlier_outputs(tmp_path, tmp_path / "three"))
+    assert report["split_changes"]["previous"] == "two" and report["split_changes"]["moved"] == 0   # not "other"

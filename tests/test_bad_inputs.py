@@ -172,14 +172,17 @@ BAD_SETTINGS = [
 
 def test_images_missing_at_first_and_copied_in_later_join_the_dataset_on_the_rerun(tmp_path):
     """Every missing file counts, not only those the report lists (its first LISTED_PER_KIND): the last of
-    LISTED_PER_KIND + 1 missing images, copied in, joins the dataset on the rerun."""
+    LISTED_PER_KIND + 1 missing images, copied in, joins the dataset on the rerun, and the stages below see it
+    (the annotations are remade under the same fingerprint)."""
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.jpg").write_bytes(b"not decoded by this stage")
     missing = [f"m{i:05d}.jpg" for i in range(LISTED_PER_KIND + 1)]
     _, cfg = coco_setup(tmp_path, tmp_path / "images", ["a.jpg", *missing])
-    first = run_luigi("ExtractAnnotations", config=cfg, workdir=tmp_path / "w", timeout=120)
+    first = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w", timeout=120)
     assert first.returncode == 0, first.output
     output, = (tmp_path / "w").glob("annotations/[!.]*")
+    vocab, = (tmp_path / "w").glob("vocabulary/[!.]*/vocab.json")
+    assert json.loads(vocab.read_text())["stats"]["train_images"] == 1
     report = json.loads((output / "report.json").read_text())
     assert report["problem_counts"]["missing_image_file"] == len(missing)
     assert missing[-1] not in {p["path"] for p in report["problems"]["missing_image_file"]}   # beyond the listed
@@ -187,9 +190,10 @@ def test_images_missing_at_first_and_copied_in_later_join_the_dataset_on_the_rer
     assert again.returncode == 0 and "is there now" not in again.output   # the other 1,000 are still missing
     assert "complete ones were encountered" in again.output
     (tmp_path / "images" / missing[-1]).write_bytes(b"copied in later")
-    second = run_luigi("ExtractAnnotations", config=cfg, workdir=tmp_path / "w", timeout=120)
+    second = run_luigi("BuildVocabulary", config=cfg, workdir=tmp_path / "w", timeout=120)
     assert second.returncode == 0 and f"{missing[-1]} under" in second.output and "is there now" in second.output
     assert [json.loads(line)["path"] for line in (output / "train.jsonl").open()] == ["a.jpg", missing[-1]]
+    assert json.loads(vocab.read_text())["stats"]["train_images"] == 2   # its caption counted too
     report = json.loads((output / "report.json").read_text())
     assert report["problem_counts"]["missing_image_file"] == len(missing) - 1
     (output / manifests.MISSING_FILE).unlink()   # as an output written before the file: the report's list counts

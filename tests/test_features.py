@@ -400,12 +400,15 @@ def test_a_picture_in_two_splits_is_extracted_once_whichever_split_is_asked_for_
                                                     + [{"cocoid": 999, "split": "test"}]}))
     cfg.write_text(cfg.read_text().replace("val_fraction = 0\ntest_fraction = 0",
                                            f"karpathy_split = {tmp_path / 'split.json'}"))
-    run = run_luigi("ExtractFeatures", "--split", "test", config=cfg, workdir=workdir)
+    run = run_luigi("ExtractFeatures", "--split", "test", "--features-shard-size", "2", config=cfg, workdir=workdir)
     assert run.returncode == 0, run.output
     store = store_of(workdir)
-    assert not list(store.glob("plans/repair-*")) and "-test-" not in " ".join(p.name for p in store.glob("*.h5"))
     test_index = json.loads(next(store.glob("splits/*/test.json")).read_text())
     assert list(test_index["images"]) == ["999"] and "-train-" in test_index["images"]["999"][0]
+    assert not list(store.glob("plans/repair-*"))   # not extracted again for the test split
+    assert [p.stem for p in shards.list_shards(store)] == [test_index["images"]["999"][0]]   # only the shard it needs
+    train = run_luigi("ExtractFeatures", "--split", "train", "--features-shard-size", "2", config=cfg, workdir=workdir)
+    assert train.returncode == 0, train.output
     assert sum(len(shards.read_ids(p)[0]) for p in shards.list_shards(store)) == len(ids)   # each picture once
 
 

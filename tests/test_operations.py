@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from click.testing import CliRunner
@@ -43,30 +44,44 @@ def test_run_records_and_status(workdir):
     assert result.exit_code == 1 and "MISSING NOW" in result.output
 
 
-def test_prune_deletes_what_the_config_no_longer_uses_and_keeps_its_chain(extracted, monkeypatch):
+def test_prune_deletes_what_the_config_no_longer_uses_and_keeps_its_chain(extracted, monkeypatch, tmp_path):
     """`captioner prune`: another version's model and checkpoints, an old set-aside copy and an older plan's
-    split indexes go; the config's own chain, the shards and plans, and a recent output of another config stay,
-    however old the chain's files are."""
+    split indexes go; the config's own chain (its model with its checkpoints), the shards and plans, a model
+    named by [generation] model, and a recent output of another config stay, however old the kept files are."""
+    import tasks
     monkeypatch.setenv("CAPTIONER_WORKDIR", str(extracted))
     store = store_of(extracted)
     month_ago = time.time() - 30 * 86400
+    model = Path(tasks.TrainDecoder().output().path)                      # the chain's, not trained here
     chain = [p for stage in ("annotations", "vocabulary") for p in extracted.glob(f"{stage}/*")]
     chain += list(store.glob("splits/*")) + list(store.glob("plans/*")) + shards.list_shards(store)
+    chain += [model, extracted / "checkpoints" / model.name]
     stale = [extracted / "models" / "0123456789ab", extracted / "checkpoints" / "0123456789ab",
              extracted / "annotations" / ".broken-abc-1", store / "splits" / "feedfeedfeed"]
+    named = extracted / "models" / "abcdefabcdef"                        # another config's [generation] model
     recent = extracted / "metrics" / "ba9876543210"
-    for path in stale + [recent]:
+    for path in stale + [recent, named, model, extracted / "checkpoints" / model.name]:
         path.mkdir(parents=True)
-        (path / "part").write_text("1")
-    for path in [p for root in stale + chain for p in [root, *root.rglob("*")]]:
+        (path / "decoder.weights.h5").write_text("1")   # what a [generation] model must hold
+    for path in [p for root in stale + chain + [named] for p in [root, *root.rglob("*")]]:
         os.utime(path, (month_ago, month_ago))
-    dry = CliRunner().invoke(cli, ["prune", "--dry-run"])
-    assert dry.exit_code == 0, dry.output
-    assert sorted(line.split()[2] for line in dry.output.splitlines() if line.startswith("would delete")) == \
-        sorted(map(str, stale)) and all(p.exists() for p in stale)
-    real = CliRunner().invoke(cli, ["prune"])
+    config = tmp_path / "named.cfg"
+    config.write_text(TEST_CONFIG.read_text().replace("[generation]\n", f"[generation]\nmodel = {named}\n"))
+    prune = lambda *flags: subprocess.run([os.path.join(os.path.dirname(sys.executable), "captioner"), "prune",
+                                           *flags], cwd=REPO, capture_output=True, text=True, timeout=300,
+                                          env=dict(os.environ, LUIGI_CONFIG_PATH=str(config)))
+    dry = prune("--dry-run")   # that config's model is the named one: test.cfg's chain model is not its
+    assert dry.returncode == 0, dry.stderr
+    assert sorted(line.split()[2] for line in dry.stdout.splitlines() if line.startswith("would delete")) == \
+        sorted(map(str, stale + chain[-2:])) and all(p.exists() for p in stale), dry.stdout
+    real = CliRunner().invoke(cli, ["prune"])                             # configs/test.cfg: no [generation] model
     assert real.exit_code == 0 and "freed" in real.output, real.output
-    assert not any(p.exists() for p in stale) and recent.exists() and all(p.exists() for p in chain)
+    assert not any(p.exists() for p in stale + [named]) and recent.exists() and all(p.exists() for p in chain)
+    typo = tmp_path / "typo.cfg"
+    typo.write_text(TEST_CONFIG.read_text().replace("[decoder]\n", "[decoder]\nunit = 64\n"))
+    refused = subprocess.run([os.path.join(os.path.dirname(sys.executable), "captioner"), "prune"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300, env=dict(os.environ, LUIGI_CONFIG_PATH=str(typo)))
+    assert refused.returncode == 35 and "[decoder] unit: unknown key" in refused.stderr   # a run would refuse it
 
 
 def test_settings_shows_each_value_with_its_source(monkeypatch):
