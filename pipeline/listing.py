@@ -1,6 +1,6 @@
 """What the image files of an annotation version are now, by stats alone (no file is read): the digest of a
-split's sizes and mtimes that a split index records, and the first listed file that is gone. Both run on every
-completeness check, so both stat in threads, a batch at a time."""
+split's sizes and mtimes that a split index records, and the first listed file that is gone. Both answer
+completeness checks, so both stat in threads, a batch at a time."""
 from __future__ import annotations
 
 import hashlib
