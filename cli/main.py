@@ -62,7 +62,7 @@ def status(root: Path | None, last: int, check: bool, as_json: bool) -> None:
         raise click.ClickException(f"no run records under {root / 'runs'}: nothing ran in this workspace yet")
     latest = records[-1]
     missing = [t["task"] for t in latest["tasks"] if t["outcome"] in ("ran", "complete")
-               and not all(Path(o).exists() for o in t["outputs"])]
+               and not all(runs.output_now(root, o).exists() for o in t["outputs"])]   # the workspace may have moved
     if as_json:
         click.echo(json.dumps({**latest, "outputs_missing_now": missing}, indent=1))
     else:

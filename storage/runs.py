@@ -98,3 +98,20 @@ def read_runs(root: str | os.PathLike) -> list[dict]:
                         "seconds": round(last_event - started, 3), "result": state, "counts": counts,
                         "tasks": tasks, "failures": [], "config": "?", "command": None})
     return sorted(records, key=lambda r: r["started"])
+
+
+# What a workspace holds at its top (storage/workspace.py, the README's "Inspecting artifacts")
+WORKSPACE_FOLDERS = ("demo", "encoders", "annotations", "vocabulary", "features", "models", "checkpoints",
+                     "captions", "metrics", "folders")
+
+
+def output_now(root: str | os.PathLike, recorded: str) -> Path:
+    """Where an output a run record names is now: the recorded path, or, when the workspace has moved since (the
+    path is gone), the same place under `root`."""
+    path = Path(recorded)
+    if path.exists():
+        return path
+    parts = path.parts
+    top = max((i for i, part in enumerate(parts) if part in WORKSPACE_FOLDERS), default=None)
+    return Path(root).joinpath(*parts[top:]) if top is not None else path
+

@@ -313,6 +313,8 @@ def test_a_copied_workspace_works_where_the_original_is_gone(evaluated, tmp_path
     hidden = workdir.with_name(workdir.name + "-hidden")
     workdir.rename(hidden)
     try:
+        status = CliRunner().invoke(cli, ["status", "--check", "--workspace", str(moved)])   # records name the original
+        assert status.exit_code == 0 and "MISSING NOW" not in status.output, status.output
         for stage in ("captions", "metrics"):                          # recomputed on the copy
             shutil.rmtree(moved / stage)
         run = run_luigi("EvaluateCaptions", "--split", "test", workdir=moved)
