@@ -109,13 +109,10 @@ def prune(keep_days: float, dry_run: bool) -> None:
     tasks = _import_tasks()
     from storage import runs, workspace
     from tasks.config import generation
+    from tasks.records import upstream
     from tasks.startup import startup_problems
 
-    problems = startup_problems(["TrainDecoder"])   # a config a run would refuse names nothing that is in use
-    for problem in problems:
-        click.echo(f"captioner: ERROR: {problem}", err=True)
-    if problems:
-        sys.exit(35)
+    _stop_on(startup_problems(["TrainDecoder"]))   # a config a run would refuse names nothing that is in use
     root, keep = tasks.config.workspace_root(), keep_days * 86400
     records = [r for r in runs.read_runs(root) if r["started"] >= time.time() - keep]
     going = [r["id"] for r in records if r["result"].startswith("running")]
@@ -124,15 +121,8 @@ def prune(keep_days: float, dry_run: bool) -> None:
     click.echo(f"config: {tasks.config_files()}; workspace {root}")
     in_use = [o for r in records for t in r["tasks"] + r.get("upstream", []) for o in t["outputs"]]
     in_use += [generation.read().model] if generation.read().model else []
-    seen, todo = set(), [tasks.EvaluateCaptions(split=split) for split in manifests.SPLITS]
-    logging.disable(logging.WARNING)   # the completeness checks of the walk: nothing is recomputed here
-    while todo:   # the config's whole chain, as luigi would walk it (nothing runs)
-        task = todo.pop()
-        if task.task_id not in seen:
-            seen.add(task.task_id)
-            in_use += [target.path for target in luigi.task.flatten(task.output())]
-            todo += luigi.task.flatten(task.requires())
-    logging.disable(logging.NOTSET)
+    roots = [tasks.EvaluateCaptions(split=split) for split in manifests.SPLITS]
+    in_use += [o.path for task in roots + upstream(roots) for o in luigi.task.flatten(task.output())]   # the chain
     doomed, freed = workspace.prunable(root, in_use, keep), 0
     for path in doomed:
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
@@ -184,7 +174,11 @@ def settings(flags: tuple[str, ...], as_json: bool, markdown: bool) -> None:
             notes = [row["source"]] + ([f"default {row['default']!r}"] if row["source"] != "default" else [])
             notes += [row["help"]] if row["help"] else []
             click.echo(f"  {row['key'] + ' = ' + row['value']:<34} # {' · '.join(notes)}")
-    problems = startup_problems(["TrainDecoder", *_section_flags(flags)])   # luigi parses flags for some task
+    _stop_on(startup_problems(["TrainDecoder", *_section_flags(flags)]))   # luigi parses flags for some task
+
+
+def _stop_on(problems: list[str]) -> None:
+    """Each problem the startup check found, as a run prints it, then exit 35 as a run would; nothing if none."""
     for problem in problems:
         click.echo(f"captioner: ERROR: {problem}", err=True)
     if problems:

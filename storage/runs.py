@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from storage.workspace import host_name, process_alive, write_json
+from storage.workspace import host_name, in_workspace, process_alive, write_json
 
 RANK = {"scheduled": 0, "complete": 1, "ran": 2, "failed": 3}   # the most informative outcome of a task wins
 
@@ -100,18 +100,8 @@ def read_runs(root: str | os.PathLike) -> list[dict]:
     return sorted(records, key=lambda r: r["started"])
 
 
-# What a workspace holds at its top (storage/workspace.py, the README's "Inspecting artifacts")
-WORKSPACE_FOLDERS = ("demo", "encoders", "annotations", "vocabulary", "features", "models", "checkpoints",
-                     "captions", "metrics", "folders")
-
-
 def output_now(root: str | os.PathLike, recorded: str) -> Path:
     """Where an output a run record names is now: the recorded path, or, when the workspace has moved since (the
     path is gone), the same place under `root`."""
-    path = Path(recorded)
-    if path.exists():
-        return path
-    parts = path.parts
-    top = max((i for i, part in enumerate(parts) if part in WORKSPACE_FOLDERS), default=None)
-    return Path(root).joinpath(*parts[top:]) if top is not None else path
-
+    path, inside = Path(recorded), in_workspace(recorded)
+    return path if path.exists() or inside is None else Path(root).joinpath(*inside)

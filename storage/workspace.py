@@ -248,21 +248,29 @@ def leftover_temporaries(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(root).rglob(f"{TEMP_PREFIX}*"))
 
 
+# What a workspace holds at its top (the README's "Inspecting artifacts")
+WORKSPACE_FOLDERS = ("demo", "encoders", "annotations", "vocabulary", "features", "models", "checkpoints",
+                     "captions", "metrics", "folders")
 # Stage folders whose `<fp>` outputs `prunable` may delete. Never: the feature stores' shards and plans (keyed by
 # content, shared by every annotation version) and the encoder weights a plug-in's stage made (a store's rows
 # came from exactly those weights; made again, they would differ).
 PRUNED_STAGES = ("annotations", "vocabulary", "models", "checkpoints", "captions", "metrics")
 
 
+def in_workspace(path: str | os.PathLike) -> tuple | None:
+    """The parts of a path from its workspace's top folder on (("models", "<fp>"), ("features", "<fp>", "splits",
+    …)), wherever the workspace lay; None for a path in no workspace folder."""
+    parts = Path(path).parts
+    top = max((i for i, part in enumerate(parts) if part in WORKSPACE_FOLDERS), default=None)
+    return parts[top:] if top is not None else None
+
+
 def _output_key(path: str | os.PathLike) -> tuple | None:
     """What an output path is: (stage, fingerprint), or ("splits", store, plan) for a split index; None else."""
-    parts = Path(path).parts
-    for i in range(len(parts) - 2, 0, -1):
-        if parts[i] == "splits" and i >= 2 and parts[i - 2] == "features":
-            return "splits", parts[i - 1], parts[i + 1]
-        if parts[i] in PRUNED_STAGES:
-            return parts[i], parts[i + 1]
-    return None
+    parts = in_workspace(path) or ()
+    if parts[:1] == ("features",) and parts[2:3] == ("splits",) and len(parts) > 3:
+        return "splits", parts[1], parts[3]
+    return parts[:2] if parts[:1] and parts[0] in PRUNED_STAGES and len(parts) > 1 else None
 
 
 def _changed_at(path: Path) -> float:
@@ -285,10 +293,11 @@ def prunable(root: str | os.PathLike, in_use: list[str], keep_seconds: float, no
     out = []
     for folder, key in [(root / stage, (stage,)) for stage in PRUNED_STAGES if stage != "checkpoints"] + \
             [(store / "splits", ("splits", store.name)) for store in sorted((root / "features").glob("[!.]*"))]:
-        outputs = [p for p in folder.glob("[!.]*") if p.is_dir()]
-        newest = max(outputs, key=_changed_at, default=None) if not any((*key, p.name) in used for p in outputs) \
+        changed = {p: _changed_at(p) for p in folder.glob("[!.]*") if p.is_dir()}
+        newest = max(changed, key=changed.get, default=None) if not any((*key, p.name) in used for p in changed) \
             else None
-        out += sorted(p for p in outputs if (*key, p.name) not in used and p != newest and old(p))
+        out += sorted(p for p, at in changed.items() if (*key, p.name) not in used and p != newest
+                      and at < now - keep_seconds)
         out += sorted(p for p in folder.glob(".broken-*") if old(p))
     models_kept = {p.name for p in (root / "models").glob("[!.]*")} - {p.name for p in out}   # or training:
     models_kept |= {key[1] for key in used if key and key[0] == "models"}                      # not made yet

@@ -18,6 +18,7 @@ from tasks import plugins
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = defaults.DEFAULT_CONFIG
 DEMO_CONFIG = REPO / "configs" / "demo.cfg"
+PROJECT_CONFIGS = {str(DEFAULT_CONFIG), str(DEMO_CONFIG)}   # read for every run (as layered): a user sets nothing there
 
 
 def _layer_the_defaults() -> None:
@@ -68,8 +69,8 @@ if not log.handlers:   # luigi configures only its own loggers; ours reports pro
 
 def config_files() -> str:
     """The config files a user sets values in (the project's own when there are none), for messages and records."""
-    paths, own = config_paths(), {str(DEFAULT_CONFIG), str(DEMO_CONFIG)}
-    return ", ".join([p for p in paths if p not in own] or paths) or "(no config file)"
+    paths = config_paths()
+    return ", ".join([p for p in paths if p not in PROJECT_CONFIGS] or paths) or "(no config file)"
 
 
 class Section(luigi.Config):

@@ -97,27 +97,35 @@ def _at_exit():
         print(f"captioner: results: {line}", file=sys.stderr)
 
 
+def upstream(roots: list) -> list:
+    """Every task upstream of the luigi tasks `roots`, each once, as luigi would walk them (nothing runs; the
+    warnings of the completeness checks some requires() make are silenced: nothing is recomputed here)."""
+    seen, out, todo = {t.task_id for t in roots}, [], list(roots)
+    logging.disable(logging.WARNING)
+    try:
+        while todo:
+            for up in luigi.task.flatten(todo.pop().requires()):
+                if up.task_id not in seen:
+                    seen.add(up.task_id)
+                    out.append(up)
+                    todo.append(up)
+    finally:
+        logging.disable(logging.NOTSET)
+    return out
+
+
 def _chain(tasks: list[dict]) -> list[dict]:
     """The stages upstream of a run's tasks that it did not record (luigi looks no further upstream than a
     complete task, so an unchanged rerun records only the task it was asked for), as records: the run record
     keeps them, so `captioner prune` knows what the run uses, and the results line names the model and
     captions behind complete metrics."""
-    seen, out = {t["task"] for t in tasks}, []
-    logging.disable(logging.WARNING)   # completeness checks while walking: the run has said what it found
     try:
-        todo = [luigi.task_register.Register.get_task_cls(t["family"]).from_str_params(t["params"]) for t in tasks]
-        while todo:
-            for up in luigi.task.flatten(todo.pop().requires()):
-                if up.task_id not in seen:
-                    seen.add(up.task_id)
-                    out.append({"task": up.task_id, "family": up.task_family, "params": up.to_str_params(),
-                                "outcome": "complete", "outputs": [t.path for t in luigi.task.flatten(up.output())]})
-                    todo.append(up)
+        found = upstream([luigi.task_register.Register.get_task_cls(t["family"]).from_str_params(t["params"])
+                          for t in tasks])
     except Exception as e:   # a convenience: the record holds what the run saw
-        out.append({"task": "?", "family": "?", "params": {}, "outcome": "not found", "outputs": [], "error": str(e)})
-    finally:
-        logging.disable(logging.NOTSET)
-    return out
+        return [{"task": "?", "family": "?", "params": {}, "outcome": "not found", "outputs": [], "error": str(e)}]
+    return [{"task": t.task_id, "family": t.task_family, "params": t.to_str_params(), "outcome": "complete",
+             "outputs": [o.path for o in luigi.task.flatten(t.output())]} for t in found]
 
 
 def _results_line(tasks: list[dict]) -> str:

@@ -97,14 +97,13 @@ def unread_problems(argv: list[str]) -> list[str]:
     d = dataset.read()
     if not d.karpathy_split or d.source != "coco":
         return []
-    own = {os.path.abspath(p) for p in (DEFAULT_CONFIG, config.DEMO_CONFIG)}
     return [f"[dataset] {row['key']} = {row['value']} ({row['source']}) is never read: karpathy_split = "
             f"{d.karpathy_split} decides every image's split. Fix: remove {row['key']}, or empty karpathy_split to "
             "split by fractions."
             for row in settings_check.settings_table(settings_schema(), config_paths(), argv, {})
             if row["section"] == "dataset" and row["key"] in ("val_fraction", "test_fraction", "seed")
             and row["source"] != "default"
-            and not (row["source"].startswith("file ") and os.path.abspath(row["source"][5:]) in own)]
+            and os.path.abspath(row["source"].removeprefix("file ")) not in config.PROJECT_CONFIGS]
 
 
 def _exact_flags(root: str | None) -> set[str]:
